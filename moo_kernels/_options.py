@@ -1,0 +1,83 @@
+"""Option parsing and input validation shared by every op: the one place errors are raised.
+
+Modes travel to the kernels as small integers (constexpr in Triton, plain ints in C++); the
+string names are the public API and are mapped here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+NORMALIZE = {"zscore": 0, "center": 1, "rloo": 2, "none": 3}
+STD = {"unbiased": 1, "population": 0}
+WEIGHTING = {"scalarize": 0, "fixed": 1, "variance": 2}
+NAN_POLICY = {"raise": 1, "ignore": 0}
+
+
+def choice(name: str, value: object, table: dict[str, int]) -> int:
+    """Map an option string to its integer code, or raise a ValueError listing the choices."""
+    if not isinstance(value, str) or value not in table:
+        raise ValueError(f"{name} must be one of {sorted(table)}, got {value!r}")
+    return table[value]
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float_tensor(name: str, x: object) -> torch.Tensor:
+    x = check_tensor(name, x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    return x
+
+
+def check_bool_tensor(name: str, x: object, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    x = check_tensor(name, x)
+    if x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
+    check_same_device(name, x, device)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    return x
+
+
+def check_same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but rewards are on {device}; move them to one device")
+
+
+def check_number(name: str, value: object, *, low: float | None = None, low_inclusive: bool = True,
+                 allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        bound = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {bound} {low}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

@@ -1,0 +1,93 @@
+"""Triton launcher: allocates the outputs, picks block sizes, launches the kernels.
+
+Used for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1 when the backend is forced to
+"triton" (that is how CI exercises the kernels without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from moo_kernels._options import NORMALIZE, WEIGHTING
+from moo_kernels.ops.advantages import triton_kernels as tk
+from moo_kernels.ops.advantages.problem import AdvantageProblem, raise_bad_values
+
+NO_ERROR = 2**62
+# Elements of one [BLOCK_G, BLOCK_J, BLOCK_K] chunk: large enough to keep loads in flight,
+# small enough to stay in registers (checked by the ahead-of-time compile test).
+TILE_ELEMENTS = {torch.float32: 1024, torch.float64: 512}
+
+
+def block_sizes(num_groups: int, max_count: int, k: int, m: int, dtype: torch.dtype) -> dict[str, int]:
+    budget = TILE_ELEMENTS[dtype]
+    block_k = triton.next_power_of_2(k)
+    block_j = max(1, min(triton.next_power_of_2(max(max_count, 1)), budget // block_k))
+    block_g = max(1, min(budget // (block_j * block_k), triton.next_power_of_2(num_groups)))
+    tile = block_g * block_j * block_k
+    num_warps = 4 if tile >= 1024 else (2 if tile >= 256 else 1)
+    return dict(BLOCK_G=block_g, BLOCK_J=block_j, BLOCK_K=block_k,
+                BLOCK_M=triton.next_power_of_2(max(m, 1)), num_warps=num_warps)
+
+
+def _u8(x: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    return dummy if x is None else x.view(torch.uint8)
+
+
+def advantages_triton(p: AdvantageProblem):
+    r = p.rewards
+    n, k = r.shape
+    device = r.device
+    cdt = p.out_dtype
+    g = p.num_groups
+    adv = torch.empty(n, dtype=cdt, device=device)
+    gmask = torch.empty(g, dtype=torch.bool, device=device)
+    smask = torch.empty(n, dtype=torch.bool, device=device)
+    weff = torch.empty(g, k, dtype=cdt, device=device)
+    mean = torch.empty(g, k, dtype=cdt, device=device)
+    std = torch.empty(g, k, dtype=cdt, device=device)
+    status = torch.full((2,), NO_ERROR, dtype=torch.int64, device=device)
+    w = p.weights if p.weights.dtype == cdt else p.weights.to(cdt)
+
+    m = p.gates.shape[1] if p.gates is not None else 1
+    meta = block_sizes(g, p.max_count, k, m, cdt)
+    num_parts = triton.cdiv(g, meta["BLOCK_G"])
+    if p.batch_normalize:
+        code = torch.empty(n, dtype=torch.uint8, device=device)
+        parts = torch.empty(num_parts * 5, dtype=cdt, device=device)
+    else:
+        code, parts = adv, adv
+    rg = p.reward_gates
+    gates = p.gates
+    dummy = status
+    clip = p.clip if p.clip is not None else 0.0
+    tk._advantages_fwd_kernel[(num_parts,)](
+        r, r.stride(0), r.stride(1),
+        p.order if p.order is not None else dummy, p.offsets if p.offsets is not None else dummy,
+        p.group_size, g, p.max_count,
+        w, _u8(p.valid, dummy),
+        _u8(rg, dummy), rg.stride(0) if rg is not None else 0, rg.stride(1) if rg is not None else 0,
+        _u8(gates, dummy), gates.stride(0) if gates is not None else 0, gates.stride(1) if gates is not None else 0, m,
+        adv, gmask.view(torch.uint8), smask.view(torch.uint8), weff, mean, std,
+        code, parts, status,
+        k, p.eps, p.gated_value, p.infeasible_advantage, p.min_feasible,
+        p.positive_scale, p.negative_scale, clip,
+        CONTIGUOUS=p.group_size > 0, HAS_VALID=p.valid is not None, HAS_RGATES=rg is not None,
+        HAS_GATES=gates is not None, NORMALIZE=NORMALIZE[p.normalize], UNBIASED=p.std == "unbiased",
+        WEIGHTING=WEIGHTING[p.weighting], DROP_ZERO_VAR=p.drop_zero_variance,
+        BATCH_NORM=p.batch_normalize, CHECK_FINITE=p.nan_policy == "raise",
+        HAS_CLIP=p.clip is not None, F64=cdt == torch.float64, **meta,
+    )
+    if p.batch_normalize:
+        block_n = 1024
+        tk._advantages_batchnorm_kernel[(triton.cdiv(n, block_n),)](
+            adv, code, smask.view(torch.uint8), parts, num_parts, n,
+            p.eps, p.infeasible_advantage, p.positive_scale, p.negative_scale, clip,
+            BLOCK_N=block_n, BLOCK_P=min(triton.next_power_of_2(num_parts), 1024),
+            UNBIASED=p.std == "unbiased", HAS_CLIP=p.clip is not None, F64=cdt == torch.float64,
+            num_warps=4,
+        )
+    if p.nan_policy == "raise" or p.weights_checked is False:
+        bad_reward, bad_weight = status.tolist()
+        raise_bad_values(r, p.weights, bad_reward, bad_weight)
+    return adv, gmask, smask, weff, mean, std
