@@ -16,18 +16,21 @@ from moo_kernels.ops.advantages.problem import AdvantageProblem, raise_bad_value
 NO_ERROR = 2**62
 # Elements of one [BLOCK_G, BLOCK_J, BLOCK_K] chunk: large enough to keep loads in flight,
 # small enough to stay in registers (checked by the ahead-of-time compile test).
-TILE_ELEMENTS = {torch.float32: 1024, torch.float64: 512}
+TILE_ELEMENTS = {torch.float32: 512, torch.float64: 256}
 
 
 def block_sizes(num_groups: int, max_count: int, k: int, m: int, dtype: torch.dtype) -> dict[str, int]:
     budget = TILE_ELEMENTS[dtype]
     block_k = triton.next_power_of_2(k)
-    block_j = max(1, min(triton.next_power_of_2(max(max_count, 1)), budget // block_k))
+    block_m = triton.next_power_of_2(max(m, 1))
+    # The gates tile [BLOCK_G, BLOCK_J, BLOCK_M] also lives in registers: wide gates shorten the chunk.
+    block_j = max(1, min(triton.next_power_of_2(max(max_count, 1)), budget // block_k,
+                         max(32, budget // (block_k * block_m))))
     block_g = max(1, min(budget // (block_j * block_k), triton.next_power_of_2(num_groups)))
     tile = block_g * block_j * block_k
-    num_warps = 4 if tile >= 1024 else (2 if tile >= 256 else 1)
+    num_warps = 4 if tile >= 512 else (2 if tile >= 128 else 1)
     return dict(BLOCK_G=block_g, BLOCK_J=block_j, BLOCK_K=block_k,
-                BLOCK_M=triton.next_power_of_2(max(m, 1)), num_warps=num_warps)
+                BLOCK_M=block_m, num_warps=num_warps)
 
 
 def _u8(x: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:

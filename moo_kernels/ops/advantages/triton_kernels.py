@@ -13,12 +13,12 @@ import triton
 import triton.language as tl
 
 # Mode codes (mirrors moo_kernels._options).
-ZSCORE: tl.constexpr = 0
-CENTER: tl.constexpr = 1
-RLOO: tl.constexpr = 2
-SCALARIZE: tl.constexpr = 0
-VARIANCE: tl.constexpr = 2
-NO_ERROR: tl.constexpr = 2**62
+ZSCORE = tl.constexpr(0)
+CENTER = tl.constexpr(1)
+RLOO = tl.constexpr(2)
+SCALARIZE = tl.constexpr(0)
+VARIANCE = tl.constexpr(2)
+NO_ERROR = tl.constexpr(2**62)
 
 
 @triton.jit

@@ -1,0 +1,36 @@
+# moo_kernels: `make test` sets up and runs the test suite, `make bench` sets up and runs the benchmark.
+PY ?= python3
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: setup build test test-gpu bench lint clean
+
+# Installs only what is missing: an installed torch / triton is used as it is (the GPU image has its own).
+setup:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==3.6.0
+	@$(PY) -c "import pybind11, setuptools" 2>/dev/null || $(PY) -m pip install -q pybind11 setuptools
+	@$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install -q pytest hypothesis
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	@# The Triton interpreter (used without a GPU) of triton 3.6 needs numpy < 2.4.
+	@$(PY) -c "import torch, numpy, sys; v = tuple(map(int, numpy.__version__.split('.')[:2])); \
+		sys.exit(0 if torch.cuda.is_available() or v < (2, 4) else 1)" 2>/dev/null \
+		|| $(PY) -m pip install -q "numpy<2.4"
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest python_tests -q -p no:cacheprovider
+
+test-gpu: build
+	$(PY) -m pytest python_tests -q -p no:cacheprovider -m gpu
+
+bench: build
+	$(PY) bench/bench_advantages.py
+
+lint:
+	ruff check moo_kernels python_tests bench
+	ruff format --check moo_kernels python_tests bench
+
+clean:
+	rm -rf build moo_kernels/*.so .pytest_cache

@@ -1,0 +1,194 @@
+"""Timing helpers shared by the benchmarks in bench/.
+
+CPU: `time_cpu` calls the function a few times to warm up, then times every repetition on its own
+with time.perf_counter (garbage collection paused, as timeit does) and reports the median.
+
+CUDA: `time_cuda` measures two things.
+- Latency of one call: before each repetition the L2 cache is optionally flushed (a 256 MiB buffer
+  is zeroed) and the device synchronised, so the device is idle when the start event is recorded;
+  then start event, the Python call, end event. The elapsed time therefore covers the host-side
+  cost of the call (argument checks, launches, any host synchronisation inside it) plus the device
+  work, as a training step sees it. The median over the repetitions is reported.
+- Throughput: `batch` calls back to back between one pair of events, divided by `batch`. For a
+  fully asynchronous function this is max(host launch cost, device time) per call; for one that
+  synchronises the host inside, it stays close to the latency.
+
+`time_cuda_graph` measures the device time of an asynchronous function without the host-side
+cost: the function is captured once in a CUDA graph and the graph replayed (L2 flushed and device
+idle before each replay); what remains on top of the kernels is one graph launch (a few us).
+
+`cuda_copy_bandwidth` measures the ceiling to compare against: a large device-to-device copy,
+counting bytes read plus bytes written.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class Timing:
+    """Times of one function, in microseconds."""
+
+    median_us: float
+    min_us: float
+    max_us: float
+    mean_us: float
+    reps: int
+    batch_us: float | None = None  # time per call of `batch_calls` back-to-back calls (CUDA only)
+    batch_calls: int = 0
+    l2_flushed: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _summary(samples_us: list[float], **extra: Any) -> Timing:
+    return Timing(
+        median_us=statistics.median(samples_us),
+        min_us=min(samples_us),
+        max_us=max(samples_us),
+        mean_us=statistics.fmean(samples_us),
+        reps=len(samples_us),
+        **extra,
+    )
+
+
+def time_cpu(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20, budget_s: float | None = None,
+             min_reps: int = 1) -> Timing:
+    """Median wall-clock time of fn() on the host.
+
+    budget_s stops the repetitions early once that many seconds have been spent timing (but never
+    before min_reps repetitions), for slow functions such as per-sample Python loops.
+    """
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        spent = 0.0
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            samples.append(dt * 1e6)
+            spent += dt
+            if budget_s is not None and spent >= budget_s and i + 1 >= min_reps:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return _summary(samples)
+
+
+_flush_buffer: torch.Tensor | None = None
+
+
+def flush_l2(device: torch.device | str = "cuda") -> None:
+    """Evict the L2 cache by writing a buffer larger than it (asynchronous)."""
+    global _flush_buffer
+    if _flush_buffer is None or _flush_buffer.device != torch.device(device):
+        _flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    _flush_buffer.zero_()
+
+
+def time_cuda(fn: Callable[[], Any], *, warmup: int = 10, reps: int = 100, batch: int = 100,
+              flush: bool = True) -> Timing:
+    """Per-call latency (median of `reps` individually event-timed calls) and batched throughput.
+
+    fn must run on the current CUDA device's current stream. See the module docstring for what
+    the two figures include.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends, strict=True):
+        if flush:
+            flush_l2()
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    samples = [start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends, strict=True)]
+
+    batch_us = None
+    if batch > 0:
+        b_start = torch.cuda.Event(enable_timing=True)
+        b_end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        b_start.record()
+        for _ in range(batch):
+            fn()
+        b_end.record()
+        torch.cuda.synchronize()
+        batch_us = b_start.elapsed_time(b_end) * 1e3 / batch
+    return _summary(samples, batch_us=batch_us, batch_calls=batch, l2_flushed=flush)
+
+
+def time_cuda_graph(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 100, batch: int = 100,
+                    flush: bool = True) -> Timing:
+    """Device time of fn: median of individually event-timed replays of a CUDA graph of one call.
+
+    fn must not synchronise the host (capture fails). batch_us is `batch` back-to-back replays / batch.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up on a side stream, as graph capture requires
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    try:
+        return time_cuda(graph.replay, warmup=0, reps=reps, batch=batch, flush=flush)
+    finally:
+        del graph
+
+
+def cuda_copy_bandwidth(nbytes: int = 1 << 30, *, warmup: int = 3, reps: int = 20) -> dict[str, float]:
+    """Device-to-device copy bandwidth in GB/s (1e9 bytes/s), counting bytes read + bytes written.
+
+    Copies `nbytes` from one buffer to another; the median event-timed copy is reported.
+    """
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(1)
+    dst = torch.empty_like(src)
+    for _ in range(warmup):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    median_us = statistics.median(samples)
+    moved = 2 * nbytes
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bytes_moved": float(moved), "median_us": median_us, "gbps": moved / (median_us * 1e-6) / 1e9}
+
+
+def gbps(nbytes: int | float, us: float) -> float:
+    """Achieved bandwidth in GB/s (1e9 bytes/s) of moving nbytes in us microseconds."""
+    return nbytes / (us * 1e-6) / 1e9

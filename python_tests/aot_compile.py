@@ -1,0 +1,127 @@
+"""Compile Triton kernel configurations ahead of time for sm_80 and sm_90, without a GPU.
+
+Run as a script (the interpreter must be off: TRITON_INTERPRET is removed before triton is imported).
+Each configuration is compiled to PTX with triton.compile, then assembled by the ptxas that ships with
+triton (`ptxas -v`), whose report gives registers and spill bytes. Prints one JSON line per
+configuration: {"kernel", "arch", "config", "registers", "spill_stores", "spill_loads"}.
+
+The configurations are the block sizes the launchers pick (moo_kernels.ops.advantages.cuda.block_sizes)
+for representative problem shapes, crossed with the constexpr flags.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
+from moo_kernels.ops.advantages.cuda import block_sizes  # noqa: E402
+from moo_kernels.ops.brier import triton_kernels as brier_k  # noqa: E402
+
+ARCHS = (80, 90)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def ptxas_report(ptx: str) -> dict:
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([PTXAS, f"-arch={target}", "-v", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    loads = re.search(r"(\d+) bytes spill loads", text)
+    return {"registers": int(regs.group(1)) if regs else -1,
+            "spill_stores": int(stores.group(1)) if stores else 0,
+            "spill_loads": int(loads.group(1)) if loads else 0}
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int) -> dict:
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return ptxas_report(compiled.asm["ptx"])
+
+
+def advantages_fwd_configs():
+    shapes = [  # (input dtype, K, group size, M, number of groups)
+        (torch.float32, 1, 16, 1, 8192), (torch.bfloat16, 4, 16, 2, 1024), (torch.float32, 8, 16, 2, 8192),
+        (torch.float16, 3, 5, 1, 100), (torch.float32, 8, 64, 3, 512), (torch.float32, 64, 16, 1, 64),
+        (torch.float32, 2, 4096, 1, 4), (torch.float64, 4, 16, 2, 64), (torch.float64, 8, 1024, 2, 2),
+    ]
+    flag_sets = [
+        dict(CONTIGUOUS=True, HAS_VALID=False, HAS_RGATES=False, HAS_GATES=False, NORMALIZE=0, UNBIASED=True,
+             WEIGHTING=0, DROP_ZERO_VAR=False, BATCH_NORM=False, CHECK_FINITE=True, HAS_CLIP=False),
+        dict(CONTIGUOUS=False, HAS_VALID=True, HAS_RGATES=True, HAS_GATES=True, NORMALIZE=2, UNBIASED=False,
+             WEIGHTING=2, DROP_ZERO_VAR=True, BATCH_NORM=True, CHECK_FINITE=False, HAS_CLIP=True),
+    ]
+    for normalize in range(4):
+        for weighting in range(3):
+            flag_sets.append(dict(flag_sets[0], HAS_GATES=True, HAS_VALID=True, NORMALIZE=normalize,
+                                  WEIGHTING=weighting))
+    for i, (dtype, k, size, m, groups) in enumerate(shapes):
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        meta = block_sizes(groups, size, k, m, cdt)
+        num_warps = meta.pop("num_warps")
+        sets = flag_sets if (k, size) == (8, 16) and dtype == torch.float32 else flag_sets[:2]
+        for flags in sets:
+            yield dtype, cdt, dict(meta, **flags, F64=cdt == torch.float64), num_warps, i
+
+
+def advantages_fwd_signature(dtype, cdt):
+    c = "*" + TYPE[cdt]
+    return {
+        "r_ptr": "*" + TYPE[dtype], "stride_rn": "i32", "stride_rk": "i32",
+        "order_ptr": "*i64", "offsets_ptr": "*i64", "group_size": "i32", "num_groups": "i32", "max_count": "i32",
+        "w_ptr": c, "valid_ptr": "*u8", "rg_ptr": "*u8", "stride_rgn": "i32", "stride_rgk": "i32",
+        "gates_ptr": "*u8", "stride_gn": "i32", "stride_gm": "i32", "M": "i32",
+        "adv_ptr": c, "gmask_ptr": "*u8", "smask_ptr": "*u8", "weff_ptr": c, "mean_ptr": c, "std_ptr": c,
+        "code_ptr": "*u8", "part_ptr": c, "status_ptr": "*i64",
+        "K": "i32", "eps": "fp32", "gated_value": "fp32", "infeasible_adv": "fp32", "min_feasible": "i32",
+        "pos_scale": "fp32", "neg_scale": "fp32", "clip": "fp32",
+    }
+
+
+def all_configs():
+    for dtype, cdt, constexprs, num_warps, shape in advantages_fwd_configs():
+        yield "advantages_fwd", adv_k._advantages_fwd_kernel, advantages_fwd_signature(dtype, cdt), constexprs, \
+            num_warps, f"shape{shape}"
+    for f64 in (False, True):
+        c = "*fp64" if f64 else "*fp32"
+        sig = {"adv_ptr": c, "code_ptr": "*u8", "smask_ptr": "*u8", "part_ptr": c, "num_parts": "i32", "N": "i32",
+               "eps": "fp32", "infeasible_adv": "fp32", "pos_scale": "fp32", "neg_scale": "fp32", "clip": "fp32"}
+        for clip in (False, True):
+            yield "advantages_batchnorm", adv_k._advantages_batchnorm_kernel, sig, dict(
+                BLOCK_N=1024, BLOCK_P=1024, UNBIASED=True, HAS_CLIP=clip, F64=f64), 4, ""
+    for q in ("*fp32", "*fp64"):
+        sig = {"c_ptr": "*u8", "q_ptr": q, "out_ptr": q, "status_ptr": "*i64", "n": "i32"}
+        yield "brier_fwd", brier_k._brier_fwd_kernel, sig, dict(BLOCK=1024), 4, ""
+
+
+def main() -> int:
+    for name, fn, sig, constexprs, num_warps, shape in all_configs():
+        for arch in ARCHS:
+            report = compile_kernel(fn, sig, constexprs, arch, num_warps)
+            config = {k: (v if isinstance(v, (int, bool)) else str(v)) for k, v in constexprs.items()}
+            print(json.dumps({"kernel": name, "arch": arch, "shape": shape, "num_warps": num_warps,
+                              "config": config, **report}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
