@@ -98,7 +98,7 @@ _flush_buffer: torch.Tensor | None = None
 def flush_l2(device: torch.device | str = "cuda") -> None:
     """Evict the L2 cache by writing a buffer larger than it (asynchronous)."""
     global _flush_buffer
-    if _flush_buffer is None or _flush_buffer.device != torch.device(device):
+    if _flush_buffer is None:
         _flush_buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
     _flush_buffer.zero_()
 

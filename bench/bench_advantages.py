@@ -25,6 +25,7 @@ so the figure includes the host-side cost of the Python call), plus back-to-back
 throughput. Achieved bandwidth of moo_kernels is reported against a measured device-to-device copy.
 
 Usage: python bench/bench_advantages.py [--device cpu|cuda] [--json PATH] [--quick] [--plot PATH]
+       [--no-compile] [--no-sweep] [--keep-going]
 """
 
 from __future__ import annotations
@@ -288,7 +289,7 @@ def check_all(impls: list[Impl], refs: dict[str, Tensor]) -> tuple[dict[str, Any
             err = float("inf")
         else:
             err = float((got - ref).abs().max())
-        report[impl.name] = err
+        report[impl.name] = err if err < float("inf") else "non-finite output or wrong shape"
         if err <= ATOL:
             ok.append(impl)
         else:
@@ -508,6 +509,8 @@ def _bandwidth(res: dict[str, Any], names: dict[str, str], nbytes: int, copy_gbp
         if isinstance(dev, dict):
             figures += [(f"{key}_device", dev["median_us"]), (f"{key}_device_batch", dev["batch_us"])]
     for label, us in figures:
+        if not us:
+            continue
         g = timing.gbps(nbytes, us)
         out[label] = {"us": us, "gbps": g, "fraction_of_copy": g / copy_gbps}
     return out
@@ -605,7 +608,9 @@ def _us(x: float | None) -> str:
 
 
 def _err(x: Any) -> str:
-    return f"{x:.1e}" if isinstance(x, float) else ("-" if x is None else "error")
+    if x is None:
+        return "-"
+    return f"{x:.1e}" if isinstance(x, float) else ("error" if str(x).startswith("error") else "non-finite")
 
 
 def _ratio(x: float | None) -> str:
@@ -705,10 +710,15 @@ def plot_sweep(result: dict[str, Any], path: str) -> None:
         pts = [(p["n"], p["timings"][names[key]]["median_us"]) for p in result["sweep"] if names[key] in p["timings"]]
         if pts:
             ax.plot([n for n, _ in pts], [us for _, us in pts], marker="o", label=names[key])
+    dev = [(p["n"], d["median_us"]) for p in result["sweep"]
+           if isinstance(d := p["device_timings"].get(names["moo_ignore"]), dict)]
+    if dev:
+        ax.plot([n for n, _ in dev], [us for _, us in dev], marker="s", linestyle="--",
+                label=f"{names['moo_ignore']}, device time (CUDA graph)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("N (samples)")
-    ax.set_ylabel("median latency per call (us)")
+    ax.set_ylabel("median time per call (us)")
     cfg = result["config"]
     ax.set_title(f"advantage step, K={cfg['k']}, G={cfg['group_size']}, {result['meta']['device_name']}")
     ax.grid(True, which="both", alpha=0.3)

@@ -66,9 +66,11 @@ def advantages_fwd_configs():
     ]
     flag_sets = [
         dict(CONTIGUOUS=True, HAS_VALID=False, HAS_RGATES=False, HAS_GATES=False, NORMALIZE=0, UNBIASED=True,
-             WEIGHTING=0, DROP_ZERO_VAR=False, BATCH_NORM=False, CHECK_FINITE=True, HAS_CLIP=False),
+             WEIGHTING=0, DROP_ZERO_VAR=False, BATCH_NORM=False, CHECK_FINITE=True, CHECK_WEIGHTS=False,
+             HAS_CLIP=False),
         dict(CONTIGUOUS=False, HAS_VALID=True, HAS_RGATES=True, HAS_GATES=True, NORMALIZE=2, UNBIASED=False,
-             WEIGHTING=2, DROP_ZERO_VAR=True, BATCH_NORM=True, CHECK_FINITE=False, HAS_CLIP=True),
+             WEIGHTING=2, DROP_ZERO_VAR=True, BATCH_NORM=True, CHECK_FINITE=False, CHECK_WEIGHTS=True,
+             HAS_CLIP=True),
     ]
     for normalize in range(4):
         for weighting in range(3):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from moo_kernels import _options as O
-from moo_kernels.ops.advantages.op import advantages_op
+from moo_kernels.ops.advantages.op import AdvantagesFunction, advantages_op, problem_from_args, run
 
 
 class AdvantageResult(NamedTuple):
@@ -34,12 +34,15 @@ class AdvantageResult(NamedTuple):
 _DEFAULT_WEIGHTS: dict[tuple, torch.Tensor] = {}
 
 
-def _weights(weights, k: int, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """The [K] weight tensor and whether its values are already known to be valid."""
+def _weights(weights, k: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """The [K] weight tensor and whether its values are already known to be valid.
+
+    Weights given as numbers are cached on the device in the dtype the kernel reads (no copy per call).
+    """
     if weights is None:
-        key = ("uniform", k, device)
+        key = ("uniform", k, device, dtype)
         if key not in _DEFAULT_WEIGHTS:
-            _DEFAULT_WEIGHTS[key] = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
+            _DEFAULT_WEIGHTS[key] = torch.full((k,), 1.0 / k, dtype=dtype, device=device)
         return _DEFAULT_WEIGHTS[key], True
     if isinstance(weights, torch.Tensor):
         O.check_float_tensor("weights", weights)
@@ -53,11 +56,11 @@ def _weights(weights, k: int, device: torch.device) -> tuple[torch.Tensor, bool]
             raise ValueError(f"weights must have {k} entries (one per objective), got {len(values)}")
         for i, v in enumerate(values):
             O.check_number(f"weights[{i}]", v, low=0.0)
-        key = (values, device)
+        key = (values, device, dtype)
         if key not in _DEFAULT_WEIGHTS:
             if len(_DEFAULT_WEIGHTS) > 64:
                 _DEFAULT_WEIGHTS.clear()
-            _DEFAULT_WEIGHTS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+            _DEFAULT_WEIGHTS[key] = torch.tensor(values, dtype=dtype, device=device)
         return _DEFAULT_WEIGHTS[key], True
     raise TypeError(f"weights must be None, a sequence of numbers or a tensor, got {type(weights).__name__}")
 
@@ -162,7 +165,9 @@ def multi_objective_advantages(
     if clip is not None:
         clip = O.check_number("clip", clip, low=0.0, low_inclusive=False)
 
-    w, weights_checked = _weights(weights, k, device)
+    # The C++ kernel accumulates in float64; the Triton kernel in the output dtype.
+    on_gpu = device.type == "cuda" and rewards.dtype != torch.float64
+    w, weights_checked = _weights(weights, k, device, torch.float32 if on_gpu else torch.float64)
 
     if valid is not None:
         valid = O.check_bool_tensor("valid", valid, (n,), device).contiguous()
@@ -200,10 +205,14 @@ def multi_objective_advantages(
         max_count = n if torch.compiler.is_compiling() else int(counts.max())
         group_size = 0
 
-    out = advantages_op(
+    args = (
         rewards, w, group_index, order, offsets, valid, reward_gates, gates,
         group_size, num_groups, max_count, normalize, std, weighting, batch_normalize, eps,
         gated_value, infeasible_advantage, min_feasible, drop_zero_variance, positive_scale,
         negative_scale, clip, nan_policy, weights_checked,
     )
-    return AdvantageResult(*out)
+    if torch.compiler.is_compiling():
+        return AdvantageResult(*advantages_op(*args))
+    if torch.is_grad_enabled() and (rewards.requires_grad or w.requires_grad):
+        return AdvantageResult(*AdvantagesFunction.apply(*args))
+    return AdvantageResult(*run(problem_from_args(*args)))

@@ -49,7 +49,9 @@ def advantages_triton(p: AdvantageProblem):
     weff = torch.empty(g, k, dtype=cdt, device=device)
     mean = torch.empty(g, k, dtype=cdt, device=device)
     std = torch.empty(g, k, dtype=cdt, device=device)
-    status = torch.full((2,), NO_ERROR, dtype=torch.int64, device=device)
+    check = p.nan_policy == "raise" or not p.weights_checked
+    # [first non-finite reward (flat index), first bad weight]; only allocated when something is checked
+    status = torch.full((2,), NO_ERROR, dtype=torch.int64, device=device) if check else None
     w = p.weights if p.weights.dtype == cdt else p.weights.to(cdt)
 
     m = p.gates.shape[1] if p.gates is not None else 1
@@ -62,7 +64,7 @@ def advantages_triton(p: AdvantageProblem):
         code, parts = adv, adv
     rg = p.reward_gates
     gates = p.gates
-    dummy = status
+    dummy = adv
     clip = p.clip if p.clip is not None else 0.0
     tk._advantages_fwd_kernel[(num_parts,)](
         r, r.stride(0), r.stride(1),
@@ -72,13 +74,13 @@ def advantages_triton(p: AdvantageProblem):
         _u8(rg, dummy), rg.stride(0) if rg is not None else 0, rg.stride(1) if rg is not None else 0,
         _u8(gates, dummy), gates.stride(0) if gates is not None else 0, gates.stride(1) if gates is not None else 0, m,
         adv, gmask.view(torch.uint8), smask.view(torch.uint8), weff, mean, std,
-        code, parts, status,
+        code, parts, status if check else dummy,
         k, p.eps, p.gated_value, p.infeasible_advantage, p.min_feasible,
         p.positive_scale, p.negative_scale, clip,
         CONTIGUOUS=p.group_size > 0, HAS_VALID=p.valid is not None, HAS_RGATES=rg is not None,
         HAS_GATES=gates is not None, NORMALIZE=NORMALIZE[p.normalize], UNBIASED=p.std == "unbiased",
         WEIGHTING=WEIGHTING[p.weighting], DROP_ZERO_VAR=p.drop_zero_variance,
-        BATCH_NORM=p.batch_normalize, CHECK_FINITE=p.nan_policy == "raise",
+        BATCH_NORM=p.batch_normalize, CHECK_FINITE=p.nan_policy == "raise", CHECK_WEIGHTS=not p.weights_checked,
         HAS_CLIP=p.clip is not None, F64=cdt == torch.float64, **meta,
     )
     if p.batch_normalize:
@@ -90,7 +92,7 @@ def advantages_triton(p: AdvantageProblem):
             UNBIASED=p.std == "unbiased", HAS_CLIP=p.clip is not None, F64=cdt == torch.float64,
             num_warps=4,
         )
-    if p.nan_policy == "raise" or p.weights_checked is False:
+    if check:
         bad_reward, bad_weight = status.tolist()
         raise_bad_values(r, p.weights, bad_reward, bad_weight)
     return adv, gmask, smask, weff, mean, std

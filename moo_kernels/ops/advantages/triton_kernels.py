@@ -141,7 +141,7 @@ def _advantages_fwd_kernel(
     CONTIGUOUS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_RGATES: tl.constexpr, HAS_GATES: tl.constexpr,
     NORMALIZE: tl.constexpr, UNBIASED: tl.constexpr, WEIGHTING: tl.constexpr,
     DROP_ZERO_VAR: tl.constexpr, BATCH_NORM: tl.constexpr, CHECK_FINITE: tl.constexpr,
-    HAS_CLIP: tl.constexpr, F64: tl.constexpr,
+    CHECK_WEIGHTS: tl.constexpr, HAS_CLIP: tl.constexpr, F64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
@@ -156,8 +156,9 @@ def _advantages_fwd_kernel(
     k_ok = kk < K
     jj = tl.arange(0, BLOCK_J).to(tl.int64)
     w = _to_compute(tl.load(w_ptr + kk, mask=k_ok, other=0.0), F64)
-    bad_w = tl.min(tl.where(k_ok & ~((w >= 0) & (w < float("inf"))), kk.to(tl.int64), NO_ERROR), axis=0)
-    tl.atomic_min(status_ptr + 1, bad_w, mask=(pid == 0) & (bad_w < NO_ERROR))
+    if CHECK_WEIGHTS:
+        bad_w = tl.min(tl.where(k_ok & ~((w >= 0) & (w < float("inf"))), kk.to(tl.int64), NO_ERROR), axis=0)
+        tl.atomic_min(status_ptr + 1, bad_w, mask=(pid == 0) & (bad_w < NO_ERROR))
 
     # ---- pass 1: per-objective and combined-reward statistics --------------------------------
     zk = tl.zeros([BLOCK_G, BLOCK_K], dtype=w.dtype)
