@@ -66,7 +66,7 @@ WEIGHT_CYCLE = (1.0, 0.5, 0.25, 0.75)
 
 CPU_SIZE = {"n": 16384, "k": 4, "group_size": 16, "checks": 2}
 CUDA_SIZE = {"n": 131072, "k": 8, "group_size": 16, "checks": 2}
-CUDA_SWEEP_N = (1024, 8192, 65536, 131072, 524288)
+CUDA_SWEEP_N = (4096, 32768, 131072, 1048576)
 QUICK_N = 512
 QUICK_SWEEP_N = (512, 2048)
 
