@@ -63,8 +63,9 @@ def _summary(samples_us: list[float], **extra: Any) -> Timing:
     )
 
 
-def time_cpu(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20, budget_s: float | None = None,
-             min_reps: int = 1) -> Timing:
+def time_cpu(
+    fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20, budget_s: float | None = None, min_reps: int = 1
+) -> Timing:
     """Median wall-clock time of fn() on the host.
 
     budget_s stops the repetitions early once that many seconds have been spent timing (but never
@@ -103,8 +104,9 @@ def flush_l2(device: torch.device | str = "cuda") -> None:
     _flush_buffer.zero_()
 
 
-def time_cuda(fn: Callable[[], Any], *, warmup: int = 10, reps: int = 100, batch: int = 100,
-              flush: bool = True) -> Timing:
+def time_cuda(
+    fn: Callable[[], Any], *, warmup: int = 10, reps: int = 100, batch: int = 100, flush: bool = True
+) -> Timing:
     """Per-call latency (median of `reps` individually event-timed calls) and batched throughput.
 
     fn must run on the current CUDA device's current stream. See the module docstring for what
@@ -139,8 +141,9 @@ def time_cuda(fn: Callable[[], Any], *, warmup: int = 10, reps: int = 100, batch
     return _summary(samples, batch_us=batch_us, batch_calls=batch, l2_flushed=flush)
 
 
-def time_cuda_graph(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 100, batch: int = 100,
-                    flush: bool = True) -> Timing:
+def time_cuda_graph(
+    fn: Callable[[], Any], *, warmup: int = 3, reps: int = 100, batch: int = 100, flush: bool = True
+) -> Timing:
     """Device time of fn: median of individually event-timed replays of a CUDA graph of one call.
 
     fn must not synchronise the host (capture fails). batch_us is `batch` back-to-back replays / batch.

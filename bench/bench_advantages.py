@@ -154,8 +154,13 @@ def moo_advantages(inp: Inputs, nan_policy: str = "raise", weighting: str = "var
     """The public op, called as a trainer would (weights as a list: no host synchronisation)."""
     gates = inp.gates if weighting != "scalarize" else None
     out = moo_kernels.multi_objective_advantages(
-        inp.rewards, group_size=inp.group_size, weights=inp.weights, weighting=weighting,
-        gates=gates, eps=EPS, nan_policy=nan_policy,
+        inp.rewards,
+        group_size=inp.group_size,
+        weights=inp.weights,
+        weighting=weighting,
+        gates=gates,
+        eps=EPS,
+        nan_policy=nan_policy,
     )
     return out.advantages
 
@@ -294,8 +299,9 @@ def check_all(impls: list[Impl], refs: dict[str, Tensor]) -> tuple[dict[str, Any
             ok.append(impl)
         else:
             bad.append(impl.name)
-            print(f"  {impl.name}: DISAGREES with the float64 reference: max |diff| = {err:.3g} > {ATOL}",
-                  file=sys.stderr)
+            print(
+                f"  {impl.name}: DISAGREES with the float64 reference: max |diff| = {err:.3g} > {ATOL}", file=sys.stderr
+            )
     return report, bad, ok
 
 
@@ -307,8 +313,13 @@ def time_impl(impl: Impl, device: str) -> timing.Timing:
 
 def measure(impls: list[Impl], refs: dict[str, Tensor], device: str, keep_going: bool) -> dict[str, Any]:
     report, bad, ok = check_all(impls, refs)
-    result: dict[str, Any] = {"max_abs_err": report, "disagree": bad, "correct": not bad, "timings": {},
-                              "device_timings": {}}
+    result: dict[str, Any] = {
+        "max_abs_err": report,
+        "disagree": bad,
+        "correct": not bad,
+        "timings": {},
+        "device_timings": {},
+    }
     if bad and not keep_going:
         return result
     for impl in ok:
@@ -353,8 +364,11 @@ def run_cpu(quick: bool = False, keep_going: bool = False) -> dict[str, Any]:
     uids = [f"prompt-{i // inp.group_size}" for i in range(inp.n)]
     backend, fallback_reason = _cpu_moo_backend(inp)
     if fallback_reason is not None:
-        print(f"WARNING: moo_kernels' C++ extension is not available ({fallback_reason}); timing the "
-              "float64 reference backend instead: its figures are NOT those of the C++ kernel.", file=sys.stderr)
+        print(
+            f"WARNING: moo_kernels' C++ extension is not available ({fallback_reason}); timing the "
+            "float64 reference backend instead: its figures are NOT those of the C++ kernel.",
+            file=sys.stderr,
+        )
     moo_label = "moo_kernels (C++)" if backend in ("auto", "cpp") else f"moo_kernels ({backend} backend)"
 
     fast = {"warmup": 2, "reps": 20, "budget_s": 1.0} if quick else {"warmup": 10, "reps": 300, "budget_s": 3.0}
@@ -406,36 +420,65 @@ def _raise_recompile_limit() -> None:
             setattr(cfg, attr, 32)
 
 
-def _cuda_impls(inp: Inputs, compiled: dict[str, Callable] | None, names: dict[str, str],
-                timer: dict[str, Any], with_scalarize: bool) -> list[Impl]:
+def _cuda_impls(
+    inp: Inputs,
+    compiled: dict[str, Callable] | None,
+    names: dict[str, str],
+    timer: dict[str, Any],
+    with_scalarize: bool,
+) -> list[Impl]:
     eager_variance = make_eager_variance(inp.group_size)
     impls = [
         Impl(names["moo_raise"], lambda: moo_advantages(inp, "raise"), "variance", timer),
         Impl(names["moo_ignore"], lambda: moo_advantages(inp, "ignore"), "variance", timer, graph=True),
-        Impl(names["eager"], lambda: eager_variance(inp.rewards, inp.gates, inp.weights_t), "variance", timer,
-             graph=True),
+        Impl(
+            names["eager"], lambda: eager_variance(inp.rewards, inp.gates, inp.weights_t), "variance", timer, graph=True
+        ),
     ]
     if compiled is not None:
         cv = compiled["variance"]
-        impls.append(Impl(names["compiled"], lambda: cv(inp.rewards, inp.gates, inp.weights_t), "variance", timer,
-                          optional=True, graph=True))
+        impls.append(
+            Impl(
+                names["compiled"],
+                lambda: cv(inp.rewards, inp.gates, inp.weights_t),
+                "variance",
+                timer,
+                optional=True,
+                graph=True,
+            )
+        )
     if with_scalarize:
         eager_scalarize = make_eager_scalarize(inp.group_size)
         impls += [
-            Impl(names["moo_scalarize"], lambda: moo_advantages(inp, "ignore", weighting="scalarize"),
-                 "scalarize", timer, graph=True),
-            Impl(names["scalarize"], lambda: eager_scalarize(inp.rewards, inp.weights_t), "scalarize", timer,
-                 graph=True),
+            Impl(
+                names["moo_scalarize"],
+                lambda: moo_advantages(inp, "ignore", weighting="scalarize"),
+                "scalarize",
+                timer,
+                graph=True,
+            ),
+            Impl(
+                names["scalarize"], lambda: eager_scalarize(inp.rewards, inp.weights_t), "scalarize", timer, graph=True
+            ),
         ]
         if compiled is not None:
             cs = compiled["scalarize"]
-            impls.append(Impl(names["scalarize_compiled"], lambda: cs(inp.rewards, inp.weights_t), "scalarize",
-                              timer, optional=True, graph=True))
+            impls.append(
+                Impl(
+                    names["scalarize_compiled"],
+                    lambda: cs(inp.rewards, inp.weights_t),
+                    "scalarize",
+                    timer,
+                    optional=True,
+                    graph=True,
+                )
+            )
     return impls
 
 
-def run_cuda(quick: bool = False, keep_going: bool = False, use_compile: bool = True,
-             sweep: bool = True) -> dict[str, Any]:
+def run_cuda(
+    quick: bool = False, keep_going: bool = False, use_compile: bool = True, sweep: bool = True
+) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("run_cuda needs a CUDA device")
     _raise_recompile_limit()
@@ -523,9 +566,18 @@ def _bandwidth(res: dict[str, Any], names: dict[str, str], nbytes: int, copy_gbp
 def _config(inp: Inputs, weighting: str) -> dict[str, Any]:
     feasible = inp.gates.all(dim=1).float().mean().item()
     return {
-        "n": inp.n, "k": inp.k, "group_size": inp.group_size, "num_groups": inp.num_groups,
-        "gates_shape": [inp.n, inp.m], "feasible_fraction": feasible, "weighting": weighting,
-        "normalize": "zscore", "std": "unbiased", "eps": EPS, "weights": inp.weights, "atol": ATOL,
+        "n": inp.n,
+        "k": inp.k,
+        "group_size": inp.group_size,
+        "num_groups": inp.num_groups,
+        "gates_shape": [inp.n, inp.m],
+        "feasible_fraction": feasible,
+        "weighting": weighting,
+        "normalize": "zscore",
+        "std": "unbiased",
+        "eps": EPS,
+        "weights": inp.weights,
+        "atol": ATOL,
         "reward_kinds": "0/1 correctness, uniform, normal, discrete quarters (cycled)",
     }
 
@@ -533,14 +585,15 @@ def _config(inp: Inputs, weighting: str) -> dict[str, Any]:
 def _git_commit() -> dict[str, Any]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
     if head.returncode != 0:
         return {"git_commit": None, "git_dirty": None}
-    return {"git_commit": head.stdout.strip(), "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0
-            else None}
+    return {
+        "git_commit": head.stdout.strip(),
+        "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
+    }
 
 
 def _device_name(device: str) -> str:
@@ -577,8 +630,9 @@ def _meta(device: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def run(device: str, quick: bool = False, *, keep_going: bool = False, use_compile: bool = True,
-        sweep: bool = True) -> dict[str, Any]:
+def run(
+    device: str, quick: bool = False, *, keep_going: bool = False, use_compile: bool = True, sweep: bool = True
+) -> dict[str, Any]:
     """Run the benchmark on "cpu" or "cuda"; returns every figure as a JSON-serialisable dict.
 
     result["correct"] is False when an implementation disagreed with the reference (timing is then
@@ -620,46 +674,84 @@ def _ratio(x: float | None) -> str:
 def _cuda_report(result: dict[str, Any]) -> list[str]:
     names = result["names"]
     t, dev, errs = result["timings"], result["device_timings"], result["max_abs_err"]
-    header = ["implementation", "median us", "min us", "batch us/call", "device us", "vs moo raise",
-              "vs moo ignore", "max |err|"]
+    header = [
+        "implementation",
+        "median us",
+        "min us",
+        "batch us/call",
+        "device us",
+        "vs moo raise",
+        "vs moo ignore",
+        "max |err|",
+    ]
     rows = []
     for name in names.values():
         tm = t.get(name)
         d = dev.get(name)
-        rows.append([name, _us(tm and tm["median_us"]), _us(tm and tm["min_us"]), _us(tm and tm["batch_us"]),
-                     _us(d["median_us"]) if isinstance(d, dict) else "-",
-                     _ratio(result["speedup_of_moo_raise"].get(name)),
-                     _ratio(result["speedup_of_moo_ignore"].get(name)), _err(errs.get(name))])
+        rows.append(
+            [
+                name,
+                _us(tm and tm["median_us"]),
+                _us(tm and tm["min_us"]),
+                _us(tm and tm["batch_us"]),
+                _us(d["median_us"]) if isinstance(d, dict) else "-",
+                _ratio(result["speedup_of_moo_raise"].get(name)),
+                _ratio(result["speedup_of_moo_ignore"].get(name)),
+                _err(errs.get(name)),
+            ]
+        )
     out = [_table(header, rows)]
     sc = result["speedup_of_moo_scalarize"]
     if sc:
-        out.append(f"{names['moo_scalarize']} vs scalarize baselines: "
-                   + ", ".join(f"{name} {_ratio(v)}" for name, v in sc.items()))
-    out.append("median/min: one call, L2 flushed, device idle before it (includes the host-side cost); batch: "
-               "back-to-back calls / count; device: CUDA-graph replay of one call (device work only)")
+        out.append(
+            f"{names['moo_scalarize']} vs scalarize baselines: "
+            + ", ".join(f"{name} {_ratio(v)}" for name, v in sc.items())
+        )
+    out.append(
+        "median/min: one call, L2 flushed, device idle before it (includes the host-side cost); batch: "
+        "back-to-back calls / count; device: CUDA-graph replay of one call (device work only)"
+    )
     bw = result["bandwidth"]
-    out.append(f"copy bandwidth {bw['copy_gbps']:.0f} GB/s; moo bytes = {bw['bytes']:,} "
-               "(rewards + gates read, all outputs written)")
+    out.append(
+        f"copy bandwidth {bw['copy_gbps']:.0f} GB/s; moo bytes = {bw['bytes']:,} "
+        "(rewards + gates read, all outputs written)"
+    )
     for label, b in bw.items():
         if isinstance(b, dict):
             out.append(f"  {label:<24} {b['us']:10.1f} us {b['gbps']:7.0f} GB/s ({b['fraction_of_copy']:.1%} of copy)")
     if result.get("sweep"):
-        header = ["N", "moo raise", "moo ignore", "eager", "compiled", "ign device", "eager/ign", "comp/ign",
-                  "ign dev GB/s", "% copy"]
+        header = [
+            "N",
+            "moo raise",
+            "moo ignore",
+            "eager",
+            "compiled",
+            "ign device",
+            "eager/ign",
+            "comp/ign",
+            "ign dev GB/s",
+            "% copy",
+        ]
         rows = []
         for p in result["sweep"]:
             st, sd = p["timings"], p["device_timings"]
             sp = p["speedup_of_moo_ignore"]
             b = p["bandwidth"].get("moo_ignore_device")
             d = sd.get(names["moo_ignore"])
-            rows.append([
-                f"{p['n']:,}",
-                *(_us(st[names[k]]["median_us"]) if names[k] in st else "-"
-                  for k in ("moo_raise", "moo_ignore", "eager", "compiled")),
-                _us(d["median_us"]) if isinstance(d, dict) else "-",
-                _ratio(sp.get(names["eager"])), _ratio(sp.get(names["compiled"])),
-                f"{b['gbps']:.0f}" if b else "-", f"{b['fraction_of_copy']:.1%}" if b else "-",
-            ])
+            rows.append(
+                [
+                    f"{p['n']:,}",
+                    *(
+                        _us(st[names[k]]["median_us"]) if names[k] in st else "-"
+                        for k in ("moo_raise", "moo_ignore", "eager", "compiled")
+                    ),
+                    _us(d["median_us"]) if isinstance(d, dict) else "-",
+                    _ratio(sp.get(names["eager"])),
+                    _ratio(sp.get(names["compiled"])),
+                    f"{b['gbps']:.0f}" if b else "-",
+                    f"{b['fraction_of_copy']:.1%}" if b else "-",
+                ]
+            )
         out.append("size sweep (median us per call; ratios: baseline / moo ignore):")
         out.append(_table(header, rows))
     return out
@@ -684,12 +776,21 @@ def format_report(result: dict[str, Any]) -> str:
         for name in names.values():
             tm = t.get(name)
             sp = result["speedup_of_moo"].get(name) or result["speedup_of_moo_scalarize"].get(name)
-            rows.append([name, _us(tm and tm["median_us"]), _us(tm and tm["min_us"]),
-                         f"{sp:.1f}x" if sp else "-", _err(errs.get(name))])
+            rows.append(
+                [
+                    name,
+                    _us(tm and tm["median_us"]),
+                    _us(tm and tm["min_us"]),
+                    f"{sp:.1f}x" if sp else "-",
+                    _err(errs.get(name)),
+                ]
+            )
         out.append(f"threads: {result['num_threads']}")
         out.append(_table(header, rows))
-        out.append("moo speedup = time of the row / time of moo_kernels (variance rows) or of moo_kernels "
-                   "scalarize (scalarize row)")
+        out.append(
+            "moo speedup = time of the row / time of moo_kernels (variance rows) or of moo_kernels "
+            "scalarize (scalarize row)"
+        )
     else:
         out += _cuda_report(result)
     if not result["correct"]:
@@ -710,11 +811,19 @@ def plot_sweep(result: dict[str, Any], path: str) -> None:
         pts = [(p["n"], p["timings"][names[key]]["median_us"]) for p in result["sweep"] if names[key] in p["timings"]]
         if pts:
             ax.plot([n for n, _ in pts], [us for _, us in pts], marker="o", label=names[key])
-    dev = [(p["n"], d["median_us"]) for p in result["sweep"]
-           if isinstance(d := p["device_timings"].get(names["moo_ignore"]), dict)]
+    dev = [
+        (p["n"], d["median_us"])
+        for p in result["sweep"]
+        if isinstance(d := p["device_timings"].get(names["moo_ignore"]), dict)
+    ]
     if dev:
-        ax.plot([n for n, _ in dev], [us for _, us in dev], marker="s", linestyle="--",
-                label=f"{names['moo_ignore']}, device time (CUDA graph)")
+        ax.plot(
+            [n for n, _ in dev],
+            [us for _, us in dev],
+            marker="s",
+            linestyle="--",
+            label=f"{names['moo_ignore']}, device time (CUDA graph)",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("N (samples)")
@@ -736,14 +845,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", metavar="PATH", help="CUDA: save the size sweep as a PNG")
     parser.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile baselines")
     parser.add_argument("--no-sweep", action="store_true", help="CUDA: skip the size sweep")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="time even when an implementation disagrees with the reference (still exits 1)")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="time even when an implementation disagrees with the reference (still exits 1)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    result = run(args.device, args.quick, keep_going=args.keep_going, use_compile=not args.no_compile,
-                 sweep=not args.no_sweep)
+    result = run(
+        args.device, args.quick, keep_going=args.keep_going, use_compile=not args.no_compile, sweep=not args.no_sweep
+    )
     print(format_report(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

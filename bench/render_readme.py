@@ -39,8 +39,10 @@ def _us(x: float | None) -> str:
 def _source(path: Path, data: dict) -> str:
     m = data["meta"]
     commit = (m.get("git_commit") or "unknown")[:10]
-    return (f"{m.get('device_name')}, torch {m.get('torch')}, triton {m.get('triton')}, {m.get('date', '')[:10]}, "
-            f"commit {commit}; `{path.relative_to(ROOT)}`")
+    return (
+        f"{m.get('device_name')}, torch {m.get('torch')}, triton {m.get('triton')}, {m.get('date', '')[:10]}, "
+        f"commit {commit}; `{path.relative_to(ROOT)}`"
+    )
 
 
 def cpu_section(path: Path, data: dict) -> list[str]:
@@ -50,7 +52,7 @@ def cpu_section(path: Path, data: dict) -> list[str]:
     sp = data["speedup_of_moo"]
     lines = [
         f"**CPU** ({data.get('num_threads')} threads): N={c['n']}, K={c['k']}, group_size={c['group_size']}, "
-        f"weighting=\"{c['weighting']}\" with gates {c['gates_shape']}. Median of repeated calls.",
+        f'weighting="{c["weighting"]}" with gates {c["gates_shape"]}. Median of repeated calls.',
         "",
         "| implementation | median (us) | moo_kernels is faster by |",
         "|---|---:|---:|",
@@ -71,10 +73,10 @@ def cpu_section(path: Path, data: dict) -> list[str]:
 def gpu_section(path: Path, data: dict) -> list[str]:
     c = data["config"]
     t = data["timings"]
-    names = data["names"]
+    data["names"]
     dev = data.get("device_timings", {})
     lines = [
-        f"**GPU**: N={c['n']}, K={c['k']}, group_size={c['group_size']}, weighting=\"{c['weighting']}\" with "
+        f'**GPU**: N={c["n"]}, K={c["k"]}, group_size={c["group_size"]}, weighting="{c["weighting"]}" with '
         f"gates {c['gates_shape']}. Per call: CUDA events around the Python call (L2 flushed), median; "
         "device time: CUDA-graph replay (kernels only), where the call can be captured.",
         "",
@@ -91,9 +93,16 @@ def gpu_section(path: Path, data: dict) -> list[str]:
         lines.append(f"| {name} | {_us(t[name]['median_us'])} | {_us(d)} | {r1} | {r2} |")
     bw = data.get("bandwidth", {})
     if bw:
-        lines += ["", "Bandwidth of moo_kernels over its minimal traffic: " + ", ".join(
-            f"{k}: {v:.0f}" if isinstance(v, float) else f"{k}: {v}" for k, v in bw.items()
-            if not isinstance(v, dict)) + "."]
+        lines += [
+            "",
+            "Bandwidth of moo_kernels over its minimal traffic: "
+            + ", ".join(
+                f"{k}: {v:.0f}" if isinstance(v, float) else f"{k}: {v}"
+                for k, v in bw.items()
+                if not isinstance(v, dict)
+            )
+            + ".",
+        ]
     lines += ["", f"Source: {_source(path, data)}.", ""]
     return lines
 

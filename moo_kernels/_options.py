@@ -35,9 +35,7 @@ def check_tensor(name: str, x: object) -> torch.Tensor:
 def check_float_tensor(name: str, x: object) -> torch.Tensor:
     x = check_tensor(name, x)
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     return x
 
 
@@ -56,8 +54,9 @@ def check_same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {x.device} but rewards are on {device}; move them to one device")
 
 
-def check_number(name: str, value: object, *, low: float | None = None, low_inclusive: bool = True,
-                 allow_inf: bool = False) -> float:
+def check_number(
+    name: str, value: object, *, low: float | None = None, low_inclusive: bool = True, allow_inf: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)

@@ -38,15 +38,21 @@ def ptxas_report(ptx: str) -> dict:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        res = subprocess.run([PTXAS, f"-arch={target}", "-v", path, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [PTXAS, f"-arch={target}", "-v", path, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     text = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     stores = re.search(r"(\d+) bytes spill stores", text)
     loads = re.search(r"(\d+) bytes spill loads", text)
-    return {"registers": int(regs.group(1)) if regs else -1,
-            "spill_stores": int(stores.group(1)) if stores else 0,
-            "spill_loads": int(loads.group(1)) if loads else 0}
+    return {
+        "registers": int(regs.group(1)) if regs else -1,
+        "spill_stores": int(stores.group(1)) if stores else 0,
+        "spill_loads": int(loads.group(1)) if loads else 0,
+    }
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int) -> dict:
@@ -60,22 +66,51 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
 
 def advantages_fwd_configs():
     shapes = [  # (input dtype, K, group size, M, number of groups)
-        (torch.float32, 1, 16, 1, 8192), (torch.bfloat16, 4, 16, 2, 1024), (torch.float32, 8, 16, 2, 8192),
-        (torch.float16, 3, 5, 1, 100), (torch.float32, 8, 64, 3, 512), (torch.float32, 64, 16, 1, 64),
-        (torch.float32, 2, 4096, 1, 4), (torch.float64, 4, 16, 2, 64), (torch.float64, 8, 1024, 2, 2),
+        (torch.float32, 1, 16, 1, 8192),
+        (torch.bfloat16, 4, 16, 2, 1024),
+        (torch.float32, 8, 16, 2, 8192),
+        (torch.float16, 3, 5, 1, 100),
+        (torch.float32, 8, 64, 3, 512),
+        (torch.float32, 64, 16, 1, 64),
+        (torch.float32, 2, 4096, 1, 4),
+        (torch.float64, 4, 16, 2, 64),
+        (torch.float64, 8, 1024, 2, 2),
     ]
     flag_sets = [
-        dict(CONTIGUOUS=True, HAS_VALID=False, HAS_RGATES=False, HAS_GATES=False, NORMALIZE=0, UNBIASED=True,
-             WEIGHTING=0, DROP_ZERO_VAR=False, BATCH_NORM=False, CHECK_FINITE=True, CHECK_WEIGHTS=False,
-             HAS_CLIP=False),
-        dict(CONTIGUOUS=False, HAS_VALID=True, HAS_RGATES=True, HAS_GATES=True, NORMALIZE=2, UNBIASED=False,
-             WEIGHTING=2, DROP_ZERO_VAR=True, BATCH_NORM=True, CHECK_FINITE=False, CHECK_WEIGHTS=True,
-             HAS_CLIP=True),
+        dict(
+            CONTIGUOUS=True,
+            HAS_VALID=False,
+            HAS_RGATES=False,
+            HAS_GATES=False,
+            NORMALIZE=0,
+            UNBIASED=True,
+            WEIGHTING=0,
+            DROP_ZERO_VAR=False,
+            BATCH_NORM=False,
+            CHECK_FINITE=True,
+            CHECK_WEIGHTS=False,
+            HAS_CLIP=False,
+        ),
+        dict(
+            CONTIGUOUS=False,
+            HAS_VALID=True,
+            HAS_RGATES=True,
+            HAS_GATES=True,
+            NORMALIZE=2,
+            UNBIASED=False,
+            WEIGHTING=2,
+            DROP_ZERO_VAR=True,
+            BATCH_NORM=True,
+            CHECK_FINITE=False,
+            CHECK_WEIGHTS=True,
+            HAS_CLIP=True,
+        ),
     ]
     for normalize in range(4):
         for weighting in range(3):
-            flag_sets.append(dict(flag_sets[0], HAS_GATES=True, HAS_VALID=True, NORMALIZE=normalize,
-                                  WEIGHTING=weighting))
+            flag_sets.append(
+                dict(flag_sets[0], HAS_GATES=True, HAS_VALID=True, NORMALIZE=normalize, WEIGHTING=weighting)
+            )
     for i, (dtype, k, size, m, groups) in enumerate(shapes):
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
         meta = block_sizes(groups, size, k, m, cdt)
@@ -88,28 +123,77 @@ def advantages_fwd_configs():
 def advantages_fwd_signature(dtype, cdt):
     c = "*" + TYPE[cdt]
     return {
-        "r_ptr": "*" + TYPE[dtype], "stride_rn": "i32", "stride_rk": "i32",
-        "order_ptr": "*i64", "offsets_ptr": "*i64", "group_size": "i32", "num_groups": "i32", "max_count": "i32",
-        "w_ptr": c, "valid_ptr": "*u8", "rg_ptr": "*u8", "stride_rgn": "i32", "stride_rgk": "i32",
-        "gates_ptr": "*u8", "stride_gn": "i32", "stride_gm": "i32", "M": "i32",
-        "adv_ptr": c, "gmask_ptr": "*u8", "smask_ptr": "*u8", "weff_ptr": c, "mean_ptr": c, "std_ptr": c,
-        "code_ptr": "*u8", "part_ptr": c, "status_ptr": "*i64",
-        "K": "i32", "eps": "fp32", "gated_value": "fp32", "infeasible_adv": "fp32", "min_feasible": "i32",
-        "pos_scale": "fp32", "neg_scale": "fp32", "clip": "fp32",
+        "r_ptr": "*" + TYPE[dtype],
+        "stride_rn": "i32",
+        "stride_rk": "i32",
+        "order_ptr": "*i64",
+        "offsets_ptr": "*i64",
+        "group_size": "i32",
+        "num_groups": "i32",
+        "max_count": "i32",
+        "w_ptr": c,
+        "valid_ptr": "*u8",
+        "rg_ptr": "*u8",
+        "stride_rgn": "i32",
+        "stride_rgk": "i32",
+        "gates_ptr": "*u8",
+        "stride_gn": "i32",
+        "stride_gm": "i32",
+        "M": "i32",
+        "adv_ptr": c,
+        "gmask_ptr": "*u8",
+        "smask_ptr": "*u8",
+        "weff_ptr": c,
+        "mean_ptr": c,
+        "std_ptr": c,
+        "code_ptr": "*u8",
+        "part_ptr": c,
+        "status_ptr": "*i64",
+        "K": "i32",
+        "eps": "fp32",
+        "gated_value": "fp32",
+        "infeasible_adv": "fp32",
+        "min_feasible": "i32",
+        "pos_scale": "fp32",
+        "neg_scale": "fp32",
+        "clip": "fp32",
     }
 
 
 def all_configs():
     for dtype, cdt, constexprs, num_warps, shape in advantages_fwd_configs():
-        yield "advantages_fwd", adv_k._advantages_fwd_kernel, advantages_fwd_signature(dtype, cdt), constexprs, \
-            num_warps, f"shape{shape}"
+        yield (
+            "advantages_fwd",
+            adv_k._advantages_fwd_kernel,
+            advantages_fwd_signature(dtype, cdt),
+            constexprs,
+            num_warps,
+            f"shape{shape}",
+        )
     for f64 in (False, True):
         c = "*fp64" if f64 else "*fp32"
-        sig = {"adv_ptr": c, "code_ptr": "*u8", "smask_ptr": "*u8", "part_ptr": c, "num_parts": "i32", "N": "i32",
-               "eps": "fp32", "infeasible_adv": "fp32", "pos_scale": "fp32", "neg_scale": "fp32", "clip": "fp32"}
+        sig = {
+            "adv_ptr": c,
+            "code_ptr": "*u8",
+            "smask_ptr": "*u8",
+            "part_ptr": c,
+            "num_parts": "i32",
+            "N": "i32",
+            "eps": "fp32",
+            "infeasible_adv": "fp32",
+            "pos_scale": "fp32",
+            "neg_scale": "fp32",
+            "clip": "fp32",
+        }
         for clip in (False, True):
-            yield "advantages_batchnorm", adv_k._advantages_batchnorm_kernel, sig, dict(
-                BLOCK_N=1024, BLOCK_P=1024, UNBIASED=True, HAS_CLIP=clip, F64=f64), 4, ""
+            yield (
+                "advantages_batchnorm",
+                adv_k._advantages_batchnorm_kernel,
+                sig,
+                dict(BLOCK_N=1024, BLOCK_P=1024, UNBIASED=True, HAS_CLIP=clip, F64=f64),
+                4,
+                "",
+            )
     for q in ("*fp32", "*fp64"):
         sig = {"c_ptr": "*u8", "q_ptr": q, "out_ptr": q, "status_ptr": "*i64", "n": "i32"}
         yield "brier_fwd", brier_k._brier_fwd_kernel, sig, dict(BLOCK=1024), 4, ""
@@ -120,8 +204,12 @@ def main() -> int:
         for arch in ARCHS:
             report = compile_kernel(fn, sig, constexprs, arch, num_warps)
             config = {k: (v if isinstance(v, (int, bool)) else str(v)) for k, v in constexprs.items()}
-            print(json.dumps({"kernel": name, "arch": arch, "shape": shape, "num_warps": num_warps,
-                              "config": config, **report}), flush=True)
+            print(
+                json.dumps(
+                    {"kernel": name, "arch": arch, "shape": shape, "num_warps": num_warps, "config": config, **report}
+                ),
+                flush=True,
+            )
     return 0
 
 

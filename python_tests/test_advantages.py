@@ -49,7 +49,7 @@ def check_against_reference(backend, device, rewards, **kw):
     out = run(backend, device, rewards, **kw)
     ref = reference(rewards, **kw)
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    for name, a, b in zip(FIELDS, out, ref):
+    for name, a, b in zip(FIELDS, out, ref, strict=True):
         assert a.device.type == device, name
         assert a.shape == b.shape, name
         if a.dtype == torch.bool:
@@ -69,9 +69,17 @@ def test_matches_reference(backend, device, normalize, weighting, std, batch_nor
     n, k = 7 * 6, 3
     valid, gates = masks(n)
     check_against_reference(
-        backend, device, make_rewards(n, k, seed=3), group_size=6, weights=[1.0, 0.5, 2.0],
-        normalize=normalize, weighting=weighting, std=std, batch_normalize=batch_normalize,
-        valid=valid, gates=gates,
+        backend,
+        device,
+        make_rewards(n, k, seed=3),
+        group_size=6,
+        weights=[1.0, 0.5, 2.0],
+        normalize=normalize,
+        weighting=weighting,
+        std=std,
+        batch_normalize=batch_normalize,
+        valid=valid,
+        gates=gates,
     )
 
 
@@ -85,9 +93,20 @@ OPTION_CASES = {
     "clip": {"clip": 0.75, "weighting": "fixed"},
     "eps_zero": {"eps": 0.0, "normalize": "zscore"},
     "nan_ignore": {"nan_policy": "ignore", "nan": True},
-    "everything": {"reward_gates": "rg", "gates": "g2", "valid": "v", "min_feasible": 2,
-                   "drop_zero_variance": True, "batch_normalize": True, "positive_scale": 0.5, "clip": 1.5,
-                   "infeasible_advantage": -0.3, "nan_policy": "ignore", "nan": True, "std": "population"},
+    "everything": {
+        "reward_gates": "rg",
+        "gates": "g2",
+        "valid": "v",
+        "min_feasible": 2,
+        "drop_zero_variance": True,
+        "batch_normalize": True,
+        "positive_scale": 0.5,
+        "clip": 1.5,
+        "infeasible_advantage": -0.3,
+        "nan_policy": "ignore",
+        "nan": True,
+        "std": "population",
+    },
 }
 
 
@@ -98,8 +117,12 @@ def build_case(case, n, k, seed=5):
     if kw.pop("nan", False):
         rewards[torch.rand(n, k, generator=g) < 0.08] = float("nan")
         rewards[3, 1] = float("inf")
-    tensors = {"rg": torch.rand(n, k, generator=g) > 0.3, "g1": torch.rand(n, generator=g) > 0.2,
-               "g2": torch.rand(n, 3, generator=g) > 0.1, "v": torch.rand(n, generator=g) > 0.1}
+    tensors = {
+        "rg": torch.rand(n, k, generator=g) > 0.3,
+        "g1": torch.rand(n, generator=g) > 0.2,
+        "g2": torch.rand(n, 3, generator=g) > 0.1,
+        "v": torch.rand(n, generator=g) > 0.1,
+    }
     kw = {key: tensors[v] if isinstance(v, str) and v in tensors else v for key, v in kw.items()}
     return rewards, kw
 
@@ -119,8 +142,16 @@ def test_group_ids_uneven_and_shuffled(backend, device, weighting):
     ids = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))]
     n = ids.numel()
     valid, gates = masks(n)
-    out = check_against_reference(backend, device, make_rewards(n, 3), group_ids=ids, weighting=weighting,
-                                  valid=valid, gates=gates, batch_normalize=True)
+    out = check_against_reference(
+        backend,
+        device,
+        make_rewards(n, 3),
+        group_ids=ids,
+        weighting=weighting,
+        valid=valid,
+        gates=gates,
+        batch_normalize=True,
+    )
     assert out.group_mask.numel() == len(sizes)
 
 
@@ -129,7 +160,7 @@ def test_group_ids_equal_group_size(backend, device):
     rewards = make_rewards(24, 2)
     a = run(backend, device, rewards, group_size=4)
     b = run(backend, device, rewards, group_ids=torch.arange(24) // 4)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -193,7 +224,7 @@ def test_deterministic(backend, device):
     rewards, kw = build_case("everything", 64, 4)
     a = run(backend, device, rewards, group_size=8, **kw)
     b = run(backend, device, rewards, group_size=8, **kw)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 
@@ -273,8 +304,9 @@ def test_bad_inputs(kwargs, error, match):
 @pytest.mark.skipif(not HAS_CUDA, reason="mixing devices needs a CUDA device")
 def test_mixed_devices():
     with pytest.raises(ValueError, match="valid is on"):
-        mk.multi_objective_advantages(torch.ones(8, 2, device="cuda"), group_size=4,
-                                      valid=torch.ones(8, dtype=torch.bool))
+        mk.multi_objective_advantages(
+            torch.ones(8, 2, device="cuda"), group_size=4, valid=torch.ones(8, dtype=torch.bool)
+        )
 
 
 # ---- gradients -------------------------------------------------------------------------------
@@ -292,10 +324,13 @@ GRAD_CASES = [
 def _grad_inputs(case, n=12, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(n, k, dtype=torch.float64, generator=g)
-    w = (torch.rand(k, dtype=torch.float64, generator=g) + 0.2)
+    w = torch.rand(k, dtype=torch.float64, generator=g) + 0.2
     kw = dict(case)
-    extra = {"g": torch.rand(n, generator=g) > 0.3, "rg": torch.rand(n, k, generator=g) > 0.3,
-             "v": torch.rand(n, generator=g) > 0.2}
+    extra = {
+        "g": torch.rand(n, generator=g) > 0.3,
+        "rg": torch.rand(n, k, generator=g) > 0.3,
+        "v": torch.rand(n, generator=g) > 0.2,
+    }
     kw = {key: extra[v] if isinstance(v, str) and v in extra else v for key, v in kw.items()}
     return r, w, kw
 
@@ -321,7 +356,8 @@ def test_backward_matches_autograd_through_reference(case):
     r, w, kw = _grad_inputs(GRAD_CASES[case], seed=1)
     g = torch.Generator().manual_seed(2)
     grads = [torch.randn(12, dtype=torch.float64, generator=g)] + [
-        torch.randn(3, 3, dtype=torch.float64, generator=g) for _ in range(3)]
+        torch.randn(3, 3, dtype=torch.float64, generator=g) for _ in range(3)
+    ]
     r1, w1 = r.clone().requires_grad_(), w.clone().requires_grad_()
     out = mk.multi_objective_advantages(r1, group_size=4, weights=w1, **kw)
     torch.autograd.backward([out.advantages, out.weights, out.mean, out.std], grads)
@@ -329,8 +365,16 @@ def test_backward_matches_autograd_through_reference(case):
     r2, w2 = r.clone().requires_grad_(), w.clone().requires_grad_()
     opts = {k: v for k, v in kw.items() if k not in ("valid", "gates", "reward_gates")}
     gates = kw.get("gates")
-    ref = advantages_reference(r2, torch.arange(12) // 4, 3, w2, kw.get("valid"), kw.get("reward_gates"),
-                               None if gates is None else gates[:, None], **opts)
+    ref = advantages_reference(
+        r2,
+        torch.arange(12) // 4,
+        3,
+        w2,
+        kw.get("valid"),
+        kw.get("reward_gates"),
+        None if gates is None else gates[:, None],
+        **opts,
+    )
     torch.autograd.backward([ref[0], ref[3], ref[4], ref[5]], grads)
     torch.testing.assert_close(r1.grad, r2.grad, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(w1.grad, w2.grad, atol=1e-10, rtol=1e-9)
@@ -360,8 +404,25 @@ def _op_args(group_ids=False):
         grouping = (gi, order, offsets, None, None, gates, 0, 4, 4)
     else:
         grouping = (None, None, None, valid, None, gates, 4, 4, 4)
-    return (r, w, *grouping, "zscore", "unbiased", "variance", True, 1e-6, 0.0, -0.5, 1, False, 1.0, 1.0, 2.0,
-            "raise", False)
+    return (
+        r,
+        w,
+        *grouping,
+        "zscore",
+        "unbiased",
+        "variance",
+        True,
+        1e-6,
+        0.0,
+        -0.5,
+        1,
+        False,
+        1.0,
+        1.0,
+        2.0,
+        "raise",
+        False,
+    )
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
@@ -377,8 +438,9 @@ def test_torch_compile_fullgraph_forward_and_backward():
     valid, gates = masks(32)
 
     def step(r, w):
-        out = mk.multi_objective_advantages(r, group_size=8, weights=w, gates=gates, valid=valid,
-                                            weighting="variance", clip=3.0)
+        out = mk.multi_objective_advantages(
+            r, group_size=8, weights=w, gates=gates, valid=valid, weighting="variance", clip=3.0
+        )
         return (out.advantages * torch.arange(32.0)).sum(), out
 
     w = torch.tensor([1.0, 0.5, 2.0])
@@ -389,7 +451,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
     r2, w2 = r.clone().requires_grad_(), w.clone().requires_grad_()
     loss2, out2 = step(r2, w2)
     loss2.backward()
-    for a, b in zip(out1, out2):
+    for a, b in zip(out1, out2, strict=True):
         assert torch.equal(a, b)
     torch.testing.assert_close(r1.grad, r2.grad)
     torch.testing.assert_close(w1.grad, w2.grad)
@@ -401,8 +463,16 @@ def test_gpu_large_batch_matches_reference():
     rewards = make_rewards(n, k, seed=11)
     valid, gates = masks(n)
     check_against_reference("auto", "cuda", rewards, group_size=16, gates=gates, valid=valid)
-    check_against_reference("auto", "cuda", rewards, group_size=16, gates=gates, batch_normalize=True,
-                            weighting="scalarize", drop_zero_variance=True)
+    check_against_reference(
+        "auto",
+        "cuda",
+        rewards,
+        group_size=16,
+        gates=gates,
+        batch_normalize=True,
+        weighting="scalarize",
+        drop_zero_variance=True,
+    )
 
 
 @pytest.mark.gpu

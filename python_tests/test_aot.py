@@ -16,8 +16,9 @@ HERE = Path(__file__).parent
 def test_kernels_compile_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, str(HERE / "aot_compile.py")], capture_output=True, text=True,
-                         env=env, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(HERE / "aot_compile.py")], capture_output=True, text=True, env=env, timeout=900
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     reports = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     kernels = {(r["kernel"], r["arch"]) for r in reports}

@@ -206,10 +206,31 @@ def multi_objective_advantages(
         group_size = 0
 
     args = (
-        rewards, w, group_index, order, offsets, valid, reward_gates, gates,
-        group_size, num_groups, max_count, normalize, std, weighting, batch_normalize, eps,
-        gated_value, infeasible_advantage, min_feasible, drop_zero_variance, positive_scale,
-        negative_scale, clip, nan_policy, weights_checked,
+        rewards,
+        w,
+        group_index,
+        order,
+        offsets,
+        valid,
+        reward_gates,
+        gates,
+        group_size,
+        num_groups,
+        max_count,
+        normalize,
+        std,
+        weighting,
+        batch_normalize,
+        eps,
+        gated_value,
+        infeasible_advantage,
+        min_feasible,
+        drop_zero_variance,
+        positive_scale,
+        negative_scale,
+        clip,
+        nan_policy,
+        weights_checked,
     )
     if torch.compiler.is_compiling():
         return AdvantageResult(*advantages_op(*args))

@@ -51,8 +51,9 @@ def normalize_backward(x, take, gi, num_groups, stats, normalize, eps, unbiased,
     return torch.where(take, g_x, torch.zeros_like(g_x))
 
 
-def advantages_backward(p: AdvantageProblem, gmask, mean, std, weff, g_adv, g_weff, g_mean, g_std,
-                        need_rewards: bool, need_weights: bool):
+def advantages_backward(
+    p: AdvantageProblem, gmask, mean, std, weff, g_adv, g_weff, g_mean, g_std, need_rewards: bool, need_weights: bool
+):
     """Gradients (rewards, weights) of the outputs (advantages, weights, mean, std)."""
     r = p.rewards.to(F64)
     w = p.weights.to(F64)
@@ -88,8 +89,9 @@ def advantages_backward(p: AdvantageProblem, gmask, mean, std, weff, g_adv, g_we
     # forward recompute of the combined advantage
     if p.weighting == "scalarize":
         a_k = None
-        adv = normalize_in_group(s, feasible, s_stats[1][gi], s_stats[2][gi], s_stats[0][gi],
-                                 s_stats[3][gi], p.normalize, p.eps)
+        adv = normalize_in_group(
+            s, feasible, s_stats[1][gi], s_stats[2][gi], s_stats[0][gi], s_stats[3][gi], p.normalize, p.eps
+        )
         weights_eff = w.expand(G, -1)
     else:
         a_k = normalize_in_group(r0, take, mu[gi], sd[gi], count[gi], varies[gi], p.normalize, p.eps)
@@ -108,8 +110,9 @@ def advantages_backward(p: AdvantageProblem, gmask, mean, std, weff, g_adv, g_we
         adv_bn = torch.where(contrib, white, adv)
     else:
         adv_bn = adv
-    scale = torch.where(adv_bn > 0, torch.full_like(adv_bn, p.positive_scale),
-                        torch.full_like(adv_bn, p.negative_scale))
+    scale = torch.where(
+        adv_bn > 0, torch.full_like(adv_bn, p.positive_scale), torch.full_like(adv_bn, p.negative_scale)
+    )
 
     # backward: masks, clip, sign
     g = torch.where(contrib, g_adv, torch.zeros_like(g_adv))
@@ -142,8 +145,7 @@ def advantages_backward(p: AdvantageProblem, gmask, mean, std, weff, g_adv, g_we
 
     grad_r = grad_w = None
     if need_rewards:
-        g_r = normalize_backward(r0, take, gi, G, stats, p.normalize, p.eps, unbiased, g_a_k, g_mean,
-                                 g_sd_total)
+        g_r = normalize_backward(r0, take, gi, G, stats, p.normalize, p.eps, unbiased, g_a_k, g_mean, g_sd_total)
         if g_s is not None:
             g_r = g_r + torch.where(finite, g_s[:, None] * w, torch.zeros_like(r0))
         g_r = torch.where(is_open & finite, g_r, torch.zeros_like(g_r))

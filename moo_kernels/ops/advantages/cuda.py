@@ -24,13 +24,13 @@ def block_sizes(num_groups: int, max_count: int, k: int, m: int, dtype: torch.dt
     block_k = triton.next_power_of_2(k)
     block_m = triton.next_power_of_2(max(m, 1))
     # The gates tile [BLOCK_G, BLOCK_J, BLOCK_M] also lives in registers: wide gates shorten the chunk.
-    block_j = max(1, min(triton.next_power_of_2(max(max_count, 1)), budget // block_k,
-                         max(32, budget // (block_k * block_m))))
+    block_j = max(
+        1, min(triton.next_power_of_2(max(max_count, 1)), budget // block_k, max(32, budget // (block_k * block_m)))
+    )
     block_g = max(1, min(budget // (block_j * block_k), triton.next_power_of_2(num_groups)))
     tile = block_g * block_j * block_k
     num_warps = 4 if tile >= 512 else (2 if tile >= 128 else 1)
-    return dict(BLOCK_G=block_g, BLOCK_J=block_j, BLOCK_K=block_k,
-                BLOCK_M=block_m, num_warps=num_warps)
+    return dict(BLOCK_G=block_g, BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps)
 
 
 def _u8(x: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -67,29 +67,74 @@ def advantages_triton(p: AdvantageProblem):
     dummy = adv
     clip = p.clip if p.clip is not None else 0.0
     tk._advantages_fwd_kernel[(num_parts,)](
-        r, r.stride(0), r.stride(1),
-        p.order if p.order is not None else dummy, p.offsets if p.offsets is not None else dummy,
-        p.group_size, g, p.max_count,
-        w, _u8(p.valid, dummy),
-        _u8(rg, dummy), rg.stride(0) if rg is not None else 0, rg.stride(1) if rg is not None else 0,
-        _u8(gates, dummy), gates.stride(0) if gates is not None else 0, gates.stride(1) if gates is not None else 0, m,
-        adv, gmask.view(torch.uint8), smask.view(torch.uint8), weff, mean, std,
-        code, parts, status if check else dummy,
-        k, p.eps, p.gated_value, p.infeasible_advantage, p.min_feasible,
-        p.positive_scale, p.negative_scale, clip,
-        CONTIGUOUS=p.group_size > 0, HAS_VALID=p.valid is not None, HAS_RGATES=rg is not None,
-        HAS_GATES=gates is not None, NORMALIZE=NORMALIZE[p.normalize], UNBIASED=p.std == "unbiased",
-        WEIGHTING=WEIGHTING[p.weighting], DROP_ZERO_VAR=p.drop_zero_variance,
-        BATCH_NORM=p.batch_normalize, CHECK_FINITE=p.nan_policy == "raise", CHECK_WEIGHTS=not p.weights_checked,
-        HAS_CLIP=p.clip is not None, F64=cdt == torch.float64, **meta,
+        r,
+        r.stride(0),
+        r.stride(1),
+        p.order if p.order is not None else dummy,
+        p.offsets if p.offsets is not None else dummy,
+        p.group_size,
+        g,
+        p.max_count,
+        w,
+        _u8(p.valid, dummy),
+        _u8(rg, dummy),
+        rg.stride(0) if rg is not None else 0,
+        rg.stride(1) if rg is not None else 0,
+        _u8(gates, dummy),
+        gates.stride(0) if gates is not None else 0,
+        gates.stride(1) if gates is not None else 0,
+        m,
+        adv,
+        gmask.view(torch.uint8),
+        smask.view(torch.uint8),
+        weff,
+        mean,
+        std,
+        code,
+        parts,
+        status if check else dummy,
+        k,
+        p.eps,
+        p.gated_value,
+        p.infeasible_advantage,
+        p.min_feasible,
+        p.positive_scale,
+        p.negative_scale,
+        clip,
+        CONTIGUOUS=p.group_size > 0,
+        HAS_VALID=p.valid is not None,
+        HAS_RGATES=rg is not None,
+        HAS_GATES=gates is not None,
+        NORMALIZE=NORMALIZE[p.normalize],
+        UNBIASED=p.std == "unbiased",
+        WEIGHTING=WEIGHTING[p.weighting],
+        DROP_ZERO_VAR=p.drop_zero_variance,
+        BATCH_NORM=p.batch_normalize,
+        CHECK_FINITE=p.nan_policy == "raise",
+        CHECK_WEIGHTS=not p.weights_checked,
+        HAS_CLIP=p.clip is not None,
+        F64=cdt == torch.float64,
+        **meta,
     )
     if p.batch_normalize:
         block_n = 1024
         tk._advantages_batchnorm_kernel[(triton.cdiv(n, block_n),)](
-            adv, code, smask.view(torch.uint8), parts, num_parts, n,
-            p.eps, p.infeasible_advantage, p.positive_scale, p.negative_scale, clip,
-            BLOCK_N=block_n, BLOCK_P=min(triton.next_power_of_2(num_parts), 1024),
-            UNBIASED=p.std == "unbiased", HAS_CLIP=p.clip is not None, F64=cdt == torch.float64,
+            adv,
+            code,
+            smask.view(torch.uint8),
+            parts,
+            num_parts,
+            n,
+            p.eps,
+            p.infeasible_advantage,
+            p.positive_scale,
+            p.negative_scale,
+            clip,
+            BLOCK_N=block_n,
+            BLOCK_P=min(triton.next_power_of_2(num_parts), 1024),
+            UNBIASED=p.std == "unbiased",
+            HAS_CLIP=p.clip is not None,
+            F64=cdt == torch.float64,
             num_warps=4,
         )
     if check:

@@ -18,8 +18,9 @@ def run_reference(p: AdvantageProblem) -> Outputs:
     if not p.weights_checked:
         bad = (~((p.weights >= 0) & torch.isfinite(p.weights))).nonzero()
         raise_bad_values(p.rewards, p.weights, -1, int(bad[0]) if bad.numel() else -1)
-    out = advantages_reference(p.rewards, p.sample_groups(), p.num_groups, p.weights, p.valid,
-                               p.reward_gates, p.gates, **p.options())
+    out = advantages_reference(
+        p.rewards, p.sample_groups(), p.num_groups, p.weights, p.valid, p.reward_gates, p.gates, **p.options()
+    )
     dt = p.out_dtype
     adv, gmask, smask, weff, mean, std = out
     # clone: an expanded view of the weights must not alias the input of a custom op
@@ -42,44 +43,135 @@ def run(p: AdvantageProblem) -> Outputs:
 
 
 def problem_from_args(*args) -> AdvantageProblem:
-    (rewards, weights, group_index, order, offsets, valid, reward_gates, gates, group_size, num_groups,
-     max_count, normalize, std, weighting, batch_normalize, eps, gated_value, infeasible_advantage,
-     min_feasible, drop_zero_variance, positive_scale, negative_scale, clip, nan_policy, weights_checked) = args
+    (
+        rewards,
+        weights,
+        group_index,
+        order,
+        offsets,
+        valid,
+        reward_gates,
+        gates,
+        group_size,
+        num_groups,
+        max_count,
+        normalize,
+        std,
+        weighting,
+        batch_normalize,
+        eps,
+        gated_value,
+        infeasible_advantage,
+        min_feasible,
+        drop_zero_variance,
+        positive_scale,
+        negative_scale,
+        clip,
+        nan_policy,
+        weights_checked,
+    ) = args
     return AdvantageProblem(
-        rewards=rewards, group_size=group_size, group_index=group_index, order=order, offsets=offsets,
-        num_groups=num_groups, max_count=max_count, weights=weights, valid=valid,
-        reward_gates=reward_gates, gates=gates, normalize=normalize, std=std, weighting=weighting,
-        batch_normalize=batch_normalize, eps=eps, gated_value=gated_value,
-        infeasible_advantage=infeasible_advantage, min_feasible=min_feasible,
-        drop_zero_variance=drop_zero_variance, positive_scale=positive_scale,
-        negative_scale=negative_scale, clip=clip, nan_policy=nan_policy, weights_checked=weights_checked,
+        rewards=rewards,
+        group_size=group_size,
+        group_index=group_index,
+        order=order,
+        offsets=offsets,
+        num_groups=num_groups,
+        max_count=max_count,
+        weights=weights,
+        valid=valid,
+        reward_gates=reward_gates,
+        gates=gates,
+        normalize=normalize,
+        std=std,
+        weighting=weighting,
+        batch_normalize=batch_normalize,
+        eps=eps,
+        gated_value=gated_value,
+        infeasible_advantage=infeasible_advantage,
+        min_feasible=min_feasible,
+        drop_zero_variance=drop_zero_variance,
+        positive_scale=positive_scale,
+        negative_scale=negative_scale,
+        clip=clip,
+        nan_policy=nan_policy,
+        weights_checked=weights_checked,
     )
 
 
 @torch.library.custom_op("moo_kernels::multi_objective_advantages", mutates_args=())
 def advantages_op(
-    rewards: Tensor, weights: Tensor, group_index: Tensor | None, order: Tensor | None,
-    offsets: Tensor | None, valid: Tensor | None, reward_gates: Tensor | None, gates: Tensor | None,
-    group_size: int, num_groups: int, max_count: int, normalize: str, std: str, weighting: str,
-    batch_normalize: bool, eps: float, gated_value: float, infeasible_advantage: float,
-    min_feasible: int, drop_zero_variance: bool, positive_scale: float, negative_scale: float,
-    clip: float | None, nan_policy: str, weights_checked: bool,
+    rewards: Tensor,
+    weights: Tensor,
+    group_index: Tensor | None,
+    order: Tensor | None,
+    offsets: Tensor | None,
+    valid: Tensor | None,
+    reward_gates: Tensor | None,
+    gates: Tensor | None,
+    group_size: int,
+    num_groups: int,
+    max_count: int,
+    normalize: str,
+    std: str,
+    weighting: str,
+    batch_normalize: bool,
+    eps: float,
+    gated_value: float,
+    infeasible_advantage: float,
+    min_feasible: int,
+    drop_zero_variance: bool,
+    positive_scale: float,
+    negative_scale: float,
+    clip: float | None,
+    nan_policy: str,
+    weights_checked: bool,
 ) -> Outputs:
-    p = problem_from_args(rewards, weights, group_index, order, offsets, valid, reward_gates, gates,
-                          group_size, num_groups, max_count, normalize, std, weighting, batch_normalize,
-                          eps, gated_value, infeasible_advantage, min_feasible, drop_zero_variance,
-                          positive_scale, negative_scale, clip, nan_policy, weights_checked)
+    p = problem_from_args(
+        rewards,
+        weights,
+        group_index,
+        order,
+        offsets,
+        valid,
+        reward_gates,
+        gates,
+        group_size,
+        num_groups,
+        max_count,
+        normalize,
+        std,
+        weighting,
+        batch_normalize,
+        eps,
+        gated_value,
+        infeasible_advantage,
+        min_feasible,
+        drop_zero_variance,
+        positive_scale,
+        negative_scale,
+        clip,
+        nan_policy,
+        weights_checked,
+    )
     return run(p)
 
 
 @advantages_op.register_fake
-def _(rewards, weights, group_index, order, offsets, valid, reward_gates, gates, group_size, num_groups,
-      *rest) -> Outputs:
+def _(
+    rewards, weights, group_index, order, offsets, valid, reward_gates, gates, group_size, num_groups, *rest
+) -> Outputs:
     n, k = rewards.shape
     dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     new = rewards.new_empty
-    return (new((n,), dtype=dt), new((num_groups,), dtype=torch.bool), new((n,), dtype=torch.bool),
-            new((num_groups, k), dtype=dt), new((num_groups, k), dtype=dt), new((num_groups, k), dtype=dt))
+    return (
+        new((n,), dtype=dt),
+        new((num_groups,), dtype=torch.bool),
+        new((n,), dtype=torch.bool),
+        new((num_groups, k), dtype=dt),
+        new((num_groups, k), dtype=dt),
+        new((num_groups, k), dtype=dt),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -95,8 +187,7 @@ def _backward(ctx, g_adv, g_gmask, g_smask, g_weff, g_mean, g_std):
     args[0], args[1] = rewards, weights
     p = problem_from_args(*args)
     need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_r, grad_w = advantages_backward(p, gmask, mean, std, weff, g_adv, g_weff, g_mean, g_std,
-                                         need_r, need_w)
+    grad_r, grad_w = advantages_backward(p, gmask, mean, std, weff, g_adv, g_weff, g_mean, g_std, need_r, need_w)
     return (grad_r, grad_w) + (None,) * (len(args) - 2)
 
 

@@ -50,8 +50,19 @@ class AdvantageProblem(NamedTuple):
 
 
 OPTION_NAMES = (
-    "normalize", "std", "weighting", "batch_normalize", "eps", "gated_value", "infeasible_advantage",
-    "min_feasible", "drop_zero_variance", "positive_scale", "negative_scale", "clip", "nan_policy",
+    "normalize",
+    "std",
+    "weighting",
+    "batch_normalize",
+    "eps",
+    "gated_value",
+    "infeasible_advantage",
+    "min_feasible",
+    "drop_zero_variance",
+    "positive_scale",
+    "negative_scale",
+    "clip",
+    "nan_policy",
 )
 
 
@@ -59,8 +70,7 @@ def raise_bad_values(rewards: torch.Tensor, weights: torch.Tensor, bad_reward: i
     """Turn the first offending flat reward index / weight index found by a kernel into an error."""
     k_total = rewards.shape[1]
     if 0 <= bad_weight < weights.numel():
-        raise ValueError(f"weights must be finite and >= 0, got weights[{bad_weight}] = "
-                         f"{weights[bad_weight].item()}")
+        raise ValueError(f"weights must be finite and >= 0, got weights[{bad_weight}] = {weights[bad_weight].item()}")
     if 0 <= bad_reward < rewards.numel():
         j, k = divmod(bad_reward, k_total)
         raise ValueError(

@@ -44,8 +44,9 @@ def _segment_sum(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch
     return out.index_add(0, index, x)
 
 
-def _segment_extreme(x: torch.Tensor, take: torch.Tensor, index: torch.Tensor, num_groups: int,
-                     reduce: str) -> torch.Tensor:
+def _segment_extreme(
+    x: torch.Tensor, take: torch.Tensor, index: torch.Tensor, num_groups: int, reduce: str
+) -> torch.Tensor:
     fill = float("inf") if reduce == "amin" else float("-inf")
     vals = torch.where(take, x.detach(), torch.full_like(x, fill))
     out = torch.full((num_groups,) + tuple(x.shape[1:]), fill, dtype=x.dtype, device=x.device)
@@ -58,8 +59,9 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
 
 
-def group_stats(x: torch.Tensor, take: torch.Tensor, index: torch.Tensor, num_groups: int,
-                unbiased: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_stats(
+    x: torch.Tensor, take: torch.Tensor, index: torch.Tensor, num_groups: int, unbiased: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two-pass group statistics of x over the entries where take is true.
 
     x and take are [N] or [N, K]; returns (count, mean, std, varies), each [G] or [G, K].
@@ -82,8 +84,16 @@ def group_stats(x: torch.Tensor, take: torch.Tensor, index: torch.Tensor, num_gr
     return n, mean, _safe_sqrt(var), varies
 
 
-def normalize_in_group(x: torch.Tensor, take: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                       count: torch.Tensor, varies: torch.Tensor, normalize: str, eps: float) -> torch.Tensor:
+def normalize_in_group(
+    x: torch.Tensor,
+    take: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    count: torch.Tensor,
+    varies: torch.Tensor,
+    normalize: str,
+    eps: float,
+) -> torch.Tensor:
     """Per-sample normalisation of x given its group's (already gathered) statistics.
 
     zscore of a group that does not vary is 0 (value and gradient), not (x - mu) / eps.
@@ -199,7 +209,8 @@ def advantages_reference(
 
     # 8. infeasible, rejected and invalid samples
     infeasible = valid & ~feasible & accept[gi]
-    adv = torch.where(contrib, adv, torch.where(infeasible, torch.full_like(adv, infeasible_advantage),
-                                                torch.zeros_like(adv)))
+    adv = torch.where(
+        contrib, adv, torch.where(infeasible, torch.full_like(adv, infeasible_advantage), torch.zeros_like(adv))
+    )
     sample_mask = contrib | (infeasible & (infeasible_advantage != 0.0))
     return adv, accept, sample_mask, weff, mean, sd

@@ -90,11 +90,31 @@ def _finish(a, contrib, infeasible, pos_scale, neg_scale, clip, infeasible_adv, 
 
 @triton.jit
 def _load_chunk(
-    j0, start, count, jj, kk, k_ok,
-    r_ptr, stride_rn, stride_rk, order_ptr, valid_ptr,
-    rg_ptr, stride_rgn, stride_rgk, gates_ptr, stride_gn, stride_gm, M, gated_value,
-    CONTIGUOUS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_RGATES: tl.constexpr,
-    HAS_GATES: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
+    j0,
+    start,
+    count,
+    jj,
+    kk,
+    k_ok,
+    r_ptr,
+    stride_rn,
+    stride_rk,
+    order_ptr,
+    valid_ptr,
+    rg_ptr,
+    stride_rgn,
+    stride_rgk,
+    gates_ptr,
+    stride_gn,
+    stride_gm,
+    M,
+    gated_value,
+    CONTIGUOUS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    HAS_RGATES: tl.constexpr,
+    HAS_GATES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    F64: tl.constexpr,
 ):
     """Samples j0 + jj of each group: rewards [BG, BJ, BK] after reward gates, and masks."""
     j = j0 + jj
@@ -129,19 +149,57 @@ def _load_chunk(
 
 @triton.jit
 def _advantages_fwd_kernel(
-    r_ptr, stride_rn, stride_rk,
-    order_ptr, offsets_ptr, group_size, num_groups, max_count,
-    w_ptr, valid_ptr,
-    rg_ptr, stride_rgn, stride_rgk,
-    gates_ptr, stride_gn, stride_gm, M,
-    adv_ptr, gmask_ptr, smask_ptr, weff_ptr, mean_ptr, std_ptr,
-    code_ptr, part_ptr, status_ptr,
-    K, eps, gated_value, infeasible_adv, min_feasible, pos_scale, neg_scale, clip,
-    BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    CONTIGUOUS: tl.constexpr, HAS_VALID: tl.constexpr, HAS_RGATES: tl.constexpr, HAS_GATES: tl.constexpr,
-    NORMALIZE: tl.constexpr, UNBIASED: tl.constexpr, WEIGHTING: tl.constexpr,
-    DROP_ZERO_VAR: tl.constexpr, BATCH_NORM: tl.constexpr, CHECK_FINITE: tl.constexpr,
-    CHECK_WEIGHTS: tl.constexpr, HAS_CLIP: tl.constexpr, F64: tl.constexpr,
+    r_ptr,
+    stride_rn,
+    stride_rk,
+    order_ptr,
+    offsets_ptr,
+    group_size,
+    num_groups,
+    max_count,
+    w_ptr,
+    valid_ptr,
+    rg_ptr,
+    stride_rgn,
+    stride_rgk,
+    gates_ptr,
+    stride_gn,
+    stride_gm,
+    M,
+    adv_ptr,
+    gmask_ptr,
+    smask_ptr,
+    weff_ptr,
+    mean_ptr,
+    std_ptr,
+    code_ptr,
+    part_ptr,
+    status_ptr,
+    K,
+    eps,
+    gated_value,
+    infeasible_adv,
+    min_feasible,
+    pos_scale,
+    neg_scale,
+    clip,
+    BLOCK_G: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    HAS_RGATES: tl.constexpr,
+    HAS_GATES: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    UNBIASED: tl.constexpr,
+    WEIGHTING: tl.constexpr,
+    DROP_ZERO_VAR: tl.constexpr,
+    BATCH_NORM: tl.constexpr,
+    CHECK_FINITE: tl.constexpr,
+    CHECK_WEIGHTS: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    F64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
@@ -167,9 +225,32 @@ def _advantages_fwd_kernel(
     sn, smean, sm2, slo, shi = zg, zg, zg, zg + float("inf"), zg - float("inf")
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, valid, feasible = _load_chunk(
-            j0, start, count, jj, kk, k_ok, r_ptr, stride_rn, stride_rk, order_ptr, valid_ptr,
-            rg_ptr, stride_rgn, stride_rgk, gates_ptr, stride_gn, stride_gm, M, gated_value,
-            CONTIGUOUS, HAS_VALID, HAS_RGATES, HAS_GATES, BLOCK_M, F64)
+            j0,
+            start,
+            count,
+            jj,
+            kk,
+            k_ok,
+            r_ptr,
+            stride_rn,
+            stride_rk,
+            order_ptr,
+            valid_ptr,
+            rg_ptr,
+            stride_rgn,
+            stride_rgk,
+            gates_ptr,
+            stride_gn,
+            stride_gm,
+            M,
+            gated_value,
+            CONTIGUOUS,
+            HAS_VALID,
+            HAS_RGATES,
+            HAS_GATES,
+            BLOCK_M,
+            F64,
+        )
         if CHECK_FINITE:
             flat = tl.where(m3 & ~finite, row[:, :, None] * K + kk[None, None, :], NO_ERROR)
             first = tl.min(tl.min(tl.min(flat, axis=2), axis=1), axis=0)
@@ -204,9 +285,32 @@ def _advantages_fwd_kernel(
     bn, bmean, bm2, blo, bhi = zero, zero, zero, zero + float("inf"), zero - float("inf")
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, valid, feasible = _load_chunk(
-            j0, start, count, jj, kk, k_ok, r_ptr, stride_rn, stride_rk, order_ptr, valid_ptr,
-            rg_ptr, stride_rgn, stride_rgk, gates_ptr, stride_gn, stride_gm, M, gated_value,
-            CONTIGUOUS, HAS_VALID, HAS_RGATES, HAS_GATES, BLOCK_M, F64)
+            j0,
+            start,
+            count,
+            jj,
+            kk,
+            k_ok,
+            r_ptr,
+            stride_rn,
+            stride_rk,
+            order_ptr,
+            valid_ptr,
+            rg_ptr,
+            stride_rgn,
+            stride_rgk,
+            gates_ptr,
+            stride_gn,
+            stride_gm,
+            M,
+            gated_value,
+            CONTIGUOUS,
+            HAS_VALID,
+            HAS_RGATES,
+            HAS_GATES,
+            BLOCK_M,
+            F64,
+        )
         if WEIGHTING == SCALARIZE:
             s = tl.sum(x * w[None, None, :], axis=2)
             a = _normalize(s, smean[:, None], ssd[:, None], sn[:, None], eps, NORMALIZE)
@@ -248,9 +352,21 @@ def _merge_rows(cn, cmean, cm2, clo, chi):
 
 @triton.jit
 def _advantages_batchnorm_kernel(
-    adv_ptr, code_ptr, smask_ptr, part_ptr, num_parts, N,
-    eps, infeasible_adv, pos_scale, neg_scale, clip,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, UNBIASED: tl.constexpr, HAS_CLIP: tl.constexpr,
+    adv_ptr,
+    code_ptr,
+    smask_ptr,
+    part_ptr,
+    num_parts,
+    N,
+    eps,
+    infeasible_adv,
+    pos_scale,
+    neg_scale,
+    clip,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    UNBIASED: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
     F64: tl.constexpr,
 ):
     """Whiten the contributing advantages with the batch statistic, then finish every sample."""
@@ -276,8 +392,9 @@ def _advantages_batchnorm_kernel(
         acc_m2 += pm2 + pn * (pm - mean) * (pm - mean)
         acc_lo = tl.minimum(acc_lo, tl.load(part_ptr + (p0 + pp) * 5 + 3, mask=ok, other=float("inf")))
         acc_hi = tl.maximum(acc_hi, tl.load(part_ptr + (p0 + pp) * 5 + 4, mask=ok, other=float("-inf")))
-    mean, sd, varies = _finalize_stats(tot, mean, tl.sum(acc_m2, axis=0), tl.min(acc_lo, axis=0),
-                                       tl.max(acc_hi, axis=0), UNBIASED)
+    mean, sd, varies = _finalize_stats(
+        tot, mean, tl.sum(acc_m2, axis=0), tl.min(acc_lo, axis=0), tl.max(acc_hi, axis=0), UNBIASED
+    )
     den = sd + eps
     white = varies & (den > 0)
     den = tl.where(white, den, 1.0)

@@ -26,8 +26,9 @@ def brier_reward(correct: torch.Tensor, confidence: torch.Tensor) -> torch.Tenso
     O.check_tensor("correct", correct)
     O.check_float_tensor("confidence", confidence)
     if correct.shape != confidence.shape:
-        raise ValueError(f"correct and confidence must have one shape, got {tuple(correct.shape)} "
-                         f"and {tuple(confidence.shape)}")
+        raise ValueError(
+            f"correct and confidence must have one shape, got {tuple(correct.shape)} and {tuple(confidence.shape)}"
+        )
     if correct.device != confidence.device:
         raise ValueError(f"correct is on {correct.device} but confidence is on {confidence.device}")
     if confidence.numel() == 0:
