@@ -39,19 +39,21 @@ def check_float_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def check_bool_tensor(name: str, x: object, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+def check_bool_tensor(
+    name: str, x: object, shape: Sequence[int], device: torch.device, other: str = "rewards"
+) -> torch.Tensor:
     x = check_tensor(name, x)
     if x.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
-    check_same_device(name, x, device)
+    check_same_device(name, x, device, other)
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     return x
 
 
-def check_same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+def check_same_device(name: str, x: torch.Tensor, device: torch.device, other: str = "rewards") -> None:
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but rewards are on {device}; move them to one device")
+        raise ValueError(f"{name} is on {x.device} but {other} is on {device}; move them to one device")
 
 
 def check_number(
