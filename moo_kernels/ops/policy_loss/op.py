@@ -11,14 +11,14 @@ from torch import Tensor
 
 from moo_kernels._backend import get_backend
 from moo_kernels.ops.policy_loss.problem import PolicyLossProblem
-from moo_kernels.ops.policy_loss.reference import METRICS, policy_loss_reference
+from moo_kernels.ops.policy_loss.reference import METRICS, policy_loss_grad_reference, policy_loss_reference
 
 
 def run_reference(p: PolicyLossProblem):
-    lp = p.logp.detach().to(torch.float64).requires_grad_(p.write_grad)
-    with torch.enable_grad():
-        loss, metrics = policy_loss_reference(lp, p.advantages, p.mask, **p.reference_kwargs())
-        grad = torch.autograd.grad(loss, lp)[0].to(p.logp.dtype) if p.write_grad else None
+    # An op implementation runs below autograd: the gradient comes in closed form, not by autograd.
+    kw = p.reference_kwargs()
+    loss, metrics = policy_loss_reference(p.logp.detach(), p.advantages, p.mask, **kw)
+    grad = policy_loss_grad_reference(p.logp, p.advantages, p.mask, **kw).to(p.logp.dtype) if p.write_grad else None
     dt = torch.float64 if p.logp.dtype == torch.float64 else torch.float32
     return loss.detach().to(dt), torch.stack([metrics[k] for k in METRICS]).to(dt), grad
 

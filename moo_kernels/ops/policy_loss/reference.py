@@ -188,3 +188,89 @@ def policy_loss_reference(
         "active_tokens": m.sum(),
     }
     return loss, metrics
+
+
+def policy_loss_grad_reference(
+    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **kw
+) -> torch.Tensor:
+    """Closed-form d loss / d logp of policy_loss_reference, in float64 (no autograd).
+
+    The op's reference backend uses it (an op implementation runs below autograd); the tests check it
+    against autograd through policy_loss_reference. The formulas are those of the kernels.
+    """
+    o = dict(
+        old_logp=None, ref_logp=None, beta=0.0, kl="k3", clip_low=0.2, clip_high=None, dual_clip=None,
+        ratio_cap=None, mode="clip", is_weights=None, offpolicy=None, offpolicy_gamma=0.1,
+        token_advantages=None, agg="token-mean", max_len=None, num_tokens=None,
+    )
+    o.update(kw)
+    clip_high = o["clip_low"] if o["clip_high"] is None else o["clip_high"]
+    lp = logp.detach().to(F64)
+    B, T = lp.shape
+    m = mask.to(F64)
+    A = advantages.to(F64)
+    A = A[:, None].expand(B, T) if A.dim() == 1 else A
+    if o["token_advantages"] is not None:
+        A = A + o["token_advantages"].to(F64)
+    raw = lp - o["old_logp"].to(F64) if o["old_logp"] is not None else torch.zeros_like(lp)
+    inside = raw.abs() <= LOG_RATIO_MAX
+    d = raw.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+    mode = o["mode"]
+    lo, hi = 1.0 - o["clip_low"], 1.0 + clip_high
+    if mode in ("clip", "gspo"):
+        if mode == "gspo":
+            n = m.sum(dim=1, keepdim=True)
+            mean_d = (d * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
+            rho = torch.exp(mean_d.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)).expand(B, T)
+            d_rho = rho
+        else:
+            rho = torch.exp(d)
+            d_rho = torch.where(inside, rho, torch.zeros_like(rho))
+        cap = o["ratio_cap"]
+        rho1 = rho if cap is None else rho.clamp(max=cap)
+        d_rho1 = d_rho if cap is None else torch.where(rho <= cap, d_rho, torch.zeros_like(d_rho))
+        l1, l2 = -A * rho1, -A * rho.clamp(lo, hi)
+        clipped = l2 > l1
+        g = torch.where(clipped, torch.where((rho >= lo) & (rho <= hi), -A * d_rho, torch.zeros_like(A)), -A * d_rho1)
+        if o["dual_clip"] is not None:
+            pg = torch.maximum(l1, l2)
+            g = torch.where((A < 0) & (pg > -A * o["dual_clip"]), torch.zeros_like(g), g)
+    elif mode == "cispo":
+        g = -torch.exp(d).clamp(lo, hi) * A
+    else:
+        g = -A
+    if o["offpolicy"] is not None:
+        off = o["offpolicy"].to(torch.bool)[:, None].expand(B, T)
+        p = torch.exp(lp)
+        g = torch.where(off, -A * o["offpolicy_gamma"] * p / (p + o["offpolicy_gamma"]) ** 2, g)
+    if o["is_weights"] is not None:
+        w = o["is_weights"].to(F64)
+        g = g * (w[:, None] if w.dim() == 1 else w)
+    if o["ref_logp"] is not None and o["beta"] > 0:
+        u = lp - o["ref_logp"].to(F64)
+        if o["kl"] == "k1":
+            gk = torch.ones_like(u)
+        elif o["kl"] == "k2":
+            gk = u
+        else:
+            gk = torch.where(u.abs() <= LOG_RATIO_MAX, 1.0 - torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)),
+                             torch.zeros_like(u))
+        g = g + o["beta"] * gk
+    return g * m * token_scale(m, o["agg"], o["max_len"], o["num_tokens"])
+
+
+def token_scale(m: torch.Tensor, agg: str, max_len: int | None, num_tokens: float | None) -> torch.Tensor:
+    """d loss / d (l_bt m_bt) of each aggregation: the per-token normaliser, [B, 1] or a 0-dim tensor."""
+    n = m.sum(dim=1, keepdim=True)
+    seqs = (n > 0).to(m.dtype).sum()
+
+    def inv(x):
+        return torch.where(x > 0, 1.0 / torch.where(x > 0, x, torch.ones_like(x)), torch.zeros_like(x))
+
+    if agg == "token-mean":
+        return inv(torch.as_tensor(num_tokens, dtype=m.dtype) if num_tokens is not None else m.sum())
+    if agg == "seq-mean-token-mean":
+        return inv(seqs * n)
+    if agg == "seq-mean-token-sum":
+        return inv(seqs)
+    return torch.as_tensor(1.0 / (m.shape[0] * max_len), dtype=m.dtype)
