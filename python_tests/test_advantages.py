@@ -484,3 +484,16 @@ def test_gpu_torch_compile():
         return mk.multi_objective_advantages(r, group_size=16, nan_policy="ignore").advantages
 
     assert torch.equal(torch.compile(f, fullgraph=True)(r), f(r))
+
+
+def test_torch_compile_fullgraph_group_ids():
+    torch._dynamo.reset()
+    r = make_rewards(30, 3)
+    ids = torch.arange(30) % 7
+
+    def f(r, ids):
+        out = mk.multi_objective_advantages(r, group_ids=ids, nan_policy="ignore", weighting="fixed")
+        return out.advantages, out.mean
+
+    for a, b in zip(torch.compile(f, fullgraph=True)(r, ids), f(r, ids), strict=True):
+        assert torch.equal(a, b)
