@@ -1,23 +1,32 @@
-// Multi-objective advantages on the CPU (the C++ backend of moo_kernels.multi_objective_advantages).
+// Multi-objective advantages on the CPU: the C++ backend of moo_kernels.multi_objective_advantages.
 //
-// Semantics: moo_kernels/ops/advantages/reference.py. Algorithm:
-//   1. Groups are processed independently, in parallel (OpenMP). Each group is gathered once into
-//      per-thread scratch: rewards converted to double, reward gates applied, non-finite entries set
-//      to 0 and left out, sample feasibility (valid and every gate passes), combined reward
-//      s_j = sum_k w_k r_jk.
-//   2. Two-pass statistics per objective over the entries that take part, and of s over the feasible
-//      samples: count, mean, then sum of squared deviations; min and max detect a group that does
-//      not vary, whose mean is then exactly the common value and its std exactly 0.
-//   3. Weights (w, or w_k sigma_gk / sum_l w_l sigma_gl), acceptance, normalisation and combination
-//      per sample; then sign scaling, clipping and the fixed values of infeasible / rejected /
-//      invalid samples.
-//   4. batch_normalize: step 3 stops after the combination and stores the raw advantage (double) and
-//      a sample code in the sample-mask bytes. The batch mean and std over contributing samples are
-//      then reduced over fixed blocks of samples combined in block order, so the result has the same
-//      bits whatever the thread count; a last parallel pass whitens and finishes every sample.
-// Everything accumulates in double; the outputs are float32 (float64 for float64 rewards).
-// The first non-finite reward (nan_policy="raise") and the first bad weight are reported to the
-// caller as indices, and the Python launcher raises.
+// Semantics: moo_kernels/ops/advantages/reference.py (the float64 reference). Algorithm:
+//   Groups are processed in blocks of kLanes groups side by side, one group per SIMD lane (a large group
+//   fills a block alone, spread over the lanes), blocks in parallel (OpenMP). For a block:
+//   1. Gather: every sample of the block's groups is read once (any dtype and strides, converted to
+//      double), reward gates applied; a sample is feasible when valid and every gate passes; an entry
+//      takes part when its sample is feasible and its reward finite. Objective k becomes column k of
+//      (value, take) cells, value 0 where the entry does not take part; column K holds the combined
+//      reward s_j = sum_k w_k r_jk when it is needed (scalarize, drop_zero_variance).
+//   2. Statistics of every column and group, two-pass: count, sum, min and max, then the sum of squared
+//      deviations from the mean. min == max marks a group that does not vary: its mean is then exactly
+//      the common value and its std exactly 0.
+//   3. Weights (w, or w_k sigma_gk / sum_l w_l sigma_gl), acceptance, normalisation and combination,
+//      then sign scaling, clipping and the fixed values of infeasible / rejected / invalid samples.
+//   4. batch_normalize: step 3 stops after the combination and keeps the raw advantage (double) and a
+//      sample code (in the sample-mask bytes). The batch statistics over the contributing samples are
+//      reduced over fixed blocks of samples combined in block order; a last parallel pass whitens and
+//      finishes every sample.
+// Everything accumulates in double, in an order fixed by the code, so results are deterministic: the
+// same bits whatever the thread count or instruction set. Outputs are float32
+// (float64 for float64 rewards). The first non-finite reward (nan_policy="raise") and the first bad
+// weight are returned as indices, and the Python launcher raises.
+
+// No floating-point exception is ever enabled here: without trapping maths GCC may turn the selects of
+// the lane loops into SIMD blends (Clang already does). No value changes.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 
 #include <pybind11/pybind11.h>
 
@@ -33,15 +42,33 @@
 
 namespace py = pybind11;
 
+// OpenMP pragmas vanish in a build without OpenMP (MOO_KERNELS_NO_OPENMP, macOS), silently.
+#ifdef _OPENMP
+#define MOO_OMP(directive) _Pragma(#directive)
+#else
+#define MOO_OMP(directive)
+#endif
+
+// The lane loops are also compiled for AVX2 and the variant is picked at load time where the CPU has
+// it (GCC, x86-64, glibc). The lanes fix the arithmetic, so both variants give the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#define MOO_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MOO_SIMD_CLONES
+#endif
+
 namespace {
 
-constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // "no bad value found"
+constexpr int64_t kLanes = 4;                                    // groups per block, one per lane
+constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // no bad value found
 constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr int64_t kParallelMinElements = 1 << 14;  // below this, threads cost more than they save
-constexpr int64_t kGroupsPerTask = 16;             // OpenMP dynamic schedule chunk
-constexpr int64_t kBatchBlock = 4096;              // fixed blocks of the batch reduction
+constexpr double kMaxFinite = std::numeric_limits<double>::max();
+constexpr int64_t kParallelMinElements = 1 << 14;  // fewer rewards: one thread (threads cost more)
+constexpr int64_t kBlocksPerTask = 4;              // OpenMP dynamic schedule chunk
+constexpr int64_t kBatchRows = 1024;               // rows of kLanes samples per part of the batch reduction
+constexpr int64_t kSpreadMin = 256;                // a group this large fills a block alone, over all lanes
 
-// Codes shared with moo_kernels/_options.py.
+// Codes shared with moo_kernels/_options.py and moo_kernels/ops/advantages/cpu.py.
 enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 enum Normalize { kZScore = 0, kCenter = 1, kRloo = 2, kNoNormalize = 3 };
 enum Weighting { kScalarize = 0, kFixed = 1, kVariance = 2 };
@@ -71,28 +98,30 @@ inline double to_double(Half h) {
         const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
         return sign ? -magnitude : magnitude;
     }
-    if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf / nan
-    return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));  // rebias 15 -> 127
+    if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf, nan
+    return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));          // rebias 15 -> 127
 }
 
 inline double to_double(BFloat16 b) { return bits_to_float(static_cast<uint32_t>(b.bits) << 16); }
 inline double to_double(float x) { return x; }
 inline double to_double(double x) { return x; }
 
+inline bool is_finite(double x) { return std::abs(x) <= kMaxFinite; }  // false for inf and nan
+
 // ---- problem description -------------------------------------------------------------------------
 
 struct Inputs {
-    const void* rewards;  // [N, K] of the dtype code, strides in elements
+    const void* rewards;  // [N, K] of the dtype code
     int64_t n, k, stride_rn, stride_rk;
-    int64_t group_size;                         // > 0: contiguous groups; 0: order / offsets
+    int64_t group_size;           // > 0: contiguous groups of this size; 0: groups given by order / offsets
     int64_t num_groups;
-    const int64_t* order;                       // [N] sample indices sorted by group
-    const int64_t* offsets;                     // [G + 1]
-    const double* weights;                      // [K], contiguous
-    const uint8_t* valid;                       // [N] or null
-    const uint8_t* reward_gates;                // [N, K] or null
+    const int64_t* order;         // [N] sample indices sorted by group
+    const int64_t* offsets;       // [G + 1] start of each group in order
+    const double* weights;        // [K]
+    const uint8_t* valid;         // [N] or null
+    const uint8_t* reward_gates;  // [N, K] or null
     int64_t stride_rgn, stride_rgk;
-    const uint8_t* gates;                       // [N, M] or null
+    const uint8_t* gates;         // [N, M] or null
     int64_t stride_gn, stride_gm, m;
 };
 
@@ -119,38 +148,137 @@ struct Options {
     bool check_finite;
 };
 
-// ---- statistics and per-sample maps --------------------------------------------------------------
+// ---- lanes and statistics ------------------------------------------------------------------------
+//
+// The loops over samples run over rows of kLanes independent lanes. The compiler turns them into SIMD
+// code without reassociating anything (no -ffast-math): the summation order stays the code's. Inside
+// them every operand is loaded into a local before a condition selects between locals, as a
+// conditional load stops the vectorisation.
+
+// A row of kLanes values and their masks (1.0 where the value takes part, and the value is then 0
+// otherwise). Keeping both in one cell keeps the loads of one from aliasing the stores of the other.
+struct Cell {
+    double value[kLanes];
+    double take[kLanes];
+};
+
+// Per-sample data of a row of a block.
+struct Slot {
+    int64_t row[kLanes];      // sample index (0 for padding)
+    double valid[kLanes];     // 1.0 for a valid sample
+    double feasible[kLanes];  // 1.0 for a feasible sample
+    double adv[kLanes];       // combined advantage, then the finished one
+    double code[kLanes];      // SampleCode, or the sample-mask bit once finished
+};
 
 struct Stats {
     double count = 0, mean = 0, sd = 0;
     bool varies = false;
 };
 
-// First pass done: count, sum, min and max give the mean, exactly the common value when nothing varies.
-inline Stats stats_mean(double count, double sum, double lo, double hi) {
+// First-pass sums: count, sum, min and max of the values that take part.
+struct Moments {
+    double count = 0, sum = 0, lo = kInf, hi = -kInf;
+
+    void merge(const Moments& o) {
+        count += o.count;
+        sum += o.sum;
+        lo = std::min(lo, o.lo);
+        hi = std::max(hi, o.hi);
+    }
+};
+
+// Mean from the first pass: exactly the common value when nothing varies (0 when empty).
+inline Stats stats_mean(const Moments& m) {
     Stats st;
-    st.count = count;
-    st.varies = hi > lo;
-    st.mean = st.varies ? sum / count : (count > 0 ? hi : 0.0);
+    st.count = m.count;
+    st.varies = m.hi > m.lo;
+    st.mean = st.varies ? m.sum / m.count : (m.count > 0 ? m.hi : 0.0);
     return st;
 }
 
-// Second pass done: the sum of squared deviations gives the std (0 when nothing varies).
+// Std from the second pass (0 when nothing varies or with too few values).
 inline void stats_std(Stats& st, double m2, bool unbiased) {
     const double denom = unbiased ? st.count - 1 : st.count;
     const double var = st.varies && denom > 0 ? m2 / denom : 0.0;
     st.sd = var > 0 ? std::sqrt(var) : 0.0;
 }
 
-// Normalisation of one column as (x - shift) * mul / div. With the values below it reproduces each
-// mode of the reference exactly (multiplying or dividing by 1 is exact) and gives 0 where it gives 0.
+// Per-lane first pass over rows of cells.
+MOO_SIMD_CLONES void lane_moments(const Cell* cells, int64_t rows, Moments* out) {
+    double count[kLanes] = {}, sum[kLanes] = {}, lo[kLanes], hi[kLanes];
+    std::fill(lo, lo + kLanes, kInf);
+    std::fill(hi, hi + kLanes, -kInf);
+    for (int64_t i = 0; i < rows; ++i) {
+        const Cell& c = cells[i];
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double v = c.value[l], t = c.take[l];
+            const double low = t > 0 ? v : kInf, high = t > 0 ? v : -kInf;
+            count[l] += t;
+            sum[l] += v;
+            lo[l] = low < lo[l] ? low : lo[l];
+            hi[l] = high > hi[l] ? high : hi[l];
+        }
+    }
+    for (int64_t l = 0; l < kLanes; ++l) out[l] = {count[l], sum[l], lo[l], hi[l]};
+}
+
+// Per-lane sums of squared deviations from mean[lane].
+MOO_SIMD_CLONES void lane_squared_deviations(const Cell* cells, int64_t rows, const double* mean, double* out) {
+    double m2[kLanes] = {};
+    for (int64_t i = 0; i < rows; ++i) {
+        const Cell& c = cells[i];
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double d = (c.value[l] - mean[l]) * c.take[l];  // value - mean is finite: 0 where take is
+            m2[l] += d * d;
+        }
+    }
+    std::copy(m2, m2 + kLanes, out);
+}
+
+// Two-pass statistics of each lane of a column.
+void lane_stats(const Cell* cells, int64_t rows, bool unbiased, Stats* st) {
+    Moments m[kLanes];
+    double mean[kLanes], m2[kLanes];
+    lane_moments(cells, rows, m);
+    for (int64_t l = 0; l < kLanes; ++l) {
+        st[l] = stats_mean(m[l]);
+        mean[l] = st[l].mean;
+    }
+    lane_squared_deviations(cells, rows, mean, m2);
+    for (int64_t l = 0; l < kLanes; ++l) stats_std(st[l], m2[l], unbiased);
+}
+
+// Two-pass statistics of a column whose lanes all hold the same group: the lanes are merged in lane
+// order, and every lane gets the result.
+void column_stats(const Cell* cells, int64_t rows, bool unbiased, Stats* st) {
+    Moments m[kLanes], total;
+    double mean[kLanes], m2[kLanes], sum = 0;
+    lane_moments(cells, rows, m);
+    for (int64_t l = 0; l < kLanes; ++l) total.merge(m[l]);
+    Stats merged = stats_mean(total);
+    if (merged.varies) {
+        std::fill(mean, mean + kLanes, merged.mean);
+        lane_squared_deviations(cells, rows, mean, m2);
+        for (int64_t l = 0; l < kLanes; ++l) sum += m2[l];
+        stats_std(merged, sum, unbiased);
+    }
+    std::fill(st, st + kLanes, merged);
+}
+
+// ---- per-sample maps -----------------------------------------------------------------------------
+
+// Normalisation as (x - shift) * mul / div. With the values below it reproduces each mode of the
+// reference exactly (multiplying or dividing by 1 is exact), including the cases where it gives 0.
 struct Affine {
     double shift = 0, mul = 1, div = 1;
 };
 
 inline Affine normalizer(const Stats& st, int mode, double eps) {
     switch (mode) {
-        case kZScore: {  // (x - mu) / (sigma + eps), 0 when the group does not vary
+        case kZScore: {  // (x - mu) / (sigma + eps), 0 when the values do not vary
             const double den = st.sd + eps;
             const bool ok = st.varies && den > 0;
             return {st.mean, ok ? 1.0 : 0.0, ok ? den : 1.0};
@@ -166,15 +294,13 @@ inline Affine normalizer(const Stats& st, int mode, double eps) {
     }
 }
 
-inline double apply(const Affine& f, double x) { return (x - f.shift) * f.mul / f.div; }
-
 // Sign shaping and clipping of a contributing sample's advantage.
 inline double shape(double a, const Options& o) {
     a *= a > 0 ? o.positive_scale : o.negative_scale;
     return o.has_clip ? std::min(std::max(a, -o.clip), o.clip) : a;
 }
 
-// Final advantage and sample-mask bit of a sample given its code and (whitened) raw advantage.
+// Final advantage and sample-mask bit of a sample, from its code and (whitened) raw advantage.
 template <typename Out>
 inline void finish_sample(double a, uint8_t code, const Options& o, Out* adv, uint8_t* keep) {
     const double fixed = code == kInfeasible ? o.infeasible_advantage : 0.0;
@@ -182,150 +308,296 @@ inline void finish_sample(double a, uint8_t code, const Options& o, Out* adv, ui
     *keep = code == kContributes || (code == kInfeasible && o.infeasible_advantage != 0.0);
 }
 
-// ---- one group -----------------------------------------------------------------------------------
+// ---- one block of groups -------------------------------------------------------------------------
 
-// Per-thread buffers for one group, sized for the largest group. Columns 0..K-1 of x and mask are the
-// objectives, column K the combined reward; mask is 1.0 for an entry that takes part, else 0.0 (and x
-// is then 0.0), so the loops below are branch-free.
-struct Scratch {
-    int64_t cols;
-    std::vector<int64_t> row;    // [C] sample index
-    std::vector<uint8_t> valid;  // [C]
-    std::vector<double> x;       // [C, K + 1]
-    std::vector<double> mask;    // [C, K + 1]
-    std::vector<double> n, sum, lo, hi, m2;  // [K + 1] accumulators
-    std::vector<Stats> stats;    // [K + 1]
-    std::vector<Affine> norm;    // [K + 1]
-    std::vector<double> weff;    // [K]
-
-    Scratch(int64_t max_count, int64_t k)
-        : cols(k + 1), row(max_count), valid(max_count), x(max_count * cols), mask(max_count * cols), n(cols),
-          sum(cols), lo(cols), hi(cols), m2(cols), stats(cols), norm(cols), weff(k) {}
+// A block: up to kLanes consecutive groups, one per lane, or one large group spread over the lanes.
+struct BlockPlan {
+    int64_t first;   // first group
+    int64_t groups;  // number of groups, 1 when spread
+    bool spread;
 };
 
-inline bool gates_pass(const Inputs& in, int64_t row) {
-    if (!in.gates) return true;
-    const uint8_t* g = in.gates + row * in.stride_gn;
-    bool pass = true;
-    for (int64_t c = 0; c < in.m; ++c) pass &= g[c * in.stride_gm] != 0;
-    return pass;
+// Per-thread buffers of a block. Row i of lane l is sample i of that lane's group (sample i * kLanes + l
+// of the group when spread); rows past the group are padding (invalid, never taking part). cells holds
+// K + 1 columns of `cap` rows: the objectives, then the combined reward. The buffers grow to the largest
+// block met.
+struct Block {
+    int64_t k;
+    bool spread = false;
+    int64_t group[kLanes];  // group of each lane (num_groups for an empty lane, and lanes 1.. when spread)
+    int64_t start[kLanes], count[kLanes];  // start of the lane's group, and the lane's rows
+    int64_t rows = 0;       // largest count of the block
+    int64_t cap = 0;
+    double feasible_count[kLanes];
+    std::vector<Slot> slots;    // [cap]
+    std::vector<Cell> cells;    // [K + 1, cap]
+    std::vector<Stats> stats;   // [K + 1, kLanes]
+    std::vector<double> weff;   // [K, kLanes] combination weights
+
+    explicit Block(int64_t objectives) : k(objectives), stats((objectives + 1) * kLanes), weff(objectives * kLanes) {}
+
+    void reserve(int64_t n) {
+        if (n <= cap) return;
+        cap = n;
+        slots.resize(cap);
+        cells.resize((k + 1) * cap);
+    }
+
+    Cell* column(int64_t c) { return cells.data() + c * cap; }
+};
+
+inline int64_t group_start(const Inputs& in, int64_t g) {
+    return in.group_size > 0 ? g * in.group_size : in.offsets[g];
 }
 
-// Step 1: gather the group's samples into scratch. Returns the lowest flat index j * K + k of a
-// non-finite reward of a valid sample when checking, else kNone.
-template <typename In>
-int64_t load_group(const Inputs& in, const Options& o, int64_t start, int64_t count, Scratch& s) {
-    const In* r = static_cast<const In*>(in.rewards);
-    const int64_t K = in.k;
-    int64_t bad = kNone;
-    for (int64_t i = 0; i < count; ++i) {
-        const int64_t row = in.order ? in.order[start + i] : start + i;
-        const bool valid = !in.valid || in.valid[row];
-        const bool feasible = valid && gates_pass(in, row);
-        s.row[i] = row;
-        s.valid[i] = valid;
-        double* x = &s.x[i * s.cols];
-        double* mask = &s.mask[i * s.cols];
-        double combined = 0;
-        for (int64_t k = 0; k < K; ++k) {
-            double v = to_double(r[row * in.stride_rn + k * in.stride_rk]);
-            if (in.reward_gates) v = in.reward_gates[row * in.stride_rgn + k * in.stride_rgk] ? v : o.gated_value;
-            const bool finite = std::isfinite(v);
-            if (!finite && valid && o.check_finite) bad = std::min(bad, row * K + k);
-            const bool take = feasible && finite;
-            x[k] = take ? v : 0.0;
-            mask[k] = take;
-            combined += in.weights[k] * x[k];
+inline int64_t group_count(const Inputs& in, int64_t g) {
+    return in.group_size > 0 ? in.group_size : in.offsets[g + 1] - in.offsets[g];
+}
+
+// Blocks in group order: runs of up to kLanes groups smaller than kSpreadMin, and the larger ones alone.
+std::vector<BlockPlan> plan_blocks(const Inputs& in) {
+    std::vector<BlockPlan> plans;
+    for (int64_t g = 0; g < in.num_groups;) {
+        if (group_count(in, g) >= kSpreadMin) {
+            plans.push_back({g++, 1, true});
+            continue;
         }
-        x[K] = combined;  // 0 unless feasible
-        mask[K] = feasible;
+        BlockPlan p{g, 0, false};
+        while (g < in.num_groups && p.groups < kLanes && group_count(in, g) < kSpreadMin) ++g, ++p.groups;
+        plans.push_back(p);
+    }
+    return plans;
+}
+
+// Step 1: gather the samples of the block's groups. KC is K when known at compile time (0: in.k).
+// Returns the lowest flat index j * K + k of a non-finite reward of a valid sample when checking, else
+// kNone.
+template <typename In, int KC>
+MOO_SIMD_CLONES int64_t load_block(const Inputs& in, const Options& o, const BlockPlan& plan, bool with_combined,
+                                   Block& b) {
+    const int64_t K = KC > 0 ? KC : in.k;
+    b.spread = plan.spread;
+    b.rows = 0;
+    for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t g = plan.spread ? plan.first : l < plan.groups ? plan.first + l : in.num_groups;
+        const int64_t size = g < in.num_groups ? group_count(in, g) : 0;
+        b.group[l] = plan.spread && l > 0 ? in.num_groups : g;
+        b.start[l] = g < in.num_groups ? group_start(in, g) : 0;
+        b.count[l] = plan.spread ? (size - l + kLanes - 1) / kLanes : size;
+        b.rows = std::max(b.rows, b.count[l]);
+    }
+    b.reserve(b.rows);
+
+    const int64_t m = in.gates ? in.m : 0;
+    const int64_t step = plan.spread ? kLanes : 1;  // sample of row i, lane l: start + i * step (+ l when spread)
+    for (int64_t l = 0; l < kLanes; ++l) {
+        double feasible_count = 0;
+        const int64_t first = b.start[l] + (plan.spread ? l : 0);
+        for (int64_t i = 0; i < b.rows; ++i) {
+            Slot& s = b.slots[i];
+            if (i >= b.count[l]) {  // padding
+                s.row[l] = 0, s.valid[l] = s.feasible[l] = 0.0;
+                continue;
+            }
+            const int64_t index = first + i * step;
+            const int64_t row = in.order ? in.order[index] : index;
+            const uint8_t valid = !in.valid || in.valid[row];
+            uint8_t pass = valid;  // bool bytes are 0 or 1
+            for (int64_t c = 0; c < m; ++c) pass &= in.gates[row * in.stride_gn + c * in.stride_gm];
+            s.row[l] = row, s.valid[l] = valid, s.feasible[l] = pass;
+            feasible_count += pass;
+        }
+        b.feasible_count[l] = feasible_count;
+    }
+
+    // Read every reward (and reward-gate bit) of the block first, then mask them in place: the vector
+    // loads of the masking loop would stall on the scalar stores of the reads if they were interleaved.
+    const In* r = static_cast<const In*>(in.rewards);
+    for (int64_t k = 0; k < K; ++k) {
+        Cell* cells = b.column(k);
+        for (int64_t i = 0; i < b.rows; ++i) {
+            const int64_t* rows = b.slots[i].row;
+            for (int64_t l = 0; l < kLanes; ++l)
+                cells[i].value[l] = to_double(r[rows[l] * in.stride_rn + k * in.stride_rk]);
+            if (!in.reward_gates) {
+                std::fill(cells[i].take, cells[i].take + kLanes, 1.0);
+                continue;
+            }
+            for (int64_t l = 0; l < kLanes; ++l)
+                cells[i].take[l] = in.reward_gates[rows[l] * in.stride_rgn + k * in.stride_rgk];
+        }
+    }
+    double checked[kLanes] = {1.0, 1.0, 1.0, 1.0};  // 0 once a valid sample has a non-finite reward
+    const double gated_value = o.gated_value;          // a local: a member would be a conditional load
+    for (int64_t k = 0; k < K; ++k) {
+        Cell* cells = b.column(k);
+        for (int64_t i = 0; i < b.rows; ++i) {
+            Cell& c = cells[i];
+            const Slot& s = b.slots[i];
+            MOO_OMP(omp simd)
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const double read = c.value[l], open = c.take[l], feasible = s.feasible[l], valid = s.valid[l];
+                const double v = open > 0 ? read : gated_value;
+                const double finite = std::abs(v) <= kMaxFinite ? 1.0 : 0.0;  // 0 for inf and nan
+                const double take = finite * feasible;
+                c.value[l] = take > 0 ? v : 0.0;
+                c.take[l] = take;
+                const double fine = finite + (1.0 - valid);  // 0 only for a non-finite reward of a valid sample
+                checked[l] = fine < checked[l] ? fine : checked[l];
+            }
+        }
+    }
+    if (with_combined) {  // column K: combined reward (non-finite entries count 0) of the feasible samples
+        Cell* combined = b.column(K);
+        for (int64_t i = 0; i < b.rows; ++i) {
+            MOO_OMP(omp simd)
+            for (int64_t l = 0; l < kLanes; ++l) {
+                double sum = 0;
+                for (int64_t k = 0; k < K; ++k) sum += in.weights[k] * b.column(k)[i].value[l];
+                combined[i].value[l] = sum;
+                combined[i].take[l] = b.slots[i].feasible[l];
+            }
+        }
+    }
+
+    bool all_finite = true;
+    for (int64_t l = 0; l < kLanes; ++l) all_finite &= checked[l] > 0;
+    if (all_finite || !o.check_finite) return kNone;
+    int64_t bad = kNone;  // rare path: name the first one
+    for (int64_t l = 0; l < kLanes; ++l) {
+        for (int64_t i = 0; i < b.count[l]; ++i) {
+            const int64_t row = b.slots[i].row[l];
+            for (int64_t k = 0; k < K && b.slots[i].valid[l] > 0; ++k) {
+                double v = to_double(r[row * in.stride_rn + k * in.stride_rk]);
+                if (in.reward_gates && !in.reward_gates[row * in.stride_rgn + k * in.stride_rgk]) v = gated_value;
+                if (!is_finite(v)) bad = std::min(bad, row * K + k);
+            }
+        }
     }
     return bad;
 }
 
-// Step 2: two-pass statistics of every column over the entries that take part.
-void column_stats(int64_t count, bool unbiased, Scratch& s) {
-    const int64_t cols = s.cols;
-    std::fill(s.n.begin(), s.n.end(), 0.0);
-    std::fill(s.sum.begin(), s.sum.end(), 0.0);
-    std::fill(s.lo.begin(), s.lo.end(), kInf);
-    std::fill(s.hi.begin(), s.hi.end(), -kInf);
-    std::fill(s.m2.begin(), s.m2.end(), 0.0);
-    for (int64_t i = 0; i < count; ++i) {
-        const double* x = &s.x[i * cols];
-        const double* mask = &s.mask[i * cols];
-        for (int64_t c = 0; c < cols; ++c) {
-            s.n[c] += mask[c];
-            s.sum[c] += x[c];
-            s.lo[c] = std::min(s.lo[c], mask[c] > 0 ? x[c] : kInf);
-            s.hi[c] = std::max(s.hi[c], mask[c] > 0 ? x[c] : -kInf);
+// Step 3: the normalised, combined advantage of every sample of the block into its slot (0 for an
+// infeasible one): the sum over the combined columns of (x - shift) * take * scale, scale = mul / div *
+// weight per group: one division per group instead of one per sample (the reference's (x - shift) / div
+// * weight may differ in the last bit). x - shift is finite, so an entry that does not take part gives
+// exactly 0. A scale that overflows (sigma + eps subnormal) falls back to the reference's order.
+MOO_SIMD_CLONES void combine_block(const Options& o, const double* weff, Block& b) {
+    const int64_t K = b.k;
+    for (int64_t i = 0; i < b.rows; ++i) std::fill(b.slots[i].adv, b.slots[i].adv + kLanes, 0.0);
+    const bool scalarize = o.weighting == kScalarize;
+    for (int64_t c = scalarize ? K : 0; c < (scalarize ? K + 1 : K); ++c) {
+        double shift[kLanes], mul[kLanes], div[kLanes], w[kLanes], scale[kLanes];
+        bool finite_scale = true;
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const Affine f = normalizer(b.stats[c * kLanes + l], o.normalize, o.eps);
+            shift[l] = f.shift, mul[l] = f.mul, div[l] = f.div;
+            w[l] = scalarize ? 1.0 : weff[c * kLanes + l];
+            scale[l] = f.mul / f.div * w[l];
+            finite_scale &= is_finite(scale[l]);
+        }
+        const Cell* cells = b.column(c);
+        if (!finite_scale) {
+            for (int64_t i = 0; i < b.rows; ++i) {
+                for (int64_t l = 0; l < kLanes; ++l)
+                    b.slots[i].adv[l] += (cells[i].value[l] - shift[l]) * cells[i].take[l] * mul[l] / div[l] * w[l];
+            }
+            continue;
+        }
+        for (int64_t i = 0; i < b.rows; ++i) {
+            const Cell& x = cells[i];
+            double* adv = b.slots[i].adv;
+            MOO_OMP(omp simd)
+            for (int64_t l = 0; l < kLanes; ++l) adv[l] += (x.value[l] - shift[l]) * x.take[l] * scale[l];
         }
     }
-    for (int64_t c = 0; c < cols; ++c) s.stats[c] = stats_mean(s.n[c], s.sum[c], s.lo[c], s.hi[c]);
-    for (int64_t i = 0; i < count; ++i) {
-        const double* x = &s.x[i * cols];
-        const double* mask = &s.mask[i * cols];
-        for (int64_t c = 0; c < cols; ++c) {
-            const double d = (x[c] - s.stats[c].mean) * mask[c];
-            s.m2[c] += d * d;
-        }
-    }
-    for (int64_t c = 0; c < cols; ++c) stats_std(s.stats[c], s.m2[c], unbiased);
 }
 
-// Steps 1-3 for group g. Writes the group outputs and, per sample, either the finished advantage or
-// (batch_normalize) the raw advantage and the sample code. Returns the bad reward index of load_group.
-template <typename In, typename Out>
-int64_t process_group(const Inputs& in, const Options& o, const Outputs& out, double* raw, int64_t g,
-                      Scratch& s) {
-    const int64_t K = in.k;
-    const int64_t start = in.group_size > 0 ? g * in.group_size : in.offsets[g];
-    const int64_t count = in.group_size > 0 ? in.group_size : in.offsets[g + 1] - start;
-    const int64_t bad = load_group<In>(in, o, start, count, s);
-    column_stats(count, o.unbiased, s);
-    const Stats& combined = s.stats[K];
-
-    // Weights and acceptance.
-    double total = 0;
-    for (int64_t k = 0; k < K; ++k) {
-        s.weff[k] = o.weighting == kVariance ? in.weights[k] * s.stats[k].sd : in.weights[k];
-        total += s.weff[k];
-    }
-    if (o.weighting == kVariance)
-        for (int64_t k = 0; k < K; ++k) s.weff[k] = total > 0 ? s.weff[k] / total : 0.0;
-    bool accept = combined.count >= static_cast<double>(o.min_feasible);
-    if (o.drop_zero_variance) accept = accept && combined.varies;
-
-    Out* weff_out = static_cast<Out*>(out.weights) + g * K;
-    Out* mean_out = static_cast<Out*>(out.mean) + g * K;
-    Out* std_out = static_cast<Out*>(out.std) + g * K;
-    for (int64_t k = 0; k < K; ++k) {
-        weff_out[k] = static_cast<Out>(s.weff[k]);
-        mean_out[k] = static_cast<Out>(s.stats[k].mean);
-        std_out[k] = static_cast<Out>(s.stats[k].sd);
-    }
-    out.group_mask[g] = accept;
-
-    // Normalise and combine each sample.
-    for (int64_t c = 0; c < s.cols; ++c) s.norm[c] = normalizer(s.stats[c], o.normalize, o.eps);
-    Out* adv = static_cast<Out*>(out.adv);
-    for (int64_t i = 0; i < count; ++i) {
-        const double* x = &s.x[i * s.cols];
-        const double* mask = &s.mask[i * s.cols];
-        double a = 0;
-        if (o.weighting == kScalarize) {
-            a = mask[K] * apply(s.norm[K], x[K]);
-        } else {
-            for (int64_t k = 0; k < K; ++k) a += mask[k] * apply(s.norm[k], x[k]) * s.weff[k];
+// Per sample of the block, either (finish) the finished advantage in place of the raw one (sign scaling
+// and clipping of a contributing sample, the fixed value of the others) and the sample-mask bit in
+// code, or just the SampleCode in code. Branch-free over the lanes: feasibility varies at random.
+MOO_SIMD_CLONES void code_block(const Options& o, const double* accept, bool finish, Block& b) {
+    const double positive = o.positive_scale, negative = o.negative_scale, infeasible_adv = o.infeasible_advantage;
+    const double lo = o.has_clip ? -o.clip : -kInf, hi = o.has_clip ? o.clip : kInf;
+    const double keep_infeasible = infeasible_adv != 0.0;
+    for (int64_t i = 0; i < b.rows; ++i) {
+        Slot& s = b.slots[i];
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double a = s.adv[l], feasible = s.feasible[l], valid = s.valid[l], ok = accept[l];
+            const double contributes = ok * feasible, infeasible = ok * valid * (1.0 - feasible);
+            const double scaled = a * (a > 0 ? positive : negative);
+            const double clipped = scaled < lo ? lo : (scaled > hi ? hi : scaled);
+            const double fixed = infeasible > 0 ? infeasible_adv : 0.0;
+            const double code = contributes * kContributes + infeasible * kInfeasible;
+            const double keep = contributes + infeasible * keep_infeasible;
+            s.code[l] = finish ? keep : code;
+            s.adv[l] = finish ? (contributes > 0 ? clipped : fixed) : a;
         }
-        const bool feasible = mask[K] > 0;
-        const uint8_t code = accept && feasible ? kContributes : accept && s.valid[i] ? kInfeasible : kDropped;
-        const int64_t row = s.row[i];
-        if (o.batch_normalize) {
-            raw[row] = a;
-            out.sample_mask[row] = code;
+    }
+}
+
+// Steps 1-3 for a block: writes the group outputs and, per sample, either the finished advantage or
+// (batch_normalize) the raw advantage and the sample code. Returns the bad reward index of load_block.
+template <typename In, typename Out, int KC>
+int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, double* raw, const BlockPlan& plan,
+                      Block& b) {
+    const int64_t K = KC > 0 ? KC : in.k;
+    const bool with_combined = o.weighting == kScalarize || o.drop_zero_variance;
+    const int64_t bad = load_block<In, KC>(in, o, plan, with_combined, b);
+    for (int64_t c = 0; c < K + with_combined; ++c) {
+        Stats* st = &b.stats[c * kLanes];
+        if (b.spread) {
+            column_stats(b.column(c), b.rows, o.unbiased, st);
         } else {
-            finish_sample(a, code, o, adv + row, out.sample_mask + row);
+            lane_stats(b.column(c), b.rows, o.unbiased, st);
+        }
+    }
+    if (b.spread) {
+        double total = 0;
+        for (int64_t l = 0; l < kLanes; ++l) total += b.feasible_count[l];
+        std::fill(b.feasible_count, b.feasible_count + kLanes, total);
+    }
+
+    // Weights and acceptance, per group.
+    double* weff = b.weff.data();
+    double accept[kLanes];  // 1.0 for an accepted group
+    for (int64_t l = 0; l < kLanes; ++l) {
+        double total = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            const double w = in.weights[k];
+            weff[k * kLanes + l] = o.weighting == kVariance ? w * b.stats[k * kLanes + l].sd : w;
+            total += weff[k * kLanes + l];
+        }
+        if (o.weighting == kVariance) {
+            for (int64_t k = 0; k < K; ++k) weff[k * kLanes + l] = total > 0 ? weff[k * kLanes + l] / total : 0;
+        }
+        // Without the combined column only its count, the feasible samples, is used.
+        const Stats combined = with_combined ? b.stats[K * kLanes + l] : Stats{b.feasible_count[l], 0, 0, false};
+        accept[l] = combined.count >= static_cast<double>(o.min_feasible) &&
+                    (combined.varies || !o.drop_zero_variance);
+        const int64_t g = b.group[l];
+        if (g == in.num_groups) continue;
+        out.group_mask[g] = accept[l] > 0;
+        for (int64_t k = 0; k < K; ++k) {
+            static_cast<Out*>(out.weights)[g * K + k] = static_cast<Out>(weff[k * kLanes + l]);
+            static_cast<Out*>(out.mean)[g * K + k] = static_cast<Out>(b.stats[k * kLanes + l].mean);
+            static_cast<Out*>(out.std)[g * K + k] = static_cast<Out>(b.stats[k * kLanes + l].sd);
+        }
+    }
+
+    combine_block(o, weff, b);
+    code_block(o, accept, !o.batch_normalize, b);
+    Out* adv = static_cast<Out*>(out.adv);
+    for (int64_t l = 0; l < kLanes; ++l) {
+        for (int64_t i = 0; i < b.count[l]; ++i) {
+            const Slot& s = b.slots[i];
+            out.sample_mask[s.row[l]] = static_cast<uint8_t>(s.code[l]);
+            if (o.batch_normalize) {
+                raw[s.row[l]] = s.adv[l];
+            } else {
+                adv[s.row[l]] = static_cast<Out>(s.adv[l]);
+            }
         }
     }
     return bad;
@@ -333,91 +605,100 @@ int64_t process_group(const Inputs& in, const Options& o, const Outputs& out, do
 
 // ---- batch whitening -----------------------------------------------------------------------------
 
-// Mean and std of the raw advantages of contributing samples (code kContributes), reduced over
-// fixed blocks of kBatchBlock samples that are combined in block order: deterministic.
-Stats batch_stats(const double* raw, const uint8_t* code, int64_t n, bool unbiased, bool parallel) {
-    const int64_t blocks = (n + kBatchBlock - 1) / kBatchBlock;
-    std::vector<double> count(blocks), sum(blocks), lo(blocks), hi(blocks), m2(blocks);
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t b = 0; b < blocks; ++b) {
-        double c = 0, t = 0, l = kInf, h = -kInf;
-        for (int64_t j = b * kBatchBlock; j < std::min(n, (b + 1) * kBatchBlock); ++j) {
-            const bool take = code[j] == kContributes;
-            c += take;
-            t += take ? raw[j] : 0.0;
-            l = std::min(l, take ? raw[j] : kInf);
-            h = std::max(h, take ? raw[j] : -kInf);
-        }
-        count[b] = c, sum[b] = t, lo[b] = l, hi[b] = h;
+// Statistics of the raw advantages of the contributing samples, as cells of kLanes samples. The parts
+// of kBatchRows rows are reduced in parallel and combined in part order: the same bits whatever the
+// thread count.
+Stats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_unused]] bool parallel) {
+    const int64_t rows = static_cast<int64_t>(cells.size());
+    const int64_t parts = (rows + kBatchRows - 1) / kBatchRows;
+    std::vector<Moments> moments(parts * kLanes);
+    std::vector<double> m2(parts * kLanes);
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
+    for (int64_t p = 0; p < parts; ++p) {
+        const int64_t i = p * kBatchRows;
+        lane_moments(&cells[i], std::min(kBatchRows, rows - i), &moments[p * kLanes]);
     }
-    double c = 0, t = 0, l = kInf, h = -kInf;
-    for (int64_t b = 0; b < blocks; ++b) {
-        c += count[b];
-        t += sum[b];
-        l = std::min(l, lo[b]);
-        h = std::max(h, hi[b]);
+    Moments total;
+    for (const Moments& part : moments) total.merge(part);
+    Stats st = stats_mean(total);
+    if (!st.varies) return st;
+    double mean[kLanes];
+    std::fill(mean, mean + kLanes, st.mean);
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
+    for (int64_t p = 0; p < parts; ++p) {
+        const int64_t i = p * kBatchRows;
+        lane_squared_deviations(&cells[i], std::min(kBatchRows, rows - i), mean, &m2[p * kLanes]);
     }
-    Stats st = stats_mean(c, t, l, h);
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t b = 0; b < blocks; ++b) {
-        double acc = 0;
-        for (int64_t j = b * kBatchBlock; j < std::min(n, (b + 1) * kBatchBlock); ++j) {
-            const double d = code[j] == kContributes ? raw[j] - st.mean : 0.0;
-            acc += d * d;
-        }
-        m2[b] = acc;
-    }
-    double total = 0;
-    for (int64_t b = 0; b < blocks; ++b) total += m2[b];
-    stats_std(st, total, unbiased);
+    double sum = 0;
+    for (double v : m2) sum += v;
+    stats_std(st, sum, unbiased);
     return st;
 }
 
+// raw [n]: the raw advantages; the sample codes are in the sample-mask bytes.
 template <typename Out>
-void batch_normalize(const double* raw, int64_t n, const Options& o, const Outputs& out, bool parallel) {
-    const Affine white = normalizer(batch_stats(raw, out.sample_mask, n, o.unbiased, parallel), kZScore, o.eps);
+void batch_normalize(const double* raw, int64_t n, const Options& o, const Outputs& out,
+                     [[maybe_unused]] bool parallel) {
+    std::vector<Cell> cells((n + kLanes - 1) / kLanes, Cell{});
+    for (int64_t j = 0; j < n; ++j) {
+        const bool contributes = out.sample_mask[j] == kContributes;
+        cells[j / kLanes].value[j % kLanes] = contributes ? raw[j] : 0.0;
+        cells[j / kLanes].take[j % kLanes] = contributes;
+    }
+    const Affine f = normalizer(batch_stats(cells, o.unbiased, parallel), kZScore, o.eps);
     Out* adv = static_cast<Out*>(out.adv);
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t j = 0; j < n; ++j) finish_sample(apply(white, raw[j]), out.sample_mask[j], o, adv + j,
-                                                  out.sample_mask + j);
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
+    for (int64_t j = 0; j < n; ++j)
+        finish_sample((raw[j] - f.shift) * f.mul / f.div, out.sample_mask[j], o, adv + j, out.sample_mask + j);
 }
 
 // ---- driver --------------------------------------------------------------------------------------
 
-int64_t largest_group(const Inputs& in) {
-    if (in.group_size > 0) return in.group_size;
-    int64_t largest = 0;
-    for (int64_t g = 0; g < in.num_groups; ++g) largest = std::max(largest, in.offsets[g + 1] - in.offsets[g]);
-    return largest;
-}
-
-template <typename In, typename Out>
-int64_t run(const Inputs& in, const Options& o, const Outputs& out) {
-    const int64_t max_count = largest_group(in);
-    const bool parallel = in.n * in.k >= kParallelMinElements && in.num_groups > 1;
+template <typename In, typename Out, int KC>
+int64_t run_blocks(const Inputs& in, const Options& o, const Outputs& out) {
+    const std::vector<BlockPlan> plans = plan_blocks(in);
+    const int64_t blocks = static_cast<int64_t>(plans.size());
+    const bool parallel = in.n * in.k >= kParallelMinElements && blocks > 1;
     std::vector<double> raw(o.batch_normalize ? in.n : 0);
     int64_t bad = kNone;
-#pragma omp parallel if (parallel) reduction(min : bad)
+    MOO_OMP(omp parallel if (parallel) reduction(min : bad))
     {
-        Scratch scratch(max_count, in.k);
-#pragma omp for schedule(dynamic, kGroupsPerTask)
-        for (int64_t g = 0; g < in.num_groups; ++g)
-            bad = std::min(bad, process_group<In, Out>(in, o, out, raw.data(), g, scratch));
+        Block block(in.k);
+        MOO_OMP(omp for schedule(dynamic, kBlocksPerTask))
+        for (int64_t p = 0; p < blocks; ++p)
+            bad = std::min(bad, process_block<In, Out, KC>(in, o, out, raw.data(), plans[p], block));
     }
     if (o.batch_normalize) batch_normalize<Out>(raw.data(), in.n, o, out, parallel);
     return bad;
 }
 
+// The common objective counts get a compile-time K.
+template <typename In, typename Out>
+int64_t run(const Inputs& in, const Options& o, const Outputs& out) {
+    switch (in.k) {
+        case 1:
+            return run_blocks<In, Out, 1>(in, o, out);
+        case 2:
+            return run_blocks<In, Out, 2>(in, o, out);
+        case 3:
+            return run_blocks<In, Out, 3>(in, o, out);
+        case 4:
+            return run_blocks<In, Out, 4>(in, o, out);
+        default:
+            return run_blocks<In, Out, 0>(in, o, out);
+    }
+}
+
 int64_t first_bad_weight(const double* w, int64_t k) {
     for (int64_t i = 0; i < k; ++i)
-        if (!(w[i] >= 0 && std::isfinite(w[i]))) return i;
+        if (!(w[i] >= 0 && is_finite(w[i]))) return i;
     return -1;
 }
 
-// Returns (bad_reward_flat_index, bad_weight_index), -1 for none. A bad weight is reported before
-// any work is done (the caller raises); a bad reward only when o.check_finite.
+// Returns (bad_reward_flat_index, bad_weight_index), -1 for none. A bad weight is reported before any
+// work is done (the caller raises); a bad reward only when o.check_finite.
 std::tuple<int64_t, int64_t> advantages(const Inputs& in, int dtype, const Options& o, const Outputs& out,
-                                                                                bool check_weights) {
+                                        bool check_weights) {
     if (check_weights) {
         const int64_t bad_weight = first_bad_weight(in.weights, in.k);
         if (bad_weight >= 0) return {-1, bad_weight};
@@ -437,43 +718,45 @@ std::tuple<int64_t, int64_t> advantages(const Inputs& in, int dtype, const Optio
             bad = run<double, double>(in, o, out);
             break;
         default:
-            throw std::invalid_argument("advantages: unknown rewards dtype code " + std::to_string(dtype));
+            break;  // rejected by the binding
     }
     return {bad == kNone ? -1 : bad, -1};
 }
 
 template <typename T>
-T* as_ptr(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
+T* address(uintptr_t a) {
+    return reinterpret_cast<T*>(a);
 }
 
 }  // namespace
 
-// Python entry point: raw addresses (0 for an absent tensor), sizes and strides in elements.
 void register_advantages(py::module_& m) {
     m.def(
-            "advantages",
-            [](uintptr_t rewards, int dtype, int64_t n, int64_t k, int64_t stride_rn, int64_t stride_rk,
-                  int64_t group_size, int64_t num_groups, uintptr_t order, uintptr_t offsets, uintptr_t weights,
-                  uintptr_t valid, uintptr_t reward_gates, int64_t stride_rgn, int64_t stride_rgk, uintptr_t gates,
-                  int64_t stride_gn, int64_t stride_gm, int64_t m, uintptr_t adv, uintptr_t group_mask,
-                  uintptr_t sample_mask, uintptr_t weights_out, uintptr_t mean, uintptr_t std, int normalize,
-                  bool unbiased, int weighting, bool batch_normalize, double eps, double gated_value,
-                  double infeasible_advantage, int64_t min_feasible, bool drop_zero_variance, double positive_scale,
-                  double negative_scale, bool has_clip, double clip, bool check_finite, bool check_weights) {
-                const Inputs in{as_ptr<const void>(rewards), n, k, stride_rn, stride_rk, group_size, num_groups,
-                                                as_ptr<const int64_t>(order), as_ptr<const int64_t>(offsets),
-                                                as_ptr<const double>(weights), as_ptr<const uint8_t>(valid),
-                                                as_ptr<const uint8_t>(reward_gates), stride_rgn, stride_rgk,
-                                                as_ptr<const uint8_t>(gates), stride_gn, stride_gm, m};
-                const Outputs out{as_ptr<void>(adv), as_ptr<uint8_t>(group_mask), as_ptr<uint8_t>(sample_mask),
-                                                    as_ptr<void>(weights_out), as_ptr<void>(mean), as_ptr<void>(std)};
-                const Options o{normalize, unbiased, weighting, batch_normalize, eps, gated_value,
-                                                infeasible_advantage, min_feasible, drop_zero_variance, positive_scale,
-                                                negative_scale, has_clip, clip, check_finite};
-                py::gil_scoped_release release;
-                return advantages(in, dtype, o, out, check_weights);
-            },
-            "Multi-objective advantages (see moo_kernels/ops/advantages/cpu.py). Returns "
-            "(bad_reward_flat_index, bad_weight_index), -1 for none.");
+        "advantages",
+        [](uintptr_t rewards, int dtype, int64_t n, int64_t k, int64_t stride_rn, int64_t stride_rk,
+           int64_t group_size, int64_t num_groups, uintptr_t order, uintptr_t offsets, uintptr_t weights,
+           uintptr_t valid, uintptr_t reward_gates, int64_t stride_rgn, int64_t stride_rgk, uintptr_t gates,
+           int64_t stride_gn, int64_t stride_gm, int64_t m, uintptr_t adv, uintptr_t group_mask,
+           uintptr_t sample_mask, uintptr_t weights_out, uintptr_t mean, uintptr_t std, int normalize,
+           bool unbiased, int weighting, bool batch_normalize, double eps, double gated_value,
+           double infeasible_advantage, int64_t min_feasible, bool drop_zero_variance, double positive_scale,
+           double negative_scale, bool has_clip, double clip, bool check_finite, bool check_weights) {
+            if (dtype < kFloat16 || dtype > kFloat64)
+                throw std::invalid_argument("advantages: unknown rewards dtype code " + std::to_string(dtype));
+            const Inputs in{address<const void>(rewards), n, k, stride_rn, stride_rk, group_size, num_groups,
+                            address<const int64_t>(order), address<const int64_t>(offsets),
+                            address<const double>(weights), address<const uint8_t>(valid),
+                            address<const uint8_t>(reward_gates), stride_rgn, stride_rgk,
+                            address<const uint8_t>(gates), stride_gn, stride_gm, m};
+            const Outputs out{address<void>(adv), address<uint8_t>(group_mask), address<uint8_t>(sample_mask),
+                              address<void>(weights_out), address<void>(mean), address<void>(std)};
+            const Options o{normalize, unbiased, weighting, batch_normalize, eps, gated_value, infeasible_advantage,
+                            min_feasible, drop_zero_variance, positive_scale, negative_scale, has_clip, clip,
+                            check_finite};
+            py::gil_scoped_release release;
+            return advantages(in, dtype, o, out, check_weights);
+        },
+        "Multi-objective advantages from raw addresses (0 for an absent tensor), sizes and strides in "
+        "elements; see moo_kernels/ops/advantages/cpu.py. Returns (bad_reward_flat_index, "
+        "bad_weight_index), -1 for none.");
 }

@@ -1,8 +1,8 @@
 """C++ launcher: allocates the outputs and calls the OpenMP kernel of csrc/advantages.cpp.
 
 The extension takes raw addresses, sizes and strides (in elements), so the rewards keep their dtype
-and strides, and the bool masks are read in place as bytes; only the weights travel as a contiguous
-float64 copy (the kernel accumulates in double, like the reference).
+and strides and the bool masks are read in place as bytes; only the weights travel as a contiguous
+float64 copy when they are not one already (the kernel accumulates in double, like the reference).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def _strides(x: torch.Tensor | None) -> tuple[int, int]:
 
 
 def advantages_cpp(p: AdvantageProblem):
+    """The six outputs of the advantage op for CPU tensors (see AdvantageResult)."""
     r = p.rewards
     n, k = r.shape
     g = p.num_groups
@@ -48,10 +49,13 @@ def advantages_cpp(p: AdvantageProblem):
     m = gates.shape[1] if gates is not None else 0
 
     bad_reward, bad_weight = _C.advantages(
+        # inputs
         r.data_ptr(), DTYPE_CODES[r.dtype], n, k, *r.stride(),
         p.group_size, g, _address(order), _address(offsets), w.data_ptr(), _address(valid),
         _address(rg), *_strides(rg), _address(gates), *_strides(gates), m,
+        # outputs
         adv.data_ptr(), gmask.data_ptr(), smask.data_ptr(), weff.data_ptr(), mean.data_ptr(), std.data_ptr(),
+        # options
         NORMALIZE[p.normalize], p.std == "unbiased", WEIGHTING[p.weighting], p.batch_normalize, p.eps,
         p.gated_value, p.infeasible_advantage, p.min_feasible, p.drop_zero_variance, p.positive_scale,
         p.negative_scale, p.clip is not None, p.clip if p.clip is not None else 0.0,

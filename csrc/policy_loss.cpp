@@ -1,0 +1,749 @@
+// Token-level policy loss on the CPU (the C++ backend of moo_kernels.policy_loss).
+//
+// Semantics: moo_kernels/ops/policy_loss/reference.py (every formula, aggregation and metric). The
+// structure mirrors the Triton kernels (triton_kernels.py): the normaliser of every aggregation depends
+// on the mask only (and GSPO's sequence ratio on the row's mean log-ratio), so it is known before any
+// loss is, and one pass computes each token's loss together with its analytic gradient:
+//   1. Row statistics, parallel over rows: active weight n_b = sum_t m, number of active tokens and, for
+//      GSPO, sum_t d m (d the clamped log-ratio). Totals M = sum_b n_b and S = #{b : n_b > 0}, in row
+//      order.
+//   2. Per-row token scale of the aggregation: token-mean 1 / (num_tokens or M); seq-mean-token-mean
+//      1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len); 0 where the
+//      denominator is not positive.
+//   3. Main pass, parallel over work items (row, chunk of kChunk tokens), each processed in blocks of
+//      kBlock tokens: the operands are converted into local arrays of the compute type (any dtype and
+//      strides in), then short branch-free loops over the block (which the compiler vectorises) compute
+//      the log-ratio and ratio, the policy term and its derivative dl/dlogp (clip branch, ratio cap, dual
+//      clip, GSPO token form, CISPO, REINFORCE; then off-policy rows f(p) = p / (p + gamma) and importance
+//      weights), beta times the KL estimate and its derivative (log-ratio clamp at +-20, zero derivative
+//      outside it), and the masked contributions to the sums. The gradient dl/dlogp * m * scale is
+//      written in logp's dtype; the unscaled sums of the loss and of the metrics accumulate in double,
+//      in kLanes independent lanes.
+//   4. The item partials are reduced in item order (rows, then chunks): per-row sums, then the
+//      aggregation and the means over M. Neither the work decomposition nor the lane structure depends
+//      on the thread count or the instruction set, so the loss, the metrics and the gradient have the
+//      same bits whatever the number of threads.
+// Maths runs in double for float64 logp, in float32 otherwise (like the Triton kernels), where exp of a
+// clamped log-ratio uses a vectorisable polynomial (a few ulp); all sums accumulate in double. Masked
+// tokens contribute nothing, not even NaN or inf from their inputs (selects, not products with m = 0).
+
+// The kernel never enables floating-point exceptions: without trapping maths GCC turns the selects of the
+// token loops into SIMD blends (Clang already does). No value changes.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace py = pybind11;
+
+// The token loops are also compiled for AVX2, picked at load time where the CPU has it (x86-64 Linux,
+// GCC or Clang >= 14). The lane structure fixes the arithmetic (no FMA contraction in ISO C++ mode), so
+// both clones give the same bits.
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
+#define PL_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PL_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define PL_INLINE inline __attribute__((always_inline))
+#else
+#define PL_INLINE inline
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 256;                  // tokens converted and processed together
+constexpr int64_t kChunk = 2048;                 // tokens of one work item (a multiple of kBlock)
+constexpr int64_t kLanes = 16;                   // independent double accumulators of every sum
+constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, threads cost more than they save
+constexpr double kLogRatioMax = 20.0;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Codes shared with moo_kernels/ops/policy_loss/cpu.py and problem.py.
+enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kBool = 4 };
+enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3 };
+enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
+enum Kl { kK1 = 1, kK2 = 2, kK3 = 3 };
+
+// ---- element types ----------------------------------------------------------------------------------
+
+inline float float_from_bits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+inline uint32_t bits_of(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu;
+    const uint32_t mantissa = h & 0x3ffu;
+    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+        const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 0x1f) return float_from_bits(sign | 0x7f800000u | (mantissa << 13));  // inf, nan
+    return float_from_bits(sign | ((exponent + 112u) << 23) | (mantissa << 13));          // rebias 15 -> 127
+}
+
+// float -> IEEE half, round to nearest even; overflow gives inf, nan stays nan.
+inline uint16_t float_to_half(float f) {
+    const uint32_t u = bits_of(f);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+    if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+    if (a < 0x38800000u) {  // below 2^-14: a half subnormal; adding 0.5 rounds to a multiple of 2^-24
+        const float r = float_from_bits(a) + 0.5f;
+        return static_cast<uint16_t>(sign | (bits_of(r) - 0x3f000000u));
+    }
+    const uint32_t odd = (a >> 13) & 1u;  // rebias 127 -> 15 and round the 13 dropped bits to even
+    return static_cast<uint16_t>(sign | ((a - 0x38000000u + 0xfffu + odd) >> 13));
+}
+
+// float -> bfloat16, round to nearest even; nan stays (quiet) nan.
+inline uint16_t float_to_bfloat16(float f) {
+    const uint32_t u = bits_of(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ---- exp -----------------------------------------------------------------------------------------------
+
+// e^x for |x| <= 20 (the callers clamp x) in float, within a few ulp and branch-free, so that the token
+// loops vectorise: x = n ln2 + r with n = round(x / ln2) (ln2 split in two for an accurate reduction),
+// |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (truncation error below 1e-8 relative) and 2^n
+// from the exponent bits. Measured: at most 1.7 ulp from the correctly rounded value. NaN stays NaN.
+inline float exp_small(float x) {
+    const float shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+    const float t = x * 1.44269504f + shift;
+    const float n = t - shift;
+    const int32_t ni = static_cast<int32_t>(bits_of(t) - bits_of(shift));
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float e = 1.0f / 5040.0f;
+    e = e * r + 1.0f / 720.0f;
+    e = e * r + 1.0f / 120.0f;
+    e = e * r + 1.0f / 24.0f;
+    e = e * r + 1.0f / 6.0f;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    return e * float_from_bits(static_cast<uint32_t>(ni + 127) << 23);
+}
+
+inline double exp_small(double x) { return std::exp(x); }
+
+// ---- operands -----------------------------------------------------------------------------------------
+
+// A [B, T] tensor (or [B] with token stride 0) of any supported dtype; strides in elements.
+struct Operand {
+    const void* ptr = nullptr;
+    int dtype = kFloat32;
+    int64_t sb = 0, st = 0;
+};
+
+using OperandSpec = std::tuple<uintptr_t, int, int64_t, int64_t>;  // address (0: absent), dtype, strides
+
+Operand operand(const OperandSpec& s) {
+    return {reinterpret_cast<const void*>(std::get<0>(s)), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
+}
+
+// Element type of a dtype code and its value as float (double for float64).
+template <int D>
+struct Elem;
+template <>
+struct Elem<kFloat16> {
+    using type = uint16_t;
+    static float value(type h) { return half_to_float(h); }
+};
+template <>
+struct Elem<kBFloat16> {
+    using type = uint16_t;
+    static float value(type h) { return float_from_bits(static_cast<uint32_t>(h) << 16); }
+};
+template <>
+struct Elem<kFloat32> {
+    using type = float;
+    static float value(type x) { return x; }
+};
+template <>
+struct Elem<kFloat64> {
+    using type = double;
+    static double value(type x) { return x; }
+};
+template <>
+struct Elem<kBool> {
+    using type = uint8_t;
+    static float value(type x) { return x; }
+};
+
+template <typename R, int D>
+PL_INLINE void load_typed(const void* base, int64_t off, int64_t st, int64_t n, R* out) {
+    const typename Elem<D>::type* p = static_cast<const typename Elem<D>::type*>(base) + off;
+    if (st == 1) {
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<R>(Elem<D>::value(p[i]));
+    } else if (st == 0) {  // a [B] tensor broadcast along the tokens
+        std::fill(out, out + n, static_cast<R>(Elem<D>::value(p[0])));
+    } else {
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<R>(Elem<D>::value(p[i * st]));
+    }
+}
+
+inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// out[i] = x[b, t0 + i] converted to R for i < n, then 0 up to padded.
+template <typename R>
+PL_INLINE void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t padded, R* out) {
+    const int64_t off = b * x.sb + t0 * x.st;
+    switch (x.dtype) {
+        case kFloat16: load_typed<R, kFloat16>(x.ptr, off, x.st, n, out); break;
+        case kBFloat16: load_typed<R, kBFloat16>(x.ptr, off, x.st, n, out); break;
+        case kFloat32: load_typed<R, kFloat32>(x.ptr, off, x.st, n, out); break;
+        case kFloat64: load_typed<R, kFloat64>(x.ptr, off, x.st, n, out); break;
+        default: load_typed<R, kBool>(x.ptr, off, x.st, n, out); break;
+    }
+    std::fill(out + n, out + padded, R(0));
+}
+
+// x[b, t0 + i] = g[i] for i < n, in x's dtype (float16 / bfloat16 rounded to nearest even).
+template <typename R>
+PL_INLINE void store(const Operand& x, int64_t b, int64_t t0, int64_t n, const R* g) {
+    const int64_t off = b * x.sb + t0 * x.st, st = x.st;
+    void* base = const_cast<void*>(x.ptr);
+    switch (x.dtype) {
+        case kFloat16: {
+            uint16_t* p = static_cast<uint16_t*>(base) + off;
+            for (int64_t i = 0; i < n; ++i) p[i * st] = float_to_half(static_cast<float>(g[i]));
+            return;
+        }
+        case kBFloat16: {
+            uint16_t* p = static_cast<uint16_t*>(base) + off;
+            for (int64_t i = 0; i < n; ++i) p[i * st] = float_to_bfloat16(static_cast<float>(g[i]));
+            return;
+        }
+        case kFloat32: {
+            float* p = static_cast<float*>(base) + off;
+            if (st == 1) {
+                for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(g[i]);
+            } else {
+                for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<float>(g[i]);
+            }
+            return;
+        }
+        default: {
+            double* p = static_cast<double*>(base) + off;
+            if (st == 1) {
+                for (int64_t i = 0; i < n; ++i) p[i] = static_cast<double>(g[i]);
+            } else {
+                for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<double>(g[i]);
+            }
+            return;
+        }
+    }
+}
+
+// ---- problem ------------------------------------------------------------------------------------------
+
+struct Problem {
+    int64_t B = 0, T = 0;
+    Operand logp, old, ref, mask, adv, tadv, isw, grad;  // ptr null: absent (grad: not written)
+    const uint8_t* offpolicy = nullptr;                   // [B] bool, contiguous
+    int mode = kClip, agg = kTokenMean, kl = kK3;
+    double beta = 0, clip_low = 0.2, clip_high = 0.2, gamma = 0.1;
+    std::optional<double> dual_clip, ratio_cap, num_tokens;
+    double norm_const = 0;  // B * max_len for seq-mean-token-sum-norm
+};
+
+// Compute-type constants of one call. Absent options take values that make them no-ops in the
+// branch-free loops: ratio_cap +inf (min(rho, inf) = rho), dual_clip +inf (-A inf is never exceeded).
+template <typename R>
+struct Coeffs {
+    R lo, hi, cap, dual, gamma, beta;
+    bool has_old, has_ref, has_tadv, has_isw, with_kl, write_grad;
+    int mode, kl;
+};
+
+// Per-row values of the main pass.
+template <typename R>
+struct Row {
+    R scale;  // aggregation weight of each token's l m in the loss
+    R seq;    // GSPO sequence ratio
+    bool off;
+};
+
+// The per-token values that are summed (masked, times m), then the ratio min / max (+-inf where inactive).
+enum Sum { kLoss, kPg, kKl, kClipped, kLow, kHigh, kDual, kRatio, kPpoKl, kNumSums };
+enum { kRatioMin = kNumSums, kRatioMax = kNumSums + 1, kNumValues = kNumSums + 2 };
+
+// Sums of one work item: kLanes independent accumulators each (loss and pg unscaled: sum of l m).
+struct Partials {
+    double sum[kNumSums][kLanes] = {};
+    double ratio_min[kLanes], ratio_max[kLanes];
+
+    Partials() {
+        std::fill(ratio_min, ratio_min + kLanes, kInf);
+        std::fill(ratio_max, ratio_max + kLanes, -kInf);
+    }
+    double total(int q) const {
+        double s = 0;
+        for (int64_t l = 0; l < kLanes; ++l) s += sum[q][l];
+        return s;
+    }
+};
+
+// Operands and per-token values of one block, padded with zeros to a multiple of kLanes tokens.
+template <typename R>
+struct Block {
+    R lp[kBlock], old[kBlock], ref[kBlock], m[kBlock], adv[kBlock], isw[kBlock];
+    R d[kBlock], rho[kBlock], rho_ok[kBlock], g[kBlock], grad[kBlock];
+    R v[kNumValues][kBlock];
+};
+
+struct RowStats {
+    double n = 0;       // sum_t m
+    double sd = 0;      // sum_t d m over active tokens (GSPO)
+    int64_t count = 0;  // active tokens (m != 0)
+};
+
+template <typename R>
+inline R clamp_log_ratio(R x) {
+    const R lim = static_cast<R>(kLogRatioMax);
+    return std::min(std::max(x, -lim), lim);
+}
+
+// Step 1: statistics of row b.
+template <typename R>
+RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums) {
+    R m[kBlock], lp[kBlock], old[kBlock];
+    double n[kLanes] = {}, sd[kLanes] = {}, count[kLanes] = {};
+    for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
+        const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
+        load(p.mask, b, t0, len, padded, m);
+        if (gspo_sums) {
+            load(p.logp, b, t0, len, padded, lp);
+            load(p.old, b, t0, len, padded, old);
+        }
+        for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const R mi = m[i0 + l];
+                n[l] += static_cast<double>(mi);
+                count[l] += mi != 0 ? 1.0 : 0.0;
+                if (gspo_sums) {
+                    const R d = clamp_log_ratio<R>(lp[i0 + l] - old[i0 + l]);
+                    sd[l] += mi != 0 ? static_cast<double>(d) * static_cast<double>(mi) : 0.0;
+                }
+            }
+        }
+    }
+    RowStats s;
+    for (int64_t l = 0; l < kLanes; ++l) {
+        s.n += n[l];
+        s.sd += sd[l];
+        s.count += static_cast<int64_t>(count[l]);
+    }
+    return s;
+}
+
+// ---- step 3: one block of tokens ------------------------------------------------------------------------
+
+// clip_frac_low / clip_frac_high flags (0 / 1) of the modes with a ratio clip.
+template <typename R>
+PL_INLINE void low_high_flags(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+    const R zero = 0, one = 1;
+    for (int64_t i = 0; i < np; ++i) {
+        const R A = k.adv[i], rho = k.rho[i];
+        k.v[kLow][i] = rho < c.lo && A < zero ? one : zero;
+        k.v[kHigh][i] = rho > c.hi && A > zero ? one : zero;
+    }
+}
+
+// Policy term pg and its derivative g = d pg / d logp of the clip and gspo modes, plus the clip flags
+// (clip_frac in a second loop: GCC 12 does not vectorise the first one when it also sets that flag).
+template <typename R, bool GSPO>
+PL_INLINE void clip_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+    const R zero = 0, one = 1;
+    for (int64_t i = 0; i < np; ++i) {
+        const R A = k.adv[i], rho = k.rho[i];
+        const R d_rho = GSPO ? rho : rho * k.rho_ok[i];  // GSPO token form: d rho / d logp = s
+        const R d_rho1 = rho > c.cap ? zero : d_rho;
+        const R l1 = -A * std::min(rho, c.cap);
+        const R rc = std::min(std::max(rho, c.lo), c.hi);
+        const R l2 = -A * rc;
+        const bool clipped = l2 > l1;  // the clipped term is strictly the larger loss: its gradient is cut
+        const R pg = clipped ? l2 : l1;
+        const R g2 = rc == rho ? -A * d_rho : zero;  // the clamp passes the gradient where lo <= rho <= hi
+        const R g = clipped ? g2 : -A * d_rho1;
+        const R l3 = -A * c.dual;
+        const bool dual = (A < zero) & (pg > l3);
+        k.v[kPg][i] = dual ? l3 : pg;
+        k.g[i] = dual ? zero : g;
+        k.v[kDual][i] = dual ? one : zero;
+    }
+    for (int64_t i = 0; i < np; ++i) {
+        const R A = k.adv[i], rho = k.rho[i];
+        const R l1 = -A * std::min(rho, c.cap), l2 = -A * std::min(std::max(rho, c.lo), c.hi);
+        k.v[kClipped][i] = l2 > l1 ? one : zero;
+    }
+    low_high_flags(c, np, k);
+}
+
+template <typename R>
+PL_INLINE void cispo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+    const R zero = 0, one = 1;
+    for (int64_t i = 0; i < np; ++i) {
+        const R A = k.adv[i], rho = k.rho[i];
+        const R w = std::min(std::max(rho, c.lo), c.hi);
+        k.v[kPg][i] = -w * A * k.lp[i];
+        k.g[i] = -w * A;
+        k.v[kClipped][i] = w != rho ? one : zero;
+    }
+    std::fill(k.v[kDual], k.v[kDual] + np, zero);
+    low_high_flags(c, np, k);
+}
+
+template <typename R>
+PL_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
+    for (int64_t i = 0; i < np; ++i) {
+        k.v[kPg][i] = -k.adv[i] * k.lp[i];
+        k.g[i] = -k.adv[i];
+    }
+    for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, R(0));
+}
+
+// KL estimate k of u = logp - ref; with beta > 0 also the loss l = pg + beta k and g += beta dk / dlogp.
+template <typename R, int KL>
+PL_INLINE void kl_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+    const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax);
+    for (int64_t i = 0; i < np; ++i) {
+        const R u = k.lp[i] - k.ref[i];
+        R kl, dk;
+        if constexpr (KL == kK1) {
+            kl = u;
+            dk = one;
+        } else if constexpr (KL == kK2) {
+            kl = static_cast<R>(0.5) * u * u;
+            dk = u;
+        } else {  // k3 of the clamped log-ratio; no gradient where the clamp is active
+            const R uc = clamp_log_ratio<R>(u), e = exp_small(-uc);
+            kl = e + uc - one;
+            dk = std::abs(u) <= lim ? one - e : zero;
+        }
+        k.v[kKl][i] = kl;
+        if (c.with_kl) {
+            k.v[kLoss][i] = k.v[kPg][i] + c.beta * kl;
+            k.g[i] += c.beta * dk;
+        }
+    }
+}
+
+// Tokens [t0, t0 + len) of row b (len <= kBlock): writes the gradient, adds the sums to acc.
+template <typename R>
+PL_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>& row, int64_t b, int64_t t0,
+                             int64_t len, Block<R>& k, Partials& acc) {
+    const int64_t np = round_up(len);
+    const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax);
+    load(p.logp, b, t0, len, np, k.lp);
+    load(p.mask, b, t0, len, np, k.m);
+    load(p.adv, b, t0, len, np, k.adv);
+    if (c.has_tadv) {
+        load(p.tadv, b, t0, len, np, k.g);
+        for (int64_t i = 0; i < np; ++i) k.adv[i] += k.g[i];
+    }
+
+    // log-ratio d (clamped), whether its clamp is inactive, and the ratio
+    if (c.has_old) {
+        load(p.old, b, t0, len, np, k.old);
+        for (int64_t i = 0; i < np; ++i) {
+            const R raw = k.lp[i] - k.old[i];
+            k.d[i] = clamp_log_ratio<R>(raw);
+            k.rho_ok[i] = std::abs(raw) <= lim ? one : zero;
+        }
+    } else {  // on-policy: old = sg(logp), ratio 1 with gradient 1
+        std::fill(k.d, k.d + np, zero);
+        std::fill(k.rho_ok, k.rho_ok + np, one);
+    }
+    if (c.mode == kGspo) {
+        std::fill(k.rho, k.rho + np, row.seq);
+    } else {
+        for (int64_t i = 0; i < np; ++i) k.rho[i] = exp_small(k.d[i]);
+    }
+
+    // policy term
+    switch (c.mode) {
+        case kClip: clip_terms<R, false>(c, np, k); break;
+        case kGspo: clip_terms<R, true>(c, np, k); break;
+        case kCispo: cispo_terms(c, np, k); break;
+        default: reinforce_terms(np, k); break;
+    }
+    if (row.off) {  // off-policy sequence: -A f(p), f(p) = p / (p + gamma); no ratio, no clip
+        for (int64_t i = 0; i < np; ++i) {
+            const R A = k.adv[i], q = std::exp(k.lp[i]), s = q + c.gamma, f = q / s;
+            k.v[kPg][i] = -A * f;
+            k.g[i] = -A * c.gamma * f / s;
+        }
+        for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, zero);
+    }
+    if (c.has_isw) {
+        load(p.isw, b, t0, len, np, k.isw);
+        for (int64_t i = 0; i < np; ++i) {
+            k.v[kPg][i] *= k.isw[i];
+            k.g[i] *= k.isw[i];
+        }
+    }
+
+    // KL estimate to the reference: reported whenever ref is given, in the loss when beta > 0
+    if (c.has_ref) {
+        load(p.ref, b, t0, len, np, k.ref);
+        switch (c.kl) {
+            case kK1: kl_terms<R, kK1>(c, np, k); break;
+            case kK2: kl_terms<R, kK2>(c, np, k); break;
+            default: kl_terms<R, kK3>(c, np, k); break;
+        }
+    } else {
+        std::fill(k.v[kKl], k.v[kKl] + np, zero);
+    }
+    if (!c.with_kl) std::copy(k.v[kPg], k.v[kPg] + np, k.v[kLoss]);
+
+    // gradient and masked contributions (selects: inactive tokens give exact zeros whatever their inputs)
+    const R scale = row.scale, inf = std::numeric_limits<R>::infinity();
+    for (int64_t i = 0; i < np; ++i) {
+        const R m = k.m[i];
+        const bool on = m != zero;
+        k.grad[i] = on ? k.g[i] * m * scale : zero;
+        for (int q = 0; q < kRatio; ++q) k.v[q][i] = on ? k.v[q][i] * m : zero;
+        k.v[kRatio][i] = on ? k.rho[i] * m : zero;
+        k.v[kPpoKl][i] = on ? -k.d[i] * m : zero;
+        k.v[kRatioMin][i] = on ? k.rho[i] : inf;
+        k.v[kRatioMax][i] = on ? k.rho[i] : -inf;
+    }
+    if (c.write_grad) store(p.grad, b, t0, len, k.grad);
+
+    for (int q = 0; q < kNumSums; ++q) {
+        double* s = acc.sum[q];
+        for (int64_t i0 = 0; i0 < np; i0 += kLanes) {
+            for (int64_t l = 0; l < kLanes; ++l) s[l] += static_cast<double>(k.v[q][i0 + l]);
+        }
+    }
+    R lo[kLanes], hi[kLanes];
+    std::fill(lo, lo + kLanes, inf);
+    std::fill(hi, hi + kLanes, -inf);
+    for (int64_t i0 = 0; i0 < np; i0 += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) lo[l] = std::min(lo[l], k.v[kRatioMin][i0 + l]);
+    }
+    for (int64_t i0 = 0; i0 < np; i0 += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) hi[l] = std::max(hi[l], k.v[kRatioMax][i0 + l]);
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+        acc.ratio_min[l] = std::min(acc.ratio_min[l], static_cast<double>(lo[l]));
+        acc.ratio_max[l] = std::max(acc.ratio_max[l], static_cast<double>(hi[l]));
+    }
+}
+
+template <typename R>
+PL_INLINE void work_item(const Problem& p, const Coeffs<R>& c, const Row<R>& row, int64_t b, int64_t t_begin,
+                         Partials& acc) {
+    Block<R> k;
+    const int64_t t_end = std::min(p.T, t_begin + kChunk);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
+        process_block(p, c, row, b, t0, std::min(kBlock, t_end - t0), k, acc);
+    }
+}
+
+// The compiled work items (an AVX2 clone is picked at load time where the CPU has it).
+PL_SIMD_CLONES void work_item_f32(const Problem& p, const Coeffs<float>& c, const Row<float>& row, int64_t b,
+                                  int64_t t_begin, Partials& acc) {
+    work_item(p, c, row, b, t_begin, acc);
+}
+
+PL_SIMD_CLONES void work_item_f64(const Problem& p, const Coeffs<double>& c, const Row<double>& row, int64_t b,
+                                  int64_t t_begin, Partials& acc) {
+    work_item(p, c, row, b, t_begin, acc);
+}
+
+inline void run_item(const Problem& p, const Coeffs<float>& c, const Row<float>& row, int64_t b, int64_t t,
+                     Partials& acc) {
+    work_item_f32(p, c, row, b, t, acc);
+}
+
+inline void run_item(const Problem& p, const Coeffs<double>& c, const Row<double>& row, int64_t b, int64_t t,
+                     Partials& acc) {
+    work_item_f64(p, c, row, b, t, acc);
+}
+
+// ---- driver ----------------------------------------------------------------------------------------------
+
+// Fills out = [loss, pg_loss, kl_mean, clip_frac, clip_frac_low, clip_frac_high, dual_clip_frac, ratio_mean,
+// ratio_min, ratio_max, ppo_kl, active_tokens].
+template <typename R>
+void run(const Problem& p, double* out) {
+    const int64_t B = p.B, T = p.T;
+    const bool parallel = B * T >= kParallelMinTokens;
+    (void)parallel;  // unused without OpenMP
+
+    // ---- 1. row statistics and totals
+    std::vector<RowStats> stats(B);
+    const bool gspo_sums = p.mode == kGspo && p.old.ptr != nullptr;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < B; ++b) stats[b] = row_stats<R>(p, b, gspo_sums);
+    double total_m = 0, seqs = 0;
+    int64_t total_count = 0;
+    for (const RowStats& s : stats) {
+        total_m += s.n;
+        seqs += s.n > 0 ? 1.0 : 0.0;
+        total_count += s.count;
+    }
+
+    // ---- 2. per-row scale of the aggregation, GSPO sequence ratio
+    double den = p.norm_const;  // seq-mean-token-sum-norm: B * max_len
+    if (p.agg == kTokenMean) den = p.num_tokens ? *p.num_tokens : total_m;
+    if (p.agg == kSeqMeanTokenMean || p.agg == kSeqMeanTokenSum) den = seqs;
+    std::vector<Row<R>> rows(B);
+    for (int64_t b = 0; b < B; ++b) {
+        const double n = stats[b].n, row_den = p.agg == kSeqMeanTokenMean ? (n > 0 ? den * n : 0.0) : den;
+        rows[b].scale = static_cast<R>(row_den > 0 ? 1.0 / row_den : 0.0);
+        rows[b].seq = static_cast<R>(std::exp(clamp_log_ratio(stats[b].sd / std::max(n, 1.0))));
+        rows[b].off = p.offpolicy != nullptr && p.offpolicy[b] != 0;
+    }
+
+    // ---- 3. main pass over (row, chunk) work items
+    Coeffs<R> c;
+    c.lo = static_cast<R>(1.0 - p.clip_low);
+    c.hi = static_cast<R>(1.0 + p.clip_high);
+    c.cap = static_cast<R>(p.ratio_cap.value_or(kInf));
+    c.dual = static_cast<R>(p.dual_clip.value_or(kInf));
+    c.gamma = static_cast<R>(p.gamma);
+    c.beta = static_cast<R>(p.beta);
+    c.has_old = p.old.ptr != nullptr;
+    c.has_ref = p.ref.ptr != nullptr;
+    c.has_tadv = p.tadv.ptr != nullptr;
+    c.has_isw = p.isw.ptr != nullptr;
+    c.with_kl = c.has_ref && p.beta > 0;
+    c.write_grad = p.grad.ptr != nullptr;
+    c.mode = p.mode;
+    c.kl = p.kl;
+    const int64_t chunks = (T + kChunk - 1) / kChunk, items = B * chunks;
+    std::vector<Partials> parts(items);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t b = it / chunks;
+        run_item(p, c, rows[b], b, (it % chunks) * kChunk, parts[it]);
+    }
+
+    // ---- 4. reduction in item order: per-row sums, then the aggregation and the means
+    double loss = 0, pg = 0, sums[kNumSums] = {}, ratio_min = kInf, ratio_max = -kInf;
+    for (int64_t b = 0; b < B; ++b) {
+        double row_loss = 0, row_pg = 0;
+        for (int64_t j = 0; j < chunks; ++j) {
+            const Partials& q = parts[b * chunks + j];
+            row_loss += q.total(kLoss);
+            row_pg += q.total(kPg);
+            for (int s = kKl; s < kNumSums; ++s) sums[s] += q.total(s);
+            for (int64_t l = 0; l < kLanes; ++l) {
+                ratio_min = std::min(ratio_min, q.ratio_min[l]);
+                ratio_max = std::max(ratio_max, q.ratio_max[l]);
+            }
+        }
+        if (p.agg == kSeqMeanTokenMean) {  // mean over the row's tokens; rows without weight count 0
+            const double n = stats[b].n;
+            row_loss = n > 0 ? row_loss / n : 0.0;
+            row_pg = n > 0 ? row_pg / n : 0.0;
+        }
+        loss += row_loss;
+        pg += row_pg;
+    }
+    auto mean = [&](int s) { return total_m > 0 ? sums[s] / total_m : 0.0; };
+    const bool any_active = total_count > 0;
+    out[0] = den > 0 ? loss / den : 0.0;
+    out[1] = den > 0 ? pg / den : 0.0;
+    out[2] = mean(kKl);
+    out[3] = mean(kClipped);
+    out[4] = mean(kLow);
+    out[5] = mean(kHigh);
+    out[6] = mean(kDual);
+    out[7] = mean(kRatio);
+    out[8] = any_active ? ratio_min : 0.0;
+    out[9] = any_active ? ratio_max : 0.0;
+    out[10] = mean(kPpoKl);
+    out[11] = total_m;
+}
+
+// Entry point: loss (0-dim) and metrics [11] written as float32, or float64 when out_f64.
+void policy_loss(const OperandSpec& logp, const OperandSpec& old, const OperandSpec& ref, const OperandSpec& mask,
+                 const OperandSpec& adv, const OperandSpec& tadv, const OperandSpec& isw, uintptr_t offpolicy,
+                 const OperandSpec& grad, int64_t B, int64_t T, int mode, int agg, int kl, double beta,
+                 double clip_low, double clip_high, std::optional<double> dual_clip, std::optional<double> ratio_cap,
+                 double gamma, std::optional<double> num_tokens, double norm_const, uintptr_t loss_out,
+                 uintptr_t metrics_out, bool out_f64) {
+    Problem p;
+    p.B = B;
+    p.T = T;
+    p.logp = operand(logp);
+    p.old = operand(old);
+    p.ref = operand(ref);
+    p.mask = operand(mask);
+    p.adv = operand(adv);
+    p.tadv = operand(tadv);
+    p.isw = operand(isw);
+    p.grad = operand(grad);
+    p.offpolicy = reinterpret_cast<const uint8_t*>(offpolicy);
+    p.mode = mode;
+    p.agg = agg;
+    p.kl = kl;
+    p.beta = beta;
+    p.clip_low = clip_low;
+    p.clip_high = clip_high;
+    p.dual_clip = dual_clip;
+    p.ratio_cap = ratio_cap;
+    p.gamma = gamma;
+    p.num_tokens = num_tokens;
+    p.norm_const = norm_const;
+
+    double out[12];
+    {
+        py::gil_scoped_release release;
+        if (p.logp.dtype == kFloat64)
+            run<double>(p, out);
+        else
+            run<float>(p, out);
+    }
+    if (out_f64) {
+        *reinterpret_cast<double*>(loss_out) = out[0];
+        std::copy(out + 1, out + 12, reinterpret_cast<double*>(metrics_out));
+    } else {
+        *reinterpret_cast<float*>(loss_out) = static_cast<float>(out[0]);
+        std::transform(out + 1, out + 12, reinterpret_cast<float*>(metrics_out),
+                       [](double v) { return static_cast<float>(v); });
+    }
+}
+
+}  // namespace
+
+void register_policy_loss(py::module_& m) {
+    m.def("policy_loss", &policy_loss,
+          "Token-level policy loss: writes loss, metrics [11] and (when grad's address is not 0) d loss / d logp. "
+          "Tensors travel as (address, dtype code, row stride, token stride), address 0 when absent.",
+          py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("mask"), py::arg("advantages"),
+          py::arg("token_advantages"), py::arg("is_weights"), py::arg("offpolicy"), py::arg("grad"), py::arg("B"),
+          py::arg("T"), py::arg("mode"), py::arg("agg"), py::arg("kl"), py::arg("beta"), py::arg("clip_low"),
+          py::arg("clip_high"), py::arg("dual_clip"), py::arg("ratio_cap"), py::arg("offpolicy_gamma"),
+          py::arg("num_tokens"), py::arg("norm_const"), py::arg("loss_out"), py::arg("metrics_out"),
+          py::arg("out_f64"));
+}
