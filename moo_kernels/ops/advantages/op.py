@@ -43,60 +43,7 @@ def run(p: AdvantageProblem) -> Outputs:
 
 
 def problem_from_args(*args) -> AdvantageProblem:
-    (
-        rewards,
-        weights,
-        group_index,
-        order,
-        offsets,
-        valid,
-        reward_gates,
-        gates,
-        group_size,
-        num_groups,
-        max_count,
-        normalize,
-        std,
-        weighting,
-        batch_normalize,
-        eps,
-        gated_value,
-        infeasible_advantage,
-        min_feasible,
-        drop_zero_variance,
-        positive_scale,
-        negative_scale,
-        clip,
-        nan_policy,
-        weights_checked,
-    ) = args
-    return AdvantageProblem(
-        rewards=rewards,
-        group_size=group_size,
-        group_index=group_index,
-        order=order,
-        offsets=offsets,
-        num_groups=num_groups,
-        max_count=max_count,
-        weights=weights,
-        valid=valid,
-        reward_gates=reward_gates,
-        gates=gates,
-        normalize=normalize,
-        std=std,
-        weighting=weighting,
-        batch_normalize=batch_normalize,
-        eps=eps,
-        gated_value=gated_value,
-        infeasible_advantage=infeasible_advantage,
-        min_feasible=min_feasible,
-        drop_zero_variance=drop_zero_variance,
-        positive_scale=positive_scale,
-        negative_scale=negative_scale,
-        clip=clip,
-        nan_policy=nan_policy,
-        weights_checked=weights_checked,
-    )
+    return AdvantageProblem(*args)
 
 
 @torch.library.custom_op("moo_kernels::multi_objective_advantages", mutates_args=())

@@ -8,17 +8,19 @@ import torch
 
 
 class AdvantageProblem(NamedTuple):
+    """Fields in the order of the registered op's arguments, so that AdvantageProblem(*args) builds one."""
+
     rewards: torch.Tensor  # [N, K], any float dtype, any strides
-    group_size: int  # > 0: contiguous groups of this size; 0: grouping by group_index
+    weights: torch.Tensor  # [K]
     group_index: torch.Tensor | None  # [N] int64 group of each sample (group_ids path)
     order: torch.Tensor | None  # [N] int64 sample indices sorted by group (group_ids path)
     offsets: torch.Tensor | None  # [G + 1] int64 start of each group in `order` (group_ids path)
-    num_groups: int
-    max_count: int  # largest group
-    weights: torch.Tensor  # [K]
     valid: torch.Tensor | None  # [N] bool
     reward_gates: torch.Tensor | None  # [N, K] bool
     gates: torch.Tensor | None  # [N, M] bool
+    group_size: int  # > 0: contiguous groups of this size; 0: grouping by group_index
+    num_groups: int
+    max_count: int  # largest group
     normalize: str
     std: str
     weighting: str
