@@ -367,11 +367,11 @@ RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums) {
 // clip_frac_low / clip_frac_high flags (0 / 1) of the modes with a ratio clip.
 template <typename R>
 PL_INLINE void low_high_flags(const Coeffs<R>& c, int64_t np, Block<R>& k) {
-    const R zero = 0, one = 1;
+    const R zero = 0, one = 1, lo = c.lo, hi = c.hi;
     for (int64_t i = 0; i < np; ++i) {
         const R A = k.adv[i], rho = k.rho[i];
-        k.v[kLow][i] = rho < c.lo && A < zero ? one : zero;
-        k.v[kHigh][i] = rho > c.hi && A > zero ? one : zero;
+        k.v[kLow][i] = rho < lo && A < zero ? one : zero;
+        k.v[kHigh][i] = rho > hi && A > zero ? one : zero;
     }
 }
 
@@ -379,19 +379,19 @@ PL_INLINE void low_high_flags(const Coeffs<R>& c, int64_t np, Block<R>& k) {
 // (clip_frac in a second loop: GCC 12 does not vectorise the first one when it also sets that flag).
 template <typename R, bool GSPO>
 PL_INLINE void clip_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
-    const R zero = 0, one = 1;
+    const R zero = 0, one = 1, lo = c.lo, hi = c.hi, cap = c.cap, dual_clip = c.dual;
     for (int64_t i = 0; i < np; ++i) {
         const R A = k.adv[i], rho = k.rho[i];
         const R d_rho = GSPO ? rho : rho * k.rho_ok[i];  // GSPO token form: d rho / d logp = s
-        const R d_rho1 = rho > c.cap ? zero : d_rho;
-        const R l1 = -A * std::min(rho, c.cap);
-        const R rc = std::min(std::max(rho, c.lo), c.hi);
+        const R d_rho1 = rho > cap ? zero : d_rho;
+        const R l1 = -A * std::min(rho, cap);
+        const R rc = std::min(std::max(rho, lo), hi);
         const R l2 = -A * rc;
         const bool clipped = l2 > l1;  // the clipped term is strictly the larger loss: its gradient is cut
         const R pg = clipped ? l2 : l1;
         const R g2 = rc == rho ? -A * d_rho : zero;  // the clamp passes the gradient where lo <= rho <= hi
         const R g = clipped ? g2 : -A * d_rho1;
-        const R l3 = -A * c.dual;
+        const R l3 = -A * dual_clip;
         const bool dual = (A < zero) & (pg > l3);
         k.v[kPg][i] = dual ? l3 : pg;
         k.g[i] = dual ? zero : g;
@@ -399,7 +399,7 @@ PL_INLINE void clip_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     }
     for (int64_t i = 0; i < np; ++i) {
         const R A = k.adv[i], rho = k.rho[i];
-        const R l1 = -A * std::min(rho, c.cap), l2 = -A * std::min(std::max(rho, c.lo), c.hi);
+        const R l1 = -A * std::min(rho, cap), l2 = -A * std::min(std::max(rho, lo), hi);
         k.v[kClipped][i] = l2 > l1 ? one : zero;
     }
     low_high_flags(c, np, k);
@@ -407,10 +407,10 @@ PL_INLINE void clip_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
 
 template <typename R>
 PL_INLINE void cispo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
-    const R zero = 0, one = 1;
+    const R zero = 0, one = 1, lo = c.lo, hi = c.hi;
     for (int64_t i = 0; i < np; ++i) {
         const R A = k.adv[i], rho = k.rho[i];
-        const R w = std::min(std::max(rho, c.lo), c.hi);
+        const R w = std::min(std::max(rho, lo), hi);
         k.v[kPg][i] = -w * A * k.lp[i];
         k.g[i] = -w * A;
         k.v[kClipped][i] = w != rho ? one : zero;
@@ -428,10 +428,11 @@ PL_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
     for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, R(0));
 }
 
-// KL estimate k of u = logp - ref; with beta > 0 also the loss l = pg + beta k and g += beta dk / dlogp.
-template <typename R, int KL>
-PL_INLINE void kl_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
-    const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax);
+// KL estimate k of u = logp - ref; with beta > 0 (WITH_KL) also the loss l = pg + beta k and
+// g += beta dk / dlogp.
+template <typename R, int KL, bool WITH_KL>
+PL_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+    const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax), beta = c.beta;
     for (int64_t i = 0; i < np; ++i) {
         const R u = k.lp[i] - k.ref[i];
         R kl, dk;
@@ -447,10 +448,20 @@ PL_INLINE void kl_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
             dk = std::abs(u) <= lim ? one - e : zero;
         }
         k.v[kKl][i] = kl;
-        if (c.with_kl) {
-            k.v[kLoss][i] = k.v[kPg][i] + c.beta * kl;
-            k.g[i] += c.beta * dk;
+        if (WITH_KL) {
+            k.v[kLoss][i] = k.v[kPg][i] + beta * kl;
+            k.g[i] += beta * dk;
         }
+    }
+}
+
+template <typename R, int KL>
+PL_INLINE void kl_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+    if (c.with_kl) {
+        kl_loop<R, KL, true>(c, np, k);
+    } else {
+        kl_loop<R, KL, false>(c, np, k);
+        std::copy(k.v[kPg], k.v[kPg] + np, k.v[kLoss]);
     }
 }
 
@@ -494,10 +505,11 @@ PL_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>&
         default: reinforce_terms(np, k); break;
     }
     if (row.off) {  // off-policy sequence: -A f(p), f(p) = p / (p + gamma); no ratio, no clip
+        const R gamma = c.gamma;
         for (int64_t i = 0; i < np; ++i) {
-            const R A = k.adv[i], q = std::exp(k.lp[i]), s = q + c.gamma, f = q / s;
+            const R A = k.adv[i], q = std::exp(k.lp[i]), s = q + gamma, f = q / s;
             k.v[kPg][i] = -A * f;
-            k.g[i] = -A * c.gamma * f / s;
+            k.g[i] = -A * gamma * f / s;
         }
         for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, zero);
     }
@@ -519,8 +531,8 @@ PL_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>&
         }
     } else {
         std::fill(k.v[kKl], k.v[kKl] + np, zero);
+        std::copy(k.v[kPg], k.v[kPg] + np, k.v[kLoss]);
     }
-    if (!c.with_kl) std::copy(k.v[kPg], k.v[kPg] + np, k.v[kLoss]);
 
     // gradient and masked contributions (selects: inactive tokens give exact zeros whatever their inputs)
     const R scale = row.scale, inf = std::numeric_limits<R>::infinity();
@@ -537,10 +549,12 @@ PL_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>&
     if (c.write_grad) store(p.grad, b, t0, len, k.grad);
 
     for (int q = 0; q < kNumSums; ++q) {
-        double* s = acc.sum[q];
+        double s[kLanes];  // a local copy: for R = double, acc could alias the block as far as the compiler knows
+        std::copy(acc.sum[q], acc.sum[q] + kLanes, s);
         for (int64_t i0 = 0; i0 < np; i0 += kLanes) {
             for (int64_t l = 0; l < kLanes; ++l) s[l] += static_cast<double>(k.v[q][i0 + l]);
         }
+        std::copy(s, s + kLanes, acc.sum[q]);
     }
     R lo[kLanes], hi[kLanes];
     std::fill(lo, lo + kLanes, inf);
@@ -576,16 +590,6 @@ PL_SIMD_CLONES void work_item_f32(const Problem& p, const Coeffs<float>& c, cons
 PL_SIMD_CLONES void work_item_f64(const Problem& p, const Coeffs<double>& c, const Row<double>& row, int64_t b,
                                   int64_t t_begin, Partials& acc) {
     work_item(p, c, row, b, t_begin, acc);
-}
-
-inline void run_item(const Problem& p, const Coeffs<float>& c, const Row<float>& row, int64_t b, int64_t t,
-                     Partials& acc) {
-    work_item_f32(p, c, row, b, t, acc);
-}
-
-inline void run_item(const Problem& p, const Coeffs<double>& c, const Row<double>& row, int64_t b, int64_t t,
-                     Partials& acc) {
-    work_item_f64(p, c, row, b, t, acc);
 }
 
 // ---- driver ----------------------------------------------------------------------------------------------
@@ -644,7 +648,11 @@ void run(const Problem& p, double* out) {
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t b = it / chunks;
-        run_item(p, c, rows[b], b, (it % chunks) * kChunk, parts[it]);
+        if constexpr (std::is_same_v<R, float>) {
+            work_item_f32(p, c, rows[b], b, (it % chunks) * kChunk, parts[it]);
+        } else {
+            work_item_f64(p, c, rows[b], b, (it % chunks) * kChunk, parts[it]);
+        }
     }
 
     // ---- 4. reduction in item order: per-row sums, then the aggregation and the means

@@ -76,7 +76,9 @@ def to(device, x):
 def run(backend, device, logp, adv, mask, kw, grad_out=1.0):
     x = logp.detach().to(device).requires_grad_()
     with mk.use_backend(backend):
-        loss, metrics = mk.policy_loss(x, to(device, adv), to(device, mask), **{k: to(device, v) for k, v in kw.items()})
+        loss, metrics = mk.policy_loss(
+            x, to(device, adv), to(device, mask), **{k: to(device, v) for k, v in kw.items()}
+        )
     (loss * grad_out).backward()
     return loss, metrics, x.grad
 
@@ -98,10 +100,13 @@ def test_matches_reference(backend, device, case):
     torch.testing.assert_close(loss.double().cpu(), rloss.detach(), atol=2e-6, rtol=2e-5)
     torch.testing.assert_close(grad.double().cpu(), rgrad, atol=2e-7, rtol=2e-5)
     for name in METRICS:
-        torch.testing.assert_close(getattr(metrics, name).double().cpu(), rmetrics[name], atol=2e-6, rtol=2e-5,
-                                   msg=name)
-    assert torch.equal(grad.cpu()[~mask.bool()] if mask.dtype == torch.bool else grad.cpu()[mask == 0],
-                       torch.zeros_like(grad.cpu()[mask == 0]))
+        torch.testing.assert_close(
+            getattr(metrics, name).double().cpu(), rmetrics[name], atol=2e-6, rtol=2e-5, msg=name
+        )
+    assert torch.equal(
+        grad.cpu()[~mask.bool()] if mask.dtype == torch.bool else grad.cpu()[mask == 0],
+        torch.zeros_like(grad.cpu()[mask == 0]),
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -183,8 +188,11 @@ def verl_vanilla(lp, old, A, m, eps_lo, eps_hi, c):
     l3 = -A * c
     pg = torch.where(A < 0, torch.minimum(l3, lc), lc)
     mm = lambda x: (x * m).sum() / (m.sum() + 1e-8)
-    return pg, {"clip_frac": mm((l2 > l1).double()), "dual_clip_frac": mm(((lc > l3) & (A < 0)).double()),
-                "ppo_kl": mm(-d)}
+    return pg, {
+        "clip_frac": mm((l2 > l1).double()),
+        "dual_clip_frac": mm(((lc > l3) & (A < 0)).double()),
+        "ppo_kl": mm(-d),
+    }
 
 
 def verl_agg(loss, m, mode, max_len=None):
@@ -220,8 +228,19 @@ def test_agrees_with_verl(agg):
     m = mask.double()
     A = adv[:, None].expand_as(logp)
     x = logp.clone().requires_grad_()
-    loss, metrics = mk.policy_loss(x, adv, mask, old_logp=old, ref_logp=ref, beta=0.05, clip_low=0.2,
-                                   clip_high=0.28, dual_clip=3.0, agg=agg, max_len=T)
+    loss, metrics = mk.policy_loss(
+        x,
+        adv,
+        mask,
+        old_logp=old,
+        ref_logp=ref,
+        beta=0.05,
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip=3.0,
+        agg=agg,
+        max_len=T,
+    )
     loss.backward()
     y = logp.clone().requires_grad_()
     pg, vm = verl_vanilla(y, old, A, m, 0.2, 0.28, 3.0)
@@ -271,8 +290,19 @@ def test_agrees_with_trl(loss_type):
     A = adv[:, None]
     agg = {"bnpo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}[loss_type]
     x = logp.clone().requires_grad_()
-    loss, metrics = mk.policy_loss(x, adv, mask, old_logp=old, ref_logp=ref, beta=0.04, clip_low=0.2,
-                                   clip_high=0.28, ratio_cap=3.0, agg=agg, max_len=T)
+    loss, metrics = mk.policy_loss(
+        x,
+        adv,
+        mask,
+        old_logp=old,
+        ref_logp=ref,
+        beta=0.04,
+        clip_low=0.2,
+        clip_high=0.28,
+        ratio_cap=3.0,
+        agg=agg,
+        max_len=T,
+    )
     loss.backward()
     y = logp.clone().requires_grad_()
     per_token, coef_1 = trl_per_token_loss(y, old, A, 0.2, 0.28, 3.0, 0.04, ref)
@@ -336,8 +366,28 @@ def test_mixed_devices():
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_opcheck(backend):
     logp, adv, mask, kw = build("clip_higher_dual_cap_k3", dtype=torch.float64)
-    args = (logp.requires_grad_(), adv, mask, kw["old_logp"], kw["ref_logp"], None, None, None, 0.04, "k3", 0.2,
-            0.28, 3.0, 2.5, "clip", 0.1, "token-mean", None, None, True)
+    args = (
+        logp.requires_grad_(),
+        adv,
+        mask,
+        kw["old_logp"],
+        kw["ref_logp"],
+        None,
+        None,
+        None,
+        0.04,
+        "k3",
+        0.2,
+        0.28,
+        3.0,
+        2.5,
+        "clip",
+        0.1,
+        "token-mean",
+        None,
+        None,
+        True,
+    )
     with mk.use_backend(backend):
         torch.library.opcheck(torch.ops.moo_kernels.policy_loss.default, args)
 

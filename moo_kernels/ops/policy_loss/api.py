@@ -158,8 +158,28 @@ def policy_loss(
         num_tokens = O.check_number("num_tokens", num_tokens, low=0.0, low_inclusive=False)
 
     write_grad = torch.is_grad_enabled() and logp.requires_grad
-    args = (logp, advantages, mask, old_logp, ref_logp, token_advantages, is_weights, offpolicy, beta, kl,
-            clip_low, clip_high, dual_clip, ratio_cap, mode, offpolicy_gamma, agg, max_len, num_tokens, write_grad)
+    args = (
+        logp,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        token_advantages,
+        is_weights,
+        offpolicy,
+        beta,
+        kl,
+        clip_low,
+        clip_high,
+        dual_clip,
+        ratio_cap,
+        mode,
+        offpolicy_gamma,
+        agg,
+        max_len,
+        num_tokens,
+        write_grad,
+    )
     if torch.compiler.is_compiling():
         loss, metrics, _ = policy_loss_op(*args)
     elif write_grad:

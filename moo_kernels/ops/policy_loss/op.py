@@ -43,21 +43,76 @@ def problem_from_args(*args) -> PolicyLossProblem:
 
 @torch.library.custom_op("moo_kernels::policy_loss", mutates_args=())
 def policy_loss_op(
-    logp: Tensor, advantages: Tensor, mask: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None,
-    token_advantages: Tensor | None, is_weights: Tensor | None, offpolicy: Tensor | None, beta: float, kl: str,
-    clip_low: float, clip_high: float, dual_clip: float | None, ratio_cap: float | None, mode: str,
-    offpolicy_gamma: float, agg: str, max_len: int | None, num_tokens: float | None, write_grad: bool,
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    token_advantages: Tensor | None,
+    is_weights: Tensor | None,
+    offpolicy: Tensor | None,
+    beta: float,
+    kl: str,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    ratio_cap: float | None,
+    mode: str,
+    offpolicy_gamma: float,
+    agg: str,
+    max_len: int | None,
+    num_tokens: float | None,
+    write_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    p = problem_from_args(logp, advantages, mask, old_logp, ref_logp, token_advantages, is_weights, offpolicy,
-                          beta, kl, clip_low, clip_high, dual_clip, ratio_cap, mode, offpolicy_gamma, agg,
-                          max_len, num_tokens, write_grad)
+    p = problem_from_args(
+        logp,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        token_advantages,
+        is_weights,
+        offpolicy,
+        beta,
+        kl,
+        clip_low,
+        clip_high,
+        dual_clip,
+        ratio_cap,
+        mode,
+        offpolicy_gamma,
+        agg,
+        max_len,
+        num_tokens,
+        write_grad,
+    )
     loss, metrics, grad = run(p)
     return loss, metrics, grad if grad is not None else logp.new_empty(0)
 
 
 @policy_loss_op.register_fake
-def _(logp, advantages, mask, old_logp, ref_logp, token_advantages, is_weights, offpolicy, beta, kl, clip_low,
-      clip_high, dual_clip, ratio_cap, mode, offpolicy_gamma, agg, max_len, num_tokens, write_grad):
+def _(
+    logp,
+    advantages,
+    mask,
+    old_logp,
+    ref_logp,
+    token_advantages,
+    is_weights,
+    offpolicy,
+    beta,
+    kl,
+    clip_low,
+    clip_high,
+    dual_clip,
+    ratio_cap,
+    mode,
+    offpolicy_gamma,
+    agg,
+    max_len,
+    num_tokens,
+    write_grad,
+):
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     grad = torch.empty_like(logp) if write_grad else logp.new_empty(0)
     return logp.new_empty((), dtype=dt), logp.new_empty((len(METRICS),), dtype=dt), grad

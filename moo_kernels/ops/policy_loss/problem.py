@@ -35,10 +35,22 @@ class PolicyLossProblem(NamedTuple):
 
     def reference_kwargs(self) -> dict:
         return dict(
-            old_logp=self.old_logp, ref_logp=self.ref_logp, beta=self.beta, kl=self.kl, clip_low=self.clip_low,
-            clip_high=self.clip_high, dual_clip=self.dual_clip, ratio_cap=self.ratio_cap, mode=self.mode,
-            is_weights=self.is_weights, offpolicy=self.offpolicy, offpolicy_gamma=self.offpolicy_gamma,
-            token_advantages=self.token_advantages, agg=self.agg, max_len=self.max_len, num_tokens=self.num_tokens,
+            old_logp=self.old_logp,
+            ref_logp=self.ref_logp,
+            beta=self.beta,
+            kl=self.kl,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            ratio_cap=self.ratio_cap,
+            mode=self.mode,
+            is_weights=self.is_weights,
+            offpolicy=self.offpolicy,
+            offpolicy_gamma=self.offpolicy_gamma,
+            token_advantages=self.token_advantages,
+            agg=self.agg,
+            max_len=self.max_len,
+            num_tokens=self.num_tokens,
         )
 
     def norm_const(self) -> float:

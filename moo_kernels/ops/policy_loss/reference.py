@@ -190,18 +190,29 @@ def policy_loss_reference(
     return loss, metrics
 
 
-def policy_loss_grad_reference(
-    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **kw
-) -> torch.Tensor:
+def policy_loss_grad_reference(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
     """Closed-form d loss / d logp of policy_loss_reference, in float64 (no autograd).
 
     The op's reference backend uses it (an op implementation runs below autograd); the tests check it
     against autograd through policy_loss_reference. The formulas are those of the kernels.
     """
     o = dict(
-        old_logp=None, ref_logp=None, beta=0.0, kl="k3", clip_low=0.2, clip_high=None, dual_clip=None,
-        ratio_cap=None, mode="clip", is_weights=None, offpolicy=None, offpolicy_gamma=0.1,
-        token_advantages=None, agg="token-mean", max_len=None, num_tokens=None,
+        old_logp=None,
+        ref_logp=None,
+        beta=0.0,
+        kl="k3",
+        clip_low=0.2,
+        clip_high=None,
+        dual_clip=None,
+        ratio_cap=None,
+        mode="clip",
+        is_weights=None,
+        offpolicy=None,
+        offpolicy_gamma=0.1,
+        token_advantages=None,
+        agg="token-mean",
+        max_len=None,
+        num_tokens=None,
     )
     o.update(kw)
     clip_high = o["clip_low"] if o["clip_high"] is None else o["clip_high"]
@@ -253,8 +264,9 @@ def policy_loss_grad_reference(
         elif o["kl"] == "k2":
             gk = u
         else:
-            gk = torch.where(u.abs() <= LOG_RATIO_MAX, 1.0 - torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)),
-                             torch.zeros_like(u))
+            gk = torch.where(
+                u.abs() <= LOG_RATIO_MAX, 1.0 - torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)), torch.zeros_like(u)
+            )
         g = g + o["beta"] * gk
     return g * m * token_scale(m, o["agg"], o["max_len"], o["num_tokens"])
 

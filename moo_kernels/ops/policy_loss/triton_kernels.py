@@ -34,9 +34,20 @@ NUM_PARTIALS = tl.constexpr(11)  # loss, pg, kl, clip, low, high, dual, ratio su
 
 @triton.jit
 def _row_stats_kernel(
-    logp_ptr, old_ptr, mask_ptr, stats_ptr, T,
-    s_lb, s_lt, s_ob, s_ot, s_mb, s_mt,
-    BLOCK_T: tl.constexpr, HAS_OLD: tl.constexpr, GSPO_MODE: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    mask_ptr,
+    stats_ptr,
+    T,
+    s_lb,
+    s_lt,
+    s_ob,
+    s_ot,
+    s_mb,
+    s_mt,
+    BLOCK_T: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    GSPO_MODE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     n = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -63,22 +74,63 @@ def _totals_kernel(stats_ptr, totals_ptr, B, BLOCK_B: tl.constexpr):
         b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         n = tl.load(stats_ptr + b * 2, mask=b < B, other=0.0)
         acc_n += n
-        acc_s += tl.where(n != 0, 1.0, 0.0)
+        acc_s += tl.where(n > 0, 1.0, 0.0)
     tl.store(totals_ptr + 0, tl.sum(acc_n, axis=0))
     tl.store(totals_ptr + 1, tl.sum(acc_s, axis=0))
 
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, mask_ptr, adv_ptr, tadv_ptr, isw_ptr, off_ptr,
-    stats_ptr, totals_ptr, grad_ptr, part_ptr,
-    B, T,
-    s_lb, s_lt, s_ob, s_ot, s_rb, s_rt, s_mb, s_mt, s_ab, s_at, s_tb, s_tt, s_wb, s_wt, s_gb, s_gt,
-    beta, clip_lo, clip_hi, dual_clip, ratio_cap, gamma, norm_const,
-    MODE: tl.constexpr, AGG: tl.constexpr, KL: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_TADV: tl.constexpr, HAS_ISW: tl.constexpr,
-    HAS_OFF: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_CAP: tl.constexpr, HAS_NUM_TOKENS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    mask_ptr,
+    adv_ptr,
+    tadv_ptr,
+    isw_ptr,
+    off_ptr,
+    stats_ptr,
+    totals_ptr,
+    grad_ptr,
+    part_ptr,
+    B,
+    T,
+    s_lb,
+    s_lt,
+    s_ob,
+    s_ot,
+    s_rb,
+    s_rt,
+    s_mb,
+    s_mt,
+    s_ab,
+    s_at,
+    s_tb,
+    s_tt,
+    s_wb,
+    s_wt,
+    s_gb,
+    s_gt,
+    beta,
+    clip_lo,
+    clip_hi,
+    dual_clip,
+    ratio_cap,
+    gamma,
+    norm_const,
+    MODE: tl.constexpr,
+    AGG: tl.constexpr,
+    KL: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_TADV: tl.constexpr,
+    HAS_ISW: tl.constexpr,
+    HAS_OFF: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    HAS_NUM_TOKENS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pt = tl.program_id(1)
