@@ -26,6 +26,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
 from moo_kernels.ops.advantages.cuda import block_sizes  # noqa: E402
 from moo_kernels.ops.brier import triton_kernels as brier_k  # noqa: E402
+from moo_kernels.ops.policy_loss import cuda as pl_cuda  # noqa: E402
+from moo_kernels.ops.policy_loss import triton_kernels as pl_k  # noqa: E402
 
 ARCHS = (80, 90)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -199,8 +201,94 @@ def all_configs():
         yield "brier_fwd", brier_k._brier_fwd_kernel, sig, dict(BLOCK=1024), 4, ""
 
 
+def policy_loss_configs():
+    """(name, kernel, signature, constexprs, num_warps, label) of the policy-loss kernels."""
+    for lp in ("fp32", "bf16"):
+        for gspo in (False, True):
+            sig = {
+                "logp_ptr": f"*{lp}",
+                "old_ptr": f"*{lp}",
+                "mask_ptr": "*u8",
+                "stats_ptr": "*fp32",
+                "T": "i32",
+                **{s: "i32" for s in ("s_lb", "s_lt", "s_ob", "s_ot", "s_mb", "s_mt")},
+            }
+            yield (
+                "policy_row_stats",
+                pl_k._row_stats_kernel,
+                sig,
+                dict(BLOCK_T=2048, HAS_OLD=True, GSPO_MODE=gspo),
+                4,
+                lp,
+            )
+    sig = {"stats_ptr": "*fp32", "totals_ptr": "*fp32", "B": "i32"}
+    yield "policy_totals", pl_k._totals_kernel, sig, dict(BLOCK_B=1024), 4, ""
+    sig = {"part_ptr": "*fp32", "totals_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32"}
+    yield "policy_reduce", pl_k._reduce_partials_kernel, sig, dict(BLOCK_P=256), 4, ""
+    strides = (
+        "s_lb",
+        "s_lt",
+        "s_ob",
+        "s_ot",
+        "s_rb",
+        "s_rt",
+        "s_mb",
+        "s_mt",
+        "s_ab",
+        "s_at",
+        "s_tb",
+        "s_tt",
+        "s_wb",
+        "s_wt",
+        "s_gb",
+        "s_gt",
+    )
+    floats = ("beta", "clip_lo", "clip_hi", "dual_clip", "ratio_cap", "gamma", "norm_const")
+    all_on = dict(
+        HAS_OLD=True,
+        HAS_REF=True,
+        HAS_TADV=True,
+        HAS_ISW=True,
+        HAS_OFF=True,
+        HAS_DUAL=True,
+        HAS_CAP=True,
+        HAS_NUM_TOKENS=True,
+        WRITE_GRAD=True,
+    )
+    plain = dict(
+        all_on, HAS_TADV=False, HAS_ISW=False, HAS_OFF=False, HAS_DUAL=False, HAS_CAP=False, HAS_NUM_TOKENS=False
+    )
+    for lp in ("fp32", "bf16", "fp16"):
+        for mode in range(4):
+            for agg in range(4):
+                for kl in (1, 2, 3):
+                    if (agg, kl) != (0, 3) and (mode, lp) != (0, "fp32"):
+                        continue  # every mode x dtype at (token-mean, k3); every agg x kl for clip fp32
+                    for flags in (all_on, plain):
+                        sig = {
+                            "logp_ptr": f"*{lp}",
+                            "old_ptr": f"*{lp}",
+                            "ref_ptr": f"*{lp}",
+                            "mask_ptr": "*u8",
+                            "adv_ptr": "*fp32",
+                            "tadv_ptr": "*fp32",
+                            "isw_ptr": "*fp32",
+                            "off_ptr": "*u8",
+                            "stats_ptr": "*fp32",
+                            "totals_ptr": "*fp32",
+                            "grad_ptr": f"*{lp}",
+                            "part_ptr": "*fp32",
+                            "B": "i32",
+                            "T": "i32",
+                            **{s: "i32" for s in strides},
+                            **{f: "fp32" for f in floats},
+                        }
+                        cx = dict(flags, MODE=mode, AGG=agg, KL=kl, BLOCK_T=1024)
+                        yield "policy_loss_fwd", pl_k._policy_loss_fwd_kernel, sig, cx, pl_cuda.FWD_WARPS, lp
+
+
 def main() -> int:
-    for name, fn, sig, constexprs, num_warps, shape in all_configs():
+    for name, fn, sig, constexprs, num_warps, shape in [*all_configs(), *policy_loss_configs()]:
         for arch in ARCHS:
             report = compile_kernel(fn, sig, constexprs, arch, num_warps)
             config = {k: (v if isinstance(v, (int, bool)) else str(v)) for k, v in constexprs.items()}

@@ -22,7 +22,15 @@ def test_kernels_compile_without_spills():
     assert res.returncode == 0, res.stderr[-4000:]
     reports = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     kernels = {(r["kernel"], r["arch"]) for r in reports}
-    for name in ("advantages_fwd", "advantages_batchnorm", "brier_fwd"):
+    for name in (
+        "advantages_fwd",
+        "advantages_batchnorm",
+        "brier_fwd",
+        "policy_row_stats",
+        "policy_totals",
+        "policy_reduce",
+        "policy_loss_fwd",
+    ):
         assert {(name, 80), (name, 90)} <= kernels, f"{name} was not compiled for both archs"
     spilled = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, f"register spills: {spilled}"

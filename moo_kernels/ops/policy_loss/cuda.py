@@ -14,6 +14,7 @@ from moo_kernels.ops.policy_loss import triton_kernels as tk
 from moo_kernels.ops.policy_loss.problem import AGG_CODES, KL_CODES, MODE_CODES, PolicyLossProblem
 
 BLOCK_T = 1024  # tokens per program of the main kernel
+FWD_WARPS = 8  # 4 tokens per thread: every flag on stays within registers (checked ahead of time)
 NUM_METRICS = 11
 
 
@@ -117,7 +118,7 @@ def policy_loss_triton(p: PolicyLossProblem):
         HAS_NUM_TOKENS=p.num_tokens is not None,
         WRITE_GRAD=grad is not None,
         BLOCK_T=BLOCK_T,
-        num_warps=4,
+        num_warps=FWD_WARPS,
     )
     tk._reduce_partials_kernel[(1,)](
         parts, totals, out, parts.shape[0], BLOCK_P=min(triton.next_power_of_2(parts.shape[0]), 256), num_warps=4
