@@ -25,8 +25,18 @@ test: build
 test-gpu: build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider -m gpu
 
+# Both benchmarks on the machine's default device (cuda when available, else cpu): JSON + PNG in bench/results/,
+# named <bench>_<device>_<date>. Both run even when the first fails; the target fails if either did.
 bench: build
-	$(PY) bench/bench_advantages.py
+	@mkdir -p bench/results
+	@dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); day=$$(date -u +%Y%m%d); \
+	rc=0; \
+	for b in advantages policy_loss; do \
+		echo "== bench_$$b on $$dev"; \
+		$(PY) bench/bench_$$b.py --device $$dev \
+			--json bench/results/$${b}_$${dev}_$$day.json --plot bench/results/$${b}_$${dev}_$$day.png || rc=1; \
+	done; \
+	exit $$rc
 
 lint:
 	ruff check moo_kernels python_tests bench

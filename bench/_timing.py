@@ -2,6 +2,7 @@
 
 CPU: `time_cpu` calls the function a few times to warm up, then times every repetition on its own
 with time.perf_counter (garbage collection paused, as timeit does) and reports the median.
+`time_cpu_interleaved` does the same for several functions, one call of each per repetition.
 
 CUDA: `time_cuda` measures two things.
 - Latency of one call: before each repetition the L2 cache is optionally flushed (a 256 MiB buffer
@@ -19,15 +20,20 @@ idle before each replay); what remains on top of the kernels is one graph launch
 
 `cuda_copy_bandwidth` measures the ceiling to compare against: a large device-to-device copy,
 counting bytes read plus bytes written.
+
+Also the small report helpers the benchmarks share: `git_commit`, `device_name`, `format_table`.
 """
 
 from __future__ import annotations
 
 import gc
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +97,46 @@ def time_cpu(
         if gc_was_enabled:
             gc.enable()
     return _summary(samples)
+
+
+def time_cpu_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    reps: int = 20,
+    budget_s: float | None = None,
+    min_reps: int = 1,
+) -> dict[str, Timing]:
+    """time_cpu for several functions at once, their repetitions interleaved.
+
+    Each repetition calls every function once (each individually timed, the order rotating from one
+    repetition to the next), so a burst of load from elsewhere on the machine falls on all of them
+    alike and their ratio stays fair. budget_s bounds the time of all functions together.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        spent = 0.0
+        for i in range(reps):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                fns[name]()
+                dt = time.perf_counter() - t0
+                samples[name].append(dt * 1e6)
+                spent += dt
+            if budget_s is not None and spent >= budget_s and i + 1 >= min_reps:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: _summary(s) for name, s in samples.items()}
 
 
 _flush_buffer: torch.Tensor | None = None
@@ -195,3 +241,42 @@ def cuda_copy_bandwidth(nbytes: int = 1 << 30, *, warmup: int = 3, reps: int = 2
 def gbps(nbytes: int | float, us: float) -> float:
     """Achieved bandwidth in GB/s (1e9 bytes/s) of moving nbytes in us microseconds."""
     return nbytes / (us * 1e-6) / 1e9
+
+
+def git_commit(root: str | Path) -> dict[str, Any]:
+    """{"git_commit": HEAD of the repository at root, "git_dirty": uncommitted changes}, None when unknown."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    if head.returncode != 0:
+        return {"git_commit": None, "git_dirty": None}
+    return {
+        "git_commit": head.stdout.strip(),
+        "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
+    }
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for "cuda", the processor's model name for "cpu"."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
