@@ -20,9 +20,9 @@ RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
 
-def newest(device: str) -> tuple[Path, dict] | None:
+def newest(device: str, bench: str = "advantages") -> tuple[Path, dict] | None:
     found = []
-    for path in sorted(RESULTS.glob("advantages_*.json")):
+    for path in sorted(RESULTS.glob(f"{bench}_*.json")):
         data = json.loads(path.read_text())
         if data.get("device") == device and not data.get("meta", {}).get("quick"):
             found.append((data["meta"].get("date", ""), path, data))
@@ -107,18 +107,36 @@ def gpu_section(path: Path, data: dict) -> list[str]:
     return lines
 
 
+def policy_loss_section(path: Path, data: dict) -> list[str]:
+    c = data["config"]
+    t = data["timings"]
+    sp = data["speedup_of_moo"]
+    moo = data["names"]["moo"]
+    where = "CPU" if data["device"] == "cpu" else "GPU"
+    lines = [
+        f"**{where}, policy loss forward + backward**: B={c['b']}, T={c['t']} ({c['active_fraction']:.0%} of tokens "
+        f"active), mode \"{c['mode']}\" [{1 - c['clip_low']:.2f}, {1 + c['clip_high']:.2f}], {c['kl']} KL, {c['agg']}, "
+        f"{c['dtype']}. Median per call.",
+        "",
+        "| implementation | median (us) | moo_kernels is faster by |",
+        "|---|---:|---:|",
+    ]
+    for name in t:
+        ratio = "-" if name == moo else f"{sp[name]:.2f}x"
+        lines.append(f"| {name} | {_us(t[name]['median_us'])} | {ratio} |")
+    lines += ["", f"Source: {_source(path, data)}.", ""]
+    return lines
+
+
 def render() -> str:
-    lines: list[str] = []
-    cpu = newest("cpu")
-    gpu = newest("cuda")
-    if cpu:
-        lines += cpu_section(*cpu)
-    else:
-        lines += ["CPU: not yet measured.", ""]
-    if gpu:
-        lines += gpu_section(*gpu)
-    else:
-        lines += ["GPU: not yet measured on a GPU.", ""]
+    lines: list[str] = ["### Advantage step", ""]
+    for device, section in (("cpu", cpu_section), ("cuda", gpu_section)):
+        found = newest(device)
+        lines += section(*found) if found else [f"{device.upper()}: not yet measured (no GPU run has been made).", ""]
+    lines += ["### Policy loss", ""]
+    for device in ("cpu", "cuda"):
+        found = newest(device, "policy_loss")
+        lines += policy_loss_section(*found) if found else [f"{device.upper()}: not yet measured (no GPU run has been made).", ""]
     return "\n".join(lines)
 
 
