@@ -34,7 +34,6 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -582,32 +581,6 @@ def _config(inp: Inputs, weighting: str) -> dict[str, Any]:
     }
 
 
-def _git_commit() -> dict[str, Any]:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
-    if head.returncode != 0:
-        return {"git_commit": None, "git_dirty": None}
-    return {
-        "git_commit": head.stdout.strip(),
-        "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
-    }
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _meta(device: str, quick: bool) -> dict[str, Any]:
     try:
         import triton
@@ -618,7 +591,7 @@ def _meta(device: str, quick: bool) -> dict[str, Any]:
     return {
         "benchmark": "advantages",
         "device": device,
-        "device_name": _device_name(device),
+        "device_name": timing.device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -626,7 +599,7 @@ def _meta(device: str, quick: bool) -> dict[str, Any]:
         "moo_kernels": moo_kernels.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
-        **_git_commit(),
+        **timing.git_commit(ROOT),
     }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+NOT_MEASURED = "not yet measured (no GPU run has been made)."
 
 
 def newest(device: str, bench: str = "advantages") -> tuple[Path, dict] | None:
@@ -115,7 +116,7 @@ def policy_loss_section(path: Path, data: dict) -> list[str]:
     where = "CPU" if data["device"] == "cpu" else "GPU"
     lines = [
         f"**{where}, policy loss forward + backward**: B={c['b']}, T={c['t']} ({c['active_fraction']:.0%} of tokens "
-        f"active), mode \"{c['mode']}\" [{1 - c['clip_low']:.2f}, {1 + c['clip_high']:.2f}], {c['kl']} KL, {c['agg']}, "
+        f'active), mode "{c["mode"]}" [{1 - c["clip_low"]:.2f}, {1 + c["clip_high"]:.2f}], {c["kl"]} KL, {c["agg"]}, '
         f"{c['dtype']}. Median per call.",
         "",
         "| implementation | median (us) | moo_kernels is faster by |",
@@ -132,11 +133,11 @@ def render() -> str:
     lines: list[str] = ["### Advantage step", ""]
     for device, section in (("cpu", cpu_section), ("cuda", gpu_section)):
         found = newest(device)
-        lines += section(*found) if found else [f"{device.upper()}: not yet measured (no GPU run has been made).", ""]
+        lines += section(*found) if found else [f"{device.upper()}: {NOT_MEASURED}", ""]
     lines += ["### Policy loss", ""]
     for device in ("cpu", "cuda"):
         found = newest(device, "policy_loss")
-        lines += policy_loss_section(*found) if found else [f"{device.upper()}: not yet measured (no GPU run has been made).", ""]
+        lines += policy_loss_section(*found) if found else [f"{device.upper()}: {NOT_MEASURED}", ""]
     return "\n".join(lines)
 
 
