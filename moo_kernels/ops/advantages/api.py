@@ -54,13 +54,15 @@ def _weights(weights, k: int, device: torch.device, dtype: torch.dtype) -> tuple
         values = tuple(weights)
         if len(values) != k:
             raise ValueError(f"weights must have {k} entries (one per objective), got {len(values)}")
+        key = (values, device, dtype)
+        cached = _DEFAULT_WEIGHTS.get(key)
+        if cached is not None:  # validated when it was cached
+            return cached, True
         for i, v in enumerate(values):
             O.check_number(f"weights[{i}]", v, low=0.0)
-        key = (values, device, dtype)
-        if key not in _DEFAULT_WEIGHTS:
-            if len(_DEFAULT_WEIGHTS) > 64:
-                _DEFAULT_WEIGHTS.clear()
-            _DEFAULT_WEIGHTS[key] = torch.tensor(values, dtype=dtype, device=device)
+        if len(_DEFAULT_WEIGHTS) > 64:
+            _DEFAULT_WEIGHTS.clear()
+        _DEFAULT_WEIGHTS[key] = torch.tensor(values, dtype=dtype, device=device)
         return _DEFAULT_WEIGHTS[key], True
     raise TypeError(f"weights must be None, a sequence of numbers or a tensor, got {type(weights).__name__}")
 
