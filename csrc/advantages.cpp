@@ -1,10 +1,12 @@
 // Multi-objective advantages on the CPU: the C++ backend of moo_kernels.multi_objective_advantages.
 //
 // Semantics: moo_kernels/ops/advantages/reference.py (the float64 reference). Algorithm:
-//   Groups are processed in blocks of kLanes groups side by side, one group per SIMD lane (a large group
-//   fills a block alone, spread over the lanes), blocks in parallel (OpenMP). For a block:
+//   Groups are processed in blocks of kLanesOf<T> groups side by side, one group per SIMD lane (a large
+//   group fills a block alone, spread over the lanes), blocks in parallel (OpenMP). The compute type T
+//   of the block code is float for float16/bfloat16/float32 rewards (8 lanes) and double for float64
+//   (4 lanes). For a block:
 //   1. Gather: every sample of the block's groups is read once (any dtype and strides, converted to
-//      double), reward gates applied; a sample is feasible when valid and every gate passes; an entry
+//      T), reward gates applied; a sample is feasible when valid and every gate passes; an entry
 //      takes part when its sample is feasible and its reward finite. Objective k becomes column k of
 //      (value, take) cells, value 0 where the entry does not take part; column K holds the combined
 //      reward s_j = sum_k w_k r_jk when it is needed (scalarize, drop_zero_variance).
@@ -13,12 +15,13 @@
 //      the common value and its std exactly 0.
 //   3. Weights (w, or w_k sigma_gk / sum_l w_l sigma_gl), acceptance, normalisation and combination,
 //      then sign scaling, clipping and the fixed values of infeasible / rejected / invalid samples.
-//   4. batch_normalize: step 3 stops after the combination and keeps the raw advantage (double) and a
+//   4. batch_normalize: step 3 stops after the combination and keeps the raw advantage (as double) and a
 //      sample code (in the sample-mask bytes). The batch statistics over the contributing samples are
 //      reduced over fixed blocks of samples combined in block order; a last parallel pass whitens and
 //      finishes every sample.
-// Everything accumulates in double, in an order fixed by the code, so results are deterministic: the
-// same bits whatever the thread count or instruction set. Outputs are float32
+// The block code accumulates in T (two-pass statistics in fp32 at least, as the GPU kernel), the batch
+// statistics in double, in an order fixed by the code, so results are deterministic: the same bits
+// whatever the thread count or instruction set. Outputs are float32
 // (float64 for float64 rewards). The first non-finite reward (nan_policy="raise") and the first bad
 // weight are returned as indices, and the Python launcher raises.
 
@@ -56,10 +59,20 @@ namespace py = pybind11;
 #else
 #define MOO_SIMD_CLONES
 #endif
+// The helpers of a block are inlined into process_block, compiled once per variant.
+#if defined(__GNUC__)
+#define MOO_INLINE __attribute__((always_inline)) inline
+#else
+#define MOO_INLINE inline
+#endif
 
 namespace {
 
-constexpr int64_t kLanes = 4;                                    // groups per block, one per lane
+constexpr int64_t kLanes = 4;                                    // lanes of the double batch reduction
+// Compute type of the block code: float for 16/32-bit rewards (two-pass fp32 statistics, as the GPU
+// kernel), double for float64. Groups per block, one per lane: a 256-bit vector of the compute type.
+template <typename T>
+constexpr int64_t kLanesOf = sizeof(T) == 4 ? 8 : 4;
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // no bad value found
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kMaxFinite = std::numeric_limits<double>::max();
@@ -157,140 +170,156 @@ struct Options {
 
 // A row of kLanes values and their masks (1.0 where the value takes part, and the value is then 0
 // otherwise). Keeping both in one cell keeps the loads of one from aliasing the stores of the other.
-struct Cell {
-    double value[kLanes];
-    double take[kLanes];
+template <typename T, int64_t L = kLanesOf<T>>
+struct CellT {
+    T value[L];
+    T take[L];
 };
+using Cell = CellT<double, kLanes>;
 
 // Per-sample data of a row of a block.
+template <typename T, int64_t L = kLanesOf<T>>
 struct Slot {
-    int64_t row[kLanes];      // sample index (0 for padding)
-    double valid[kLanes];     // 1.0 for a valid sample
-    double feasible[kLanes];  // 1.0 for a feasible sample
-    double adv[kLanes];       // combined advantage, then the finished one
-    double code[kLanes];      // SampleCode, or the sample-mask bit once finished
+    int64_t row[L];      // sample index (0 for padding)
+    T valid[L];     // 1.0 for a valid sample
+    T feasible[L];  // 1.0 for a feasible sample
+    T adv[L];       // combined advantage, then the finished one
+    T code[L];      // SampleCode, or the sample-mask bit once finished
 };
 
-struct Stats {
-    double count = 0, mean = 0, sd = 0;
+template <typename T = double>
+struct StatsT {
+    T count = 0, mean = 0, sd = 0;
     bool varies = false;
 };
+using Stats = StatsT<double>;
 
 // First-pass sums: count, sum, min and max of the values that take part.
-struct Moments {
-    double count = 0, sum = 0, lo = kInf, hi = -kInf;
+template <typename T = double>
+struct MomentsT {
+    T count = 0, sum = 0, lo = std::numeric_limits<T>::infinity(), hi = -std::numeric_limits<T>::infinity();
 
-    void merge(const Moments& o) {
+    void merge(const MomentsT& o) {
         count += o.count;
         sum += o.sum;
         lo = std::min(lo, o.lo);
         hi = std::max(hi, o.hi);
     }
 };
+using Moments = MomentsT<double>;
 
 // Mean from the first pass: exactly the common value when nothing varies (0 when empty).
-inline Stats stats_mean(const Moments& m) {
-    Stats st;
+template <typename T>
+inline StatsT<T> stats_mean(const MomentsT<T>& m) {
+    StatsT<T> st;
     st.count = m.count;
     st.varies = m.hi > m.lo;
-    st.mean = st.varies ? m.sum / m.count : (m.count > 0 ? m.hi : 0.0);
+    st.mean = st.varies ? m.sum / m.count : (m.count > 0 ? m.hi : T(0));
     return st;
 }
 
 // Std from the second pass (0 when nothing varies or with too few values).
-inline void stats_std(Stats& st, double m2, bool unbiased) {
-    const double denom = unbiased ? st.count - 1 : st.count;
-    const double var = st.varies && denom > 0 ? m2 / denom : 0.0;
-    st.sd = var > 0 ? std::sqrt(var) : 0.0;
+template <typename T>
+inline void stats_std(StatsT<T>& st, T m2, bool unbiased) {
+    const T denom = unbiased ? st.count - 1 : st.count;
+    const T var = st.varies && denom > 0 ? m2 / denom : T(0);
+    st.sd = var > 0 ? std::sqrt(var) : T(0);
 }
 
 // Per-lane first pass over rows of cells.
-MOO_SIMD_CLONES void lane_moments(const Cell* cells, int64_t rows, Moments* out) {
-    double count[kLanes] = {}, sum[kLanes] = {}, lo[kLanes], hi[kLanes];
-    std::fill(lo, lo + kLanes, kInf);
-    std::fill(hi, hi + kLanes, -kInf);
+template <typename T, int64_t L>
+MOO_INLINE void lane_moments(const CellT<T, L>* cells, int64_t rows, MomentsT<T>* out) {
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    T count[L] = {}, sum[L] = {}, lo[L], hi[L];
+    std::fill(lo, lo + L, inf);
+    std::fill(hi, hi + L, -inf);
     for (int64_t i = 0; i < rows; ++i) {
-        const Cell& c = cells[i];
+        const CellT<T, L>& c = cells[i];
         MOO_OMP(omp simd)
-        for (int64_t l = 0; l < kLanes; ++l) {
-            const double v = c.value[l], t = c.take[l];
-            const double low = t > 0 ? v : kInf, high = t > 0 ? v : -kInf;
+        for (int64_t l = 0; l < L; ++l) {
+            const T v = c.value[l], t = c.take[l];
+            const T low = t > 0 ? v : inf, high = t > 0 ? v : -inf;
             count[l] += t;
             sum[l] += v;
             lo[l] = low < lo[l] ? low : lo[l];
             hi[l] = high > hi[l] ? high : hi[l];
         }
     }
-    for (int64_t l = 0; l < kLanes; ++l) out[l] = {count[l], sum[l], lo[l], hi[l]};
+    for (int64_t l = 0; l < L; ++l) out[l] = {count[l], sum[l], lo[l], hi[l]};
 }
 
 // Per-lane sums of squared deviations from mean[lane].
-MOO_SIMD_CLONES void lane_squared_deviations(const Cell* cells, int64_t rows, const double* mean, double* out) {
-    double m2[kLanes] = {};
+template <typename T, int64_t L>
+MOO_INLINE void lane_squared_deviations(const CellT<T, L>* cells, int64_t rows, const T* mean, T* out) {
+    T m2[L] = {};
     for (int64_t i = 0; i < rows; ++i) {
-        const Cell& c = cells[i];
+        const CellT<T, L>& c = cells[i];
         MOO_OMP(omp simd)
-        for (int64_t l = 0; l < kLanes; ++l) {
-            const double d = (c.value[l] - mean[l]) * c.take[l];  // value - mean is finite: 0 where take is
+        for (int64_t l = 0; l < L; ++l) {
+            const T d = (c.value[l] - mean[l]) * c.take[l];  // value - mean is finite: 0 where take is
             m2[l] += d * d;
         }
     }
-    std::copy(m2, m2 + kLanes, out);
+    std::copy(m2, m2 + L, out);
 }
 
 // Two-pass statistics of each lane of a column.
-void lane_stats(const Cell* cells, int64_t rows, bool unbiased, Stats* st) {
-    Moments m[kLanes];
-    double mean[kLanes], m2[kLanes];
+template <typename T, int64_t L>
+MOO_INLINE void lane_stats(const CellT<T, L>* cells, int64_t rows, bool unbiased, StatsT<T>* st) {
+    MomentsT<T> m[L];
+    T mean[L], m2[L];
     lane_moments(cells, rows, m);
-    for (int64_t l = 0; l < kLanes; ++l) {
+    for (int64_t l = 0; l < L; ++l) {
         st[l] = stats_mean(m[l]);
         mean[l] = st[l].mean;
     }
     lane_squared_deviations(cells, rows, mean, m2);
-    for (int64_t l = 0; l < kLanes; ++l) stats_std(st[l], m2[l], unbiased);
+    for (int64_t l = 0; l < L; ++l) stats_std(st[l], m2[l], unbiased);
 }
 
 // Two-pass statistics of a column whose lanes all hold the same group: the lanes are merged in lane
 // order, and every lane gets the result.
-void column_stats(const Cell* cells, int64_t rows, bool unbiased, Stats* st) {
-    Moments m[kLanes], total;
-    double mean[kLanes], m2[kLanes], sum = 0;
+template <typename T, int64_t L>
+MOO_INLINE void column_stats(const CellT<T, L>* cells, int64_t rows, bool unbiased, StatsT<T>* st) {
+    MomentsT<T> m[L], total;
+    T mean[L], m2[L], sum = 0;
     lane_moments(cells, rows, m);
-    for (int64_t l = 0; l < kLanes; ++l) total.merge(m[l]);
-    Stats merged = stats_mean(total);
+    for (int64_t l = 0; l < L; ++l) total.merge(m[l]);
+    StatsT<T> merged = stats_mean(total);
     if (merged.varies) {
-        std::fill(mean, mean + kLanes, merged.mean);
+        std::fill(mean, mean + L, merged.mean);
         lane_squared_deviations(cells, rows, mean, m2);
-        for (int64_t l = 0; l < kLanes; ++l) sum += m2[l];
+        for (int64_t l = 0; l < L; ++l) sum += m2[l];
         stats_std(merged, sum, unbiased);
     }
-    std::fill(st, st + kLanes, merged);
+    std::fill(st, st + L, merged);
 }
 
 // ---- per-sample maps -----------------------------------------------------------------------------
 
 // Normalisation as (x - shift) * mul / div. With the values below it reproduces each mode of the
 // reference exactly (multiplying or dividing by 1 is exact), including the cases where it gives 0.
+template <typename T = double>
 struct Affine {
-    double shift = 0, mul = 1, div = 1;
+    T shift = 0, mul = 1, div = 1;
 };
 
-inline Affine normalizer(const Stats& st, int mode, double eps) {
+template <typename T>
+inline Affine<T> normalizer(const StatsT<T>& st, int mode, double eps) {
     switch (mode) {
         case kZScore: {  // (x - mu) / (sigma + eps), 0 when the values do not vary
-            const double den = st.sd + eps;
+            const T den = st.sd + static_cast<T>(eps);
             const bool ok = st.varies && den > 0;
-            return {st.mean, ok ? 1.0 : 0.0, ok ? den : 1.0};
+            return {st.mean, ok ? T(1) : T(0), ok ? den : T(1)};
         }
         case kCenter:
-            return {st.mean, 1.0, 1.0};
+            return {st.mean, T(1), T(1)};
         case kRloo: {  // (x - mu) * n / (n - 1), 0 when n < 2
             const bool many = st.count > 1;
-            return {st.mean, many ? st.count : 0.0, many ? st.count - 1 : 1.0};
+            return {st.mean, many ? st.count : T(0), many ? st.count - 1 : T(1)};
         }
         default:
-            return {0.0, 1.0, 1.0};
+            return {T(0), T(1), T(1)};
     }
 }
 
@@ -321,18 +350,20 @@ struct BlockPlan {
 // of the group when spread); rows past the group are padding (invalid, never taking part). cells holds
 // K + 1 columns of `cap` rows: the objectives, then the combined reward. The buffers grow to the largest
 // block met.
+template <typename T>
 struct Block {
+    static constexpr int64_t kLanes = kLanesOf<T>;
     int64_t k;
     bool spread = false;
     int64_t group[kLanes];  // group of each lane (num_groups for an empty lane, and lanes 1.. when spread)
     int64_t start[kLanes], count[kLanes];  // start of the lane's group, and the lane's rows
     int64_t rows = 0;       // largest count of the block
     int64_t cap = 0;
-    double feasible_count[kLanes];
-    std::vector<Slot> slots;    // [cap]
-    std::vector<Cell> cells;    // [K + 1, cap]
-    std::vector<Stats> stats;   // [K + 1, kLanes]
-    std::vector<double> weff;   // [K, kLanes] combination weights
+    T feasible_count[kLanes];
+    std::vector<Slot<T>> slots;    // [cap]
+    std::vector<CellT<T>> cells;    // [K + 1, cap]
+    std::vector<StatsT<T>> stats;   // [K + 1, kLanes]
+    std::vector<T> weff;   // [K, kLanes] combination weights
 
     explicit Block(int64_t objectives) : k(objectives), stats((objectives + 1) * kLanes), weff(objectives * kLanes) {}
 
@@ -343,7 +374,7 @@ struct Block {
         cells.resize((k + 1) * cap);
     }
 
-    Cell* column(int64_t c) { return cells.data() + c * cap; }
+    CellT<T>* column(int64_t c) { return cells.data() + c * cap; }
 };
 
 inline int64_t group_start(const Inputs& in, int64_t g) {
@@ -355,7 +386,9 @@ inline int64_t group_count(const Inputs& in, int64_t g) {
 }
 
 // Blocks in group order: runs of up to kLanes groups smaller than kSpreadMin, and the larger ones alone.
+template <typename T>
 std::vector<BlockPlan> plan_blocks(const Inputs& in) {
+    constexpr int64_t kLanes = kLanesOf<T>;
     std::vector<BlockPlan> plans;
     for (int64_t g = 0; g < in.num_groups;) {
         if (group_count(in, g) >= kSpreadMin) {
@@ -372,9 +405,11 @@ std::vector<BlockPlan> plan_blocks(const Inputs& in) {
 // Step 1: gather the samples of the block's groups. KC is K when known at compile time (0: in.k).
 // Returns the lowest flat index j * K + k of a non-finite reward of a valid sample when checking, else
 // kNone.
-template <typename In, int KC>
-MOO_SIMD_CLONES int64_t load_block(const Inputs& in, const Options& o, const BlockPlan& plan, bool with_combined,
-                                   Block& b) {
+template <typename In, typename T, int KC>
+MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPlan& plan, bool with_combined,
+                                   Block<T>& b) {
+    constexpr int64_t kLanes = kLanesOf<T>;
+    constexpr T kMax = std::numeric_limits<T>::max();
     const int64_t K = KC > 0 ? KC : in.k;
     b.spread = plan.spread;
     b.rows = 0;
@@ -391,21 +426,23 @@ MOO_SIMD_CLONES int64_t load_block(const Inputs& in, const Options& o, const Blo
     const int64_t m = in.gates ? in.m : 0;
     const int64_t step = plan.spread ? kLanes : 1;  // sample of row i, lane l: start + i * step (+ l when spread)
     for (int64_t l = 0; l < kLanes; ++l) {
-        double feasible_count = 0;
+        T feasible_count = 0;
         const int64_t first = b.start[l] + (plan.spread ? l : 0);
-        for (int64_t i = 0; i < b.rows; ++i) {
-            Slot& s = b.slots[i];
-            if (i >= b.count[l]) {  // padding
-                s.row[l] = 0, s.valid[l] = s.feasible[l] = 0.0;
-                continue;
-            }
+        for (int64_t i = 0; i < b.count[l]; ++i) {
+            Slot<T>& s = b.slots[i];
             const int64_t index = first + i * step;
             const int64_t row = in.order ? in.order[index] : index;
             const uint8_t valid = !in.valid || in.valid[row];
             uint8_t pass = valid;  // bool bytes are 0 or 1
-            for (int64_t c = 0; c < m; ++c) pass &= in.gates[row * in.stride_gn + c * in.stride_gm];
+            // The early exit keeps this short loop scalar (its vectorised form costs more for a few gates).
+            const uint8_t* gate = m > 0 ? in.gates + row * in.stride_gn : nullptr;
+            for (int64_t c = 0; c < m && pass; ++c) pass &= gate[c * in.stride_gm];
             s.row[l] = row, s.valid[l] = valid, s.feasible[l] = pass;
             feasible_count += pass;
+        }
+        for (int64_t i = b.count[l]; i < b.rows; ++i) {  // padding
+            Slot<T>& s = b.slots[i];
+            s.row[l] = 0, s.valid[l] = s.feasible[l] = T(0);
         }
         b.feasible_count[l] = feasible_count;
     }
@@ -414,46 +451,50 @@ MOO_SIMD_CLONES int64_t load_block(const Inputs& in, const Options& o, const Blo
     // loads of the masking loop would stall on the scalar stores of the reads if they were interleaved.
     const In* r = static_cast<const In*>(in.rewards);
     for (int64_t k = 0; k < K; ++k) {
-        Cell* cells = b.column(k);
+        CellT<T>* cells = b.column(k);
         for (int64_t i = 0; i < b.rows; ++i) {
             const int64_t* rows = b.slots[i].row;
             for (int64_t l = 0; l < kLanes; ++l)
-                cells[i].value[l] = to_double(r[rows[l] * in.stride_rn + k * in.stride_rk]);
+                cells[i].value[l] = static_cast<T>(to_double(r[rows[l] * in.stride_rn + k * in.stride_rk]));
             if (!in.reward_gates) {
-                std::fill(cells[i].take, cells[i].take + kLanes, 1.0);
+                std::fill(cells[i].take, cells[i].take + kLanes, T(1));
                 continue;
             }
             for (int64_t l = 0; l < kLanes; ++l)
                 cells[i].take[l] = in.reward_gates[rows[l] * in.stride_rgn + k * in.stride_rgk];
         }
     }
-    double checked[kLanes] = {1.0, 1.0, 1.0, 1.0};  // 0 once a valid sample has a non-finite reward
-    const double gated_value = o.gated_value;          // a local: a member would be a conditional load
+    T checked[kLanes];  // 0 once a valid sample has a non-finite reward
+    std::fill(checked, checked + kLanes, T(1));
+    const T gated_value = static_cast<T>(o.gated_value);  // a local: a member would be a conditional load
     for (int64_t k = 0; k < K; ++k) {
-        Cell* cells = b.column(k);
+        CellT<T>* cells = b.column(k);
         for (int64_t i = 0; i < b.rows; ++i) {
-            Cell& c = cells[i];
-            const Slot& s = b.slots[i];
+            CellT<T>& c = cells[i];
+            const Slot<T>& s = b.slots[i];
             MOO_OMP(omp simd)
             for (int64_t l = 0; l < kLanes; ++l) {
-                const double read = c.value[l], open = c.take[l], feasible = s.feasible[l], valid = s.valid[l];
-                const double v = open > 0 ? read : gated_value;
-                const double finite = std::abs(v) <= kMaxFinite ? 1.0 : 0.0;  // 0 for inf and nan
-                const double take = finite * feasible;
-                c.value[l] = take > 0 ? v : 0.0;
+                const T read = c.value[l], open = c.take[l], feasible = s.feasible[l], valid = s.valid[l];
+                const T v = open > 0 ? read : gated_value;
+                const T finite = std::abs(v) <= kMax ? T(1) : T(0);  // 0 for inf and nan
+                const T take = finite * feasible;
+                c.value[l] = take > 0 ? v : T(0);
                 c.take[l] = take;
-                const double fine = finite + (1.0 - valid);  // 0 only for a non-finite reward of a valid sample
+                const T fine = finite + (T(1) - valid);  // 0 only for a non-finite reward of a valid sample
                 checked[l] = fine < checked[l] ? fine : checked[l];
             }
         }
     }
     if (with_combined) {  // column K: combined reward (non-finite entries count 0) of the feasible samples
-        Cell* combined = b.column(K);
+        CellT<T>* combined = b.column(K);
+        T wk[KC > 0 ? KC : 1];
+        for (int64_t k = 0; k < (KC > 0 ? KC : 0); ++k) wk[k] = static_cast<T>(in.weights[k]);
         for (int64_t i = 0; i < b.rows; ++i) {
             MOO_OMP(omp simd)
             for (int64_t l = 0; l < kLanes; ++l) {
-                double sum = 0;
-                for (int64_t k = 0; k < K; ++k) sum += in.weights[k] * b.column(k)[i].value[l];
+                T sum = 0;
+                for (int64_t k = 0; k < K; ++k)
+                    sum += (KC > 0 ? wk[k] : static_cast<T>(in.weights[k])) * b.column(k)[i].value[l];
                 combined[i].value[l] = sum;
                 combined[i].take[l] = b.slots[i].feasible[l];
             }
@@ -482,21 +523,23 @@ MOO_SIMD_CLONES int64_t load_block(const Inputs& in, const Options& o, const Blo
 // weight per group: one division per group instead of one per sample (the reference's (x - shift) / div
 // * weight may differ in the last bit). x - shift is finite, so an entry that does not take part gives
 // exactly 0. A scale that overflows (sigma + eps subnormal) falls back to the reference's order.
-MOO_SIMD_CLONES void combine_block(const Options& o, const double* weff, Block& b) {
+template <typename T>
+MOO_INLINE void combine_block(const Options& o, const T* weff, Block<T>& b) {
+    constexpr int64_t kLanes = kLanesOf<T>;
     const int64_t K = b.k;
-    for (int64_t i = 0; i < b.rows; ++i) std::fill(b.slots[i].adv, b.slots[i].adv + kLanes, 0.0);
+    for (int64_t i = 0; i < b.rows; ++i) std::fill(b.slots[i].adv, b.slots[i].adv + kLanes, T(0));
     const bool scalarize = o.weighting == kScalarize;
     for (int64_t c = scalarize ? K : 0; c < (scalarize ? K + 1 : K); ++c) {
-        double shift[kLanes], mul[kLanes], div[kLanes], w[kLanes], scale[kLanes];
+        T shift[kLanes], mul[kLanes], div[kLanes], w[kLanes], scale[kLanes];
         bool finite_scale = true;
         for (int64_t l = 0; l < kLanes; ++l) {
-            const Affine f = normalizer(b.stats[c * kLanes + l], o.normalize, o.eps);
+            const Affine<T> f = normalizer(b.stats[c * kLanes + l], o.normalize, o.eps);
             shift[l] = f.shift, mul[l] = f.mul, div[l] = f.div;
-            w[l] = scalarize ? 1.0 : weff[c * kLanes + l];
+            w[l] = scalarize ? T(1) : weff[c * kLanes + l];
             scale[l] = f.mul / f.div * w[l];
-            finite_scale &= is_finite(scale[l]);
+            finite_scale &= std::abs(scale[l]) <= std::numeric_limits<T>::max();
         }
-        const Cell* cells = b.column(c);
+        const CellT<T>* cells = b.column(c);
         if (!finite_scale) {
             for (int64_t i = 0; i < b.rows; ++i) {
                 for (int64_t l = 0; l < kLanes; ++l)
@@ -505,8 +548,8 @@ MOO_SIMD_CLONES void combine_block(const Options& o, const double* weff, Block& 
             continue;
         }
         for (int64_t i = 0; i < b.rows; ++i) {
-            const Cell& x = cells[i];
-            double* adv = b.slots[i].adv;
+            const CellT<T>& x = cells[i];
+            T* adv = b.slots[i].adv;
             MOO_OMP(omp simd)
             for (int64_t l = 0; l < kLanes; ++l) adv[l] += (x.value[l] - shift[l]) * x.take[l] * scale[l];
         }
@@ -516,21 +559,25 @@ MOO_SIMD_CLONES void combine_block(const Options& o, const double* weff, Block& 
 // Per sample of the block, either (finish) the finished advantage in place of the raw one (sign scaling
 // and clipping of a contributing sample, the fixed value of the others) and the sample-mask bit in
 // code, or just the SampleCode in code. Branch-free over the lanes: feasibility varies at random.
-MOO_SIMD_CLONES void code_block(const Options& o, const double* accept, bool finish, Block& b) {
-    const double positive = o.positive_scale, negative = o.negative_scale, infeasible_adv = o.infeasible_advantage;
-    const double lo = o.has_clip ? -o.clip : -kInf, hi = o.has_clip ? o.clip : kInf;
-    const double keep_infeasible = infeasible_adv != 0.0;
+template <typename T>
+MOO_INLINE void code_block(const Options& o, const T* accept, bool finish, Block<T>& b) {
+    constexpr int64_t kLanes = kLanesOf<T>;
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    const T positive = static_cast<T>(o.positive_scale), negative = static_cast<T>(o.negative_scale);
+    const T infeasible_adv = static_cast<T>(o.infeasible_advantage);
+    const T lo = o.has_clip ? static_cast<T>(-o.clip) : -inf, hi = o.has_clip ? static_cast<T>(o.clip) : inf;
+    const T keep_infeasible = o.infeasible_advantage != 0.0;
     for (int64_t i = 0; i < b.rows; ++i) {
-        Slot& s = b.slots[i];
+        Slot<T>& s = b.slots[i];
         MOO_OMP(omp simd)
         for (int64_t l = 0; l < kLanes; ++l) {
-            const double a = s.adv[l], feasible = s.feasible[l], valid = s.valid[l], ok = accept[l];
-            const double contributes = ok * feasible, infeasible = ok * valid * (1.0 - feasible);
-            const double scaled = a * (a > 0 ? positive : negative);
-            const double clipped = scaled < lo ? lo : (scaled > hi ? hi : scaled);
-            const double fixed = infeasible > 0 ? infeasible_adv : 0.0;
-            const double code = contributes * kContributes + infeasible * kInfeasible;
-            const double keep = contributes + infeasible * keep_infeasible;
+            const T a = s.adv[l], feasible = s.feasible[l], valid = s.valid[l], ok = accept[l];
+            const T contributes = ok * feasible, infeasible = ok * valid * (T(1) - feasible);
+            const T scaled = a * (a > 0 ? positive : negative);
+            const T clipped = scaled < lo ? lo : (scaled > hi ? hi : scaled);
+            const T fixed = infeasible > 0 ? infeasible_adv : T(0);
+            const T code = contributes * T(kContributes) + infeasible * T(kInfeasible);
+            const T keep = contributes + infeasible * keep_infeasible;
             s.code[l] = finish ? keep : code;
             s.adv[l] = finish ? (contributes > 0 ? clipped : fixed) : a;
         }
@@ -539,14 +586,15 @@ MOO_SIMD_CLONES void code_block(const Options& o, const double* accept, bool fin
 
 // Steps 1-3 for a block: writes the group outputs and, per sample, either the finished advantage or
 // (batch_normalize) the raw advantage and the sample code. Returns the bad reward index of load_block.
-template <typename In, typename Out, int KC>
-int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, double* raw, const BlockPlan& plan,
-                      Block& b) {
+template <typename In, typename T, typename Out, int KC>
+MOO_SIMD_CLONES int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, double* raw, const BlockPlan& plan,
+                      Block<T>& b) {
+    constexpr int64_t kLanes = kLanesOf<T>;
     const int64_t K = KC > 0 ? KC : in.k;
     const bool with_combined = o.weighting == kScalarize || o.drop_zero_variance;
-    const int64_t bad = load_block<In, KC>(in, o, plan, with_combined, b);
+    const int64_t bad = load_block<In, T, KC>(in, o, plan, with_combined, b);
     for (int64_t c = 0; c < K + with_combined; ++c) {
-        Stats* st = &b.stats[c * kLanes];
+        StatsT<T>* st = &b.stats[c * kLanes];
         if (b.spread) {
             column_stats(b.column(c), b.rows, o.unbiased, st);
         } else {
@@ -554,27 +602,27 @@ int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, do
         }
     }
     if (b.spread) {
-        double total = 0;
+        T total = 0;
         for (int64_t l = 0; l < kLanes; ++l) total += b.feasible_count[l];
         std::fill(b.feasible_count, b.feasible_count + kLanes, total);
     }
 
     // Weights and acceptance, per group.
-    double* weff = b.weff.data();
-    double accept[kLanes];  // 1.0 for an accepted group
+    T* weff = b.weff.data();
+    T accept[kLanes];  // 1.0 for an accepted group
     for (int64_t l = 0; l < kLanes; ++l) {
-        double total = 0;
+        T total = 0;
         for (int64_t k = 0; k < K; ++k) {
-            const double w = in.weights[k];
+            const T w = static_cast<T>(in.weights[k]);
             weff[k * kLanes + l] = o.weighting == kVariance ? w * b.stats[k * kLanes + l].sd : w;
             total += weff[k * kLanes + l];
         }
         if (o.weighting == kVariance) {
-            for (int64_t k = 0; k < K; ++k) weff[k * kLanes + l] = total > 0 ? weff[k * kLanes + l] / total : 0;
+            for (int64_t k = 0; k < K; ++k) weff[k * kLanes + l] = total > 0 ? weff[k * kLanes + l] / total : T(0);
         }
         // Without the combined column only its count, the feasible samples, is used.
-        const Stats combined = with_combined ? b.stats[K * kLanes + l] : Stats{b.feasible_count[l], 0, 0, false};
-        accept[l] = combined.count >= static_cast<double>(o.min_feasible) &&
+        const StatsT<T> combined = with_combined ? b.stats[K * kLanes + l] : StatsT<T>{b.feasible_count[l], 0, 0, false};
+        accept[l] = static_cast<double>(combined.count) >= static_cast<double>(o.min_feasible) &&
                     (combined.varies || !o.drop_zero_variance);
         const int64_t g = b.group[l];
         if (g == in.num_groups) continue;
@@ -590,12 +638,16 @@ int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, do
     code_block(o, accept, !o.batch_normalize, b);
     Out* adv = static_cast<Out*>(out.adv);
     for (int64_t l = 0; l < kLanes; ++l) {
-        for (int64_t i = 0; i < b.count[l]; ++i) {
-            const Slot& s = b.slots[i];
-            out.sample_mask[s.row[l]] = static_cast<uint8_t>(s.code[l]);
-            if (o.batch_normalize) {
+        if (o.batch_normalize) {
+            for (int64_t i = 0; i < b.count[l]; ++i) {
+                const Slot<T>& s = b.slots[i];
+                out.sample_mask[s.row[l]] = static_cast<uint8_t>(s.code[l]);
                 raw[s.row[l]] = s.adv[l];
-            } else {
+            }
+        } else {
+            for (int64_t i = 0; i < b.count[l]; ++i) {
+                const Slot<T>& s = b.slots[i];
+                out.sample_mask[s.row[l]] = static_cast<uint8_t>(s.code[l]);
                 adv[s.row[l]] = static_cast<Out>(s.adv[l]);
             }
         }
@@ -604,6 +656,12 @@ int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, do
 }
 
 // ---- batch whitening -----------------------------------------------------------------------------
+
+MOO_SIMD_CLONES void batch_moments(const Cell* cells, int64_t rows, Moments* out) { lane_moments(cells, rows, out); }
+
+MOO_SIMD_CLONES void batch_squared_deviations(const Cell* cells, int64_t rows, const double* mean, double* out) {
+    lane_squared_deviations(cells, rows, mean, out);
+}
 
 // Statistics of the raw advantages of the contributing samples, as cells of kLanes samples. The parts
 // of kBatchRows rows are reduced in parallel and combined in part order: the same bits whatever the
@@ -616,7 +674,7 @@ Stats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_unused]
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t p = 0; p < parts; ++p) {
         const int64_t i = p * kBatchRows;
-        lane_moments(&cells[i], std::min(kBatchRows, rows - i), &moments[p * kLanes]);
+        batch_moments(&cells[i], std::min(kBatchRows, rows - i), &moments[p * kLanes]);
     }
     Moments total;
     for (const Moments& part : moments) total.merge(part);
@@ -627,7 +685,7 @@ Stats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_unused]
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t p = 0; p < parts; ++p) {
         const int64_t i = p * kBatchRows;
-        lane_squared_deviations(&cells[i], std::min(kBatchRows, rows - i), mean, &m2[p * kLanes]);
+        batch_squared_deviations(&cells[i], std::min(kBatchRows, rows - i), mean, &m2[p * kLanes]);
     }
     double sum = 0;
     for (double v : m2) sum += v;
@@ -656,17 +714,18 @@ void batch_normalize(const double* raw, int64_t n, const Options& o, const Outpu
 
 template <typename In, typename Out, int KC>
 int64_t run_blocks(const Inputs& in, const Options& o, const Outputs& out) {
-    const std::vector<BlockPlan> plans = plan_blocks(in);
+    using T = Out;  // compute type: float for 16/32-bit rewards, double for float64
+    const std::vector<BlockPlan> plans = plan_blocks<T>(in);
     const int64_t blocks = static_cast<int64_t>(plans.size());
     const bool parallel = in.n * in.k >= kParallelMinElements && blocks > 1;
     std::vector<double> raw(o.batch_normalize ? in.n : 0);
     int64_t bad = kNone;
     MOO_OMP(omp parallel if (parallel) reduction(min : bad))
     {
-        Block block(in.k);
+        Block<T> block(in.k);
         MOO_OMP(omp for schedule(dynamic, kBlocksPerTask))
         for (int64_t p = 0; p < blocks; ++p)
-            bad = std::min(bad, process_block<In, Out, KC>(in, o, out, raw.data(), plans[p], block));
+            bad = std::min(bad, process_block<In, T, Out, KC>(in, o, out, raw.data(), plans[p], block));
     }
     if (o.batch_normalize) batch_normalize<Out>(raw.data(), in.n, o, out, parallel);
     return bad;
