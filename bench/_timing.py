@@ -280,3 +280,30 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
         return "  ".join(padded)
 
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run_meta(benchmark: str, device: str, quick: bool, root: str | Path) -> dict[str, Any]:
+    """The "meta" block of a results JSON: what ran, where, with which versions, when, at which commit."""
+    import datetime
+
+    import moo_kernels
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "benchmark": benchmark,
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "moo_kernels": moo_kernels.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        **git_commit(root),
+    }

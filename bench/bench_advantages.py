@@ -31,9 +31,7 @@ Usage: python bench/bench_advantages.py [--device cpu|cuda] [--json PATH] [--qui
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from collections import defaultdict
 from collections.abc import Callable
@@ -581,28 +579,6 @@ def _config(inp: Inputs, weighting: str) -> dict[str, Any]:
     }
 
 
-def _meta(device: str, quick: bool) -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "benchmark": "advantages",
-        "device": device,
-        "device_name": timing.device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "moo_kernels": moo_kernels.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-        **timing.git_commit(ROOT),
-    }
-
-
 def run(
     device: str, quick: bool = False, *, keep_going: bool = False, use_compile: bool = True, sweep: bool = True
 ) -> dict[str, Any]:
@@ -617,7 +593,7 @@ def run(
         body = run_cpu(quick, keep_going)
     else:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    return {"meta": _meta(device, quick), **body}
+    return {"meta": timing.run_meta("advantages", device, quick, ROOT), **body}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

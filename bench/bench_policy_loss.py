@@ -46,11 +46,9 @@ is missing and the reference backend was timed in its place (0 with --allow-fall
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -716,28 +714,6 @@ def _config(inp: Inputs, ref: Reference) -> dict[str, Any]:
     }
 
 
-def _meta(device: str, quick: bool) -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "benchmark": "policy_loss",
-        "device": device,
-        "device_name": timing.device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "moo_kernels": moo_kernels.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-        **timing.git_commit(ROOT),
-    }
-
-
 def run(
     device: str,
     quick: bool = False,
@@ -762,7 +738,7 @@ def run(
         body = run_cpu(quick, keep_going, sweep, budget_s, interleave)
     else:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    meta = _meta(device, quick)
+    meta = timing.run_meta("policy_loss", device, quick, ROOT)
     # Other work on the machine distorts CPU figures (on 2 cores, markedly): keep the evidence.
     meta["load_average_1min"] = {"before": load_before, "after": _load_average(), "cpus": os.cpu_count()}
     return {"meta": meta, **body}
