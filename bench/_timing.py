@@ -307,3 +307,39 @@ def run_meta(benchmark: str, device: str, quick: bool, root: str | Path) -> dict
         "quick": quick,
         **git_commit(root),
     }
+
+
+def time_on(device: str, fn: Callable[[], Any], timer: dict[str, Any]) -> Timing:
+    """time_cuda on "cuda", time_cpu elsewhere, with the timer's keyword arguments."""
+    return time_cuda(fn, **timer) if device == "cuda" else time_cpu(fn, **timer)
+
+
+def speedups(timings: dict[str, Any], against: str, names: list[str], key: str = "median_us") -> dict[str, float]:
+    """times[name] / times[against]: how many times faster `against` is than each name."""
+    base = timings.get(against)
+    if not isinstance(base, dict) or not base.get(key):
+        return {}
+    out = {}
+    for name in names:
+        tm = timings.get(name)
+        if isinstance(tm, dict) and tm.get(key):
+            out[name] = tm[key] / base[key]
+    return out
+
+
+def allow_recompiles(limit: int = 32) -> None:
+    """torch.compile specialises an eager function once per size of a sweep: allow that many."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for attr in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, attr) and getattr(cfg, attr) < limit:
+            setattr(cfg, attr, limit)
+
+
+def fmt_us(x: float | None) -> str:
+    return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
+
+
+def fmt_ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x else "-"

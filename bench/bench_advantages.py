@@ -302,12 +302,6 @@ def check_all(impls: list[Impl], refs: dict[str, Tensor]) -> tuple[dict[str, Any
     return report, bad, ok
 
 
-def time_impl(impl: Impl, device: str) -> timing.Timing:
-    if device == "cuda":
-        return timing.time_cuda(impl.fn, **impl.timer)
-    return timing.time_cpu(impl.fn, **impl.timer)
-
-
 def measure(impls: list[Impl], refs: dict[str, Tensor], device: str, keep_going: bool) -> dict[str, Any]:
     report, bad, ok = check_all(impls, refs)
     result: dict[str, Any] = {
@@ -320,7 +314,7 @@ def measure(impls: list[Impl], refs: dict[str, Tensor], device: str, keep_going:
     if bad and not keep_going:
         return result
     for impl in ok:
-        result["timings"][impl.name] = time_impl(impl, device).as_dict()
+        result["timings"][impl.name] = timing.time_on(device, impl.fn, impl.timer).as_dict()
     # Graph captures last: a capture that fails cannot disturb the figures above.
     for impl in ok:
         if device == "cuda" and impl.graph:
@@ -331,14 +325,6 @@ def measure(impls: list[Impl], refs: dict[str, Tensor], device: str, keep_going:
                 result["device_timings"][impl.name] = f"error: {type(e).__name__}: {e}"
                 print(f"  {impl.name}: CUDA graph timing failed: {type(e).__name__}: {e}", file=sys.stderr)
     return result
-
-
-def speedups(timings: dict[str, dict], against: str, names: list[str], key: str = "median_us") -> dict[str, float]:
-    """times[name] / times[against]: how many times faster `against` is than each name."""
-    if against not in timings:
-        return {}
-    base = timings[against][key]
-    return {name: timings[name][key] / base for name in names if name in timings and timings[name][key]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,8 +376,8 @@ def run_cpu(quick: bool = False, keep_going: bool = False) -> dict[str, Any]:
     with moo_kernels.use_backend(backend):
         res = measure(impls, refs, "cpu", keep_going)
     t = res["timings"]
-    res["speedup_of_moo"] = speedups(t, names["moo"], [names["eager"], names["loop"], names["scalarize"]])
-    res["speedup_of_moo_scalarize"] = speedups(t, names["moo_scalarize"], [names["scalarize"]])
+    res["speedup_of_moo"] = timing.speedups(t, names["moo"], [names["eager"], names["loop"], names["scalarize"]])
+    res["speedup_of_moo_scalarize"] = timing.speedups(t, names["moo_scalarize"], [names["scalarize"]])
     res.update(
         device="cpu",
         moo_backend=backend,
@@ -405,16 +391,6 @@ def run_cpu(quick: bool = False, keep_going: bool = False) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # CUDA
-
-
-def _raise_recompile_limit() -> None:
-    """torch.compile specialises the eager function once per size of the sweep: allow that many."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    for attr in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, attr) and getattr(cfg, attr) < 32:
-            setattr(cfg, attr, 32)
 
 
 def _cuda_impls(
@@ -478,7 +454,7 @@ def run_cuda(
 ) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("run_cuda needs a CUDA device")
-    _raise_recompile_limit()
+    timing.allow_recompiles()
     size = dict(CUDA_SIZE, n=QUICK_N) if quick else dict(CUDA_SIZE)
     sweep_n = QUICK_SWEEP_N if quick else CUDA_SWEEP_N
     timer = {"warmup": 5, "reps": 20, "batch": 20} if quick else {"warmup": 20, "reps": 200, "batch": 200}
@@ -508,9 +484,9 @@ def run_cuda(
     res = measure(_cuda_impls(inp, compiled, names, timer, True), refs, "cuda", keep_going)
     t = res["timings"]
     baselines = [names[x] for x in ("eager", "compiled", "scalarize", "scalarize_compiled")]
-    res["speedup_of_moo_raise"] = speedups(t, names["moo_raise"], baselines)
-    res["speedup_of_moo_ignore"] = speedups(t, names["moo_ignore"], baselines)
-    res["speedup_of_moo_scalarize"] = speedups(t, names["moo_scalarize"], baselines[2:])
+    res["speedup_of_moo_raise"] = timing.speedups(t, names["moo_raise"], baselines)
+    res["speedup_of_moo_ignore"] = timing.speedups(t, names["moo_ignore"], baselines)
+    res["speedup_of_moo_scalarize"] = timing.speedups(t, names["moo_scalarize"], baselines[2:])
     nbytes = moo_bytes(inp.n, inp.k, inp.m, inp.num_groups)
     res["bandwidth"] = _bandwidth(res, names, nbytes, copy["gbps"])
     res.update(device="cuda", names=names, config=_config(inp, "variance"), copy_bandwidth=copy)
@@ -524,8 +500,8 @@ def run_cuda(
             point = measure(_cuda_impls(s_inp, compiled, names, timer, False), s_refs, "cuda", keep_going)
             st = point["timings"]
             point["n"] = n
-            point["speedup_of_moo_raise"] = speedups(st, names["moo_raise"], baselines[:2])
-            point["speedup_of_moo_ignore"] = speedups(st, names["moo_ignore"], baselines[:2])
+            point["speedup_of_moo_raise"] = timing.speedups(st, names["moo_raise"], baselines[:2])
+            point["speedup_of_moo_ignore"] = timing.speedups(st, names["moo_ignore"], baselines[:2])
             nbytes = moo_bytes(n, s_inp.k, s_inp.m, s_inp.num_groups)
             point["bandwidth"] = _bandwidth(point, names, nbytes, copy["gbps"])
             res["sweep"].append(point)
@@ -606,18 +582,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _us(x: float | None) -> str:
-    return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
-
-
 def _err(x: Any) -> str:
     if x is None:
         return "-"
     return f"{x:.1e}" if isinstance(x, float) else ("error" if str(x).startswith("error") else "non-finite")
-
-
-def _ratio(x: float | None) -> str:
-    return f"{x:.2f}x" if x else "-"
 
 
 def _cuda_report(result: dict[str, Any]) -> list[str]:
@@ -640,12 +608,12 @@ def _cuda_report(result: dict[str, Any]) -> list[str]:
         rows.append(
             [
                 name,
-                _us(tm and tm["median_us"]),
-                _us(tm and tm["min_us"]),
-                _us(tm and tm["batch_us"]),
-                _us(d["median_us"]) if isinstance(d, dict) else "-",
-                _ratio(result["speedup_of_moo_raise"].get(name)),
-                _ratio(result["speedup_of_moo_ignore"].get(name)),
+                timing.fmt_us(tm and tm["median_us"]),
+                timing.fmt_us(tm and tm["min_us"]),
+                timing.fmt_us(tm and tm["batch_us"]),
+                timing.fmt_us(d["median_us"]) if isinstance(d, dict) else "-",
+                timing.fmt_ratio(result["speedup_of_moo_raise"].get(name)),
+                timing.fmt_ratio(result["speedup_of_moo_ignore"].get(name)),
                 _err(errs.get(name)),
             ]
         )
@@ -654,7 +622,7 @@ def _cuda_report(result: dict[str, Any]) -> list[str]:
     if sc:
         out.append(
             f"{names['moo_scalarize']} vs scalarize baselines: "
-            + ", ".join(f"{name} {_ratio(v)}" for name, v in sc.items())
+            + ", ".join(f"{name} {timing.fmt_ratio(v)}" for name, v in sc.items())
         )
     out.append(
         "median/min: one call, L2 flushed, device idle before it (includes the host-side cost); batch: "
@@ -691,12 +659,12 @@ def _cuda_report(result: dict[str, Any]) -> list[str]:
                 [
                     f"{p['n']:,}",
                     *(
-                        _us(st[names[k]]["median_us"]) if names[k] in st else "-"
+                        timing.fmt_us(st[names[k]]["median_us"]) if names[k] in st else "-"
                         for k in ("moo_raise", "moo_ignore", "eager", "compiled")
                     ),
-                    _us(d["median_us"]) if isinstance(d, dict) else "-",
-                    _ratio(sp.get(names["eager"])),
-                    _ratio(sp.get(names["compiled"])),
+                    timing.fmt_us(d["median_us"]) if isinstance(d, dict) else "-",
+                    timing.fmt_ratio(sp.get(names["eager"])),
+                    timing.fmt_ratio(sp.get(names["compiled"])),
                     f"{b['gbps']:.0f}" if b else "-",
                     f"{b['fraction_of_copy']:.1%}" if b else "-",
                 ]
@@ -728,8 +696,8 @@ def format_report(result: dict[str, Any]) -> str:
             rows.append(
                 [
                     name,
-                    _us(tm and tm["median_us"]),
-                    _us(tm and tm["min_us"]),
+                    timing.fmt_us(tm and tm["median_us"]),
+                    timing.fmt_us(tm and tm["min_us"]),
                     f"{sp:.1f}x" if sp else "-",
                     _err(errs.get(name)),
                 ]

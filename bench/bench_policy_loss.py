@@ -348,12 +348,6 @@ def check_all(impls: list[Impl], ref: Reference) -> tuple[dict[str, Any], list[s
     return report, bad, ok
 
 
-def time_impl(impl: Impl, device: str) -> timing.Timing:
-    if device == "cuda":
-        return timing.time_cuda(impl.fn, **impl.timer)
-    return timing.time_cpu(impl.fn, **impl.timer)
-
-
 def measure(
     impls: list[Impl], ref: Reference, device: str, keep_going: bool, interleave: bool = False
 ) -> dict[str, Any]:
@@ -376,7 +370,7 @@ def measure(
         result["timings"] = {name: tm.as_dict() for name, tm in tms.items()}
     for impl in [] if device == "cpu" and interleave else to_time:
         try:
-            result["timings"][impl.name] = time_impl(impl, device).as_dict()
+            result["timings"][impl.name] = timing.time_on(device, impl.fn, impl.timer).as_dict()
         except Exception as e:  # noqa: BLE001 - keep the other figures
             result["timings"][impl.name] = None
             print(f"  {impl.name}: timing failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -391,19 +385,6 @@ def measure(
                 print(f"  {impl.name}: CUDA graph timing failed: {type(e).__name__}: {e}", file=sys.stderr)
     result["timings"] = {k: v for k, v in result["timings"].items() if v is not None}
     return result
-
-
-def speedups(timings: dict[str, Any], against: str, names: list[str], key: str = "median_us") -> dict[str, float]:
-    """times[name] / times[against]: how many times faster `against` is than each name."""
-    base = timings.get(against)
-    if not isinstance(base, dict) or not base.get(key):
-        return {}
-    out = {}
-    for name in names:
-        tm = timings.get(name)
-        if isinstance(tm, dict) and tm.get(key):
-            out[name] = tm[key] / base[key]
-    return out
 
 
 def bandwidth(res: dict[str, Any], nbytes: int, copy_gbps: float | None) -> dict[str, Any]:
@@ -496,7 +477,7 @@ def run_cpu(
     with moo_kernels.use_backend(backend):
         res = measure(_cpu_impls(inp, names, timer), ref, "cpu", keep_going, interleave)
         t = res["timings"]
-        res["speedup_of_moo"] = speedups(t, names["moo"], [names["eager"]])
+        res["speedup_of_moo"] = timing.speedups(t, names["moo"], [names["eager"]])
         res["bandwidth"] = bandwidth(res, moo_bytes(inp.b, inp.t), None)
         res.update(
             device="cpu",
@@ -527,16 +508,6 @@ def run_cpu(
 # CUDA
 
 
-def _raise_recompile_limit() -> None:
-    """torch.compile specialises the eager function once per size of the sweep: allow that many."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    for attr in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, attr) and getattr(cfg, attr) < 32:
-            setattr(cfg, attr, 32)
-
-
 def _cuda_impls(
     inp: Inputs, compiled: Callable | None, names: dict[str, str], timer: dict[str, Any], with_compiled: bool = True
 ) -> list[Impl]:
@@ -559,7 +530,7 @@ def run_cuda(
     if not torch.cuda.is_available():
         raise RuntimeError("run_cuda needs a CUDA device")
     t0 = time.monotonic()
-    _raise_recompile_limit()
+    timing.allow_recompiles()
     size = QUICK_CUDA_SIZE if quick else CUDA_SIZE
     sweep_t = (QUICK_CUDA_SWEEP_T if quick else CUDA_SWEEP_T) if sweep else ()
     timer = {"warmup": 3, "reps": 10, "batch": 10} if quick else {"warmup": 10, "reps": 100, "batch": 100}
@@ -578,8 +549,8 @@ def run_cuda(
     res = measure(_cuda_impls(inp, compiled, names, timer), ref, "cuda", keep_going)
     t, dt = res["timings"], res["device_timings"]
     baselines = [names["eager"], names["compiled"]]
-    res["speedup_of_moo"] = speedups(t, names["moo"], baselines)
-    res["speedup_of_moo_device"] = speedups(
+    res["speedup_of_moo"] = timing.speedups(t, names["moo"], baselines)
+    res["speedup_of_moo_device"] = timing.speedups(
         {k: v for k, v in dt.items() if isinstance(v, dict)}, names["moo"], baselines
     )
     res["bandwidth"] = bandwidth(res, moo_bytes(inp.b, inp.t), copy["gbps"])
@@ -656,10 +627,10 @@ def _sweep(
             point.update(_point_summary(s_inp, s_ref))
             st = point["timings"]
             others = [n for k, n in names.items() if k != "moo"]
-            point["speedup_of_moo"] = speedups(st, names["moo"], others)
+            point["speedup_of_moo"] = timing.speedups(st, names["moo"], others)
             if device == "cuda":
                 sd = {k: v for k, v in point["device_timings"].items() if isinstance(v, dict)}
-                point["speedup_of_moo_device"] = speedups(sd, names["moo"], others)
+                point["speedup_of_moo_device"] = timing.speedups(sd, names["moo"], others)
             point["bandwidth"] = bandwidth(point, moo_bytes(b, t), copy_gbps)
         except Exception as e:  # noqa: BLE001 - keep the figures gathered so far
             print(f"sweep T={t}: failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -751,16 +722,8 @@ def _load_average() -> float | None:
         return None
 
 
-def _us(x: float | None) -> str:
-    return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
-
-
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
-
-
-def _ratio(x: float | None) -> str:
-    return f"{x:.2f}x" if x else "-"
 
 
 def _err(e: Any, key: str) -> str:
@@ -786,16 +749,16 @@ def _timing_rows(result: dict[str, Any], cuda: bool) -> tuple[list[str], list[li
     rows = []
     for name in names.values():
         tm = t.get(name)
-        row = [name, _us(tm and tm["median_us"]), _us(tm and tm["min_us"])]
+        row = [name, timing.fmt_us(tm and tm["median_us"]), timing.fmt_us(tm and tm["min_us"])]
         b = bw.get(name, {})
         if cuda:
             d = dev.get(name)
             g = b.get("device") or b.get("latency")
             row += [
-                _us(tm and tm["batch_us"]),
-                _us(d["median_us"]) if isinstance(d, dict) else "-",
-                _ratio(result["speedup_of_moo"].get(name)),
-                _ratio(result["speedup_of_moo_device"].get(name)),
+                timing.fmt_us(tm and tm["batch_us"]),
+                timing.fmt_us(d["median_us"]) if isinstance(d, dict) else "-",
+                timing.fmt_ratio(result["speedup_of_moo"].get(name)),
+                timing.fmt_ratio(result["speedup_of_moo_device"].get(name)),
                 f"{g['gbps']:.0f}" if g else "-",
             ]
         else:
@@ -818,17 +781,17 @@ def _sweep_table(result: dict[str, Any], cuda: bool) -> str:
     for p in result["sweep"]:
         row = [f"{p['b']} x {p['t']}" + (" (main)" if p.get("main") else "")]
         st = p.get("timings", {})
-        row += [_us(st[names[k]]["median_us"]) if names[k] in st else "-" for k in keys]
+        row += [timing.fmt_us(st[names[k]]["median_us"]) if names[k] in st else "-" for k in keys]
         if cuda:
             d = p.get("device_timings", {}).get(names["moo"])
             g = p.get("bandwidth", {}).get(names["moo"], {}).get("device")
             row += [
-                _us(d["median_us"]) if isinstance(d, dict) else "-",
+                timing.fmt_us(d["median_us"]) if isinstance(d, dict) else "-",
                 f"{g['gbps']:.0f}" if g else "-",
                 f"{g['fraction_of_copy']:.1%}" if g and g["fraction_of_copy"] else "-",
             ]
         sp = p.get("speedup_of_moo", {})
-        row += [_ratio(sp.get(names[k])) for k in keys if k != "moo"]
+        row += [timing.fmt_ratio(sp.get(names[k])) for k in keys if k != "moo"]
         rows.append(row)
     return timing.format_table(header, rows)
 
