@@ -2,7 +2,7 @@
 PY ?= python3
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup build test test-gpu bench lint clean
+.PHONY: setup build test test-gpu bench liger-wheel lint clean
 
 # Installs only what is missing: an installed torch / triton is used as it is (the GPU image has its own).
 setup:
@@ -25,18 +25,23 @@ test: build
 test-gpu: build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider -m gpu
 
-# Both benchmarks on the machine's default device (cuda when available, else cpu): JSON + PNG in bench/results/,
-# named <bench>_<device>_<date>. Both run even when the first fails; the target fails if either did.
+# The benchmarks on the machine's default device (cuda when available, else cpu): JSON + PNG in bench/results/,
+# named <bench>_<device>_<date>. All run even when one fails; the target fails if any did.
 bench: build
 	@mkdir -p bench/results
 	@dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); day=$$(date -u +%Y%m%d); \
 	rc=0; \
-	for b in advantages policy_loss; do \
+	for b in advantages policy_loss logits_loss; do \
 		echo "== bench_$$b on $$dev"; \
 		$(PY) bench/bench_$$b.py --device $$dev \
 			--json bench/results/$${b}_$${dev}_$$day.json --plot bench/results/$${b}_$${dev}_$$day.png || rc=1; \
 	done; \
 	exit $$rc
+
+# The Liger-Kernel wheel the logits benchmark compares against, for a GPU machine without network
+# (bench/gpu_check.sh installs it from bench/wheels/, which is git-ignored).
+liger-wheel:
+	$(PY) -m pip download liger-kernel==0.8.5 --no-deps -d bench/wheels
 
 lint:
 	ruff check moo_kernels python_tests bench

@@ -1,8 +1,9 @@
-"""moo_kernels: fused kernels for multi-objective GRPO (advantages, policy loss)."""
+"""moo_kernels: fused kernels for multi-objective GRPO (advantages, policy loss, logits)."""
 
 from moo_kernels._backend import get_backend, set_backend, use_backend
 from moo_kernels.ops.advantages import AdvantageResult, multi_objective_advantages
 from moo_kernels.ops.brier import brier_reward
+from moo_kernels.ops.logits import policy_loss_from_logits, token_logprobs
 from moo_kernels.ops.policy_loss import PolicyLossMetrics, policy_loss
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __all__ = [
     "get_backend",
     "multi_objective_advantages",
     "policy_loss",
+    "policy_loss_from_logits",
     "set_backend",
+    "token_logprobs",
     "use_backend",
 ]

@@ -26,6 +26,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
 from moo_kernels.ops.advantages.cuda import block_sizes  # noqa: E402
 from moo_kernels.ops.brier import triton_kernels as brier_k  # noqa: E402
+from moo_kernels.ops.logits import cuda as lg_cuda  # noqa: E402
+from moo_kernels.ops.logits import triton_kernels as lg_k  # noqa: E402
 from moo_kernels.ops.policy_loss import cuda as pl_cuda  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_kernels as pl_k  # noqa: E402
 
@@ -57,12 +59,12 @@ def ptxas_report(ptx: str) -> dict:
     }
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int) -> dict:
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, maxnreg: int | None = None) -> dict:
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "maxnreg": maxnreg})
     return ptxas_report(compiled.asm["ptx"])
 
 
@@ -283,14 +285,77 @@ def policy_loss_configs():
                             **{s: "i32" for s in strides},
                             **{f: "fp32" for f in floats},
                         }
-                        cx = dict(flags, MODE=mode, AGG=agg, KL=kl, BLOCK_T=1024)
+                        cx = dict(flags, MODE=mode, AGG=agg, KL=kl, BLOCK_T=pl_cuda.BLOCK_T)
                         yield "policy_loss_fwd", pl_k._policy_loss_fwd_kernel, sig, cx, pl_cuda.FWD_WARPS, lp
 
 
+LOGITS_FLOATS = {"inv_temp", "beta", "clip_lo", "clip_hi", "dual_clip", "ratio_cap", "gamma", "norm_const"}
+LOGITS_F32_PTRS = {"lse_ptr", "ent_ptr", "stats_ptr", "totals_ptr", "part_ptr", "scratch_ptr", "glp_ptr", "gh_ptr"}
+
+
+def logits_signature(fn, z: str, index: str) -> dict:
+    """Runtime arguments of a logits kernel: logits / gradient in dtype z, strides and sizes of type index
+    ("i64" is what the launcher passes once an offset passes 2^31: the kernels must compile for it)."""
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            continue
+        n = p.name
+        if n in ("logits_ptr", "grad_ptr", "x_ptr", "old_ptr", "ref_ptr"):
+            sig[n] = f"*{z}"
+        elif n in ("tokens_ptr",):
+            sig[n] = "*i64"
+        elif n in ("mask_ptr", "off_ptr"):
+            sig[n] = "*u8"
+        elif n == "flags_ptr":
+            sig[n] = "*i32"
+        elif n == "logp_ptr":
+            sig[n] = "*fp32"
+        elif n.endswith("_ptr"):
+            sig[n] = "*fp32"
+        elif n in LOGITS_FLOATS:
+            sig[n] = "fp32"
+        elif n in ("max_spins",):
+            sig[n] = "i32"
+        else:
+            sig[n] = index
+    return sig
+
+
+def logits_configs():
+    """(name, kernel, signature, constexprs, num_warps, label) of the logits kernels, at the tile size of
+    the launcher, for 16/32-bit logits and 32/64-bit strides."""
+    block = lg_cuda.BLOCK_V
+    for z in ("bf16", "fp16", "fp32"):
+        for index in ("i32", "i64"):
+            label = f"{z}/{index}"
+            for h in (False, True):
+                sig = logits_signature(lg_k._logprobs_fwd_kernel, z, index)
+                yield "logprobs_fwd", lg_k._logprobs_fwd_kernel, sig, dict(WANT_ENTROPY=h, BLOCK_V=block), 8, label
+                sig = logits_signature(lg_k._logprobs_bwd_kernel, z, index)
+                cx = dict(HAS_GLP=True, HAS_H=h, BLOCK_V=block)
+                yield "logprobs_bwd", lg_k._logprobs_bwd_kernel, sig, cx, 8, label
+            sig = logits_signature(lg_k._scale_kernel, z, index)
+            yield "logits_scale", lg_k._scale_kernel, sig, dict(BLOCK_V=block), 4, label
+            for mode in range(4):
+                if mode == 1:
+                    continue  # gspo takes the two-kernel path
+                for coop in (False, True):
+                    all_on = mode == 0
+                    cx = dict(
+                        MODE=mode, AGG=0, KL=3, HAS_OLD=True, HAS_REF=True, HAS_TADV=all_on, HAS_ISW=all_on,
+                        HAS_OFF=all_on, HAS_DUAL=all_on, HAS_CAP=all_on, HAS_NUM_TOKENS=False, WRITE_GRAD=True,
+                        WANT_ENTROPY=all_on, COOP=coop, CHUNKS_P2=16, BLOCK_V=block,
+                    )  # fmt: skip
+                    sig = logits_signature(lg_k._logits_loss_kernel, z, index)
+                    yield "logits_loss", lg_k._logits_loss_kernel, sig, cx, lg_cuda.NUM_WARPS, label
+
+
 def main() -> int:
-    for name, fn, sig, constexprs, num_warps, shape in [*all_configs(), *policy_loss_configs()]:
+    for name, fn, sig, constexprs, num_warps, shape in [*all_configs(), *policy_loss_configs(), *logits_configs()]:
         for arch in ARCHS:
-            report = compile_kernel(fn, sig, constexprs, arch, num_warps)
+            maxnreg = lg_cuda.LOSS_MAXNREG if name == "logits_loss" else None
+            report = compile_kernel(fn, sig, constexprs, arch, num_warps, maxnreg)
             config = {k: (v if isinstance(v, (int, bool)) else str(v)) for k, v in constexprs.items()}
             print(
                 json.dumps(

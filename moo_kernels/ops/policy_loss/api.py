@@ -38,16 +38,91 @@ class PolicyLossMetrics(NamedTuple):
     active_tokens: torch.Tensor
 
 
-def _float_bt(name: str, x, shape, device, allow_row: bool = False) -> torch.Tensor | None:
+def _float_bt(name: str, x, shape, device, other: str, allow_row: bool = False) -> torch.Tensor | None:
     if x is None:
         return None
     O.check_float_tensor(name, x)
-    O.check_same_device(name, x, device, other="logp")
+    O.check_same_device(name, x, device, other=other)
     ok = tuple(x.shape) == tuple(shape) or (allow_row and tuple(x.shape) == (shape[0],))
     if not ok:
         extra = f" or ({shape[0]},)" if allow_row else ""
         raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(x.shape)}")
     return x
+
+
+def check_loss_args(
+    shape: tuple[int, int],
+    device: torch.device,
+    other: str,
+    advantages,
+    mask,
+    old_logp,
+    ref_logp,
+    token_advantages,
+    is_weights,
+    offpolicy,
+    beta,
+    kl,
+    clip_low,
+    clip_high,
+    dual_clip,
+    ratio_cap,
+    mode,
+    offpolicy_gamma,
+    agg,
+    max_len,
+    num_tokens,
+) -> tuple:
+    """Validates the loss options of policy_loss / policy_loss_from_logits for a [B, T] = shape batch
+    on device (other: the name of the tensor they must match); returns them in the op's argument order,
+    from advantages to num_tokens, canonicalised."""
+    B, T = shape
+    advantages = _float_bt("advantages", advantages, shape, device, other, allow_row=True)
+    if advantages is None:
+        raise TypeError("advantages must be a torch.Tensor, got None")
+    O.check_tensor("mask", mask)
+    O.check_same_device("mask", mask, device, other=other)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask must have shape {shape}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and mask.dtype not in O.FLOAT_DTYPES:
+        raise TypeError(f"mask must be bool or float, got {mask.dtype}")
+    old_logp = _float_bt("old_logp", old_logp, shape, device, other)
+    ref_logp = _float_bt("ref_logp", ref_logp, shape, device, other)
+    token_advantages = _float_bt("token_advantages", token_advantages, shape, device, other)
+    is_weights = _float_bt("is_weights", is_weights, shape, device, other, allow_row=True)
+    if offpolicy is not None:
+        offpolicy = O.check_bool_tensor("offpolicy", offpolicy, (B,), device, other=other).contiguous()
+
+    O.choice("mode", mode, MODE_CODES)
+    O.choice("agg", agg, AGG_CODES)
+    O.choice("kl", kl, KL_CODES)
+    beta = O.check_number("beta", beta, low=0.0)
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
+    clip_low = O.check_number("clip_low", clip_low, low=0.0)
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {clip_low}")
+    clip_high = clip_low if clip_high is None else O.check_number("clip_high", clip_high, low=0.0)
+    if dual_clip is not None:
+        dual_clip = O.check_number("dual_clip", dual_clip, low=1.0, low_inclusive=False)
+    if ratio_cap is not None:
+        ratio_cap = O.check_number("ratio_cap", ratio_cap, low=1.0 + clip_high, low_inclusive=False)
+    offpolicy_gamma = O.check_number("offpolicy_gamma", offpolicy_gamma, low=0.0, low_inclusive=False)
+    if agg == "seq-mean-token-sum-norm":
+        if max_len is None:
+            raise ValueError("agg='seq-mean-token-sum-norm' needs max_len (the constant length to divide by)")
+        max_len = O.check_int("max_len", max_len, low=1)
+    elif max_len is not None:
+        max_len = O.check_int("max_len", max_len, low=1)
+    if num_tokens is not None:
+        if isinstance(num_tokens, torch.Tensor):
+            raise TypeError("num_tokens must be a Python number (the global active-token count)")
+        num_tokens = O.check_number("num_tokens", num_tokens, low=0.0, low_inclusive=False)
+
+    return (
+        advantages, mask, old_logp, ref_logp, token_advantages, is_weights, offpolicy, beta, kl, clip_low,
+        clip_high, dual_clip, ratio_cap, mode, offpolicy_gamma, agg, max_len, num_tokens,
+    )  # fmt: skip
 
 
 def policy_loss(
@@ -110,76 +185,15 @@ def policy_loss(
     O.check_float_tensor("logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    B, T = logp.shape
-    if B == 0 or T == 0:
+    if logp.numel() == 0:
         raise ValueError(f"logp is empty (shape {tuple(logp.shape)})")
-    device = logp.device
-    shape = (B, T)
-    advantages = _float_bt("advantages", advantages, shape, device, allow_row=True)
-    if advantages is None:
-        raise TypeError("advantages must be a torch.Tensor, got None")
-    O.check_tensor("mask", mask)
-    O.check_same_device("mask", mask, device, other="logp")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"mask must have shape {shape}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool and mask.dtype not in O.FLOAT_DTYPES:
-        raise TypeError(f"mask must be bool or float, got {mask.dtype}")
-    old_logp = _float_bt("old_logp", old_logp, shape, device)
-    ref_logp = _float_bt("ref_logp", ref_logp, shape, device)
-    token_advantages = _float_bt("token_advantages", token_advantages, shape, device)
-    is_weights = _float_bt("is_weights", is_weights, shape, device, allow_row=True)
-    if offpolicy is not None:
-        offpolicy = O.check_bool_tensor("offpolicy", offpolicy, (B,), device, other="logp").contiguous()
-
-    O.choice("mode", mode, MODE_CODES)
-    O.choice("agg", agg, AGG_CODES)
-    O.choice("kl", kl, KL_CODES)
-    beta = O.check_number("beta", beta, low=0.0)
-    if beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
-    clip_low = O.check_number("clip_low", clip_low, low=0.0)
-    if clip_low >= 1.0:
-        raise ValueError(f"clip_low must be < 1 (the ratio is clipped to [1 - clip_low, ...]), got {clip_low}")
-    clip_high = clip_low if clip_high is None else O.check_number("clip_high", clip_high, low=0.0)
-    if dual_clip is not None:
-        dual_clip = O.check_number("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    if ratio_cap is not None:
-        ratio_cap = O.check_number("ratio_cap", ratio_cap, low=1.0 + clip_high, low_inclusive=False)
-    offpolicy_gamma = O.check_number("offpolicy_gamma", offpolicy_gamma, low=0.0, low_inclusive=False)
-    if agg == "seq-mean-token-sum-norm":
-        if max_len is None:
-            raise ValueError("agg='seq-mean-token-sum-norm' needs max_len (the constant length to divide by)")
-        max_len = O.check_int("max_len", max_len, low=1)
-    elif max_len is not None:
-        max_len = O.check_int("max_len", max_len, low=1)
-    if num_tokens is not None:
-        if isinstance(num_tokens, torch.Tensor):
-            raise TypeError("num_tokens must be a Python number (the global active-token count)")
-        num_tokens = O.check_number("num_tokens", num_tokens, low=0.0, low_inclusive=False)
-
-    write_grad = torch.is_grad_enabled() and logp.requires_grad
-    args = (
-        logp,
-        advantages,
-        mask,
-        old_logp,
-        ref_logp,
-        token_advantages,
-        is_weights,
-        offpolicy,
-        beta,
-        kl,
-        clip_low,
-        clip_high,
-        dual_clip,
-        ratio_cap,
-        mode,
-        offpolicy_gamma,
-        agg,
-        max_len,
+    loss_args = check_loss_args(
+        tuple(logp.shape), logp.device, "logp", advantages, mask, old_logp, ref_logp, token_advantages, is_weights,
+        offpolicy, beta, kl, clip_low, clip_high, dual_clip, ratio_cap, mode, offpolicy_gamma, agg, max_len,
         num_tokens,
-        write_grad,
-    )
+    )  # fmt: skip
+    write_grad = torch.is_grad_enabled() and logp.requires_grad
+    args = (logp, *loss_args, write_grad)
     if torch.compiler.is_compiling():
         loss, metrics, _ = policy_loss_op(*args)
     elif write_grad:

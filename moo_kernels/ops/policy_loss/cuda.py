@@ -13,8 +13,8 @@ import triton
 from moo_kernels.ops.policy_loss import triton_kernels as tk
 from moo_kernels.ops.policy_loss.problem import AGG_CODES, KL_CODES, MODE_CODES, PolicyLossProblem
 
-BLOCK_T = 1024  # tokens per program of the main kernel
-FWD_WARPS = 8  # 4 tokens per thread: every flag on stays within registers (checked ahead of time)
+BLOCK_T = 512  # tokens per program of the main kernel
+FWD_WARPS = 8  # 2 tokens per thread: every flag on stays within registers (checked ahead of time)
 NUM_METRICS = 11
 
 

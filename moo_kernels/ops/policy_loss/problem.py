@@ -56,5 +56,5 @@ class PolicyLossProblem(NamedTuple):
     def norm_const(self) -> float:
         """The constant denominator of token-mean with num_tokens, and of seq-mean-token-sum-norm."""
         if self.agg == "seq-mean-token-sum-norm":
-            return float(self.logp.shape[0] * self.max_len)
+            return float(self.mask.shape[0] * self.max_len)
         return float(self.num_tokens) if self.num_tokens is not None else 0.0

@@ -80,6 +80,134 @@ def _totals_kernel(stats_ptr, totals_ptr, B, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG: tl.constexpr, HAS_NUM_TOKENS: tl.constexpr):
+    """d loss / d (l m) for the tokens of row b: the aggregation's normaliser, 0 where it is 0."""
+    n_row = tl.load(stats_ptr + b * 2)
+    total_m = tl.load(totals_ptr + 0)
+    seqs = tl.load(totals_ptr + 1)
+    if AGG == TOKEN_MEAN:
+        den = norm_const if HAS_NUM_TOKENS else total_m
+    elif AGG == SEQ_MEAN_TOKEN_MEAN:
+        den = seqs * n_row
+    elif AGG == SEQ_MEAN_TOKEN_SUM:
+        den = seqs
+    else:
+        den = norm_const
+    return tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
+def _token_terms(
+    lp,
+    raw,
+    adv,
+    active,
+    seq_rho,
+    off,
+    w_is,
+    ref,
+    beta,
+    clip_lo,
+    clip_hi,
+    dual_clip,
+    ratio_cap,
+    gamma,
+    MODE: tl.constexpr,
+    KL: tl.constexpr,
+    HAS_OFF: tl.constexpr,
+    HAS_ISW: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+):
+    """Loss of tokens and its derivative in logp, elementwise (blocks of tokens or a single token).
+
+    lp: log-probs; raw: logp - old_logp (unclamped); seq_rho: the GSPO sequence ratio. Returns
+    (loss, pg, dloss/dlogp, k, rho, d, clipped, low, high, dual); loss, pg and k are 0 where inactive.
+    """
+    zero = lp * 0.0
+    false = zero != zero
+    d = tl.minimum(tl.maximum(raw, -LOG_RATIO_MAX), LOG_RATIO_MAX)
+    clipped, low, high, dual = false, false, false, false
+    if MODE == CLIP or MODE == GSPO:
+        if MODE == GSPO:
+            rho = zero + seq_rho
+            d_rho = rho  # token form sg(s) exp(logp - sg(logp)): d rho / d logp = s
+        else:
+            rho = tl.exp(d)
+            d_rho = tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
+        lo = 1.0 - clip_lo
+        hi = 1.0 + clip_hi
+        if HAS_CAP:
+            rho1 = tl.minimum(rho, ratio_cap)
+            d_rho1 = tl.where(rho <= ratio_cap, d_rho, 0.0)
+        else:
+            rho1 = rho
+            d_rho1 = d_rho
+        l1 = -adv * rho1
+        l2 = -adv * tl.minimum(tl.maximum(rho, lo), hi)
+        clipped = l2 > l1
+        pg = tl.where(clipped, l2, l1)
+        g = tl.where(clipped, tl.where((rho >= lo) & (rho <= hi), -adv * d_rho, 0.0), -adv * d_rho1)
+        if HAS_DUAL:
+            l3 = -adv * dual_clip
+            dual = (adv < 0) & (pg > l3)
+            pg = tl.where(dual, l3, pg)
+            g = tl.where(dual, 0.0, g)
+        low = (rho < lo) & (adv < 0)
+        high = (rho > hi) & (adv > 0)
+    elif MODE == CISPO:
+        rho = tl.exp(d)
+        lo = 1.0 - clip_lo
+        hi = 1.0 + clip_hi
+        w = tl.minimum(tl.maximum(rho, lo), hi)
+        pg = -w * adv * lp
+        g = -w * adv
+        clipped = w != rho
+        low = (rho < lo) & (adv < 0)
+        high = (rho > hi) & (adv > 0)
+    else:  # reinforce
+        rho = tl.exp(d)
+        pg = -adv * lp
+        g = -adv
+    if HAS_OFF:
+        p = tl.exp(lp)
+        q = p + gamma
+        pg = tl.where(off, -adv * p / q, pg)
+        g = tl.where(off, -adv * gamma * p / (q * q), g)
+        clipped = clipped & ~off
+        low = low & ~off
+        high = high & ~off
+        dual = dual & ~off
+    if HAS_ISW:
+        pg = pg * w_is
+        g = g * w_is
+    pg = tl.where(active, pg, 0.0)
+
+    # ---- KL to the reference -------------------------------------------------------------------------
+    if HAS_REF:
+        u = lp - ref
+        if KL == K1:
+            k = u
+            gk = zero + 1.0
+        elif KL == K2:
+            k = 0.5 * u * u
+            gk = u
+        else:
+            uc = tl.minimum(tl.maximum(u, -LOG_RATIO_MAX), LOG_RATIO_MAX)
+            e = tl.exp(-uc)
+            k = e + uc - 1.0
+            gk = tl.where(tl.abs(u) <= LOG_RATIO_MAX, 1.0 - e, 0.0)
+        k = tl.where(active, k, 0.0)
+        loss = pg + beta * k
+        g = g + beta * gk
+    else:
+        k = zero
+        loss = pg
+    return loss, pg, g, k, rho, d, clipped, low, high, dual
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr,
     old_ptr,
@@ -137,20 +265,7 @@ def _policy_loss_fwd_kernel(
     t = pt.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     ok = t < T
 
-    # ---- per-token scale of this row -------------------------------------------------------------
-    n_row = tl.load(stats_ptr + b * 2)
-    total_m = tl.load(totals_ptr + 0)
-    seqs = tl.load(totals_ptr + 1)
-    if AGG == TOKEN_MEAN:
-        den = norm_const if HAS_NUM_TOKENS else total_m
-    elif AGG == SEQ_MEAN_TOKEN_MEAN:
-        den = seqs * n_row
-    elif AGG == SEQ_MEAN_TOKEN_SUM:
-        den = seqs
-    else:
-        den = norm_const
-    scale = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-
+    scale = _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
     m = tl.load(mask_ptr + b * s_mb + t * s_mt, mask=ok, other=0).to(tl.float32)
     active = m != 0
     lp = tl.load(logp_ptr + b * s_lb + t * s_lt, mask=ok, other=0.0).to(tl.float32)
@@ -160,92 +275,45 @@ def _policy_loss_fwd_kernel(
     if HAS_OLD:
         raw = lp - tl.load(old_ptr + b * s_ob + t * s_ot, mask=ok, other=0.0).to(tl.float32)
     else:
-        raw = tl.zeros([BLOCK_T], dtype=tl.float32)
-    d = tl.minimum(tl.maximum(raw, -LOG_RATIO_MAX), LOG_RATIO_MAX)
-    zero = tl.zeros([BLOCK_T], dtype=tl.float32)
-    false = zero != zero
-
-    # ---- policy term and its gradient --------------------------------------------------------------
-    clipped, low, high, dual = false, false, false, false
-    if MODE == CLIP or MODE == GSPO:
-        if MODE == GSPO:
-            sd = tl.load(stats_ptr + b * 2 + 1)
-            mean_d = sd / tl.maximum(n_row, 1.0)
-            rho = zero + tl.exp(tl.minimum(tl.maximum(mean_d, -LOG_RATIO_MAX), LOG_RATIO_MAX))
-            d_rho = rho  # token form sg(s) exp(logp - sg(logp)): d rho / d logp = s
-        else:
-            rho = tl.exp(d)
-            d_rho = tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
-        lo = 1.0 - clip_lo
-        hi = 1.0 + clip_hi
-        if HAS_CAP:
-            rho1 = tl.minimum(rho, ratio_cap)
-            d_rho1 = tl.where(rho <= ratio_cap, d_rho, 0.0)
-        else:
-            rho1 = rho
-            d_rho1 = d_rho
-        l1 = -adv * rho1
-        l2 = -adv * tl.minimum(tl.maximum(rho, lo), hi)
-        clipped = l2 > l1
-        pg = tl.where(clipped, l2, l1)
-        g = tl.where(clipped, tl.where((rho >= lo) & (rho <= hi), -adv * d_rho, 0.0), -adv * d_rho1)
-        if HAS_DUAL:
-            l3 = -adv * dual_clip
-            dual = (adv < 0) & (pg > l3)
-            pg = tl.where(dual, l3, pg)
-            g = tl.where(dual, 0.0, g)
-        low = (rho < lo) & (adv < 0)
-        high = (rho > hi) & (adv > 0)
-    elif MODE == CISPO:
-        rho = tl.exp(d)
-        lo = 1.0 - clip_lo
-        hi = 1.0 + clip_hi
-        w = tl.minimum(tl.maximum(rho, lo), hi)
-        pg = -w * adv * lp
-        g = -w * adv
-        clipped = w != rho
-        low = (rho < lo) & (adv < 0)
-        high = (rho > hi) & (adv > 0)
-    else:  # reinforce
-        rho = tl.exp(d)
-        pg = -adv * lp
-        g = -adv
+        raw = lp * 0.0
+    if MODE == GSPO:
+        sd = tl.load(stats_ptr + b * 2 + 1)
+        n_row = tl.load(stats_ptr + b * 2)
+        seq_rho = tl.exp(tl.minimum(tl.maximum(sd / tl.maximum(n_row, 1.0), -LOG_RATIO_MAX), LOG_RATIO_MAX))
+    else:
+        seq_rho = 1.0
+    off = False
     if HAS_OFF:
         off = tl.load(off_ptr + b) != 0
-        p = tl.exp(lp)
-        q = p + gamma
-        pg = tl.where(off, -adv * p / q, pg)
-        g = tl.where(off, -adv * gamma * p / (q * q), g)
-        clipped = clipped & ~off
-        low = low & ~off
-        high = high & ~off
-        dual = dual & ~off
+    w_is = 1.0
     if HAS_ISW:
         w_is = tl.load(isw_ptr + b * s_wb + t * s_wt, mask=ok, other=0.0).to(tl.float32)
-        pg = pg * w_is
-        g = g * w_is
-    pg = tl.where(active, pg, 0.0)
-
-    # ---- KL to the reference -------------------------------------------------------------------------
+    ref = 0.0
     if HAS_REF:
-        u = lp - tl.load(ref_ptr + b * s_rb + t * s_rt, mask=ok, other=0.0).to(tl.float32)
-        if KL == K1:
-            k = u
-            gk = zero + 1.0
-        elif KL == K2:
-            k = 0.5 * u * u
-            gk = u
-        else:
-            uc = tl.minimum(tl.maximum(u, -LOG_RATIO_MAX), LOG_RATIO_MAX)
-            e = tl.exp(-uc)
-            k = e + uc - 1.0
-            gk = tl.where(tl.abs(u) <= LOG_RATIO_MAX, 1.0 - e, 0.0)
-        k = tl.where(active, k, 0.0)
-        loss_tok = pg + beta * k
-        g = g + beta * gk
-    else:
-        k = zero
-        loss_tok = pg
+        ref = tl.load(ref_ptr + b * s_rb + t * s_rt, mask=ok, other=0.0).to(tl.float32)
+    loss_tok, pg, g, k, rho, d, clipped, low, high, dual = _token_terms(
+        lp,
+        raw,
+        adv,
+        active,
+        seq_rho,
+        off,
+        w_is,
+        ref,
+        beta,
+        clip_lo,
+        clip_hi,
+        dual_clip,
+        ratio_cap,
+        gamma,
+        MODE,
+        KL,
+        HAS_OFF,
+        HAS_ISW,
+        HAS_REF,
+        HAS_DUAL,
+        HAS_CAP,
+    )
 
     wm = m * scale
     if WRITE_GRAD:

@@ -1,0 +1,425 @@
+// Token log-probabilities and entropy from logits on the CPU: the C++ backend of token_logprobs.
+//
+// Semantics: moo_kernels/ops/logits/reference.py. For a row (b, t) of logits z [V] with chosen token y and
+// temperature tau, s = z / tau, lse = log sum_v exp(s_v), p = exp(s - lse):
+//   logp = s_y - lse,   H = lse - sum_v p_v s_v,
+//   d (g_logp logp + g_H H) / d z_v = (g_logp (1[v = y] - p_v) - g_H p_v (s_v - lse + H)) / tau.
+// Algorithm:
+//   Forward, one read of each row: the row is converted in tiles of kTile elements (any input dtype, scaled
+//   by 1 / tau) into a local buffer laid out as kLanes independent lanes (element i belongs to lane
+//   i % kLanes), so that the loops vectorise. Every lane keeps a running maximum m and, relative to it,
+//   S = sum exp(d) and W = sum exp(d) d with d = s - m (online softmax). A tile first raises the lane maxima
+//   (rescaling S and W to the new maximum: S' = S e^-delta, W' = e^-delta (W - delta S)), then adds its own
+//   sums, accumulated in fresh lane partials (a two-level sum: short tile sums, then one addition per tile,
+//   which keeps the float rounding error small at large V). The lanes are combined in lane order in
+//   double relative to the row maximum M: lse = M + log S, logp = (s_y - M) - log S, H = log S - W / S.
+//   Backward, element-wise from the saved lse and entropy, so it can overwrite the logits in place: every
+//   tile is read whole into the buffer before its gradient is written.
+// Each row is computed by one thread in a fixed order, rows in parallel (OpenMP, static schedule); the lane
+// structure does not depend on the instruction set (no FMA contraction in ISO C++ mode), so results have the
+// same bits whatever the number of threads or the SIMD clone picked. Compute type: float for float16,
+// bfloat16 and float32 logits, with a vectorisable exp (below), double (std::exp) for float64 logits.
+// Logits of -inf are allowed: a lane with no finite logit yet keeps S = W = 0 (no exp(-inf - -inf)), and
+// the products exp(d) d and p (s - mean) are taken as 0 there. A row with only -inf logits has lse = -inf and,
+// like the reference, NaN log-prob and entropy. Token ids are checked first: the entry points return the
+// flat index b * T + t of the first id outside [0, V) (nothing computed) or -1.
+
+// No floating-point exception is ever enabled here: without trapping maths GCC can turn the selects of the
+// lane loops into SIMD blends. No value changes.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "dtype.h"
+
+namespace py = pybind11;
+
+// OpenMP pragmas vanish in a build without OpenMP (MOO_KERNELS_NO_OPENMP, macOS).
+#ifdef _OPENMP
+#define MOO_OMP(directive) _Pragma(#directive)
+#else
+#define MOO_OMP(directive)
+#endif
+
+// The row functions are also compiled for AVX2 and the variant is picked at load time where the CPU has it
+// (GCC, x86-64, glibc). The lanes fix the arithmetic, so both variants give the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#define MOO_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MOO_SIMD_CLONES
+#endif
+#if defined(__GNUC__)
+#define MOO_INLINE __attribute__((always_inline)) inline
+#else
+#define MOO_INLINE inline
+#endif
+
+namespace {
+
+constexpr int64_t kLanes = 16;                     // independent accumulators of every row sum
+constexpr int64_t kTile = 1024;                    // elements of a row converted and processed together
+constexpr int64_t kParallelMinElements = 1 << 15;  // fewer logits: one thread (threads cost more)
+
+// Codes shared with moo_kernels/ops/logits/cpu.py.
+enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+enum IndexType { kInt32 = 0, kInt64 = 1 };
+
+// ---- element types --------------------------------------------------------------------------------------
+
+struct Half {
+    uint16_t bits;
+};
+struct BFloat16 {
+    uint16_t bits;
+};
+
+inline float value(Half h) { return moo::half_to_float(h.bits); }
+inline float value(BFloat16 h) { return moo::bfloat16_to_float(h.bits); }
+inline float value(float x) { return x; }
+inline double value(double x) { return x; }
+
+inline void assign(Half& dst, float g) { dst.bits = moo::float_to_half(g); }
+inline void assign(BFloat16& dst, float g) { dst.bits = moo::float_to_bfloat16(g); }
+inline void assign(float& dst, float g) { dst = g; }
+inline void assign(double& dst, double g) { dst = g; }
+
+// Compute type of the row code: double for float64 logits, float otherwise.
+template <typename E>
+using Compute = std::conditional_t<std::is_same_v<E, double>, double, float>;
+
+// ---- exp -----------------------------------------------------------------------------------------------
+
+// e^x in float, branch-free so that the lane loops vectorise. Range reduction x = k ln2 + r with k the
+// nearest integer to x / ln2 (found by adding and subtracting 1.5 * 2^23, which rounds to an integer held in
+// the low mantissa bits) and ln2 split into a short high part (k * high is exact) and the remainder, so
+// |r| <= ln2 / 2 accurately; e^r by its Taylor polynomial of degree 7 (truncation below 6e-9 relative);
+// 2^k written into the exponent field. At most a few ulp from the correctly rounded value. For the
+// softmax sums only: x < -87 (e^x < 2e-38, below the smallest normal float) gives 0, x > 88 gives inf,
+// NaN stays NaN.
+inline float exp_lanes(float x) {
+    constexpr float kMin = -87.0f, kMax = 88.0f;
+    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+    constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+    const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
+    const float shifted = xc * 1.44269504f + kRound;
+    const float k = shifted - kRound;
+    const int32_t ki = static_cast<int32_t>(moo::bits_of(shifted)) - static_cast<int32_t>(moo::bits_of(kRound));
+    const float r = (xc - k * kLn2High) - k * kLn2Low;
+    float poly = 1.0f / 5040.0f;
+    poly = poly * r + 1.0f / 720.0f;
+    poly = poly * r + 1.0f / 120.0f;
+    poly = poly * r + 1.0f / 24.0f;
+    poly = poly * r + 1.0f / 6.0f;
+    poly = poly * r + 0.5f;
+    poly = poly * r + 1.0f;
+    poly = poly * r + 1.0f;
+    const float e = poly * moo::float_from_bits(static_cast<uint32_t>(ki + 127) << 23);
+    return x < kMin ? 0.0f : (x > kMax ? std::numeric_limits<float>::infinity() : e);
+}
+
+inline double exp_lanes(double x) { return std::exp(x); }
+
+// ---- operands ------------------------------------------------------------------------------------------
+
+// A [B, T] tensor, or the [B, T, V] logits / gradient with unit stride on V; strides in elements.
+struct Operand {
+    const void* ptr = nullptr;
+    int dtype = kFloat32;
+    int64_t sb = 0, st = 0;
+};
+
+using OperandSpec = std::tuple<uintptr_t, int, int64_t, int64_t>;  // address (0: absent), dtype, strides
+
+Operand operand(const OperandSpec& s) {
+    return {reinterpret_cast<const void*>(std::get<0>(s)), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
+}
+
+// Element (b, t) of a [B, T] float operand as double; 0 when the operand is absent.
+double scalar_at(const Operand& x, int64_t b, int64_t t) {
+    if (x.ptr == nullptr) return 0.0;
+    const int64_t off = b * x.sb + t * x.st;
+    switch (x.dtype) {
+        case kFloat16: return value(static_cast<const Half*>(x.ptr)[off]);
+        case kBFloat16: return value(static_cast<const BFloat16*>(x.ptr)[off]);
+        case kFloat32: return value(static_cast<const float*>(x.ptr)[off]);
+        default: return value(static_cast<const double*>(x.ptr)[off]);
+    }
+}
+
+int64_t token_at(const Operand& tokens, int64_t b, int64_t t) {
+    const int64_t off = b * tokens.sb + t * tokens.st;
+    if (tokens.dtype == kInt32) return static_cast<const int32_t*>(tokens.ptr)[off];
+    return static_cast<const int64_t*>(tokens.ptr)[off];
+}
+
+// Flat index b * T + t of the first token id outside [0, V), or -1.
+int64_t first_bad_token(const Operand& tokens, int64_t B, int64_t T, int64_t V) {
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t y = token_at(tokens, b, t);
+            if (y < 0 || y >= V) return b * T + t;
+        }
+    }
+    return -1;
+}
+
+template <typename E>
+const E* row_of(const Operand& x, int64_t b, int64_t t) {
+    return static_cast<const E*>(x.ptr) + b * x.sb + t * x.st;
+}
+
+// x[i] = src[i] / tau (as src[i] * inv_tau) in the compute type for i < n, then -inf up to padded.
+template <typename E>
+MOO_INLINE void load_tile(const E* src, int64_t n, int64_t padded, Compute<E> inv_tau, Compute<E>* x) {
+    for (int64_t i = 0; i < n; ++i) x[i] = value(src[i]) * inv_tau;
+    std::fill(x + n, x + padded, -std::numeric_limits<Compute<E>>::infinity());
+}
+
+inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// ---- forward -------------------------------------------------------------------------------------------
+
+struct Forward {
+    Operand logits, tokens;
+    int64_t T = 0, V = 0;
+    double inv_tau = 1.0;
+};
+
+struct RowResult {
+    double logp, lse, entropy;
+};
+
+template <typename E>
+MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
+    using R = Compute<E>;
+    constexpr R inf = std::numeric_limits<R>::infinity();
+    const E* row = row_of<E>(f.logits, b, t);
+    const R inv_tau = static_cast<R>(f.inv_tau);
+    alignas(64) R x[kTile];
+    R m[kLanes], sum[kLanes], wsum[kLanes];  // per lane: max, sum e^d, sum e^d d with d = s - max
+    std::fill(m, m + kLanes, -inf);
+    std::fill(sum, sum + kLanes, R(0));
+    std::fill(wsum, wsum + kLanes, R(0));
+
+    for (int64_t v0 = 0; v0 < f.V; v0 += kTile) {
+        const int64_t n = std::min(kTile, f.V - v0), padded = round_up(n);
+        load_tile(row + v0, n, padded, inv_tau, x);
+
+        // raise the lane maxima to the tile's, rescaling the sums kept relative to the old maxima
+        R tile_max[kLanes];
+        std::fill(tile_max, tile_max + kLanes, -inf);
+        for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
+            for (int64_t l = 0; l < kLanes; ++l) tile_max[l] = std::max(tile_max[l], x[i0 + l]);
+        }
+        R base[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const R m_new = std::max(m[l], tile_max[l]);
+            if (m_new > m[l] && sum[l] > 0) {  // sum > 0: the old maximum is finite
+                const R delta = m_new - m[l], scale = exp_lanes(-delta);
+                wsum[l] = scale * (wsum[l] - delta * sum[l]);
+                sum[l] *= scale;
+            }
+            m[l] = m_new;
+            base[l] = m_new == -inf ? R(0) : m_new;  // no finite logit in the lane yet: every e^d is 0
+        }
+
+        // the tile's sums of e^d and e^d d, then added to the running ones
+        R tile_sum[kLanes], tile_wsum[kLanes];
+        std::fill(tile_sum, tile_sum + kLanes, R(0));
+        std::fill(tile_wsum, tile_wsum + kLanes, R(0));
+        for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const R d = x[i0 + l] - base[l], e = exp_lanes(d);
+                tile_sum[l] += e;
+                tile_wsum[l] += d == -inf ? R(0) : e * d;
+            }
+        }
+        for (int64_t l = 0; l < kLanes; ++l) {
+            sum[l] += tile_sum[l];
+            wsum[l] += tile_wsum[l];
+        }
+    }
+
+    // lanes combined in lane order, in double, relative to the row maximum
+    R row_max = -inf;
+    for (int64_t l = 0; l < kLanes; ++l) row_max = std::max(row_max, m[l]);
+    double total = 0, wtotal = 0;
+    for (int64_t l = 0; l < kLanes; ++l) {
+        if (sum[l] > 0) {
+            const double shift = static_cast<double>(m[l]) - row_max, scale = std::exp(shift);
+            total += scale * sum[l];
+            wtotal += scale * (wsum[l] + shift * sum[l]);
+        }
+    }
+    const double log_total = std::log(total);
+    const R s_y = value(row[token_at(f.tokens, b, t)]) * inv_tau;
+    return {(static_cast<double>(s_y) - row_max) - log_total, row_max + log_total, log_total - wtotal / total};
+}
+
+// The compiled row functions, one per logits dtype (an AVX2 clone is picked at load time where possible).
+MOO_SIMD_CLONES RowResult forward_row_f16(const Forward& f, int64_t b, int64_t t) {
+    return forward_row<Half>(f, b, t);
+}
+MOO_SIMD_CLONES RowResult forward_row_bf16(const Forward& f, int64_t b, int64_t t) {
+    return forward_row<BFloat16>(f, b, t);
+}
+MOO_SIMD_CLONES RowResult forward_row_f32(const Forward& f, int64_t b, int64_t t) {
+    return forward_row<float>(f, b, t);
+}
+MOO_SIMD_CLONES RowResult forward_row_f64(const Forward& f, int64_t b, int64_t t) {
+    return forward_row<double>(f, b, t);
+}
+
+// ---- backward ------------------------------------------------------------------------------------------
+
+struct Backward {
+    Operand logits, tokens, lse, entropy, g_logp, g_entropy;
+    void* out = nullptr;  // [B, T, V] in the logits' dtype, unit stride on V
+    int64_t out_sb = 0, out_st = 0;
+    int64_t V = 0;
+    double inv_tau = 1.0;
+};
+
+template <typename E>
+MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
+    using R = Compute<E>;
+    constexpr R inf = std::numeric_limits<R>::infinity();
+    const E* row = row_of<E>(g.logits, b, t);
+    E* out = static_cast<E*>(g.out) + b * g.out_sb + t * g.out_st;
+    const R inv_tau = static_cast<R>(g.inv_tau), lse = static_cast<R>(scalar_at(g.lse, b, t));
+    const R entropy = static_cast<R>(scalar_at(g.entropy, b, t));
+    const R a = static_cast<R>(scalar_at(g.g_logp, b, t) * g.inv_tau);     // g_logp / tau
+    const R c = static_cast<R>(scalar_at(g.g_entropy, b, t) * g.inv_tau);  // g_H / tau
+    const int64_t y = token_at(g.tokens, b, t);
+    alignas(64) R x[kTile];
+
+    for (int64_t v0 = 0; v0 < g.V; v0 += kTile) {
+        const int64_t n = std::min(kTile, g.V - v0);
+        load_tile(row + v0, n, n, inv_tau, x);
+        const bool has_y = y >= v0 && y < v0 + n;
+        R grad_y = 0;  // the chosen token: a (1 - p_y) with 1 - p_y = -expm1(log p_y), exact as p_y -> 1
+        if (has_y) {
+            const R logp_y = x[y - v0] - lse, p_y = exp_lanes(logp_y);
+            grad_y = -a * std::expm1(logp_y) - (x[y - v0] == -inf ? R(0) : c * p_y * (logp_y + entropy));
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            const R logp = x[i] - lse, p = exp_lanes(logp);  // s - mean_s = logp + H
+            x[i] = x[i] == -inf ? R(0) : -(p * (a + c * (logp + entropy)));
+        }
+        if (has_y) x[y - v0] = grad_y;
+        for (int64_t i = 0; i < n; ++i) assign(out[v0 + i], x[i]);
+    }
+}
+
+MOO_SIMD_CLONES void backward_row_f16(const Backward& g, int64_t b, int64_t t) { backward_row<Half>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_bf16(const Backward& g, int64_t b, int64_t t) { backward_row<BFloat16>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_f32(const Backward& g, int64_t b, int64_t t) { backward_row<float>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) { backward_row<double>(g, b, t); }
+
+// ---- entry points --------------------------------------------------------------------------------------
+
+template <typename O>
+void store_outputs(const RowResult& r, int64_t i, uintptr_t logp, uintptr_t lse, uintptr_t entropy) {
+    reinterpret_cast<O*>(logp)[i] = static_cast<O>(r.logp);
+    reinterpret_cast<O*>(lse)[i] = static_cast<O>(r.lse);
+    if (entropy != 0) reinterpret_cast<O*>(entropy)[i] = static_cast<O>(r.entropy);
+}
+
+// Writes logp, lse and (when its address is not 0) the entropy, contiguous [B, T], float64 for float64
+// logits and float32 otherwise. Returns the flat index of the first bad token id (nothing written) or -1.
+int64_t token_logprobs_fwd(const OperandSpec& logits, const OperandSpec& tokens, int64_t B, int64_t T, int64_t V,
+                           double temperature, uintptr_t logp_out, uintptr_t lse_out, uintptr_t entropy_out) {
+    Forward f;
+    f.logits = operand(logits);
+    f.tokens = operand(tokens);
+    f.T = T;
+    f.V = V;
+    f.inv_tau = 1.0 / temperature;
+    py::gil_scoped_release release;
+    const int64_t bad = first_bad_token(f.tokens, B, T, V);
+    if (bad >= 0) return bad;
+    RowResult (*row_fn)(const Forward&, int64_t, int64_t) = forward_row_f32;
+    switch (f.logits.dtype) {
+        case kFloat16: row_fn = forward_row_f16; break;
+        case kBFloat16: row_fn = forward_row_bf16; break;
+        case kFloat64: row_fn = forward_row_f64; break;
+        default: break;
+    }
+    const bool out_f64 = f.logits.dtype == kFloat64;
+    const int64_t rows = B * T;
+    const bool parallel = rows * V >= kParallelMinElements;
+    (void)parallel;  // unused without OpenMP
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
+    for (int64_t i = 0; i < rows; ++i) {
+        const RowResult r = row_fn(f, i / T, i % T);
+        if (out_f64) {
+            store_outputs<double>(r, i, logp_out, lse_out, entropy_out);
+        } else {
+            store_outputs<float>(r, i, logp_out, lse_out, entropy_out);
+        }
+    }
+    return -1;
+}
+
+// Writes d (g_logp logp + g_entropy H) / d logits into out (the logits' dtype; it may be the logits
+// themselves). Absent operands (address 0) count as 0. Returns the flat index of the first bad token id
+// (nothing written) or -1.
+int64_t token_logprobs_bwd(const OperandSpec& logits, const OperandSpec& tokens, const OperandSpec& lse,
+                           const OperandSpec& entropy, const OperandSpec& g_logp, const OperandSpec& g_entropy,
+                           const OperandSpec& out, int64_t B, int64_t T, int64_t V, double temperature) {
+    Backward g;
+    g.logits = operand(logits);
+    g.tokens = operand(tokens);
+    g.lse = operand(lse);
+    g.entropy = operand(entropy);
+    g.g_logp = operand(g_logp);
+    g.g_entropy = operand(g_entropy);
+    g.out = reinterpret_cast<void*>(std::get<0>(out));
+    g.out_sb = std::get<2>(out);
+    g.out_st = std::get<3>(out);
+    g.V = V;
+    g.inv_tau = 1.0 / temperature;
+    py::gil_scoped_release release;
+    const int64_t bad = first_bad_token(g.tokens, B, T, V);
+    if (bad >= 0) return bad;
+    void (*row_fn)(const Backward&, int64_t, int64_t) = backward_row_f32;
+    switch (g.logits.dtype) {
+        case kFloat16: row_fn = backward_row_f16; break;
+        case kBFloat16: row_fn = backward_row_bf16; break;
+        case kFloat64: row_fn = backward_row_f64; break;
+        default: break;
+    }
+    const int64_t rows = B * T;
+    const bool parallel = rows * V >= kParallelMinElements;
+    (void)parallel;  // unused without OpenMP
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
+    for (int64_t i = 0; i < rows; ++i) row_fn(g, i / T, i % T);
+    return -1;
+}
+
+}  // namespace
+
+void register_logits(py::module_& m) {
+    m.def("token_logprobs_fwd", &token_logprobs_fwd,
+          "Token log-probs, logsumexp and (when entropy_out is not 0) entropy of logits [B, T, V] at temperature "
+          "tau, written contiguous [B, T]. Tensors travel as (address, dtype code, row stride, token stride) in "
+          "elements. Returns the flat index of the first token id outside [0, V), or -1.",
+          py::arg("logits"), py::arg("tokens"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("temperature"),
+          py::arg("logp_out"), py::arg("lse_out"), py::arg("entropy_out"));
+    m.def("token_logprobs_bwd", &token_logprobs_bwd,
+          "Gradient of sum(g_logp logp + g_entropy entropy) with respect to the logits, written into out (which "
+          "may be the logits). Absent operands have address 0. Returns the flat index of the first token id "
+          "outside [0, V), or -1.",
+          py::arg("logits"), py::arg("tokens"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"),
+          py::arg("g_entropy"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("temperature"));
+}

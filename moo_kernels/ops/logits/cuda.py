@@ -1,0 +1,146 @@
+"""Triton launchers of the logits ops (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+
+Block and chunk sizes can be overridden for tuning with MOO_KERNELS_LOGITS_CHUNK (vocabulary entries per
+program of the fused loss), MOO_KERNELS_LOGITS_BLOCK (entries per tile) and MOO_KERNELS_LOGITS_SPINS (polls
+of the chunk exchange before a program computes a missing sibling's statistics itself).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from moo_kernels.ops.logits import triton_kernels as lk
+from moo_kernels.ops.policy_loss import triton_kernels as pk
+from moo_kernels.ops.policy_loss.cuda import NUM_METRICS, _strides
+from moo_kernels.ops.policy_loss.problem import AGG_CODES, KL_CODES, MODE_CODES, PolicyLossProblem
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK_V = int(os.environ.get("MOO_KERNELS_LOGITS_BLOCK", "2048"))
+CHUNK_V = int(os.environ.get("MOO_KERNELS_LOGITS_CHUNK", "16384"))
+MAX_SPINS = int(os.environ.get("MOO_KERNELS_LOGITS_SPINS", "2" if INTERPRETED else str(2**31 - 1)))
+NUM_WARPS = 8
+# The fused loss kernel's register cap: without it ptxas spills in the exchange of the chunks; at 96 it
+# does not (checked ahead of time for every flag set, python_tests/aot_compile.py).
+LOSS_MAXNREG = int(os.environ.get("MOO_KERNELS_LOGITS_MAXNREG", "96"))
+MAX_CHUNKS = 64
+
+
+def _tiles(V: int) -> tuple[int, int, int]:
+    """(BLOCK_V, chunk_v, n_chunks): tiles never wider than the row, chunks a multiple of the tile."""
+    block = min(BLOCK_V, triton.next_power_of_2(V))
+    chunk = max(block, CHUNK_V // block * block, triton.cdiv(V, MAX_CHUNKS * block) * block)
+    return block, chunk, triton.cdiv(V, chunk)
+
+
+def _out_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def token_logprobs_fwd_triton(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, want_entropy: bool):
+    """(logp [B, T], lse [B, T] float32, entropy [B, T] or None)."""
+    B, T, V = logits.shape
+    dev = logits.device
+    logp = torch.empty(B, T, dtype=_out_dtype(logits), device=dev)
+    lse = torch.empty(B, T, dtype=torch.float32, device=dev)
+    ent = torch.empty(B, T, dtype=logp.dtype, device=dev) if want_entropy else None
+    block, _, _ = _tiles(V)
+    lk._logprobs_fwd_kernel[(B * T,)](
+        logits, tokens, logp, lse, ent if ent is not None else lse, T, V,
+        logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), 1.0 / temperature,
+        WANT_ENTROPY=want_entropy, BLOCK_V=block, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return logp, lse, ent
+
+
+def token_logprobs_bwd_triton(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    temperature: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Writes d (g_logp logp + g_entropy H) / d logits into out (which may be logits itself)."""
+    B, T, V = logits.shape
+    block, chunk, n_chunks = _tiles(V)
+    glp, s_lb, s_lt = _strides(g_logp, lse)
+    gh, s_hb, s_ht = _strides(g_entropy, lse)
+    lk._logprobs_bwd_kernel[(B * T, n_chunks)](
+        logits, tokens, lse, entropy if entropy is not None else lse, glp, gh, out, T, V,
+        logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), out.stride(0), out.stride(1),
+        s_lb, s_lt, s_hb, s_ht, 1.0 / temperature, chunk,
+        HAS_GLP=g_logp is not None, HAS_H=g_entropy is not None, BLOCK_V=block, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def logits_loss_triton(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    p: PolicyLossProblem,
+    temperature: float,
+    want_entropy: bool,
+    grad: torch.Tensor | None,
+):
+    """The fused loss (modes other than "gspo"): (loss, metrics[11], entropy or None); the gradient
+    d loss / d logits for an incoming gradient of 1 is written into grad (None: not needed)."""
+    B, T, V = logits.shape
+    dev = logits.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    mask = p.mask.view(torch.uint8) if p.mask.dtype == torch.bool else p.mask
+    stats = torch.empty(B, 2, **f32)
+    totals = torch.empty(2, **f32)
+    pk._row_stats_kernel[(B,)](
+        mask, mask, mask, stats, T, 0, 0, 0, 0, mask.stride(0), mask.stride(1),
+        BLOCK_T=min(triton.next_power_of_2(T), 2048), HAS_OLD=False, GSPO_MODE=False, num_warps=4,
+    )  # fmt: skip
+    pk._totals_kernel[(1,)](stats, totals, B, BLOCK_B=min(triton.next_power_of_2(B), 1024), num_warps=4)
+
+    block, chunk, n_chunks = _tiles(V)
+    rows = B * T
+    parts = torch.empty(rows, pk.NUM_PARTIALS.value, **f32)
+    ent = torch.empty(B, T, **f32) if want_entropy else None
+    coop = n_chunks > 1
+    scratch = torch.empty(rows * n_chunks * 3 if coop else 1, **f32)
+    flags = torch.zeros(rows * n_chunks + 1, dtype=torch.int32, device=dev)  # + the ticket counter
+    old, s_ob, s_ot = _strides(p.old_logp, mask)
+    ref, s_rb, s_rt = _strides(p.ref_logp, mask)
+    adv, s_ab, s_at = _strides(p.advantages, mask)
+    tadv, s_tb, s_tt = _strides(p.token_advantages, mask)
+    isw, s_wb, s_wt = _strides(p.is_weights, mask)
+    off = p.offpolicy.view(torch.uint8) if p.offpolicy is not None else mask
+    g, s_gb, s_gt = (grad, grad.stride(0), grad.stride(1)) if grad is not None else (logits, 0, 0)
+    lk._logits_loss_kernel[(rows * n_chunks,)](
+        logits, tokens, mask, adv, tadv, old, ref, isw, off, stats, totals, g, parts,
+        ent if ent is not None else parts, scratch, flags,
+        T, V, logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), mask.stride(0), mask.stride(1),
+        s_ab, s_at, s_tb, s_tt, s_ob, s_ot, s_rb, s_rt, s_wb, s_wt, s_gb, s_gt,
+        1.0 / temperature, p.beta, p.clip_low, p.clip_high, p.dual_clip or 0.0, p.ratio_cap or 0.0,
+        p.offpolicy_gamma, p.norm_const(), chunk, n_chunks, MAX_SPINS,
+        MODE=MODE_CODES[p.mode], AGG=AGG_CODES[p.agg], KL=KL_CODES[p.kl],
+        HAS_OLD=p.old_logp is not None, HAS_REF=p.ref_logp is not None, HAS_TADV=p.token_advantages is not None,
+        HAS_ISW=p.is_weights is not None, HAS_OFF=p.offpolicy is not None, HAS_DUAL=p.dual_clip is not None,
+        HAS_CAP=p.ratio_cap is not None, HAS_NUM_TOKENS=p.num_tokens is not None,
+        WRITE_GRAD=grad is not None, WANT_ENTROPY=want_entropy, COOP=coop,
+        CHUNKS_P2=triton.next_power_of_2(n_chunks), BLOCK_V=block, num_warps=NUM_WARPS,
+        **({} if INTERPRETED else {"maxnreg": LOSS_MAXNREG}),
+    )  # fmt: skip
+    out = torch.empty(NUM_METRICS + 1, **f32)
+    pk._reduce_partials_kernel[(1,)](
+        parts, totals, out, rows, BLOCK_P=min(triton.next_power_of_2(rows), 256), num_warps=4
+    )
+    dt = _out_dtype(logits)
+    return out[0].to(dt), out[1:].to(dt), ent
+
+
+def scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x *= g in place ([B, T, V], unit stride on V), on the device: nothing is touched when g == 1."""
+    B, T, V = x.shape
+    block = min(4096, triton.next_power_of_2(V))
+    lk._scale_kernel[(B * T, triton.cdiv(V, block))](x, g, T, V, x.stride(0), x.stride(1), BLOCK_V=block, num_warps=4)
+    return x

@@ -1,0 +1,402 @@
+"""Triton kernels of the logits ops (kernels only; see cuda.py for the launchers).
+
+A vocabulary row of the logits is split into chunks of chunk_v entries (a multiple of BLOCK_V). Each
+chunk's softmax statistics are (max, sum exp(s - max), sum exp(s - max) s), s = z / tau; merging them
+gives lse(s) and the mean of s under p, hence log-prob and entropy.
+
+1. _logprobs_fwd_kernel   one program per row: log-prob, lse and entropy (one read of the row).
+2. _logprobs_bwd_kernel   grid (row, chunk): d/dz of g_logp logp + g_H H (one read, one write).
+3. _logits_loss_kernel    the fused loss, grid (row, chunk): the normaliser of the loss is known before
+                          the loss (it depends on the mask only), so the gradient d loss / d logp of a
+                          token is known as soon as its log-prob is, and one launch computes the loss,
+                          its metrics and d loss / d logits: each program reads its chunk (first pass),
+                          the chunks of a row exchange their statistics, then each program writes the
+                          gradient of its chunk (second pass, walking the chunk backwards so that the most
+                          recently read tiles come first, from L2). The chunks in flight, not whole rows,
+                          must fit in L2: that is what lets the logits be read from HBM once.
+4. _scale_kernel          the backward's rescale by the incoming gradient; a no-op when it is 1 (decided
+                          on the device, no host synchronisation).
+
+The exchange between the chunks of a row: each program publishes its statistics in a scratch slot and
+sets its flag (release), then polls the row's flags (acquire) until all are set. Programs take their
+(row, chunk) from a ticket counter when they start, not from their launch index, so every ticket below
+a running program's belongs to a program that has started: only the row of the newest ticket can be
+incomplete, its started programs hold fewer slots than the GPU has, and the others finish and make room
+for the rest of it. Waiting is therefore always finite on a GPU. After max_spins polls a program
+computes the statistics of any chunk still unpublished itself, by the same code on the same data: the
+interpreter, which runs programs one after another, takes that path (safe there, in place too: a chunk
+is only overwritten by its own program, after every earlier program has finished); on a GPU max_spins
+is a guard that a correct schedule never reaches. Statistics are merged in chunk order: every program
+of a row gets the same bits, and so does every run.
+"""
+
+import triton
+import triton.language as tl
+
+from moo_kernels.ops.policy_loss.triton_kernels import NUM_PARTIALS, _row_scale, _token_terms
+
+
+@triton.jit
+def _merge(m, l, q, m2, l2, q2):
+    """Merge two (max, sum exp(s - max), sum exp(s - max) s) triples."""
+    mx = tl.maximum(m, m2)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    a = tl.exp(m - safe)
+    a2 = tl.exp(m2 - safe)
+    return mx, l * a + l2 * a2, q * a + q2 * a2
+
+
+@triton.jit
+def _chunk_stats(z_row, v_lo, chunk_v, V, inv_temp, BLOCK_V: tl.constexpr):
+    """Softmax statistics of s = z * inv_temp over [v_lo, v_lo + chunk_v) within [0, V)."""
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.zeros([], dtype=tl.float32)
+    q = tl.zeros([], dtype=tl.float32)
+    v_hi = tl.minimum(v_lo + chunk_v, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        s = tl.load(z_row + cols, mask=cols < v_hi, other=float("-inf")).to(tl.float32) * inv_temp
+        tm = tl.max(s, axis=0)
+        mx = tl.maximum(m, tm)
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.exp(s - safe)
+        a = tl.exp(m - safe)
+        l = l * a + tl.sum(e, axis=0)
+        q = q * a + tl.sum(e * tl.where(e > 0, s, 0.0), axis=0)
+        m = mx
+    return m, l, q
+
+
+@triton.jit
+def _row_lse(
+    z_row,
+    row,
+    c,
+    V,
+    inv_temp,
+    chunk_v,
+    n_chunks,
+    scratch_ptr,
+    flags_ptr,
+    max_spins,
+    COOP: tl.constexpr,
+    CHUNKS_P2: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """(lse, mean of s under p) of the row, from this program's chunk c and its siblings' (see top)."""
+    m, l, q = _chunk_stats(z_row, (c * chunk_v).to(tl.int32), chunk_v, V, inv_temp, BLOCK_V)
+    if COOP:
+        slot = row * n_chunks + c
+        tl.store(scratch_ptr + slot * 3 + 0, m)
+        tl.store(scratch_ptr + slot * 3 + 1, l)
+        tl.store(scratch_ptr + slot * 3 + 2, q)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + slot, 1, sem="release", scope="gpu")
+        lanes = tl.arange(0, CHUNKS_P2)
+        row_flags = flags_ptr + row * n_chunks + lanes
+        present = lanes < n_chunks
+        ready = tl.sum(tl.where(present, tl.atomic_add(row_flags, 0, mask=present, sem="acquire", scope="gpu"), 0))
+        spins = 0
+        while (ready < n_chunks) & (spins < max_spins):
+            ready = tl.sum(tl.where(present, tl.atomic_add(row_flags, 0, mask=present, sem="acquire", scope="gpu"), 0))
+            spins += 1
+        m = tl.full([], float("-inf"), tl.float32)
+        l = tl.zeros([], dtype=tl.float32)
+        q = tl.zeros([], dtype=tl.float32)
+        for j in range(0, n_chunks):
+            sj = row * n_chunks + j
+            if tl.atomic_add(flags_ptr + sj, 0, sem="acquire", scope="gpu") != 0:
+                mj = tl.load(scratch_ptr + sj * 3 + 0, volatile=True)
+                lj = tl.load(scratch_ptr + sj * 3 + 1, volatile=True)
+                qj = tl.load(scratch_ptr + sj * 3 + 2, volatile=True)
+            else:
+                mj, lj, qj = _chunk_stats(z_row, (j * chunk_v).to(tl.int32), chunk_v, V, inv_temp, BLOCK_V)
+            m, l, q = _merge(m, l, q, mj, lj, qj)
+    safe = tl.where(m == float("-inf"), 0.0, m)
+    return safe + tl.log(l), q / l
+
+
+@triton.jit
+def _write_grad_chunk(
+    z_row, g_row, v_lo, chunk_v, V, tok, lse, mean_s, c_lp, c_h, inv_temp, HAS_H: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    """g_row[v] = (c_lp (1[v = tok] - p_v) - c_h p_v (s_v - mean_s)) / tau over the chunk, last tile first."""
+    v_hi = tl.minimum(v_lo + chunk_v, V)
+    n_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    for i in range(0, n_tiles):
+        cols = v_lo + (n_tiles - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
+        ok = cols < v_hi
+        s = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+        p = tl.exp(s - lse)
+        gv = tl.where(cols == tok, c_lp, 0.0) - c_lp * p
+        if HAS_H:
+            gv -= c_h * p * tl.where(p > 0, s - mean_s, 0.0)
+        tl.store(g_row + cols, (gv * inv_temp).to(g_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,
+    tokens_ptr,
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    T,
+    V,
+    s_zb,
+    s_zt,
+    s_kb,
+    s_kt,
+    inv_temp,
+    WANT_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row % T
+    z_row = logits_ptr + b * s_zb + t * s_zt
+    lse, mean_s = _row_lse(z_row, row, 0, V, inv_temp, V, 1, z_row, tokens_ptr, 0, False, 1, BLOCK_V)
+    tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
+    valid = (tok >= 0) & (tok < V)
+    s_tok = tl.load(z_row + tl.where(valid, tok, 0)).to(tl.float32) * inv_temp
+    tl.store(logp_ptr + row, tl.where(valid, s_tok - lse, float("nan")).to(logp_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, lse)
+    if WANT_ENTROPY:
+        tl.store(ent_ptr + row, (lse - mean_s).to(ent_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,
+    tokens_ptr,
+    lse_ptr,
+    ent_ptr,
+    glp_ptr,
+    gh_ptr,
+    grad_ptr,
+    T,
+    V,
+    s_zb,
+    s_zt,
+    s_kb,
+    s_kt,
+    s_gb,
+    s_gt,
+    s_lb,
+    s_lt,
+    s_hb,
+    s_ht,
+    inv_temp,
+    chunk_v,
+    HAS_GLP: tl.constexpr,
+    HAS_H: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    b = row // T
+    t = row % T
+    z_row = logits_ptr + b * s_zb + t * s_zt
+    g_row = grad_ptr + b * s_gb + t * s_gt
+    lse = tl.load(lse_ptr + row)
+    c_lp = 0.0
+    if HAS_GLP:
+        c_lp = tl.load(glp_ptr + b * s_lb + t * s_lt).to(tl.float32)
+    c_h = 0.0
+    mean_s = 0.0
+    if HAS_H:
+        c_h = tl.load(gh_ptr + b * s_hb + t * s_ht).to(tl.float32)
+        mean_s = lse - tl.load(ent_ptr + row).to(tl.float32)
+    tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
+    tok = tl.where((tok >= 0) & (tok < V), tok, -1).to(tl.int32)
+    v_lo = (c * chunk_v).to(tl.int32)
+    _write_grad_chunk(z_row, g_row, v_lo, chunk_v, V, tok, lse, mean_s, c_lp, c_h, inv_temp, HAS_H, BLOCK_V)
+
+
+@triton.jit
+def _logits_loss_kernel(
+    logits_ptr,
+    tokens_ptr,
+    mask_ptr,
+    adv_ptr,
+    tadv_ptr,
+    old_ptr,
+    ref_ptr,
+    isw_ptr,
+    off_ptr,
+    stats_ptr,
+    totals_ptr,
+    grad_ptr,
+    part_ptr,
+    ent_ptr,
+    scratch_ptr,
+    flags_ptr,
+    T,
+    V,
+    s_zb,
+    s_zt,
+    s_kb,
+    s_kt,
+    s_mb,
+    s_mt,
+    s_ab,
+    s_at,
+    s_tb,
+    s_tt,
+    s_ob,
+    s_ot,
+    s_rb,
+    s_rt,
+    s_wb,
+    s_wt,
+    s_gb,
+    s_gt,
+    inv_temp,
+    beta,
+    clip_lo,
+    clip_hi,
+    dual_clip,
+    ratio_cap,
+    gamma,
+    norm_const,
+    chunk_v,
+    n_chunks,
+    max_spins,
+    MODE: tl.constexpr,
+    AGG: tl.constexpr,
+    KL: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_TADV: tl.constexpr,
+    HAS_ISW: tl.constexpr,
+    HAS_OFF: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    HAS_NUM_TOKENS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    COOP: tl.constexpr,
+    CHUNKS_P2: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    if COOP:
+        # work in the order programs start, not in launch order: see the top of the file
+        pid = tl.atomic_add(flags_ptr + tl.num_programs(0), 1, sem="relaxed", scope="gpu").to(tl.int64)
+    else:
+        pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    c = pid % n_chunks
+    b = row // T
+    t = row % T
+    v_lo = (c * chunk_v).to(tl.int32)
+    z_row = logits_ptr + b * s_zb + t * s_zt
+    g_row = grad_ptr + b * s_gb + t * s_gt
+    m = tl.load(mask_ptr + b * s_mb + t * s_mt).to(tl.float32)
+    active = m != 0
+    if WANT_ENTROPY:
+        compute = active | True
+    else:
+        compute = active
+    # every program of a row takes the same branch, so the exchange inside _row_lse is all or nothing
+    if compute:
+        lse, mean_s = _row_lse(
+            z_row, row, c, V, inv_temp, chunk_v, n_chunks, scratch_ptr, flags_ptr, max_spins, COOP, CHUNKS_P2, BLOCK_V
+        )
+        tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
+        valid = (tok >= 0) & (tok < V)
+        s_tok = tl.load(z_row + tl.where(valid, tok, 0)).to(tl.float32) * inv_temp
+        lp = tl.where(valid, s_tok - lse, float("nan"))
+
+        adv = tl.load(adv_ptr + b * s_ab + t * s_at).to(tl.float32)
+        if HAS_TADV:
+            adv += tl.load(tadv_ptr + b * s_tb + t * s_tt).to(tl.float32)
+        raw = lp * 0.0
+        if HAS_OLD:
+            raw = lp - tl.load(old_ptr + b * s_ob + t * s_ot).to(tl.float32)
+        off = False
+        if HAS_OFF:
+            off = tl.load(off_ptr + b) != 0
+        w_is = 1.0
+        if HAS_ISW:
+            w_is = tl.load(isw_ptr + b * s_wb + t * s_wt).to(tl.float32)
+        ref = 0.0
+        if HAS_REF:
+            ref = tl.load(ref_ptr + b * s_rb + t * s_rt).to(tl.float32)
+        loss_tok, pg, g, k, rho, d, clipped, low, high, dual = _token_terms(
+            lp,
+            raw,
+            adv,
+            active,
+            1.0,
+            off,
+            w_is,
+            ref,
+            beta,
+            clip_lo,
+            clip_hi,
+            dual_clip,
+            ratio_cap,
+            gamma,
+            MODE,
+            KL,
+            HAS_OFF,
+            HAS_ISW,
+            HAS_REF,
+            HAS_DUAL,
+            HAS_CAP,
+        )
+        wm = m * _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
+        if WRITE_GRAD:
+            c_lp = tl.where(active, g * wm, 0.0)
+            _write_grad_chunk(
+                z_row,
+                g_row,
+                v_lo,
+                chunk_v,
+                V,
+                tl.where(valid, tok, -1).to(tl.int32),
+                lse,
+                mean_s,
+                c_lp,
+                0.0,
+                inv_temp,
+                False,
+                BLOCK_V,
+            )
+        if c == 0:
+            base = part_ptr + row * NUM_PARTIALS
+            tl.store(base + 0, tl.where(active, loss_tok * wm, 0.0))
+            tl.store(base + 1, tl.where(active, pg * wm, 0.0))
+            tl.store(base + 2, tl.where(active, k * m, 0.0))
+            tl.store(base + 3, tl.where(clipped & active, m, 0.0))
+            tl.store(base + 4, tl.where(low & active, m, 0.0))
+            tl.store(base + 5, tl.where(high & active, m, 0.0))
+            tl.store(base + 6, tl.where(dual & active, m, 0.0))
+            tl.store(base + 7, tl.where(active, rho * m, 0.0))
+            tl.store(base + 8, tl.where(active, rho, float("inf")))
+            tl.store(base + 9, tl.where(active, rho, float("-inf")))
+            tl.store(base + 10, tl.where(active, -d * m, 0.0))
+            if WANT_ENTROPY:
+                tl.store(ent_ptr + row, lse - mean_s)
+    else:
+        if WRITE_GRAD:
+            v_hi = tl.minimum(v_lo + chunk_v, V)
+            for v0 in range(v_lo, v_hi, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty), mask=cols < v_hi)
+        if c == 0:
+            base = part_ptr + row * NUM_PARTIALS
+            for j in range(0, NUM_PARTIALS):
+                tl.store(base + j, tl.where(j == 8, float("inf"), tl.where(j == 9, float("-inf"), 0.0)))
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, T, V, s_b, s_t, BLOCK_V: tl.constexpr):
+    """x[b, t, :] *= g, skipped entirely (nothing read or written) when g == 1."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        ptr = x_ptr + (row // T) * s_b + (row % T) * s_t + cols
+        x = tl.load(ptr, mask=cols < V, other=0.0).to(tl.float32)
+        tl.store(ptr, (x * g).to(x_ptr.dtype.element_ty), mask=cols < V)
