@@ -219,7 +219,8 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
         R tile_max[kLanes];
         std::fill(tile_max, tile_max + kLanes, -inf);
         for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
-            for (int64_t l = 0; l < kLanes; ++l) tile_max[l] = std::max(tile_max[l], x[i0 + l]);
+            MOO_OMP(omp simd)  // the lanes are independent: one SIMD element each, no reordering within a lane
+            for (int64_t l = 0; l < kLanes; ++l) tile_max[l] = x[i0 + l] > tile_max[l] ? x[i0 + l] : tile_max[l];
         }
         R base[kLanes];
         for (int64_t l = 0; l < kLanes; ++l) {
@@ -238,6 +239,7 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
         std::fill(tile_sum, tile_sum + kLanes, R(0));
         std::fill(tile_wsum, tile_wsum + kLanes, R(0));
         for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
+            MOO_OMP(omp simd)
             for (int64_t l = 0; l < kLanes; ++l) {
                 const R d = x[i0 + l] - base[l], e = exp_lanes(d);
                 tile_sum[l] += e;

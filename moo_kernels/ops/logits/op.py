@@ -54,7 +54,7 @@ def run_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, want_
 
         return token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy)
     logp, ent = token_logprobs_reference(logits, tokens, temperature)
-    lse = torch.logsumexp(logits.detach().to(torch.float64) / temperature, dim=-1)
+    lse = torch.logsumexp(logits.detach().to(torch.float64) / temperature, dim=-1).float()  # unused by its backward
     dt = _out_dtype(logits)
     return logp.to(dt), lse, ent.to(dt) if want_entropy else None
 

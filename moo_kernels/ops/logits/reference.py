@@ -32,13 +32,18 @@ def _softmax_parts(logits: torch.Tensor, temperature: float):
     return s, lse, p
 
 
+def _p_times(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p x with the limit 0 where p = 0 (a logit of -inf: x is -inf there)."""
+    return torch.where(p > 0, p * x, torch.zeros_like(p))
+
+
 def token_logprobs_reference(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp, entropy), both [B, T] float64."""
     s, lse, p = _softmax_parts(logits, temperature)
     logp = s.gather(-1, tokens.long()[..., None])[..., 0] - lse
-    entropy = lse - (p * s).sum(-1)
+    entropy = lse - _p_times(p, s).sum(-1)
     return logp, entropy
 
 
@@ -57,8 +62,8 @@ def token_logprobs_grad_reference(
         grad -= g * p
         grad.scatter_add_(-1, tokens.long()[..., None], g)
     if g_entropy is not None:
-        mean_s = (p * s).sum(-1, keepdim=True)
-        grad -= g_entropy.to(F64)[..., None] * p * (s - mean_s)
+        mean_s = _p_times(p, s).sum(-1, keepdim=True)
+        grad -= g_entropy.to(F64)[..., None] * _p_times(p, s - mean_s)
     return grad / temperature
 
 

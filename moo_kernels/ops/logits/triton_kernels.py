@@ -47,12 +47,15 @@ def _merge(m, l, q, m2, l2, q2):
 
 
 @triton.jit
-def _chunk_stats(z_row, v_lo, chunk_v, V, inv_temp, BLOCK_V: tl.constexpr):
-    """Softmax statistics of s = z * inv_temp over [v_lo, v_lo + chunk_v) within [0, V)."""
+def _chunk_stats(z_row, v_lo, chunk_v, V, tok, inv_temp, BLOCK_V: tl.constexpr):
+    """Softmax statistics of s = z * inv_temp over [v_lo, v_lo + chunk_v) within [0, V), and s_tok when
+    the chunk holds token tok (else 0): read here, before any program may overwrite the chunk in place."""
+    v_hi = tl.minimum(v_lo + chunk_v, V)
+    mine = (tok >= v_lo) & (tok < v_hi)
+    s_tok = tl.load(z_row + tl.where(mine, tok, v_lo), mask=mine, other=0.0).to(tl.float32) * inv_temp
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.zeros([], dtype=tl.float32)
     q = tl.zeros([], dtype=tl.float32)
-    v_hi = tl.minimum(v_lo + chunk_v, V)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         s = tl.load(z_row + cols, mask=cols < v_hi, other=float("-inf")).to(tl.float32) * inv_temp
@@ -64,7 +67,7 @@ def _chunk_stats(z_row, v_lo, chunk_v, V, inv_temp, BLOCK_V: tl.constexpr):
         l = l * a + tl.sum(e, axis=0)
         q = q * a + tl.sum(e * tl.where(e > 0, s, 0.0), axis=0)
         m = mx
-    return m, l, q
+    return m, l, q, s_tok
 
 
 @triton.jit
@@ -73,6 +76,7 @@ def _row_lse(
     row,
     c,
     V,
+    tok,
     inv_temp,
     chunk_v,
     n_chunks,
@@ -83,13 +87,15 @@ def _row_lse(
     CHUNKS_P2: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """(lse, mean of s under p) of the row, from this program's chunk c and its siblings' (see top)."""
-    m, l, q = _chunk_stats(z_row, (c * chunk_v).to(tl.int32), chunk_v, V, inv_temp, BLOCK_V)
+    """(lse, mean of s under p, s_tok) of the row, from this program's chunk c and its siblings' (see top).
+    tok: the row's token id (int32, -1 when out of range: s_tok is then 0)."""
+    m, l, q, s_tok = _chunk_stats(z_row, (c * chunk_v).to(tl.int32), chunk_v, V, tok, inv_temp, BLOCK_V)
     if COOP:
         slot = row * n_chunks + c
-        tl.store(scratch_ptr + slot * 3 + 0, m)
-        tl.store(scratch_ptr + slot * 3 + 1, l)
-        tl.store(scratch_ptr + slot * 3 + 2, q)
+        tl.store(scratch_ptr + slot * 4 + 0, m)
+        tl.store(scratch_ptr + slot * 4 + 1, l)
+        tl.store(scratch_ptr + slot * 4 + 2, q)
+        tl.store(scratch_ptr + slot * 4 + 3, s_tok)
         tl.debug_barrier()
         tl.atomic_xchg(flags_ptr + slot, 1, sem="release", scope="gpu")
         lanes = tl.arange(0, CHUNKS_P2)
@@ -103,17 +109,20 @@ def _row_lse(
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], dtype=tl.float32)
         q = tl.zeros([], dtype=tl.float32)
+        s_tok = tl.zeros([], dtype=tl.float32)
         for j in range(0, n_chunks):
             sj = row * n_chunks + j
             if tl.atomic_add(flags_ptr + sj, 0, sem="acquire", scope="gpu") != 0:
-                mj = tl.load(scratch_ptr + sj * 3 + 0, volatile=True)
-                lj = tl.load(scratch_ptr + sj * 3 + 1, volatile=True)
-                qj = tl.load(scratch_ptr + sj * 3 + 2, volatile=True)
+                mj = tl.load(scratch_ptr + sj * 4 + 0, volatile=True)
+                lj = tl.load(scratch_ptr + sj * 4 + 1, volatile=True)
+                qj = tl.load(scratch_ptr + sj * 4 + 2, volatile=True)
+                tj = tl.load(scratch_ptr + sj * 4 + 3, volatile=True)
             else:
-                mj, lj, qj = _chunk_stats(z_row, (j * chunk_v).to(tl.int32), chunk_v, V, inv_temp, BLOCK_V)
+                mj, lj, qj, tj = _chunk_stats(z_row, (j * chunk_v).to(tl.int32), chunk_v, V, tok, inv_temp, BLOCK_V)
             m, l, q = _merge(m, l, q, mj, lj, qj)
+            s_tok += tj  # one chunk holds the token, the others add an exact 0
     safe = tl.where(m == float("-inf"), 0.0, m)
-    return safe + tl.log(l), q / l
+    return safe + tl.log(l), q / l, s_tok
 
 
 @triton.jit
@@ -155,10 +164,10 @@ def _logprobs_fwd_kernel(
     b = row // T
     t = row % T
     z_row = logits_ptr + b * s_zb + t * s_zt
-    lse, mean_s = _row_lse(z_row, row, 0, V, inv_temp, V, 1, z_row, tokens_ptr, 0, False, 1, BLOCK_V)
     tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
     valid = (tok >= 0) & (tok < V)
-    s_tok = tl.load(z_row + tl.where(valid, tok, 0)).to(tl.float32) * inv_temp
+    tok = tl.where(valid, tok, -1).to(tl.int32)
+    lse, mean_s, s_tok = _row_lse(z_row, row, 0, V, tok, inv_temp, V, 1, z_row, tokens_ptr, 0, False, 1, BLOCK_V)
     tl.store(logp_ptr + row, tl.where(valid, s_tok - lse, float("nan")).to(logp_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse)
     if WANT_ENTROPY:
@@ -299,12 +308,13 @@ def _logits_loss_kernel(
         compute = active
     # every program of a row takes the same branch, so the exchange inside _row_lse is all or nothing
     if compute:
-        lse, mean_s = _row_lse(
-            z_row, row, c, V, inv_temp, chunk_v, n_chunks, scratch_ptr, flags_ptr, max_spins, COOP, CHUNKS_P2, BLOCK_V
-        )
         tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
         valid = (tok >= 0) & (tok < V)
-        s_tok = tl.load(z_row + tl.where(valid, tok, 0)).to(tl.float32) * inv_temp
+        tok = tl.where(valid, tok, -1).to(tl.int32)
+        lse, mean_s, s_tok = _row_lse(
+            z_row, row, c, V, tok, inv_temp, chunk_v, n_chunks, scratch_ptr, flags_ptr, max_spins, COOP, CHUNKS_P2,
+            BLOCK_V,
+        )  # fmt: skip
         lp = tl.where(valid, s_tok - lse, float("nan"))
 
         adv = tl.load(adv_ptr + b * s_ab + t * s_at).to(tl.float32)
@@ -354,7 +364,7 @@ def _logits_loss_kernel(
                 v_lo,
                 chunk_v,
                 V,
-                tl.where(valid, tok, -1).to(tl.int32),
+                tok,
                 lse,
                 mean_s,
                 c_lp,
