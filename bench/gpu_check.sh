@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU story in one prepared run (about 9 minutes on an H200): build the C++ extension from
 # source, benchmark the advantage step, the policy loss and the loss from logits on the GPU (correctness
-# is checked before anything is timed), then the test suite with the GPU tests. Results JSON, plots and
-# logs go to $OUT (the device tool's output folder, which returns at most 8 files: this script writes 8;
-# the environment heads the benchmark log) or, elsewhere, to bench/results/.
+# is checked before anything is timed), the test suite with the GPU tests, then a tuning sweep of the
+# fused logits kernel. Results go to $OUT (the device tool's output folder, which returns at most 8
+# files: this script writes 8, with the environment, the test output and the sweep's summary in the
+# log) or, elsewhere, to bench/results/.
 # Liger-Kernel (compared in the logits benchmark) comes from a wheel in bench/wheels/ (`make liger-wheel`
 # here; the GPU machine has no network). bench/wheels/ is git-ignored: the device tool carries it only
 # when asked to (carry: ["bench/wheels"]).
@@ -52,9 +53,13 @@ ll_rc=${PIPESTATUS[0]}
 
 echo "== tests of the ops on CUDA and CPU (property tests and the AOT compile check run in CI)"
 timeout 200 $PY -m pytest python_tests/test_advantages.py python_tests/test_brier.py python_tests/test_policy_loss.py \
-  -q -p no:cacheprovider 2>&1 \
-  | tee "$OUT/tests_$stamp.log"
+  python_tests/test_logits.py -q -p no:cacheprovider -x 2>&1 \
+  | tee -a "$OUT/bench_$stamp.log"
 test_rc=${PIPESTATUS[0]}
+
+echo "== tuning sweep of the fused logits kernel (chunk, tile, warps, register cap)"
+timeout 90 $PY bench/tune_logits.py --quick --budget-s 70 --json "$OUT/tune_logits_${gpu}_$stamp.json" 2>&1 \
+  | tail -20 | tee -a "$OUT/bench_$stamp.log"
 
 echo "benchmark exit $bench_rc (advantages), $pl_rc (policy loss), $ll_rc (logits loss), tests exit $test_rc"
 [ "$bench_rc" -eq 0 ] && [ "$pl_rc" -eq 0 ] && [ "$ll_rc" -eq 0 ] && [ "$test_rc" -eq 0 ]
