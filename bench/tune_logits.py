@@ -30,8 +30,8 @@ from moo_kernels.ops.policy_loss.api import check_loss_args  # noqa: E402
 
 SHAPES = [(4, 4096, 151936), (8, 2048, 32000)]
 CHUNKS = [8192, 16384, 32768, 1 << 20]  # 1 << 20: a whole row per program (no exchange)
-BLOCKS = [1024, 2048, 4096]
-WARPS = [4, 8]
+BLOCKS = [1024, 2048, 4096, 8192]
+WARPS = [4, 8, 16]
 MAXNREG = [64, 96, 128]
 
 
@@ -106,6 +106,7 @@ def main() -> int:
     settings = list(itertools.product(CHUNKS, BLOCKS, WARPS, MAXNREG))
     if args.quick:
         settings = [(c, b, 8, 96) for c in CHUNKS for b in (2048, 4096)]
+        settings += [(16384, 8192, 8, 128), (16384, 8192, 16, 96), (32768, 8192, 16, 96), (16384, 4096, 16, 96)]
     for shape in SHAPES:
         sweep_shape(shape, settings, lambda: time.perf_counter() - start > args.budget_s, out)
     Path(args.json).write_text(json.dumps(out, indent=1))
