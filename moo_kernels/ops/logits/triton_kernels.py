@@ -33,7 +33,7 @@ of a row gets the same bits, and so does every run.
 import triton
 import triton.language as tl
 
-from moo_kernels.ops.policy_loss.triton_kernels import NUM_PARTIALS, _row_scale, _token_terms
+from moo_kernels.ops.policy_loss.triton_kernels import NUM_PARTIALS, _row_scale, _store_partials, _token_terms
 
 
 @triton.jit
@@ -374,18 +374,12 @@ def _logits_loss_kernel(
                 BLOCK_V,
             )
         if c == 0:
-            base = part_ptr + row * NUM_PARTIALS
-            tl.store(base + 0, tl.where(active, loss_tok * wm, 0.0))
-            tl.store(base + 1, tl.where(active, pg * wm, 0.0))
-            tl.store(base + 2, tl.where(active, k * m, 0.0))
-            tl.store(base + 3, tl.where(clipped & active, m, 0.0))
-            tl.store(base + 4, tl.where(low & active, m, 0.0))
-            tl.store(base + 5, tl.where(high & active, m, 0.0))
-            tl.store(base + 6, tl.where(dual & active, m, 0.0))
-            tl.store(base + 7, tl.where(active, rho * m, 0.0))
-            tl.store(base + 8, tl.where(active, rho, float("inf")))
-            tl.store(base + 9, tl.where(active, rho, float("-inf")))
-            tl.store(base + 10, tl.where(active, -d * m, 0.0))
+            one = tl.full([1], 1.0, tl.float32)  # the row as a block of one token
+            _store_partials(
+                part_ptr + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, m * one, wm * one,
+                tl.where(active, one, 0.0) > 0, tl.where(clipped, one, 0.0) > 0, tl.where(low, one, 0.0) > 0,
+                tl.where(high, one, 0.0) > 0, tl.where(dual, one, 0.0) > 0, rho * one, d * one,
+            )  # fmt: skip
             if WANT_ENTROPY:
                 tl.store(ent_ptr + row, lse - mean_s)
     else:

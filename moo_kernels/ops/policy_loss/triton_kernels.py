@@ -321,14 +321,20 @@ def _policy_loss_fwd_kernel(
 
     # ---- partial sums of this program ------------------------------------------------------------------
     pid = b * tl.num_programs(1) + pt
-    base = part_ptr + pid * NUM_PARTIALS
-    tl.store(base + 0, tl.sum(loss_tok * wm, axis=0))
-    tl.store(base + 1, tl.sum(pg * wm, axis=0))
-    tl.store(base + 2, tl.sum(k * m, axis=0))
-    tl.store(base + 3, tl.sum(tl.where(clipped, m, 0.0), axis=0))
-    tl.store(base + 4, tl.sum(tl.where(low, m, 0.0), axis=0))
-    tl.store(base + 5, tl.sum(tl.where(high, m, 0.0), axis=0))
-    tl.store(base + 6, tl.sum(tl.where(dual, m, 0.0), axis=0))
+    _store_partials(part_ptr + pid * NUM_PARTIALS, loss_tok, pg, k, m, wm, active, clipped, low, high, dual, rho, d)
+
+
+@triton.jit
+def _store_partials(base, loss_tok, pg, k, m, wm, active, clipped, low, high, dual, rho, d):
+    """One row of partial sums (the columns of _reduce_partials_kernel) over a block of tokens: m the mask
+    weight, wm = m times the aggregation's scale."""
+    tl.store(base + 0, tl.sum(tl.where(active, loss_tok * wm, 0.0), axis=0))
+    tl.store(base + 1, tl.sum(tl.where(active, pg * wm, 0.0), axis=0))
+    tl.store(base + 2, tl.sum(tl.where(active, k * m, 0.0), axis=0))
+    tl.store(base + 3, tl.sum(tl.where(clipped & active, m, 0.0), axis=0))
+    tl.store(base + 4, tl.sum(tl.where(low & active, m, 0.0), axis=0))
+    tl.store(base + 5, tl.sum(tl.where(high & active, m, 0.0), axis=0))
+    tl.store(base + 6, tl.sum(tl.where(dual & active, m, 0.0), axis=0))
     tl.store(base + 7, tl.sum(tl.where(active, rho * m, 0.0), axis=0))
     tl.store(base + 8, tl.min(tl.where(active, rho, float("inf")), axis=0))
     tl.store(base + 9, tl.max(tl.where(active, rho, float("-inf")), axis=0))
