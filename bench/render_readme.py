@@ -1,8 +1,8 @@
-"""Regenerate the performance section of README.md from the committed results JSON.
+"""Regenerate the performance section of README.md from the results JSON under bench/results/.
 
-The figures in the README are never typed by hand: this script reads the newest results file of each
-device under bench/results/ (written by bench/bench_advantages.py) and rewrites the text between the
-markers <!-- perf:begin --> and <!-- perf:end -->.
+The figures in the README are never typed by hand: for each suite this script reads the newest full
+(not --quick) results file of each device, as written by `python -m moo_kernels.bench`, and rewrites
+the text between the markers <!-- perf:begin --> and <!-- perf:end -->.
 
     python bench/render_readme.py            # rewrite README.md
     python bench/render_readme.py --check    # exit 1 if README.md is out of date
@@ -14,19 +14,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
-NOT_MEASURED = "not yet measured (no GPU run has been made)."
+SUITES = {"advantages": "Advantage step", "policy_loss": "Policy loss", "logits_loss": "Loss from logits"}
 
 
-def newest(device: str, bench: str = "advantages") -> tuple[Path, dict] | None:
+def newest(suite: str, device: str, results: Path = RESULTS) -> tuple[Path, dict[str, Any]] | None:
+    """The newest full run of a suite on a device (by the date in its JSON), or None."""
     found = []
-    for path in sorted(RESULTS.glob(f"{bench}_*.json")):
+    for path in sorted(results.glob(f"{suite}_*.json")):
         data = json.loads(path.read_text())
-        if data.get("device") == device and not data.get("meta", {}).get("quick"):
-            found.append((data["meta"].get("date", ""), path, data))
+        if data.get("format") == 2 and data.get("device") == device and not data["meta"].get("quick"):
+            found.append((data["meta"]["date"], path, data))
     if not found:
         return None
     _, path, data = max(found, key=lambda x: x[0])
@@ -37,122 +40,97 @@ def _us(x: float | None) -> str:
     return "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.1f}")
 
 
-def _source(path: Path, data: dict) -> str:
+def _ratio(x: float | None) -> str:
+    return "-" if not x else (f"{x:,.0f}x" if x >= 100 else f"{x:.2f}x")
+
+
+def _source(path: Path, data: dict[str, Any]) -> str:
     m = data["meta"]
-    commit = (m.get("git_commit") or "unknown")[:10]
+    commit = (m.get("git_commit") or "unknown")[:10] + (" (uncommitted changes)" if m.get("git_dirty") else "")
+    threads = f", {m['num_threads']} threads" if data["device"] == "cpu" else ""
+    copy = m.get("copy_bandwidth") or {}
+    bw = f", device copy {copy['gbps']:,.0f} GB/s" if copy.get("gbps") else ""
     return (
-        f"{m.get('device_name')}, torch {m.get('torch')}, triton {m.get('triton')}, {m.get('date', '')[:10]}, "
-        f"commit {commit}; `{path.relative_to(ROOT)}`"
+        f"{m['device_name']}{threads}{bw}; Python {m['python']}, torch {m['torch']}, triton {m['triton']}; "
+        f"{m['date'][:10]}, commit {commit}; `{m.get('command', 'moo-bench')}`; `{path.relative_to(ROOT)}`"
     )
 
 
-def cpu_section(path: Path, data: dict) -> list[str]:
-    c = data["config"]
-    t = data["timings"]
-    names = data["names"]
-    sp = data["speedup_of_moo"]
+def device_section(path: Path, data: dict[str, Any]) -> list[str]:
+    """The main size's table (every implementation, speedups against each moo_kernels entry) and the sizes."""
+    names, sp_of = data["names"], data["speedup_of"]
+    cuda = data["device"] == "cuda"
+    main = next((p for p in data["points"] if p["main"] and "timings" in p), None)
+    where = "GPU" if cuda else "CPU"
+    if main is None:
+        return [f"**{where}**: the run failed before timing (see `{path.relative_to(ROOT)}`).", ""]
+    head = ["implementation", "median (us)"] + (["device (us)", "GB/s", "peak (MB)"] if cuda else [])
+    head += [f"vs {names[k]}" for k in sp_of]
     lines = [
-        f"**CPU** ({data.get('num_threads')} threads): N={c['n']}, K={c['k']}, group_size={c['group_size']}, "
-        f'weighting="{c["weighting"]}" with gates {c["gates_shape"]}. Median of repeated calls.',
+        f"**{where}**, {main['label']}: {data['config_line']}. "
+        + ("Per call: CUDA events, L2 flushed; device: CUDA-graph replay." if cuda else "Median of repeated calls.")
+        + " Ratios: time of the row / time of the column's moo_kernels entry.",
         "",
-        "| implementation | median (us) | moo_kernels is faster by |",
-        "|---|---:|---:|",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
     ]
-    for key in ("moo", "eager", "loop"):
-        name = names[key]
-        ratio = "-" if key == "moo" else f"{sp[name]:.1f}x"
-        lines.append(f"| {name} | {_us(t[name]['median_us'])} | {ratio} |")
-    if "scalarize" in names:
-        name, moo = names["scalarize"], names["moo_scalarize"]
-        ratio = data["speedup_of_moo_scalarize"][name]
-        lines.append(f"| {moo} | {_us(t[moo]['median_us'])} | - |")
-        lines.append(f"| {name} | {_us(t[name]['median_us'])} | {ratio:.1f}x (vs moo scalarize) |")
+    for key, name in names.items():
+        tm = main["timings"].get(key)
+        if tm is None:
+            continue
+        row = [name, _us(tm["median_us"])]
+        if cuda:
+            d = main["device_timings"].get(key)
+            bw = main["bandwidth"].get(key, {})
+            g = bw.get("device") or bw.get("latency")
+            m = main["memory"].get(key)
+            row += [
+                _us(d["median_us"]) if isinstance(d, dict) else "-",
+                f"{g['gbps']:,.0f}" if g else "-",
+                f"{m['peak_bytes'] / 1e6:,.0f}" if isinstance(m, dict) else "-",
+            ]
+        row += [_ratio(main["speedups"].get(k, {}).get(key)) for k in sp_of]
+        lines.append("| " + " | ".join(row) + " |")
+    others = [p for p in data["points"] if not p["main"] and p.get("speedups")]
+    if others:
+        moo = next(iter(sp_of))
+        lines += ["", f"Other sizes, {names[moo]} faster than: " + "; ".join(
+            f"{p['label']}: " + ", ".join(f"{k} {_ratio(v)}" for k, v in p["speedups"].get(moo, {}).items())
+            for p in others
+        ) + "."]  # fmt: skip
+    if not data["correct"]:
+        lines += ["", f"**Disagreed with the reference**: {', '.join(data['disagree'])}."]
     lines += ["", f"Source: {_source(path, data)}.", ""]
     return lines
 
 
-def gpu_section(path: Path, data: dict) -> list[str]:
-    c = data["config"]
-    t = data["timings"]
-    data["names"]
-    dev = data.get("device_timings", {})
-    lines = [
-        f'**GPU**: N={c["n"]}, K={c["k"]}, group_size={c["group_size"]}, weighting="{c["weighting"]}" with '
-        f"gates {c['gates_shape']}. Per call: CUDA events around the Python call (L2 flushed), median; "
-        "device time: CUDA-graph replay (kernels only), where the call can be captured.",
-        "",
-        "| implementation | per call (us) | device time (us) | moo_kernels (raise) is faster by | "
-        "moo_kernels (ignore) is faster by |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    raise_sp = data.get("speedup_of_moo_raise", {})
-    ignore_sp = data.get("speedup_of_moo_ignore", {})
-    for name in t:
-        d = dev.get(name, {}).get("median_us")
-        r1 = f"{raise_sp[name]:.1f}x" if name in raise_sp else "-"
-        r2 = f"{ignore_sp[name]:.1f}x" if name in ignore_sp else "-"
-        lines.append(f"| {name} | {_us(t[name]['median_us'])} | {_us(d)} | {r1} | {r2} |")
-    bw = data.get("bandwidth", {})
-    if bw:
-        lines += [
-            "",
-            "Bandwidth of moo_kernels over its minimal traffic: "
-            + ", ".join(
-                f"{k}: {v:.0f}" if isinstance(v, float) else f"{k}: {v}"
-                for k, v in bw.items()
-                if not isinstance(v, dict)
-            )
-            + ".",
-        ]
-    lines += ["", f"Source: {_source(path, data)}.", ""]
-    return lines
-
-
-def policy_loss_section(path: Path, data: dict) -> list[str]:
-    c = data["config"]
-    t = data["timings"]
-    sp = data["speedup_of_moo"]
-    moo = data["names"]["moo"]
-    where = "CPU" if data["device"] == "cpu" else "GPU"
-    lines = [
-        f"**{where}, policy loss forward + backward**: B={c['b']}, T={c['t']} ({c['active_fraction']:.0%} of tokens "
-        f'active), mode "{c["mode"]}" [{1 - c["clip_low"]:.2f}, {1 + c["clip_high"]:.2f}], {c["kl"]} KL, {c["agg"]}, '
-        f"{c['dtype']}. Median per call.",
-        "",
-        "| implementation | median (us) | moo_kernels is faster by |",
-        "|---|---:|---:|",
-    ]
-    for name in t:
-        ratio = "-" if name == moo else f"{sp[name]:.2f}x"
-        lines.append(f"| {name} | {_us(t[name]['median_us'])} | {ratio} |")
-    lines += ["", f"Source: {_source(path, data)}.", ""]
-    return lines
-
-
-def render() -> str:
-    lines: list[str] = ["### Advantage step", ""]
-    for device, section in (("cpu", cpu_section), ("cuda", gpu_section)):
-        found = newest(device)
-        lines += section(*found) if found else [f"{device.upper()}: {NOT_MEASURED}", ""]
-    lines += ["### Policy loss", ""]
-    for device in ("cpu", "cuda"):
-        found = newest(device, "policy_loss")
-        lines += policy_loss_section(*found) if found else [f"{device.upper()}: {NOT_MEASURED}", ""]
+def render(results: Path = RESULTS) -> str:
+    lines: list[str] = []
+    for suite, title in SUITES.items():
+        lines += [f"### {title}", ""]
+        for device in ("cpu", "cuda"):
+            found = newest(suite, device, results)
+            if found:
+                lines += device_section(*found)
+            else:
+                lines += [f"**{'GPU' if device == 'cuda' else 'CPU'}**: not yet measured.", ""]
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 when README.md is out of date")
-    args = ap.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    args = ap.parse_args(argv)
+    text = README.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{render()}\n{END}{tail}"
     if args.check:
-        return 0 if new == text else 1
-    readme.write_text(new)
+        if new != text:
+            print("README.md's performance section is out of date: run python bench/render_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
     return 0
 
 

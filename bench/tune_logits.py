@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import cuda_copy_bandwidth, gbps, run_meta, time_cuda_graph  # noqa: E402
-
 import moo_kernels as mk  # noqa: E402
+from moo_kernels.bench.report import run_meta  # noqa: E402
+from moo_kernels.bench.timing import cuda_copy_bandwidth, gbps, time_cuda_graph  # noqa: E402
 from moo_kernels.ops.logits import cuda as lc  # noqa: E402
 from moo_kernels.ops.logits.op import problem_from_args  # noqa: E402
 from moo_kernels.ops.policy_loss.api import check_loss_args  # noqa: E402

@@ -1,46 +1,96 @@
-"""The benchmarks run end to end on the CPU at a tiny size, check correctness first and write valid JSON."""
+"""moo-bench runs end to end on the CPU at a tiny size, checks correctness before timing, writes valid JSON
+and a PNG per suite; a wrong implementation stops its suite; the README's performance section is current."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+SUITES = ("advantages", "policy_loss", "logits_loss")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("bench", ["advantages", "policy_loss"])
-def test_benchmark_quick_cpu(bench, tmp_path):
-    out = tmp_path / f"{bench}.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / f"bench_{bench}.py"), "--device", "cpu", "--quick",
-                          "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    data = json.loads(out.read_text())
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "moo_kernels.bench", "--quick", "--device", "cpu", "--no-compile", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    return res, out
+
+
+def test_quick_run_succeeds(quick_run):
+    res, _ = quick_run
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for suite in SUITES:
+        assert f"{suite}_cpu_" in res.stderr
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_quick_run_json_and_png(quick_run, suite):
+    _, out = quick_run
+    (path,) = out.glob(f"{suite}_cpu_*.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == 2 and data["suite"] == suite and data["device"] == "cpu"
+    meta = data["meta"]
+    for key in ("device_name", "torch", "triton", "python", "git_commit", "date", "num_threads", "command"):
+        assert key in meta, key
+    assert meta["quick"] is True and meta["torch"] == torch.__version__
     assert data["correct"] is True and not data["disagree"]
-    assert data["meta"]["quick"] is True and data["device"] == "cpu"
-    assert all(t["median_us"] > 0 for t in data["timings"].values())
+    assert "compiled" not in data["names"]  # --no-compile
+    assert len(data["points"]) >= 2 and data["points"][0]["main"] is True
+    for point in data["points"]:
+        assert set(point["errors"]) == set(point["timings"]) and "moo" in point["timings"]
+        assert all(e["ok"] is True for e in point["errors"].values())
+        assert all(t["median_us"] > 0 for t in point["timings"].values())
+        for moo, baselines in data["speedup_of"].items():
+            ratios = point["speedups"][moo]
+            assert set(ratios) == {b for b in baselines if b in point["timings"]} and ratios
+            assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
 
 
-def test_logits_benchmark_quick_cpu(tmp_path):
-    """The loss-from-logits benchmark: every implementation checked against float64, JSON and plot written."""
-    out, png = tmp_path / "logits_loss.json", tmp_path / "logits_loss.png"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    args = ["--device", "cpu", "--quick", "--no-compile", "--json", str(out), "--plot", str(png)]
-    script = str(ROOT / "bench" / "bench_logits_loss.py")
-    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    data = json.loads(out.read_text())
-    for key in ("meta", "config", "names", "errors", "timings", "bandwidth", "speedup_of_moo", "sweep", "liger"):
-        assert key in data, key
-    assert data["correct"] is True and not data["disagree"] and data["moo_available"] is True
-    assert data["meta"]["quick"] is True and data["meta"]["benchmark"] == "logits_loss" and data["device"] == "cpu"
-    names = data["names"]
-    for key in ("moo", "moo_inplace", "eager"):
-        assert data["errors"][names[key]]["ok"] is True
-        assert data["timings"][names[key]]["median_us"] > 0
-    assert names["compiled"] not in data["timings"]  # --no-compile
-    assert len(data["sweep"]) >= 2 and data["sweep"][0]["main"] is True
-    assert png.stat().st_size > 0
+def test_wrong_implementation_stops_the_suite(tmp_path, monkeypatch):
+    """An eager baseline that is off by a little fails the check: nothing is timed and the exit status is 1."""
+    from moo_kernels.bench import __main__ as cli
+    from moo_kernels.bench import advantages
+
+    make = advantages.make_eager_variance
+
+    def wrong(group_size):
+        right = make(group_size)
+        return lambda *args: right(*args) + 1e-3
+
+    monkeypatch.setattr(advantages, "make_eager_variance", wrong)
+    args = ["--quick", "--device", "cpu", "--no-compile", "--no-plot", "--no-progress", "--suites", "advantages"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 1
+    (path,) = tmp_path.glob("advantages_cpu_*.json")
+    data = json.loads(path.read_text())
+    label = data["points"][0]["label"]
+    assert data["correct"] is False and data["disagree"] == [f"eager PyTorch (vectorised) ({label})"]
+    assert len(data["points"]) == 1 and data["points"][0]["timings"] == {}
+    assert data["points"][0]["errors"]["eager"]["ok"] is False and data["points"][0]["errors"]["moo"]["ok"] is True
+
+
+def test_usage_errors():
+    from moo_kernels.bench import __main__ as cli
+
+    assert cli.main(["--suites", "nope", "--device", "cpu"]) == 2
+    assert cli.main(["--suites", "advantages", "--dtype", "bfloat16", "--device", "cpu"]) == 2
+    assert cli.main(["--sizes", "advantages=12xfoo", "--device", "cpu"]) == 2
+
+
+def test_readme_performance_section_is_current():
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "render_readme.py"), "--check"],
+                         capture_output=True, text=True, env=_env(), timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks in bench/.
+"""Timers of the benchmark suites (python -m moo_kernels.bench) and of bench/tune_logits.py.
 
 CPU: `time_cpu` calls the function a few times to warm up, then times every repetition on its own
 with time.perf_counter (garbage collection paused, as timeit does) and reports the median.
@@ -19,21 +19,16 @@ cost: the function is captured once in a CUDA graph and the graph replayed (L2 f
 idle before each replay); what remains on top of the kernels is one graph launch (a few us).
 
 `cuda_copy_bandwidth` measures the ceiling to compare against: a large device-to-device copy,
-counting bytes read plus bytes written.
-
-Also the small report helpers the benchmarks share: `git_commit`, `device_name`, `format_table`.
+counting bytes read plus bytes written. `peak_memory` is the rise of max_memory_allocated over one call.
 """
 
 from __future__ import annotations
 
 import gc
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -243,72 +238,6 @@ def gbps(nbytes: int | float, us: float) -> float:
     return nbytes / (us * 1e-6) / 1e9
 
 
-def git_commit(root: str | Path) -> dict[str, Any]:
-    """{"git_commit": HEAD of the repository at root, "git_dirty": uncommitted changes}, None when unknown."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
-    if head.returncode != 0:
-        return {"git_commit": None, "git_dirty": None}
-    return {
-        "git_commit": head.stdout.strip(),
-        "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
-    }
-
-
-def device_name(device: str) -> str:
-    """The GPU's name for "cuda", the processor's model name for "cpu"."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """Plain-text table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  ".join(padded)
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def run_meta(benchmark: str, device: str, quick: bool, root: str | Path) -> dict[str, Any]:
-    """The "meta" block of a results JSON: what ran, where, with which versions, when, at which commit."""
-    import datetime
-
-    import moo_kernels
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "benchmark": benchmark,
-        "device": device,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "moo_kernels": moo_kernels.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-        **git_commit(root),
-    }
-
-
 def time_on(device: str, fn: Callable[[], Any], timer: dict[str, Any]) -> Timing:
     """time_cuda on "cuda", time_cpu elsewhere, with the timer's keyword arguments."""
     return time_cuda(fn, **timer) if device == "cuda" else time_cpu(fn, **timer)
@@ -337,9 +266,21 @@ def allow_recompiles(limit: int = 32) -> None:
             setattr(cfg, attr, limit)
 
 
-def fmt_us(x: float | None) -> str:
-    return "-" if x is None else (f"{x:,.1f}" if x < 1e5 else f"{x:,.0f}")
+def peak_memory(fn: Callable[[], Any], release: Callable[[], None] | None = None) -> dict[str, float]:
+    """CUDA: bytes allocated by one call of fn at its peak, and still held after it (e.g. the gradient).
 
-
-def fmt_ratio(x: float | None) -> str:
-    return f"{x:.2f}x" if x else "-"
+    release() runs first (and after), dropping what an earlier call left behind (a .grad).
+    """
+    if release is not None:
+        release()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    held = torch.cuda.memory_allocated() - base
+    if release is not None:
+        release()
+    return {"peak_bytes": float(peak), "peak_gb": peak / 1e9, "held_after_bytes": float(held)}
