@@ -1,6 +1,9 @@
 # moo_kernels: `make test` sets up and runs the test suite, `make bench` sets up and runs the benchmark.
 PY ?= python3
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+# The trainer versions the integration tests run against (also pyproject.toml's "integrations" extra).
+INTEGRATION_PINS := {'trl': '1.16.0', 'transformers': '5.10.4', 'verl': '0.9.1', 'ray': '2.60.0', \
+	'tensordict': '0.10.0', 'omegaconf': '2.4.0', 'codetiming': '1.4.0'}
 
 .PHONY: setup build test test-gpu bench liger-wheel lint clean
 
@@ -11,6 +14,13 @@ setup:
 	@$(PY) -c "import pybind11, setuptools" 2>/dev/null || $(PY) -m pip install -q pybind11 setuptools
 	@$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install -q pytest hypothesis
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	@# The trainer integrations' tests: TRL, and verl without its GPU stack (only what core_algos imports).
+	@# The installed torch is pinned as it is, so that pip never replaces it.
+	@$(PY) -c "import importlib.metadata as m, sys; \
+		sys.exit(any(m.version(p) != v for p, v in $(INTEGRATION_PINS).items()))" 2>/dev/null || { \
+		$(PY) -m pip install -q trl==1.16.0 transformers==5.10.4 ray==2.60.0 tensordict==0.10.0 omegaconf==2.4.0 \
+			codetiming==1.4.0 "torch==$$($(PY) -c 'import torch; print(torch.__version__)')" \
+		&& $(PY) -m pip install -q --no-deps verl==0.9.1; }
 	@# The Triton interpreter (used without a GPU) of triton 3.6 needs numpy < 2.4.
 	@$(PY) -c "import torch, numpy, sys; v = tuple(map(int, numpy.__version__.split('.')[:2])); \
 		sys.exit(0 if torch.cuda.is_available() or v < (2, 4) else 1)" 2>/dev/null \
@@ -25,18 +35,12 @@ test: build
 test-gpu: build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider -m gpu
 
-# The benchmarks on the machine's default device (cuda when available, else cpu): JSON + PNG in bench/results/,
-# named <bench>_<device>_<date>. All run even when one fails; the target fails if any did.
+# Every benchmark suite on the machine's default device (cuda when available, else cpu): a table per suite,
+# JSON + PNG in bench/results/ named <suite>_<device>_<date>, then the README's performance section from them.
+# The CPU default leaves torch.compile out (compiling takes minutes on a small CPU): add it with BENCH_ARGS=--compile.
 bench: build
-	@mkdir -p bench/results
-	@dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"); day=$$(date -u +%Y%m%d); \
-	rc=0; \
-	for b in advantages policy_loss logits_loss; do \
-		echo "== bench_$$b on $$dev"; \
-		$(PY) bench/bench_$$b.py --device $$dev \
-			--json bench/results/$${b}_$${dev}_$$day.json --plot bench/results/$${b}_$${dev}_$$day.png || rc=1; \
-	done; \
-	exit $$rc
+	$(PY) -m moo_kernels.bench $(BENCH_ARGS)
+	$(PY) bench/render_readme.py
 
 # The Liger-Kernel wheel the logits benchmark compares against, for a GPU machine without network
 # (bench/gpu_check.sh installs it from bench/wheels/, which is git-ignored).

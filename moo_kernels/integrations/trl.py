@@ -1,0 +1,321 @@
+"""TRL integration: a GRPOTrainer whose reward functions are objectives of moo_kernels' advantage op.
+
+    from moo_kernels.integrations.trl import MooGRPOConfig, MooGRPOTrainer
+
+    args = MooGRPOConfig(output_dir="out", num_generations=8, moo_weighting="variance",
+                         moo_gate_funcs=["format_ok"], moo_infeasible_advantage=-1.0)
+    trainer = MooGRPOTrainer(model, reward_funcs=[correct, concise, format_ok], args=args, train_dataset=ds)
+    trainer.train()
+
+What changes against TRL's GRPOTrainer (tested with the TRL version pinned in pyproject.toml):
+- the advantages: every reward function is one objective column (or a gate, see `moo_gate_funcs` and
+  `moo_reward_gates`), and `moo_kernels.multi_objective_advantages` turns the gathered [N, K] rewards into
+  the advantages, with every option of the op set from the config (`moo_*` fields). TRL's
+  `reward_weights` are the objective weights; `scale_rewards` and `multi_objective_aggregation` are not
+  used. A reward function returning None gives NaN (as in TRL), left out of that objective's statistics
+  (`moo_nan_policy="ignore"`); a completion with no objective reward at all gets advantage 0.
+- the loss (unless `moo_policy_loss=False`): `moo_kernels.policy_loss` on TRL's per-token log-probs,
+  with TRL's `epsilon` / `epsilon_high` (clip_low / clip_high), `delta` (ratio_cap), `beta` (k3 KL to the
+  reference model TRL loads) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
+  aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local token-mean, "dr_grpo" ->
+  seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the global token count.
+
+Overridden: `_calculate_rewards` (keeps the gathered reward matrix), `_generate_and_score_completions`
+(replaces the advantages TRL computed, and their logged copy) and `_compute_loss`. Generation, reward
+evaluation, reference / old log-probs, batching and logging stay TRL's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+import moo_kernels as mk
+from moo_kernels import _options as O
+from moo_kernels.ops.policy_loss.problem import AGG_CODES, KL_CODES, MODE_CODES
+
+# TRL loss_type -> the policy_loss aggregation of the same normalisation.
+_AGG_OF_LOSS_TYPE = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "dapo": "token-mean",
+}
+# Inputs of TRL's _get_per_token_logps_and_entropies that _generate_and_score_completions may provide.
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+@dataclass
+class MooGRPOConfig(GRPOConfig):
+    """GRPOConfig plus the options of moo_kernels' advantage op and policy loss (fields `moo_*`).
+
+    Every `moo_*` advantage option defaults to the op's default except `moo_nan_policy` ("ignore", as
+    TRL treats a None reward). See `moo_kernels.multi_objective_advantages` for their meaning.
+    """
+
+    moo_normalize: str = field(default="zscore", metadata={"help": "zscore, center, rloo or none (per objective)."})
+    moo_std: str = field(default="unbiased", metadata={"help": "unbiased or population standard deviation."})
+    moo_weighting: str = field(
+        default="variance", metadata={"help": "scalarize (TRL's default), fixed (GDPO) or variance (DVAO)."}
+    )
+    moo_batch_normalize: bool = field(default=False, metadata={"help": "Whiten the advantages over the batch."})
+    moo_eps: float = field(default=1e-6, metadata={"help": "Added to the std in zscore."})
+    moo_gate_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names of reward functions that are feasibility gates, not objectives: a completion passes "
+            "when the output is > moo_gate_threshold (None fails)."
+        },
+    )
+    moo_gate_threshold: float = field(default=0.5, metadata={"help": "A gate passes when its reward is above this."})
+    moo_reward_gates: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Conditional rewards: {objective function name: gate function name} (or its JSON). Where the "
+            "gate fails, the objective's reward is replaced by moo_gated_value. A gate function named here is "
+            "not an objective."
+        },
+    )
+    moo_gated_value: float = field(default=0.0, metadata={"help": "Reward of an objective whose gate failed."})
+    moo_infeasible_advantage: float = field(default=0.0, metadata={"help": "Advantage of an infeasible sample."})
+    moo_min_feasible: int = field(default=0, metadata={"help": "Reject groups with fewer feasible samples."})
+    moo_drop_zero_variance: bool = field(default=False, metadata={"help": "Reject groups with constant reward."})
+    moo_positive_scale: float = field(default=1.0, metadata={"help": "Multiplies positive advantages."})
+    moo_negative_scale: float = field(default=1.0, metadata={"help": "Multiplies negative advantages."})
+    moo_clip: float | None = field(default=None, metadata={"help": "Bound on |advantage|."})
+    moo_nan_policy: str = field(default="ignore", metadata={"help": "ignore (None rewards) or raise."})
+
+    moo_policy_loss: bool = field(
+        default=True, metadata={"help": "Use moo_kernels.policy_loss (False: TRL's own loss with moo advantages)."}
+    )
+    moo_loss_mode: str | None = field(
+        default=None,
+        metadata={"help": "clip, cispo, gspo or reinforce (None: gspo for importance_sampling_level='sequence')."},
+    )
+    moo_loss_agg: str | None = field(
+        default=None, metadata={"help": "policy_loss agg (None: from loss_type; token-mean uses the global count)."}
+    )
+    moo_kl: str = field(default="k3", metadata={"help": "KL estimator of the beta term: k1, k2 or k3."})
+    moo_dual_clip: float | None = field(default=None, metadata={"help": "Dual-clip constant c > 1 for A < 0."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.moo_reward_gates, str):
+            self.moo_reward_gates = json.loads(self.moo_reward_gates)
+        O.choice("moo_normalize", self.moo_normalize, O.NORMALIZE)
+        O.choice("moo_std", self.moo_std, O.STD)
+        O.choice("moo_weighting", self.moo_weighting, O.WEIGHTING)
+        O.choice("moo_nan_policy", self.moo_nan_policy, O.NAN_POLICY)
+        O.choice("moo_kl", self.moo_kl, KL_CODES)
+        if self.moo_loss_mode is not None:
+            O.choice("moo_loss_mode", self.moo_loss_mode, MODE_CODES)
+        if self.moo_loss_agg is not None:
+            O.choice("moo_loss_agg", self.moo_loss_agg, AGG_CODES)
+
+
+class MooGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer with moo_kernels advantages (reward functions as objectives) and policy loss.
+
+    Takes GRPOTrainer's arguments; `args` should be a MooGRPOConfig (a plain GRPOConfig gets the moo
+    defaults). After each generation, `last_moo_result` holds the AdvantageResult of the whole
+    (gathered) batch and `last_moo_rewards` the [N, F] reward matrix it was computed from.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, MooGRPOConfig):
+            raise TypeError(f"MooGRPOTrainer needs a MooGRPOConfig, got {type(self.args).__name__}")
+        a = self.args
+        names = list(self.reward_func_names)
+        gates = dict(a.moo_reward_gates or {})
+        for name in list(a.moo_gate_funcs or []) + list(gates) + list(gates.values()):
+            if name not in names:
+                raise ValueError(f"{name!r} is not a reward function name; the reward functions are {names}")
+        gate_cols = set(a.moo_gate_funcs or []) | set(gates.values())
+        self.moo_objectives = [n for n in names if n not in gate_cols]
+        if not self.moo_objectives:
+            raise ValueError("every reward function is a gate: at least one must be an objective")
+        if set(gates) & gate_cols:
+            raise ValueError("a reward function cannot be both a gated objective and a gate")
+        self._moo_obj_cols = [names.index(n) for n in self.moo_objectives]
+        self._moo_gate_cols = [names.index(n) for n in (a.moo_gate_funcs or [])]
+        self._moo_reward_gate_cols = [(self.moo_objectives.index(o), names.index(g)) for o, g in gates.items()]
+        self._moo_weights = None if a.reward_weights is None else self.reward_weights[self._moo_obj_cols].tolist()
+        self.last_moo_rewards = None
+        self.last_moo_result = None
+
+        if a.moo_policy_loss:
+            unsupported = {
+                "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
+                "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+                "use_bias_correction_kl with beta > 0": a.use_bias_correction_kl and self.beta != 0.0,
+                "entropy_coef / use_adaptive_entropy": self._entropy_bonus_enabled,
+                "router_aux_loss_coef (MoE aux loss)": self.aux_loss_enabled,
+            }
+            bad = [k for k, on in unsupported.items() if on]
+            if bad:
+                raise ValueError(
+                    f"moo_policy_loss does not support {bad}; set moo_policy_loss=False to keep TRL's loss"
+                )
+            if a.moo_loss_agg is None and self.loss_type not in _AGG_OF_LOSS_TYPE:
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} has no policy_loss aggregation: set moo_loss_agg, or "
+                    f"moo_policy_loss=False, or a loss_type among {sorted(_AGG_OF_LOSS_TYPE)}"
+                )
+            self._moo_agg = a.moo_loss_agg or _AGG_OF_LOSS_TYPE[self.loss_type]
+            self._moo_global_tokens = a.moo_loss_agg == "token-mean" or (
+                a.moo_loss_agg is None and self.loss_type == "dapo"
+            )
+            sequence = self.importance_sampling_level == "sequence"
+            self._moo_mode = a.moo_loss_mode or ("gspo" if sequence else "clip")
+
+    # ---------------------------------------------------------------- advantages
+
+    def moo_advantages(self, rewards_per_func: torch.Tensor, group_size: int) -> mk.AdvantageResult:
+        """The op's AdvantageResult for the [N, F] reward matrix (one column per reward function)."""
+        a = self.args
+        objectives = rewards_per_func[:, self._moo_obj_cols]
+        # A completion without any objective reward (every function returned None) takes no part (TRL: 0).
+        valid = ~torch.isnan(objectives).all(dim=1)
+
+        def passes(col: int) -> torch.Tensor:
+            r = rewards_per_func[:, col]
+            return ~torch.isnan(r) & (r > a.moo_gate_threshold)
+
+        gates = torch.stack([passes(c) for c in self._moo_gate_cols], dim=1) if self._moo_gate_cols else None
+        reward_gates = None
+        if self._moo_reward_gate_cols:
+            reward_gates = torch.ones_like(objectives, dtype=torch.bool)
+            for k, col in self._moo_reward_gate_cols:
+                reward_gates[:, k] = passes(col)
+        return mk.multi_objective_advantages(
+            objectives,
+            group_size=group_size,
+            weights=self._moo_weights,
+            normalize=a.moo_normalize,
+            std=a.moo_std,
+            weighting=a.moo_weighting,
+            batch_normalize=a.moo_batch_normalize,
+            eps=a.moo_eps,
+            valid=valid,
+            reward_gates=reward_gates,
+            gated_value=a.moo_gated_value,
+            gates=gates,
+            infeasible_advantage=a.moo_infeasible_advantage,
+            min_feasible=a.moo_min_feasible,
+            drop_zero_variance=a.moo_drop_zero_variance,
+            positive_scale=a.moo_positive_scale,
+            negative_scale=a.moo_negative_scale,
+            clip=a.moo_clip,
+            nan_policy=a.moo_nan_policy,
+        )
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self.last_moo_rewards = rewards  # gathered over processes: [N_global, F]
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        result = self.moo_advantages(self.last_moo_rewards, group_size)
+        self.last_moo_result = result
+
+        local = output["advantages"]
+        start = self.accelerator.process_index * local.shape[0]
+        output["advantages"] = result.advantages[start : start + local.shape[0]].to(local.dtype)
+
+        # TRL logged its own advantages of the whole batch last: log ours instead.
+        n = result.advantages.shape[0]
+        logged = self._logs["advantages"]
+        for _ in range(min(n, len(logged))):
+            logged.pop()
+        logged.extend(result.advantages.tolist())
+        metrics = self._metrics[mode]
+        metrics["moo/accepted_groups"].append(result.group_mask.float().mean().item())
+        metrics["moo/signal_samples"].append(result.sample_mask.float().mean().item())
+        for k, name in enumerate(self.moo_objectives):
+            metrics[f"moo/weight/{name}"].append(result.weights[:, k].float().mean().item())
+        return output
+
+    # ---------------------------------------------------------------- loss
+
+    def _compute_loss(self, model, inputs):
+        if not self.args.moo_policy_loss:
+            return super()._compute_loss(model, inputs)
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = mask.bool()
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            **{key: inputs.get(key) for key in _FORWARD_KEYS},
+        )
+
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        num_tokens = None
+        if self._moo_agg == "token-mean" and self._moo_global_tokens:
+            # TRL's "dapo" normaliser: the generation batch's active tokens, per process and accumulation window.
+            num_tokens = float(inputs["num_items_in_batch"].clamp(min=1.0)) / self.accelerator.num_processes
+            if mode == "train":
+                num_tokens = num_tokens * accumulation / self.args.steps_per_generation
+        is_weights = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_weights = inputs["importance_sampling_ratio"]
+            if is_weights.dim() == 2 and is_weights.shape[1] == 1:
+                is_weights = is_weights.squeeze(1)
+
+        loss, m = mk.policy_loss(
+            per_token_logps,
+            inputs["advantages"],
+            mask,
+            old_logp=inputs.get("old_per_token_logps"),
+            ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            beta=self.beta,
+            kl=self.args.moo_kl,
+            clip_low=self.epsilon_low,
+            clip_high=self.epsilon_high,
+            dual_clip=self.args.moo_dual_clip,
+            ratio_cap=self.args.delta,
+            mode=self._moo_mode,
+            is_weights=is_weights,
+            agg=self._moo_agg,
+            max_len=self.max_completion_length if self._moo_agg == "seq-mean-token-sum-norm" else None,
+            num_tokens=num_tokens,
+        )
+        if num_tokens is None:
+            loss = loss / accumulation
+
+        def mean(x: torch.Tensor) -> float:
+            return self.accelerator.gather(x.detach().float().reshape(1)).mean().item()
+
+        metrics = self._metrics[mode]
+        if self.beta != 0.0:
+            metrics["kl"].append(mean(m.kl_mean))
+        metrics["entropy"].append(mean((entropies * mask).sum() / mask.sum().clamp(min=1)))
+        metrics["clip_ratio/low_mean"].append(mean(m.clip_frac_low))
+        metrics["clip_ratio/high_mean"].append(mean(m.clip_frac_high))
+        metrics["clip_ratio/region_mean"].append(mean(m.clip_frac_low + m.clip_frac_high))
+        metrics["moo/ratio_max"].append(mean(m.ratio_max))
+        return loss

@@ -1,0 +1,182 @@
+"""MooGRPOTrainer inside TRL's real GRPOTrainer: two training steps of a tiny random Llama on CPU.
+
+Checks that the advantages the trainer trains on are moo_kernels' advantages of the rewards TRL computed
+(not TRL's own), that the reward gates and objective weights from the config reach the op, and that the
+model's weights move. No download: the model and the tokenizer are built here.
+"""
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from trl import GRPOTrainer
+
+import moo_kernels as mk
+from moo_kernels.integrations.trl import MooGRPOConfig, MooGRPOTrainer
+
+WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "yes", "no"]
+GROUP = 4
+
+
+def make_tokenizer():
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def share_of_a(completions, **kwargs):
+    return [sum(w == "a" for w in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def length(completions, **kwargs):
+    return [len(c.split()) / 8.0 for c in completions]
+
+
+def says_yes(completions, **kwargs):
+    return [1.0 if "yes" in c.split() else 0.0 for c in completions]
+
+
+def run_trainer(tmp_path, reward_funcs, return_trainer=False, **moo):
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer)
+    dataset = Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"] * 2})
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=GROUP,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=5e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    args = MooGRPOConfig(**{**options, **moo})
+    trainer = MooGRPOTrainer(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    generated, trained = [], []
+    generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+    def capture_generate(inputs):
+        out = generate(inputs)
+        generated.append((trainer.last_moo_rewards.clone(), out["advantages"].clone()))
+        return out
+
+    def capture_loss(model, inputs):
+        trained.append(inputs["advantages"].clone())
+        trainer.last_inputs = inputs
+        return compute_loss(model, inputs)
+
+    trainer._generate_and_score_completions = capture_generate
+    trainer._compute_loss = capture_loss
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer.train()
+    moved = max((p.detach() - before[k]).abs().max().item() for k, p in model.named_parameters())
+    if return_trainer:
+        return trainer
+    return generated, trained, moved
+
+
+def trl_default_advantages(rewards, weights):
+    """TRL's sum_then_normalize with scale_rewards='group', to show the trainer did not use it."""
+    r = (rewards * torch.tensor(weights)).sum(1).view(-1, GROUP)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+
+
+def test_trl_two_objectives(tmp_path):
+    weights = [1.0, 0.5]
+    generated, trained, moved = run_trainer(
+        tmp_path, [share_of_a, length], reward_weights=weights, moo_weighting="variance", moo_negative_scale=0.5
+    )
+    assert len(generated) == 2 and len(trained) == 2
+    for (rewards, used), in_loss in zip(generated, trained, strict=True):
+        assert rewards.shape == (8, 2)
+        expected = mk.multi_objective_advantages(
+            rewards, group_size=GROUP, weights=weights, weighting="variance", negative_scale=0.5, nan_policy="ignore"
+        ).advantages
+        torch.testing.assert_close(used, expected)
+        # The loss saw the same advantages (TRL shuffles the generation batch before splitting it).
+        torch.testing.assert_close(in_loss.sort().values, expected.sort().values)
+        if expected.abs().sum() > 0:
+            assert not torch.allclose(used, trl_default_advantages(rewards, weights), atol=1e-3)
+    assert moved > 0, "the model's weights did not move"
+
+
+@pytest.mark.parametrize("moo_policy_loss", [True, False])
+def test_trl_gate_and_conditional_reward(tmp_path, moo_policy_loss):
+    # says_yes is a feasibility gate (not an objective); length only counts for completions that say "yes".
+    generated, trained, moved = run_trainer(
+        tmp_path,
+        [share_of_a, length, says_yes],
+        moo_gate_funcs=["says_yes"],
+        moo_reward_gates={"length": "says_yes"},
+        moo_gated_value=-1.0,
+        moo_infeasible_advantage=-0.25,
+        moo_weighting="fixed",
+        moo_policy_loss=moo_policy_loss,
+        max_steps=1,
+    )
+    rewards, used = generated[0]
+    passes = rewards[:, 2] > 0.5
+    expected = mk.multi_objective_advantages(
+        rewards[:, :2],
+        group_size=GROUP,
+        weighting="fixed",
+        gates=passes,
+        reward_gates=torch.stack([torch.ones_like(passes), passes], dim=1),
+        gated_value=-1.0,
+        infeasible_advantage=-0.25,
+        nan_policy="ignore",
+    ).advantages
+    torch.testing.assert_close(used, expected)
+    torch.testing.assert_close(trained[0].sort().values, expected.sort().values)
+    assert moved > 0
+
+
+def test_trl_config_rejects_unknown_options(tmp_path):
+    with pytest.raises(ValueError, match="moo_weighting"):
+        MooGRPOConfig(output_dir=str(tmp_path), moo_weighting="softmax", report_to="none", use_cpu=True)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_trl_moo_loss_matches_trl_loss(tmp_path, loss_type):
+    # On the same batch (same advantages), moo_kernels.policy_loss gives TRL's own loss and gradient.
+    trainer = run_trainer(
+        tmp_path, [share_of_a, length], return_trainer=True, loss_type=loss_type, epsilon_high=0.28, max_steps=1
+    )
+    model, inputs = trainer.model, trainer.last_inputs
+    model.train()
+    losses, grads = [], []
+    for cls in (MooGRPOTrainer, GRPOTrainer):
+        model.zero_grad()
+        loss = cls._compute_loss(trainer, model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().max() > 0
