@@ -8,6 +8,16 @@ from moo_kernels.ops.policy_loss import PolicyLossMetrics, policy_loss
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # moo_kernels.distributed (torch.distributed helpers) is imported on first use only.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("moo_kernels.distributed")
+    raise AttributeError(f"module 'moo_kernels' has no attribute {name!r}")
+
+
 __all__ = [
     "AdvantageResult",
     "brier_reward",

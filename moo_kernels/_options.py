@@ -6,7 +6,6 @@ string names are the public API and are mapped here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -62,7 +61,9 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+    # v != v (NaN) and v - v != 0 (NaN or infinite) rather than math.isnan / isinf: plain arithmetic also
+    # traces when torch.compile passes a changing float (a global token count, a beta schedule) symbolically.
+    if v != v or (v - v != 0 and not allow_inf):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if low is not None and (v < low or (v == low and not low_inclusive)):
         bound = ">=" if low_inclusive else ">"

@@ -40,6 +40,10 @@ F64 = torch.float64
 
 
 def _segment_sum(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    if torch.compiler.is_compiling() and type(num_groups) is int and num_groups == 1:
+        # One segment is a plain sum; traced (the backward under torch.compile) it has to be one:
+        # inductor's C++ backend (torch 2.13) cannot generate an index_add into a dimension of size 1.
+        return x.sum(dim=0, keepdim=True)
     out = torch.zeros((num_groups,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     return out.index_add(0, index, x)
 
