@@ -64,7 +64,19 @@ def test_bad_arguments():
 def test_opcheck_and_compile():
     c = torch.tensor([1, 0, 1], dtype=torch.uint8)
     q = torch.tensor([0.2, 0.5, 0.9], requires_grad=True)
-    torch.library.opcheck(torch.ops.moo_kernels.brier_reward.default, (c, q))
+    torch.library.opcheck(torch.ops.moo_kernels.brier_reward.default, (c, q, True))
     torch._dynamo.reset()
     f = torch.compile(lambda c, q: mk.brier_reward(c, q).sum(), fullgraph=True)
     torch.testing.assert_close(f(c.bool(), q), mk.brier_reward(c.bool(), q).sum())
+
+
+@pytest.mark.parametrize("backend,device", targets())
+def test_check_false_skips_the_value_checks(backend, device):
+    """check=False reads nothing back (no host synchronisation on CUDA): values outside [0, 1] enter the formula."""
+    c = torch.tensor([1.0, 0.0, 1.0], device=device)
+    q = torch.tensor([1.5, -0.25, 0.5], device=device)
+    with mk.use_backend(backend):
+        with pytest.raises(ValueError, match="confidence must lie in"):
+            mk.brier_reward(c, q)
+        r = mk.brier_reward(c, q, check=False)
+    torch.testing.assert_close(r.cpu(), (c - (q - c) ** 2).cpu())

@@ -6,17 +6,20 @@ from moo_kernels import _options as O
 from moo_kernels.ops.brier.op import brier_op
 
 
-def brier_reward(correct: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+def brier_reward(correct: torch.Tensor, confidence: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Brier calibration reward R = c - (q - c)^2, to use as one objective among several.
 
     Args:
         correct: correctness c of each answer, bool (or integer / float holding 0 and 1), any shape.
         confidence: stated confidence q in [0, 1], float, the same shape and device; may require grad.
+        check: raise on bad values (below). On CUDA the check reads a flag back from the device (one host
+            synchronisation per call); check=False skips it and every other value check, so the call is
+            asynchronous, and a confidence outside [0, 1] then simply enters the formula (NaN stays NaN).
 
     Returns:
         R with confidence's shape, float32 (float64 for float64 confidence). dR/dq = -2 (q - c).
 
-    Raises ValueError naming the first confidence outside [0, 1] (or NaN), or a correctness that is
+    With check, raises ValueError naming the first confidence outside [0, 1] (or NaN), or a correctness that is
     neither 0 nor 1.
 
     Example:
@@ -25,6 +28,7 @@ def brier_reward(correct: torch.Tensor, confidence: torch.Tensor) -> torch.Tenso
     """
     O.check_tensor("correct", correct)
     O.check_float_tensor("confidence", confidence)
+    check = O.check_bool("check", check)
     if correct.shape != confidence.shape:
         raise ValueError(
             f"correct and confidence must have one shape, got {tuple(correct.shape)} and {tuple(confidence.shape)}"
@@ -40,9 +44,9 @@ def brier_reward(correct: torch.Tensor, confidence: torch.Tensor) -> torch.Tenso
         if correct.dtype.is_complex:
             raise TypeError(f"correct must be bool, integer or float, got {correct.dtype}")
         c = correct.reshape(-1).to(q.dtype).contiguous()
-        if not torch.compiler.is_compiling():
+        if check and not torch.compiler.is_compiling():
             bad = (c != 0) & (c != 1)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 raise ValueError(f"correct must hold 0 or 1, got {c[i].item()} at flat index {i}")
-    return brier_op(c, q.reshape(-1).contiguous()).view(confidence.shape)
+    return brier_op(c, q.reshape(-1).contiguous(), check).view(confidence.shape)
