@@ -48,8 +48,8 @@ liger-wheel:
 	$(PY) -m pip download liger-kernel==0.8.5 --no-deps -d bench/wheels
 
 lint:
-	ruff check moo_kernels python_tests bench
-	ruff format --check moo_kernels python_tests bench
+	ruff check moo_kernels python_tests bench examples
+	ruff format --check moo_kernels python_tests bench examples
 
 clean:
 	rm -rf build moo_kernels/*.so .pytest_cache

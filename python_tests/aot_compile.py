@@ -59,12 +59,16 @@ def ptxas_report(ptx: str) -> dict:
     }
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int, maxnreg: int | None = None) -> dict:
+def compile_kernel(
+    fn, signature: dict, constexprs: dict, arch: int, num_warps: int, maxnreg: int | None = None
+) -> dict:
     sig = dict(signature)
     for name in constexprs:
         sig[name] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "maxnreg": maxnreg})
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "maxnreg": maxnreg}
+    )
     return ptxas_report(compiled.asm["ptx"])
 
 
