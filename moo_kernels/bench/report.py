@@ -27,10 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit(root: str | Path = ROOT) -> dict[str, Any]:
-    """{"git_commit": HEAD of the repository at root, "git_dirty": uncommitted changes}, None when unknown."""
+    """{"git_commit": HEAD of the repository at root, "git_dirty": uncommitted changes to the code}, None when
+    unknown. Results and the README, which a benchmark run itself rewrites, do not count."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)bench/results", ":(exclude)README.md"],
+            cwd=root, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
     if head.returncode != 0:
