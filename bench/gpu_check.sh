@@ -39,7 +39,7 @@ bench_rc=${PIPESTATUS[0]}
 
 echo "== tests of the ops on CUDA and CPU (property tests and the AOT compile check run in CI)" | tee -a "$log"
 timeout 130 $PY -m pytest python_tests/test_advantages.py python_tests/test_brier.py python_tests/test_policy_loss.py \
-  python_tests/test_logits.py -q -p no:cacheprovider -x 2>&1 | tail -30 | tee -a "$log"
+  python_tests/test_logits.py python_tests/test_compile.py -q -p no:cacheprovider -x 2>&1 | tail -30 | tee -a "$log"
 test_rc=${PIPESTATUS[0]}
 
 echo "== tuning sweep of the fused logits kernel (chunk, tile, warps, register cap)" | tee -a "$log"
