@@ -31,14 +31,14 @@ if compgen -G "bench/wheels/liger_kernel-*.whl" >/dev/null; then
 fi
 
 echo "== benchmark: advantages, policy_loss, logits_loss" | tee -a "$log"
-# --budget-s: a suite skips its remaining sizes once its share of 150 s is spent (the main size always
+# --budget-s: a suite skips its remaining sizes once its share of 135 s is spent (the main size always
 # runs; each JSON is written as its suite ends), so the run ends well inside the timeout.
-timeout 210 $PY -m moo_kernels.bench --device cuda --keep-going --budget-s 150 --no-progress --out "$OUT" 2>&1 \
+timeout 190 $PY -m moo_kernels.bench --device cuda --keep-going --budget-s 135 --no-progress --out "$OUT" 2>&1 \
   | tee -a "$log"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== tests of the ops on CUDA and CPU (property tests and the AOT compile check run in CI)" | tee -a "$log"
-timeout 130 $PY -m pytest python_tests/test_advantages.py python_tests/test_brier.py python_tests/test_policy_loss.py \
+timeout 150 $PY -m pytest python_tests/test_advantages.py python_tests/test_brier.py python_tests/test_policy_loss.py \
   python_tests/test_logits.py python_tests/test_compile.py -q -p no:cacheprovider -x 2>&1 | tail -30 | tee -a "$log"
 test_rc=${PIPESTATUS[0]}
 
