@@ -1,8 +1,11 @@
 """Triton launchers of the logits ops (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-Block and chunk sizes can be overridden for tuning with MOO_KERNELS_LOGITS_CHUNK (vocabulary entries per
-program of the fused loss), MOO_KERNELS_LOGITS_BLOCK (entries per tile) and MOO_KERNELS_LOGITS_SPINS (polls
-of the chunk exchange before a program computes a missing sibling's statistics itself).
+Block and chunk sizes can be overridden for tuning with MOO_KERNELS_LOGITS_CHUNK (vocabulary entries
+per program of the fused loss), MOO_KERNELS_LOGITS_BLOCK (entries per tile), MOO_KERNELS_LOGITS_MAXNREG
+(register cap of the fused kernel) and MOO_KERNELS_LOGITS_SPINS (polls of the chunk exchange before a
+program computes a missing sibling's statistics itself; unbounded by default on a GPU, where waiting is
+always finite: keep it so with inplace_backward, since a sibling's chunk re-read after that sibling
+started writing would hold gradients).
 """
 
 from __future__ import annotations
