@@ -12,10 +12,13 @@ from setuptools import setup
 
 openmp = [] if sys.platform == "darwin" or os.environ.get("MOO_KERNELS_NO_OPENMP") else ["-fopenmp"]
 sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+# setuptools tracks only the sources: a changed header must rebuild the extension too.
+headers = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".h"))
 
 ext = Pybind11Extension(
     "moo_kernels._C",
     sources,
+    depends=headers,
     cxx_std=17,
     extra_compile_args=["-O3", *openmp],
     extra_link_args=openmp,

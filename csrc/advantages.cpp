@@ -24,47 +24,25 @@
 // whatever the thread count or instruction set. Outputs are float32
 // (float64 for float64 rewards). The first non-finite reward (nan_policy="raise") and the first bad
 // weight are returned as indices, and the Python launcher raises.
+// Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) in simd.h, the element types and
+// dtype codes in dtype.h.
 
-// No floating-point exception is ever enabled here: without trapping maths GCC may turn the selects of
-// the lane loops into SIMD blends (Clang already does). No value changes.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+#include "simd.h"  // first: its no-trapping-math pragma applies to what follows
 
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "dtype.h"
+
 namespace py = pybind11;
-
-// OpenMP pragmas vanish in a build without OpenMP (MOO_KERNELS_NO_OPENMP, macOS), silently.
-#ifdef _OPENMP
-#define MOO_OMP(directive) _Pragma(#directive)
-#else
-#define MOO_OMP(directive)
-#endif
-
-// The lane loops are also compiled for AVX2 and the variant is picked at load time where the CPU has
-// it (GCC, x86-64, glibc). The lanes fix the arithmetic, so both variants give the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define MOO_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MOO_SIMD_CLONES
-#endif
-// The helpers of a block are inlined into process_block, compiled once per variant.
-#if defined(__GNUC__)
-#define MOO_INLINE __attribute__((always_inline)) inline
-#else
-#define MOO_INLINE inline
-#endif
 
 namespace {
 
@@ -81,43 +59,12 @@ constexpr int64_t kBlocksPerTask = 4;              // OpenMP dynamic schedule ch
 constexpr int64_t kBatchRows = 1024;               // rows of kLanes samples per part of the batch reduction
 constexpr int64_t kSpreadMin = 256;                // a group this large fills a block alone, over all lanes
 
-// Codes shared with moo_kernels/_options.py and moo_kernels/ops/advantages/cpu.py.
-enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+// Codes shared with moo_kernels/_options.py and moo_kernels/ops/advantages/cpu.py (the dtype codes are
+// moo::DType, dtype.h).
 enum Normalize { kZScore = 0, kCenter = 1, kRloo = 2, kNoNormalize = 3 };
 enum Weighting { kScalarize = 0, kFixed = 1, kVariance = 2 };
 // Sample codes kept in the sample-mask bytes between the group pass and the batch pass.
 enum SampleCode : uint8_t { kDropped = 0, kContributes = 1, kInfeasible = 2 };
-
-// ---- element types -------------------------------------------------------------------------------
-
-struct Half {
-    uint16_t bits;
-};
-struct BFloat16 {
-    uint16_t bits;
-};
-
-inline float bits_to_float(uint32_t bits) {
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-inline double to_double(Half h) {
-    const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
-    const uint32_t exponent = (h.bits >> 10) & 0x1fu;
-    const uint32_t mantissa = h.bits & 0x3ffu;
-    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
-        const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
-        return sign ? -magnitude : magnitude;
-    }
-    if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf, nan
-    return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));          // rebias 15 -> 127
-}
-
-inline double to_double(BFloat16 b) { return bits_to_float(static_cast<uint32_t>(b.bits) << 16); }
-inline double to_double(float x) { return x; }
-inline double to_double(double x) { return x; }
 
 inline bool is_finite(double x) { return std::abs(x) <= kMaxFinite; }  // false for inf and nan
 
@@ -455,7 +402,7 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
         for (int64_t i = 0; i < b.rows; ++i) {
             const int64_t* rows = b.slots[i].row;
             for (int64_t l = 0; l < kLanes; ++l)
-                cells[i].value[l] = static_cast<T>(to_double(r[rows[l] * in.stride_rn + k * in.stride_rk]));
+                cells[i].value[l] = static_cast<T>(moo::value(r[rows[l] * in.stride_rn + k * in.stride_rk]));
             if (!in.reward_gates) {
                 std::fill(cells[i].take, cells[i].take + kLanes, T(1));
                 continue;
@@ -509,7 +456,7 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
         for (int64_t i = 0; i < b.count[l]; ++i) {
             const int64_t row = b.slots[i].row[l];
             for (int64_t k = 0; k < K && b.slots[i].valid[l] > 0; ++k) {
-                double v = to_double(r[row * in.stride_rn + k * in.stride_rk]);
+                double v = moo::value(r[row * in.stride_rn + k * in.stride_rk]);
                 if (in.reward_gates && !in.reward_gates[row * in.stride_rgn + k * in.stride_rgk]) v = gated_value;
                 if (!is_finite(v)) bad = std::min(bad, row * K + k);
             }
@@ -587,8 +534,8 @@ MOO_INLINE void code_block(const Options& o, const T* accept, bool finish, Block
 // Steps 1-3 for a block: writes the group outputs and, per sample, either the finished advantage or
 // (batch_normalize) the raw advantage and the sample code. Returns the bad reward index of load_block.
 template <typename In, typename T, typename Out, int KC>
-MOO_SIMD_CLONES int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, double* raw, const BlockPlan& plan,
-                      Block<T>& b) {
+MOO_SIMD_CLONES_TEMPLATE int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, double* raw,
+                                               const BlockPlan& plan, Block<T>& b) {
     constexpr int64_t kLanes = kLanesOf<T>;
     const int64_t K = KC > 0 ? KC : in.k;
     const bool with_combined = o.weighting == kScalarize || o.drop_zero_variance;
@@ -764,16 +711,16 @@ std::tuple<int64_t, int64_t> advantages(const Inputs& in, int dtype, const Optio
     }
     int64_t bad = kNone;
     switch (dtype) {
-        case kFloat16:
-            bad = run<Half, float>(in, o, out);
+        case moo::kFloat16:
+            bad = run<moo::Half, float>(in, o, out);
             break;
-        case kBFloat16:
-            bad = run<BFloat16, float>(in, o, out);
+        case moo::kBFloat16:
+            bad = run<moo::BFloat16, float>(in, o, out);
             break;
-        case kFloat32:
+        case moo::kFloat32:
             bad = run<float, float>(in, o, out);
             break;
-        case kFloat64:
+        case moo::kFloat64:
             bad = run<double, double>(in, o, out);
             break;
         default:
@@ -800,7 +747,7 @@ void register_advantages(py::module_& m) {
            bool unbiased, int weighting, bool batch_normalize, double eps, double gated_value,
            double infeasible_advantage, int64_t min_feasible, bool drop_zero_variance, double positive_scale,
            double negative_scale, bool has_clip, double clip, bool check_finite, bool check_weights) {
-            if (dtype < kFloat16 || dtype > kFloat64)
+            if (dtype < moo::kFloat16 || dtype > moo::kFloat64)
                 throw std::invalid_argument("advantages: unknown rewards dtype code " + std::to_string(dtype));
             const Inputs in{address<const void>(rewards), n, k, stride_rn, stride_rk, group_size, num_groups,
                             address<const int64_t>(order), address<const int64_t>(offsets),

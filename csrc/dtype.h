@@ -1,15 +1,28 @@
-// Scalar conversions between float and the 16-bit float formats (IEEE half, bfloat16) held as raw
-// uint16_t bits, for kernels that read and write tensors through raw addresses (no libtorch). They are
-// branch-light and inline, so the compiler can vectorise the loops that convert a block of elements.
-// float16 -> float and bfloat16 -> float are exact; float -> 16 bits rounds to nearest even, overflow gives
-// inf and NaN stays NaN (quiet).
+// Tensors as the CPU kernels see them: raw addresses from the Python launchers (no libtorch), a dtype
+// code and strides in elements. Shared by advantages.cpp, logits.cpp and policy_loss.cpp.
+//   - The dtype codes of moo_kernels/ops/*/cpu.py.
+//   - Scalar conversions between float and the 16-bit float formats (IEEE half, bfloat16) held as raw
+//     uint16_t bits. They are branch-light and inline, so the compiler can vectorise the loops that convert
+//     a block of elements. float16 -> float and bfloat16 -> float are exact; float -> 16 bits rounds to
+//     nearest even, overflow gives inf and NaN stays NaN (quiet).
+//   - The element types Half and BFloat16 (the raw bits), value() (an element as float, double for double)
+//     and assign() (store into an element, rounded as above), and Compute<E>, the type a kernel computes in
+//     for elements E: double for float64, float otherwise.
+//   - Operand: a [B, T] tensor (or [B] with token stride 0, or [B, T, V] with unit stride on V) of any dtype.
 
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 
 namespace moo {
+
+// Codes shared with the launchers moo_kernels/ops/*/cpu.py (kBool: policy_loss masks only).
+enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kBool = 4 };
+
+// ---- 16-bit float formats ------------------------------------------------------------------------------
 
 inline float float_from_bits(uint32_t bits) {
     float f;
@@ -58,6 +71,45 @@ inline uint16_t float_to_half(float f) {
     // rebias the exponent 127 -> 15 and round the 13 dropped mantissa bits to nearest even
     const uint32_t odd = (magnitude >> 13) & 1u;
     return static_cast<uint16_t>(sign | ((magnitude - 0x38000000u + 0xfffu + odd) >> 13));
+}
+
+// ---- element types -------------------------------------------------------------------------------------
+
+struct Half {
+    uint16_t bits;
+};
+struct BFloat16 {
+    uint16_t bits;
+};
+
+inline float value(Half h) { return half_to_float(h.bits); }
+inline float value(BFloat16 h) { return bfloat16_to_float(h.bits); }
+inline float value(float x) { return x; }
+inline double value(double x) { return x; }
+inline float value(uint8_t x) { return x; }  // a bool byte, 0 or 1
+
+inline void assign(Half& dst, float g) { dst.bits = float_to_half(g); }
+inline void assign(BFloat16& dst, float g) { dst.bits = float_to_bfloat16(g); }
+inline void assign(float& dst, float g) { dst = g; }
+inline void assign(double& dst, double g) { dst = g; }
+
+template <typename E>
+using Compute = std::conditional_t<std::is_same_v<E, double>, double, float>;
+
+// ---- operands ------------------------------------------------------------------------------------------
+
+// A tensor of the dtype code with strides in elements over its first two dimensions: [B, T], [B] with
+// token stride 0, or the [B, T, V] logits / gradient with unit stride on V.
+struct Operand {
+    const void* ptr = nullptr;
+    int dtype = kFloat32;
+    int64_t sb = 0, st = 0;
+};
+
+using OperandSpec = std::tuple<uintptr_t, int, int64_t, int64_t>;  // address (0: absent), dtype, strides
+
+inline Operand operand(const OperandSpec& s) {
+    return {reinterpret_cast<const void*>(std::get<0>(s)), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
 }
 
 }  // namespace moo

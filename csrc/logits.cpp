@@ -18,17 +18,16 @@
 // Each row is computed by one thread in a fixed order, rows in parallel (OpenMP, static schedule); the lane
 // structure does not depend on the instruction set (no FMA contraction in ISO C++ mode), so results have the
 // same bits whatever the number of threads or the SIMD clone picked. Compute type: float for float16,
-// bfloat16 and float32 logits, with a vectorisable exp (below), double (std::exp) for float64 logits.
+// bfloat16 and float32 logits, with a vectorisable exp (exp_lanes in simd.h), double (std::exp) for float64
+// logits.
 // Logits of -inf are allowed: a lane with no finite logit yet keeps S = W = 0 (no exp(-inf - -inf)), and
 // the products exp(d) d and p (s - mean) are taken as 0 there. A row with only -inf logits has lse = -inf and,
 // like the reference, NaN log-prob and entropy. Token ids are checked first: the entry points return the
 // flat index b * T + t of the first id outside [0, V) (nothing computed) or -1.
+// Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) and the exp in simd.h, the element
+// types, dtype codes and operands in dtype.h.
 
-// No floating-point exception is ever enabled here: without trapping maths GCC can turn the selects of the
-// lane loops into SIMD blends. No value changes.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+#include "simd.h"  // first: its no-trapping-math pragma applies to what follows
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -38,31 +37,10 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 
 #include "dtype.h"
 
 namespace py = pybind11;
-
-// OpenMP pragmas vanish in a build without OpenMP (MOO_KERNELS_NO_OPENMP, macOS).
-#ifdef _OPENMP
-#define MOO_OMP(directive) _Pragma(#directive)
-#else
-#define MOO_OMP(directive)
-#endif
-
-// The row functions are also compiled for AVX2 and the variant is picked at load time where the CPU has it
-// (GCC, x86-64, glibc). The lanes fix the arithmetic, so both variants give the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define MOO_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MOO_SIMD_CLONES
-#endif
-#if defined(__GNUC__)
-#define MOO_INLINE __attribute__((always_inline)) inline
-#else
-#define MOO_INLINE inline
-#endif
 
 namespace {
 
@@ -70,88 +48,28 @@ constexpr int64_t kLanes = 16;                     // independent accumulators o
 constexpr int64_t kTile = 1024;                    // elements of a row converted and processed together
 constexpr int64_t kParallelMinElements = 1 << 15;  // fewer logits: one thread (threads cost more)
 
-// Codes shared with moo_kernels/ops/logits/cpu.py.
-enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+// Codes shared with moo_kernels/ops/logits/cpu.py (the float dtype codes are moo::DType, dtype.h).
 enum IndexType { kInt32 = 0, kInt64 = 1 };
 
-// ---- element types --------------------------------------------------------------------------------------
-
-struct Half {
-    uint16_t bits;
-};
-struct BFloat16 {
-    uint16_t bits;
-};
-
-inline float value(Half h) { return moo::half_to_float(h.bits); }
-inline float value(BFloat16 h) { return moo::bfloat16_to_float(h.bits); }
-inline float value(float x) { return x; }
-inline double value(double x) { return x; }
-
-inline void assign(Half& dst, float g) { dst.bits = moo::float_to_half(g); }
-inline void assign(BFloat16& dst, float g) { dst.bits = moo::float_to_bfloat16(g); }
-inline void assign(float& dst, float g) { dst = g; }
-inline void assign(double& dst, double g) { dst = g; }
-
-// Compute type of the row code: double for float64 logits, float otherwise.
-template <typename E>
-using Compute = std::conditional_t<std::is_same_v<E, double>, double, float>;
-
-// ---- exp -----------------------------------------------------------------------------------------------
-
-// e^x in float, branch-free so that the lane loops vectorise. Range reduction x = k ln2 + r with k the
-// nearest integer to x / ln2 (found by adding and subtracting 1.5 * 2^23, which rounds to an integer held in
-// the low mantissa bits) and ln2 split into a short high part (k * high is exact) and the remainder, so
-// |r| <= ln2 / 2 accurately; e^r by its Taylor polynomial of degree 7 (truncation below 6e-9 relative);
-// 2^k written into the exponent field. At most a few ulp from the correctly rounded value. For the
-// softmax sums only: x < -87 (e^x < 2e-38, below the smallest normal float) gives 0, x > 88 gives inf,
-// NaN stays NaN.
-inline float exp_lanes(float x) {
-    constexpr float kMin = -87.0f, kMax = 88.0f;
-    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-    constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
-    const float xc = x < kMin ? kMin : (x > kMax ? kMax : x);
-    const float shifted = xc * 1.44269504f + kRound;
-    const float k = shifted - kRound;
-    const int32_t ki = static_cast<int32_t>(moo::bits_of(shifted)) - static_cast<int32_t>(moo::bits_of(kRound));
-    const float r = (xc - k * kLn2High) - k * kLn2Low;
-    float poly = 1.0f / 5040.0f;
-    poly = poly * r + 1.0f / 720.0f;
-    poly = poly * r + 1.0f / 120.0f;
-    poly = poly * r + 1.0f / 24.0f;
-    poly = poly * r + 1.0f / 6.0f;
-    poly = poly * r + 0.5f;
-    poly = poly * r + 1.0f;
-    poly = poly * r + 1.0f;
-    const float e = poly * moo::float_from_bits(static_cast<uint32_t>(ki + 127) << 23);
-    return x < kMin ? 0.0f : (x > kMax ? std::numeric_limits<float>::infinity() : e);
-}
-
-inline double exp_lanes(double x) { return std::exp(x); }
+using moo::BFloat16;
+using moo::Compute;
+using moo::exp_lanes;
+using moo::Half;
+using moo::Operand;
+using moo::OperandSpec;
+using moo::operand;
+using moo::value;
 
 // ---- operands ------------------------------------------------------------------------------------------
-
-// A [B, T] tensor, or the [B, T, V] logits / gradient with unit stride on V; strides in elements.
-struct Operand {
-    const void* ptr = nullptr;
-    int dtype = kFloat32;
-    int64_t sb = 0, st = 0;
-};
-
-using OperandSpec = std::tuple<uintptr_t, int, int64_t, int64_t>;  // address (0: absent), dtype, strides
-
-Operand operand(const OperandSpec& s) {
-    return {reinterpret_cast<const void*>(std::get<0>(s)), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
-}
 
 // Element (b, t) of a [B, T] float operand as double; 0 when the operand is absent.
 double scalar_at(const Operand& x, int64_t b, int64_t t) {
     if (x.ptr == nullptr) return 0.0;
     const int64_t off = b * x.sb + t * x.st;
     switch (x.dtype) {
-        case kFloat16: return value(static_cast<const Half*>(x.ptr)[off]);
-        case kBFloat16: return value(static_cast<const BFloat16*>(x.ptr)[off]);
-        case kFloat32: return value(static_cast<const float*>(x.ptr)[off]);
+        case moo::kFloat16: return value(static_cast<const Half*>(x.ptr)[off]);
+        case moo::kBFloat16: return value(static_cast<const BFloat16*>(x.ptr)[off]);
+        case moo::kFloat32: return value(static_cast<const float*>(x.ptr)[off]);
         default: return value(static_cast<const double*>(x.ptr)[off]);
     }
 }
@@ -319,7 +237,7 @@ MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
             x[i] = x[i] == -inf ? R(0) : -(p * (a + c * (logp + entropy)));
         }
         if (has_y) x[y - v0] = grad_y;
-        for (int64_t i = 0; i < n; ++i) assign(out[v0 + i], x[i]);
+        for (int64_t i = 0; i < n; ++i) moo::assign(out[v0 + i], x[i]);
     }
 }
 
@@ -352,12 +270,12 @@ int64_t token_logprobs_fwd(const OperandSpec& logits, const OperandSpec& tokens,
     if (bad >= 0) return bad;
     RowResult (*row_fn)(const Forward&, int64_t, int64_t) = forward_row_f32;
     switch (f.logits.dtype) {
-        case kFloat16: row_fn = forward_row_f16; break;
-        case kBFloat16: row_fn = forward_row_bf16; break;
-        case kFloat64: row_fn = forward_row_f64; break;
+        case moo::kFloat16: row_fn = forward_row_f16; break;
+        case moo::kBFloat16: row_fn = forward_row_bf16; break;
+        case moo::kFloat64: row_fn = forward_row_f64; break;
         default: break;
     }
-    const bool out_f64 = f.logits.dtype == kFloat64;
+    const bool out_f64 = f.logits.dtype == moo::kFloat64;
     const int64_t rows = B * T;
     const bool parallel = rows * V >= kParallelMinElements;
     (void)parallel;  // unused without OpenMP
@@ -396,9 +314,9 @@ int64_t token_logprobs_bwd(const OperandSpec& logits, const OperandSpec& tokens,
     if (bad >= 0) return bad;
     void (*row_fn)(const Backward&, int64_t, int64_t) = backward_row_f32;
     switch (g.logits.dtype) {
-        case kFloat16: row_fn = backward_row_f16; break;
-        case kBFloat16: row_fn = backward_row_bf16; break;
-        case kFloat64: row_fn = backward_row_f64; break;
+        case moo::kFloat16: row_fn = backward_row_f16; break;
+        case moo::kBFloat16: row_fn = backward_row_bf16; break;
+        case moo::kFloat64: row_fn = backward_row_f64; break;
         default: break;
     }
     const int64_t rows = B * T;

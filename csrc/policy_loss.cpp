@@ -26,12 +26,10 @@
 // Maths runs in double for float64 logp, in float32 otherwise (like the Triton kernels), where exp of a
 // clamped log-ratio uses a vectorisable polynomial (a few ulp); all sums accumulate in double. Masked
 // tokens contribute nothing, not even NaN or inf from their inputs (selects, not products with m = 0).
+// Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) and the exp polynomial (exp_poly)
+// in simd.h, the element types, dtype codes and operands in dtype.h.
 
-// The kernel never enables floating-point exceptions: without trapping maths GCC turns the selects of the
-// token loops into SIMD blends (Clang already does). No value changes.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+#include "simd.h"  // first: its no-trapping-math pragma applies to what follows
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -39,29 +37,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-namespace py = pybind11;
+#include "dtype.h"
 
-// The token loops are also compiled for AVX2, picked at load time where the CPU has it (x86-64 Linux,
-// GCC or Clang >= 14). The lane structure fixes the arithmetic (no FMA contraction in ISO C++ mode), so
-// both clones give the same bits.
-#if defined(__x86_64__) && defined(__linux__) && \
-    ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
-#define PL_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PL_SIMD_CLONES
-#endif
-#if defined(__GNUC__)
-#define PL_INLINE inline __attribute__((always_inline))
-#else
-#define PL_INLINE inline
-#endif
+namespace py = pybind11;
 
 namespace {
 
@@ -72,138 +56,29 @@ constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, thre
 constexpr double kLogRatioMax = 20.0;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Codes shared with moo_kernels/ops/policy_loss/cpu.py and problem.py.
-enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kBool = 4 };
+// Codes shared with moo_kernels/ops/policy_loss/cpu.py and problem.py (the dtype codes are moo::DType,
+// dtype.h).
 enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3 };
 enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
 enum Kl { kK1 = 1, kK2 = 2, kK3 = 3 };
 
-// ---- element types ----------------------------------------------------------------------------------
-
-inline float float_from_bits(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-inline uint32_t bits_of(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-inline float half_to_float(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    const uint32_t exponent = (h >> 10) & 0x1fu;
-    const uint32_t mantissa = h & 0x3ffu;
-    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
-        const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
-        return sign ? -magnitude : magnitude;
-    }
-    if (exponent == 0x1f) return float_from_bits(sign | 0x7f800000u | (mantissa << 13));  // inf, nan
-    return float_from_bits(sign | ((exponent + 112u) << 23) | (mantissa << 13));          // rebias 15 -> 127
-}
-
-// float -> IEEE half, round to nearest even; overflow gives inf, nan stays nan.
-inline uint16_t float_to_half(float f) {
-    const uint32_t u = bits_of(f);
-    const uint32_t sign = (u >> 16) & 0x8000u;
-    const uint32_t a = u & 0x7fffffffu;
-    if (a >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
-    if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
-    if (a < 0x38800000u) {  // below 2^-14: a half subnormal; adding 0.5 rounds to a multiple of 2^-24
-        const float r = float_from_bits(a) + 0.5f;
-        return static_cast<uint16_t>(sign | (bits_of(r) - 0x3f000000u));
-    }
-    const uint32_t odd = (a >> 13) & 1u;  // rebias 127 -> 15 and round the 13 dropped bits to even
-    return static_cast<uint16_t>(sign | ((a - 0x38000000u + 0xfffu + odd) >> 13));
-}
-
-// float -> bfloat16, round to nearest even; nan stays (quiet) nan.
-inline uint16_t float_to_bfloat16(float f) {
-    const uint32_t u = bits_of(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// ---- exp -----------------------------------------------------------------------------------------------
-
-// e^x for |x| <= 20 (the callers clamp x) in float, within a few ulp and branch-free, so that the token
-// loops vectorise: x = n ln2 + r with n = round(x / ln2) (ln2 split in two for an accurate reduction),
-// |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (truncation error below 1e-8 relative) and 2^n
-// from the exponent bits. Measured: at most 1.7 ulp from the correctly rounded value. NaN stays NaN.
-inline float exp_small(float x) {
-    const float shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
-    const float t = x * 1.44269504f + shift;
-    const float n = t - shift;
-    const int32_t ni = static_cast<int32_t>(bits_of(t) - bits_of(shift));
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float e = 1.0f / 5040.0f;
-    e = e * r + 1.0f / 720.0f;
-    e = e * r + 1.0f / 120.0f;
-    e = e * r + 1.0f / 24.0f;
-    e = e * r + 1.0f / 6.0f;
-    e = e * r + 0.5f;
-    e = e * r + 1.0f;
-    e = e * r + 1.0f;
-    return e * float_from_bits(static_cast<uint32_t>(ni + 127) << 23);
-}
-
-inline double exp_small(double x) { return std::exp(x); }
-
 // ---- operands -----------------------------------------------------------------------------------------
 
-// A [B, T] tensor (or [B] with token stride 0) of any supported dtype; strides in elements.
-struct Operand {
-    const void* ptr = nullptr;
-    int dtype = kFloat32;
-    int64_t sb = 0, st = 0;
-};
+using moo::exp_poly;
+using moo::Operand;
+using moo::OperandSpec;
+using moo::operand;
 
-using OperandSpec = std::tuple<uintptr_t, int, int64_t, int64_t>;  // address (0: absent), dtype, strides
-
-Operand operand(const OperandSpec& s) {
-    return {reinterpret_cast<const void*>(std::get<0>(s)), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
-}
-
-// Element type of a dtype code and its value as float (double for float64).
-template <int D>
-struct Elem;
-template <>
-struct Elem<kFloat16> {
-    using type = uint16_t;
-    static float value(type h) { return half_to_float(h); }
-};
-template <>
-struct Elem<kBFloat16> {
-    using type = uint16_t;
-    static float value(type h) { return float_from_bits(static_cast<uint32_t>(h) << 16); }
-};
-template <>
-struct Elem<kFloat32> {
-    using type = float;
-    static float value(type x) { return x; }
-};
-template <>
-struct Elem<kFloat64> {
-    using type = double;
-    static double value(type x) { return x; }
-};
-template <>
-struct Elem<kBool> {
-    using type = uint8_t;
-    static float value(type x) { return x; }
-};
-
-template <typename R, int D>
-PL_INLINE void load_typed(const void* base, int64_t off, int64_t st, int64_t n, R* out) {
-    const typename Elem<D>::type* p = static_cast<const typename Elem<D>::type*>(base) + off;
+// out[i] = x[i * st] as R for i < n (E an element type of dtype.h, or uint8_t for bool).
+template <typename R, typename E>
+MOO_INLINE void load_typed(const void* base, int64_t off, int64_t st, int64_t n, R* out) {
+    const E* p = static_cast<const E*>(base) + off;
     if (st == 1) {
-        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<R>(Elem<D>::value(p[i]));
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<R>(moo::value(p[i]));
     } else if (st == 0) {  // a [B] tensor broadcast along the tokens
-        std::fill(out, out + n, static_cast<R>(Elem<D>::value(p[0])));
+        std::fill(out, out + n, static_cast<R>(moo::value(p[0])));
     } else {
-        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<R>(Elem<D>::value(p[i * st]));
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<R>(moo::value(p[i * st]));
     }
 }
 
@@ -211,52 +86,39 @@ inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; 
 
 // out[i] = x[b, t0 + i] converted to R for i < n, then 0 up to padded.
 template <typename R>
-PL_INLINE void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t padded, R* out) {
+MOO_INLINE void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t padded, R* out) {
     const int64_t off = b * x.sb + t0 * x.st;
     switch (x.dtype) {
-        case kFloat16: load_typed<R, kFloat16>(x.ptr, off, x.st, n, out); break;
-        case kBFloat16: load_typed<R, kBFloat16>(x.ptr, off, x.st, n, out); break;
-        case kFloat32: load_typed<R, kFloat32>(x.ptr, off, x.st, n, out); break;
-        case kFloat64: load_typed<R, kFloat64>(x.ptr, off, x.st, n, out); break;
-        default: load_typed<R, kBool>(x.ptr, off, x.st, n, out); break;
+        case moo::kFloat16: load_typed<R, moo::Half>(x.ptr, off, x.st, n, out); break;
+        case moo::kBFloat16: load_typed<R, moo::BFloat16>(x.ptr, off, x.st, n, out); break;
+        case moo::kFloat32: load_typed<R, float>(x.ptr, off, x.st, n, out); break;
+        case moo::kFloat64: load_typed<R, double>(x.ptr, off, x.st, n, out); break;
+        default: load_typed<R, uint8_t>(x.ptr, off, x.st, n, out); break;
     }
     std::fill(out + n, out + padded, R(0));
 }
 
-// x[b, t0 + i] = g[i] for i < n, in x's dtype (float16 / bfloat16 rounded to nearest even).
+// p[i * st] = g[i] for i < n, in E (float16 / bfloat16 rounded to nearest even).
+template <typename E, typename R>
+MOO_INLINE void store_typed(void* base, int64_t off, int64_t st, int64_t n, const R* g) {
+    E* p = static_cast<E*>(base) + off;
+    if (st == 1) {
+        for (int64_t i = 0; i < n; ++i) moo::assign(p[i], static_cast<moo::Compute<E>>(g[i]));
+    } else {
+        for (int64_t i = 0; i < n; ++i) moo::assign(p[i * st], static_cast<moo::Compute<E>>(g[i]));
+    }
+}
+
+// x[b, t0 + i] = g[i] for i < n, in x's dtype.
 template <typename R>
-PL_INLINE void store(const Operand& x, int64_t b, int64_t t0, int64_t n, const R* g) {
-    const int64_t off = b * x.sb + t0 * x.st, st = x.st;
+MOO_INLINE void store(const Operand& x, int64_t b, int64_t t0, int64_t n, const R* g) {
+    const int64_t off = b * x.sb + t0 * x.st;
     void* base = const_cast<void*>(x.ptr);
     switch (x.dtype) {
-        case kFloat16: {
-            uint16_t* p = static_cast<uint16_t*>(base) + off;
-            for (int64_t i = 0; i < n; ++i) p[i * st] = float_to_half(static_cast<float>(g[i]));
-            return;
-        }
-        case kBFloat16: {
-            uint16_t* p = static_cast<uint16_t*>(base) + off;
-            for (int64_t i = 0; i < n; ++i) p[i * st] = float_to_bfloat16(static_cast<float>(g[i]));
-            return;
-        }
-        case kFloat32: {
-            float* p = static_cast<float*>(base) + off;
-            if (st == 1) {
-                for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(g[i]);
-            } else {
-                for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<float>(g[i]);
-            }
-            return;
-        }
-        default: {
-            double* p = static_cast<double*>(base) + off;
-            if (st == 1) {
-                for (int64_t i = 0; i < n; ++i) p[i] = static_cast<double>(g[i]);
-            } else {
-                for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<double>(g[i]);
-            }
-            return;
-        }
+        case moo::kFloat16: store_typed<moo::Half>(base, off, x.st, n, g); break;
+        case moo::kBFloat16: store_typed<moo::BFloat16>(base, off, x.st, n, g); break;
+        case moo::kFloat32: store_typed<float>(base, off, x.st, n, g); break;
+        default: store_typed<double>(base, off, x.st, n, g); break;
     }
 }
 
@@ -366,7 +228,7 @@ RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums) {
 
 // clip_frac_low / clip_frac_high flags (0 / 1) of the modes with a ratio clip.
 template <typename R>
-PL_INLINE void low_high_flags(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+MOO_INLINE void low_high_flags(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     const R zero = 0, one = 1, lo = c.lo, hi = c.hi;
     for (int64_t i = 0; i < np; ++i) {
         const R A = k.adv[i], rho = k.rho[i];
@@ -378,7 +240,7 @@ PL_INLINE void low_high_flags(const Coeffs<R>& c, int64_t np, Block<R>& k) {
 // Policy term pg and its derivative g = d pg / d logp of the clip and gspo modes, plus the clip flags
 // (clip_frac in a second loop: GCC 12 does not vectorise the first one when it also sets that flag).
 template <typename R, bool GSPO>
-PL_INLINE void clip_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+MOO_INLINE void clip_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     const R zero = 0, one = 1, lo = c.lo, hi = c.hi, cap = c.cap, dual_clip = c.dual;
     for (int64_t i = 0; i < np; ++i) {
         const R A = k.adv[i], rho = k.rho[i];
@@ -406,7 +268,7 @@ PL_INLINE void clip_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
 }
 
 template <typename R>
-PL_INLINE void cispo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+MOO_INLINE void cispo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     const R zero = 0, one = 1, lo = c.lo, hi = c.hi;
     for (int64_t i = 0; i < np; ++i) {
         const R A = k.adv[i], rho = k.rho[i];
@@ -420,7 +282,7 @@ PL_INLINE void cispo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
 }
 
 template <typename R>
-PL_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
+MOO_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
     for (int64_t i = 0; i < np; ++i) {
         k.v[kPg][i] = -k.adv[i] * k.lp[i];
         k.g[i] = -k.adv[i];
@@ -431,7 +293,7 @@ PL_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
 // KL estimate k of u = logp - ref; with beta > 0 (WITH_KL) also the loss l = pg + beta k and
 // g += beta dk / dlogp.
 template <typename R, int KL, bool WITH_KL>
-PL_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+MOO_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax), beta = c.beta;
     for (int64_t i = 0; i < np; ++i) {
         const R u = k.lp[i] - k.ref[i];
@@ -443,7 +305,7 @@ PL_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
             kl = static_cast<R>(0.5) * u * u;
             dk = u;
         } else {  // k3 of the clamped log-ratio; no gradient where the clamp is active
-            const R uc = clamp_log_ratio<R>(u), e = exp_small(-uc);
+            const R uc = clamp_log_ratio<R>(u), e = exp_poly(-uc);
             kl = e + uc - one;
             dk = std::abs(u) <= lim ? one - e : zero;
         }
@@ -456,7 +318,7 @@ PL_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
 }
 
 template <typename R, int KL>
-PL_INLINE void kl_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+MOO_INLINE void kl_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     if (c.with_kl) {
         kl_loop<R, KL, true>(c, np, k);
     } else {
@@ -467,7 +329,7 @@ PL_INLINE void kl_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
 
 // Tokens [t0, t0 + len) of row b (len <= kBlock): writes the gradient, adds the sums to acc.
 template <typename R>
-PL_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>& row, int64_t b, int64_t t0,
+MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>& row, int64_t b, int64_t t0,
                              int64_t len, Block<R>& k, Partials& acc) {
     const int64_t np = round_up(len);
     const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax);
@@ -494,7 +356,7 @@ PL_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>&
     if (c.mode == kGspo) {
         std::fill(k.rho, k.rho + np, row.seq);
     } else {
-        for (int64_t i = 0; i < np; ++i) k.rho[i] = exp_small(k.d[i]);
+        for (int64_t i = 0; i < np; ++i) k.rho[i] = exp_poly(k.d[i]);
     }
 
     // policy term
@@ -572,7 +434,7 @@ PL_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>&
 }
 
 template <typename R>
-PL_INLINE void work_item(const Problem& p, const Coeffs<R>& c, const Row<R>& row, int64_t b, int64_t t_begin,
+MOO_INLINE void work_item(const Problem& p, const Coeffs<R>& c, const Row<R>& row, int64_t b, int64_t t_begin,
                          Partials& acc) {
     Block<R> k;
     const int64_t t_end = std::min(p.T, t_begin + kChunk);
@@ -582,12 +444,12 @@ PL_INLINE void work_item(const Problem& p, const Coeffs<R>& c, const Row<R>& row
 }
 
 // The compiled work items (an AVX2 clone is picked at load time where the CPU has it).
-PL_SIMD_CLONES void work_item_f32(const Problem& p, const Coeffs<float>& c, const Row<float>& row, int64_t b,
+MOO_SIMD_CLONES void work_item_f32(const Problem& p, const Coeffs<float>& c, const Row<float>& row, int64_t b,
                                   int64_t t_begin, Partials& acc) {
     work_item(p, c, row, b, t_begin, acc);
 }
 
-PL_SIMD_CLONES void work_item_f64(const Problem& p, const Coeffs<double>& c, const Row<double>& row, int64_t b,
+MOO_SIMD_CLONES void work_item_f64(const Problem& p, const Coeffs<double>& c, const Row<double>& row, int64_t b,
                                   int64_t t_begin, Partials& acc) {
     work_item(p, c, row, b, t_begin, acc);
 }
@@ -605,7 +467,7 @@ void run(const Problem& p, double* out) {
     // ---- 1. row statistics and totals
     std::vector<RowStats> stats(B);
     const bool gspo_sums = p.mode == kGspo && p.old.ptr != nullptr;
-#pragma omp parallel for schedule(static) if (parallel)
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t b = 0; b < B; ++b) stats[b] = row_stats<R>(p, b, gspo_sums);
     double total_m = 0, seqs = 0;
     int64_t total_count = 0;
@@ -645,7 +507,7 @@ void run(const Problem& p, double* out) {
     c.kl = p.kl;
     const int64_t chunks = (T + kChunk - 1) / kChunk, items = B * chunks;
     std::vector<Partials> parts(items);
-#pragma omp parallel for schedule(static) if (parallel)
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t it = 0; it < items; ++it) {
         const int64_t b = it / chunks;
         if constexpr (std::is_same_v<R, float>) {
@@ -727,7 +589,7 @@ void policy_loss(const OperandSpec& logp, const OperandSpec& old, const OperandS
     double out[12];
     {
         py::gil_scoped_release release;
-        if (p.logp.dtype == kFloat64)
+        if (p.logp.dtype == moo::kFloat64)
             run<double>(p, out);
         else
             run<float>(p, out);
