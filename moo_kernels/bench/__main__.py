@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="compile",
         action="store_true",
         default=None,
-        help="add the torch.compile baselines (default on cuda only: compiling on a CPU takes minutes)",
+        help="time the torch.compile baselines (the default, except with --quick)",
     )
     comp.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile baselines")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = Progress(not args.no_progress)
     ctx = Context(device=device, dtype=args.dtype, quick=args.quick, keep_going=args.keep_going, reps=args.reps,
-                  use_compile=args.compile if args.compile is not None else device == "cuda",
+                  use_compile=args.compile if args.compile is not None else not args.quick,
                   interleave=args.interleave, progress=progress)  # fmt: skip
     copy = None
     if device == "cuda":
