@@ -428,3 +428,19 @@ def test_gpu_large():
     rl.backward()
     torch.testing.assert_close(loss.double().cpu(), rl.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad.double().cpu(), y.grad, atol=1e-9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_backward_twice_with_retained_graph(backend, device):
+    """loss.backward() hands the forward's gradient over as it is (incoming gradient 1): a second backward
+    through the retained graph must find it unchanged."""
+    logp, adv, mask, kw = build("clip_higher_dual_cap_k3")
+    x = logp.detach().to(device).requires_grad_()
+    with mk.use_backend(backend):
+        loss, _ = mk.policy_loss(x, to(device, adv), to(device, mask), **{k: to(device, v) for k, v in kw.items()})
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first, atol=0, rtol=0)
+    _, _, rgrad = reference(logp, adv, mask, kw)
+    torch.testing.assert_close(first.double().cpu(), rgrad, atol=2e-7, rtol=2e-5)

@@ -121,4 +121,10 @@ class PolicyLossFunction(torch.autograd.Function):
         return loss, metrics, grad if grad is not None else args[0].new_empty(0)
 
     setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+
+    @staticmethod
+    def backward(ctx, g_loss, g_metrics, g_grad):
+        (grad,) = ctx.saved_tensors
+        if not grad.is_cuda and float(g_loss) == 1.0:
+            return (grad,) + (None,) * 19  # loss.backward() on the CPU: the forward's gradient, no pass over it
+        return _backward(ctx, g_loss, g_metrics, g_grad)
