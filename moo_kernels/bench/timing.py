@@ -72,26 +72,7 @@ def time_cpu(
     budget_s stops the repetitions early once that many seconds have been spent timing (but never
     before min_reps repetitions), for slow functions such as per-sample Python loops.
     """
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        spent = 0.0
-        for i in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            samples.append(dt * 1e6)
-            spent += dt
-            if budget_s is not None and spent >= budget_s and i + 1 >= min_reps:
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return _summary(samples)
+    return time_cpu_interleaved({"fn": fn}, warmup=warmup, reps=reps, budget_s=budget_s, min_reps=min_reps)["fn"]
 
 
 def time_cpu_interleaved(

@@ -36,25 +36,11 @@ import torch
 from verl.trainer.ppo import core_algos
 
 import moo_kernels as mk
+from moo_kernels.ops.advantages.problem import OPTION_NAMES
 
 ADV_ESTIMATOR = "moo"
 POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo"}
-_OP_OPTIONS = (
-    "weights",
-    "normalize",
-    "std",
-    "weighting",
-    "batch_normalize",
-    "eps",
-    "gated_value",
-    "infeasible_advantage",
-    "min_feasible",
-    "drop_zero_variance",
-    "positive_scale",
-    "negative_scale",
-    "clip",
-    "nan_policy",
-)
+_OP_OPTIONS = ("weights", *OPTION_NAMES)  # the keyword options of multi_objective_advantages
 _LAYOUT_OPTIONS = ("reward_keys", "gate_keys", "gate_threshold")
 
 

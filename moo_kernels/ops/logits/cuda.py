@@ -110,7 +110,7 @@ def logits_loss_triton(
     ent = torch.empty(B, T, **f32) if want_entropy else None
     coop = n_chunks > 1
     scratch = torch.empty(rows * n_chunks * 4 if coop else 1, **f32)
-    flags = torch.zeros(rows * n_chunks + 1, dtype=torch.int32, device=dev)  # + the ticket counter
+    flags = torch.zeros(rows * n_chunks + 1 if coop else 1, dtype=torch.int32, device=dev)  # + the ticket counter
     old, s_ob, s_ot = _strides(p.old_logp, mask)
     ref, s_rb, s_rt = _strides(p.ref_logp, mask)
     adv, s_ab, s_at = _strides(p.advantages, mask)

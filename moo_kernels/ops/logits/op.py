@@ -272,18 +272,16 @@ class LogitsLossFunction(torch.autograd.Function):
             grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         loss, metrics, ent = run_logits_loss(logits, tokens, temperature, want_entropy, grad, p)
         ctx.grad = grad  # an attribute, not a saved tensor: with inplace it is the (overwritten) input
-        ctx.used = False
         ent = ent if ent is not None else logits.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(metrics, ent)
         return loss, metrics, ent
 
     @staticmethod
     def backward(ctx, g_loss, *unused):
-        if ctx.used:
+        if ctx.grad is None:  # handed over by an earlier backward
             raise RuntimeError(
                 "policy_loss_from_logits: backward ran twice through the same call (retain_graph); its gradient "
                 "buffer is rescaled in place, so call the loss again instead"
             )
-        ctx.used = True
         grad, ctx.grad = ctx.grad, None
         return (scale_grad_(grad, g_loss),) + (None,) * (4 + NUM_LOSS_ARGS)

@@ -33,7 +33,13 @@ of a row gets the same bits, and so does every run.
 import triton
 import triton.language as tl
 
-from moo_kernels.ops.policy_loss.triton_kernels import NUM_PARTIALS, _row_scale, _store_partials, _token_terms
+from moo_kernels.ops.policy_loss.triton_kernels import (
+    NUM_PARTIALS,
+    _row_scale,
+    _store_partials,
+    _token_inputs,
+    _token_terms,
+)
 
 
 @triton.jit
@@ -317,44 +323,14 @@ def _logits_loss_kernel(
         )  # fmt: skip
         lp = tl.where(valid, s_tok - lse, float("nan"))
 
-        adv = tl.load(adv_ptr + b * s_ab + t * s_at).to(tl.float32)
-        if HAS_TADV:
-            adv += tl.load(tadv_ptr + b * s_tb + t * s_tt).to(tl.float32)
-        raw = lp * 0.0
-        if HAS_OLD:
-            raw = lp - tl.load(old_ptr + b * s_ob + t * s_ot).to(tl.float32)
-        off = False
-        if HAS_OFF:
-            off = tl.load(off_ptr + b) != 0
-        w_is = 1.0
-        if HAS_ISW:
-            w_is = tl.load(isw_ptr + b * s_wb + t * s_wt).to(tl.float32)
-        ref = 0.0
-        if HAS_REF:
-            ref = tl.load(ref_ptr + b * s_rb + t * s_rt).to(tl.float32)
+        adv, raw, off, w_is, ref = _token_inputs(
+            b, t, t < T, lp, adv_ptr, s_ab, s_at, tadv_ptr, s_tb, s_tt, old_ptr, s_ob, s_ot, off_ptr, isw_ptr, s_wb,
+            s_wt, ref_ptr, s_rb, s_rt, HAS_TADV, HAS_OLD, HAS_OFF, HAS_ISW, HAS_REF,
+        )  # fmt: skip
         loss_tok, pg, g, k, rho, d, clipped, low, high, dual = _token_terms(
-            lp,
-            raw,
-            adv,
-            active,
-            1.0,
-            off,
-            w_is,
-            ref,
-            beta,
-            clip_lo,
-            clip_hi,
-            dual_clip,
-            ratio_cap,
-            gamma,
-            MODE,
-            KL,
-            HAS_OFF,
-            HAS_ISW,
-            HAS_REF,
-            HAS_DUAL,
-            HAS_CAP,
-        )
+            lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_lo, clip_hi, dual_clip, ratio_cap, gamma,
+            MODE, KL, HAS_OFF, HAS_ISW, HAS_REF, HAS_DUAL, HAS_CAP,
+        )  # fmt: skip
         wm = m * _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
         if WRITE_GRAD:
             c_lp = tl.where(active, g * wm, 0.0)

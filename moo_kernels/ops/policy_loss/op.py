@@ -124,7 +124,9 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_metrics, g_grad):
+        # Eager only (the registered backward is traced, where g_loss has no value to test): on the CPU,
+        # loss.backward() gets the forward's gradient as it is, with no pass over it.
         (grad,) = ctx.saved_tensors
         if not grad.is_cuda and float(g_loss) == 1.0:
-            return (grad,) + (None,) * 19  # loss.backward() on the CPU: the forward's gradient, no pass over it
+            return (grad,) + (None,) * 19
         return _backward(ctx, g_loss, g_metrics, g_grad)

@@ -97,6 +97,33 @@ def _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG: tl.constexpr, HAS_NUM_
 
 
 @triton.jit
+def _token_inputs(
+    b, t, ok, lp, adv_ptr, s_ab, s_at, tadv_ptr, s_tb, s_tt, old_ptr, s_ob, s_ot, off_ptr, isw_ptr, s_wb, s_wt,
+    ref_ptr, s_rb, s_rt,
+    HAS_TADV: tl.constexpr, HAS_OLD: tl.constexpr, HAS_OFF: tl.constexpr, HAS_ISW: tl.constexpr,
+    HAS_REF: tl.constexpr,
+):  # fmt: skip
+    """The per-token operands of _token_terms at (b, t) (a block of tokens, or one), read where ok:
+    (advantage, logp - old_logp unclamped, off-policy flag, importance weight, reference log-prob)."""
+    adv = tl.load(adv_ptr + b * s_ab + t * s_at, mask=ok, other=0.0).to(tl.float32)
+    if HAS_TADV:
+        adv += tl.load(tadv_ptr + b * s_tb + t * s_tt, mask=ok, other=0.0).to(tl.float32)
+    raw = lp * 0.0
+    if HAS_OLD:
+        raw = lp - tl.load(old_ptr + b * s_ob + t * s_ot, mask=ok, other=0.0).to(tl.float32)
+    off = False
+    if HAS_OFF:
+        off = tl.load(off_ptr + b) != 0
+    w_is = 1.0
+    if HAS_ISW:
+        w_is = tl.load(isw_ptr + b * s_wb + t * s_wt, mask=ok, other=0.0).to(tl.float32)
+    ref = 0.0
+    if HAS_REF:
+        ref = tl.load(ref_ptr + b * s_rb + t * s_rt, mask=ok, other=0.0).to(tl.float32)
+    return adv, raw, off, w_is, ref
+
+
+@triton.jit
 def _token_terms(
     lp,
     raw,
@@ -269,51 +296,19 @@ def _policy_loss_fwd_kernel(
     m = tl.load(mask_ptr + b * s_mb + t * s_mt, mask=ok, other=0).to(tl.float32)
     active = m != 0
     lp = tl.load(logp_ptr + b * s_lb + t * s_lt, mask=ok, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + b * s_ab + t * s_at, mask=ok, other=0.0).to(tl.float32)
-    if HAS_TADV:
-        adv += tl.load(tadv_ptr + b * s_tb + t * s_tt, mask=ok, other=0.0).to(tl.float32)
-    if HAS_OLD:
-        raw = lp - tl.load(old_ptr + b * s_ob + t * s_ot, mask=ok, other=0.0).to(tl.float32)
-    else:
-        raw = lp * 0.0
+    adv, raw, off, w_is, ref = _token_inputs(
+        b, t, ok, lp, adv_ptr, s_ab, s_at, tadv_ptr, s_tb, s_tt, old_ptr, s_ob, s_ot, off_ptr, isw_ptr, s_wb, s_wt,
+        ref_ptr, s_rb, s_rt, HAS_TADV, HAS_OLD, HAS_OFF, HAS_ISW, HAS_REF,
+    )  # fmt: skip
+    seq_rho = 1.0
     if MODE == GSPO:
         sd = tl.load(stats_ptr + b * 2 + 1)
         n_row = tl.load(stats_ptr + b * 2)
         seq_rho = tl.exp(tl.minimum(tl.maximum(sd / tl.maximum(n_row, 1.0), -LOG_RATIO_MAX), LOG_RATIO_MAX))
-    else:
-        seq_rho = 1.0
-    off = False
-    if HAS_OFF:
-        off = tl.load(off_ptr + b) != 0
-    w_is = 1.0
-    if HAS_ISW:
-        w_is = tl.load(isw_ptr + b * s_wb + t * s_wt, mask=ok, other=0.0).to(tl.float32)
-    ref = 0.0
-    if HAS_REF:
-        ref = tl.load(ref_ptr + b * s_rb + t * s_rt, mask=ok, other=0.0).to(tl.float32)
     loss_tok, pg, g, k, rho, d, clipped, low, high, dual = _token_terms(
-        lp,
-        raw,
-        adv,
-        active,
-        seq_rho,
-        off,
-        w_is,
-        ref,
-        beta,
-        clip_lo,
-        clip_hi,
-        dual_clip,
-        ratio_cap,
-        gamma,
-        MODE,
-        KL,
-        HAS_OFF,
-        HAS_ISW,
-        HAS_REF,
-        HAS_DUAL,
-        HAS_CAP,
-    )
+        lp, raw, adv, active, seq_rho, off, w_is, ref, beta, clip_lo, clip_hi, dual_clip, ratio_cap, gamma,
+        MODE, KL, HAS_OFF, HAS_ISW, HAS_REF, HAS_DUAL, HAS_CAP,
+    )  # fmt: skip
 
     wm = m * scale
     if WRITE_GRAD:
