@@ -7,43 +7,79 @@ unless "reference" is forced):
 - "cpp", "triton", "reference": force one. "triton" on CPU tensors needs TRITON_INTERPRET=1 set
   before triton is imported; it is how the tests run the GPU kernels without a GPU.
 
-Set it with moo_kernels.set_backend(name), the context manager moo_kernels.use_backend(name), or the
-environment variable MOO_KERNELS_BACKEND.
+The process default comes from the environment variable MOO_KERNELS_BACKEND (else "auto") and can be
+changed with moo_kernels.set_backend(name), for every thread. The context manager
+moo_kernels.use_backend(name) overrides it for the current thread only, until the block ends: another
+thread (a data loader, a second trainer) keeps seeing the process default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
+import torch
+
 BACKENDS = ("auto", "cpp", "triton", "reference")
-_backend = os.environ.get("MOO_KERNELS_BACKEND", "auto")
-if _backend not in BACKENDS:
-    raise ValueError(f"MOO_KERNELS_BACKEND must be one of {BACKENDS}, got {_backend!r}")
+
+
+def _check(name: object, what: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_default = _check(os.environ.get("MOO_KERNELS_BACKEND", "auto"), "MOO_KERNELS_BACKEND")
+_local = threading.local()  # .override: this thread's use_backend, when one is active
 
 
 def get_backend() -> str:
-    return _backend
+    """The backend in force in this thread: its use_backend override, else the process default."""
+    return getattr(_local, "override", None) or _default
 
 
 def set_backend(name: str) -> None:
-    """Choose the implementation for CPU tensors: "auto", "cpp", "triton" or "reference"."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _backend = name
+    """Set the process default: "auto", "cpp", "triton" or "reference" (every thread without a
+    use_backend override sees it)."""
+    global _default
+    _default = _check(name, "backend")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of set_backend."""
-    previous = _backend
-    set_backend(name)
+    """Use this backend in the current thread only, for the duration of the with block."""
+    _check(name, "backend")
+    previous = getattr(_local, "override", None)
+    _local.override = name
     try:
         yield
     finally:
-        set_backend(previous)
+        _local.override = previous
+
+
+def implementation(device: torch.device) -> str:
+    """The implementation that runs an op on tensors of this device: "cpp", "triton" or "reference".
+
+    Raises a RuntimeError that says what to do when "triton" is forced on CPU tensors without the
+    Triton interpreter (Triton itself would only report that it found no active driver).
+    """
+    backend = get_backend()
+    kind = device.type
+    if backend == "reference" or kind not in ("cpu", "cuda"):
+        return "reference"
+    if kind == "cuda":
+        return "triton"
+    if backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "the 'triton' backend on CPU tensors runs the kernels under the Triton interpreter: set the "
+                "environment variable TRITON_INTERPRET=1 (or move the tensors "
+                "to a CUDA device, or use the 'cpp' or 'reference' backend)"
+            )
+        return "triton"
+    return "cpp"
 
 
 def cpp():

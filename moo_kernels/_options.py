@@ -6,9 +6,15 @@ string names are the public API and are mapped here.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
+
+try:  # numpy's bool is not a Python bool; numpy is optional
+    from numpy import bool_ as np_bool
+except ImportError:  # pragma: no cover
+    np_bool = bool
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -55,12 +61,19 @@ def check_same_device(name: str, x: torch.Tensor, device: torch.device, other: s
         raise ValueError(f"{name} is on {x.device} but {other} is on {device}; move them to one device")
 
 
+def _real(name: str, value: object) -> float:
+    """value as a Python float: an int, a float, or any other real number type (numpy scalars); not a bool."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool)):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
 def check_number(
     name: str, value: object, *, low: float | None = None, low_inclusive: bool = True, allow_inf: bool = False
 ) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
+    v = _real(name, value)
     # v != v (NaN) and v - v != 0 (NaN or infinite) rather than math.isnan / isinf: plain arithmetic also
     # traces when torch.compile passes a changing float (a global token count, a beta schedule) symbolically.
     if v != v or (v - v != 0 and not allow_inf):
@@ -72,14 +85,17 @@ def check_number(
 
 
 def check_int(name: str, value: object, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """value as a Python int: an int or any other integral type (numpy integers); not a bool."""
+    if isinstance(value, bool) or isinstance(value, np_bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
 
 
 def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
+    """value as a Python bool: a bool or a numpy bool."""
+    if not isinstance(value, (bool, np_bool)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    return bool(value)

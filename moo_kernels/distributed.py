@@ -16,6 +16,9 @@ group (and no process_group given) the functions act on the local batch alone (w
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +31,54 @@ from moo_kernels.ops.policy_loss.api import PolicyLossMetrics
 __all__ = ["global_token_count", "multi_objective_advantages_distributed", "rescale_token_mean"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.bool)
+
+
+# The options of multi_objective_advantages that are not per-sample tensors, with their defaults: every rank
+# must pass the same values (they are fingerprinted in the size exchange).
+_OPTION_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(multi_objective_advantages).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    and name not in ("group_size", "group_ids", "valid", "reward_gates", "gates")
+}
+
+
+def _checked_option(name: str, value: object) -> object:
+    """Numbers as Python numbers (so that 4, 4.0 and numpy's 4.0 fingerprint alike); others unchanged."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, O.np_bool)):
+        return float(value)
+    return value
+
+
+def _fingerprint(value: object) -> int:
+    """A signed 64-bit fingerprint of an option value (numbers, strings, None, sequences of them)."""
+
+    def canonical(v: object) -> str:
+        if v is None or isinstance(v, (bool, O.np_bool)):
+            return repr(None if v is None else bool(v))
+        if isinstance(v, numbers.Real):
+            return "f" + float(v).hex()
+        if isinstance(v, str):
+            return "s" + repr(v)
+        if hasattr(v, "tolist"):  # numpy arrays
+            v = v.tolist()
+        if isinstance(v, Sequence):
+            return "[" + ",".join(canonical(x) for x in v) + "]"
+        return "o" + repr(v)
+
+    digest = hashlib.sha256(canonical(value).encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def _tensor_fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim int64 fingerprint of a tensor's float64 values and their order, computed on its device (no host
+    synchronisation): a position-weighted sum of the values' bit patterns modulo a prime."""
+    prime = 2_147_483_647
+    bits = x.detach().to(torch.float64).reshape(-1).contiguous().view(torch.int64)
+    low, high = (bits & 0xFFFFFFFF) % prime, (bits >> 32) % prime
+    mixed = (low * 1_000_003 + high * 999_983) % prime
+    position = torch.arange(1, bits.numel() + 1, device=x.device, dtype=torch.int64) % prime
+    return ((mixed * position) % prime).sum() * (bits.numel() + 1) % prime
 
 
 def _group_and_rank(process_group) -> tuple[int, int]:
@@ -92,12 +143,14 @@ def multi_objective_advantages_distributed(
     multi_objective_advantages returns for the concatenated batch in one process.
 
     Every rank must call this function (it runs collectives), with the same options, objectives (K),
-    gate columns and dtypes: a mismatch raises a ValueError on every rank. weights and every other
-    option of multi_objective_advantages go through **options unchanged and must be equal on all ranks
-    (weights are not gathered). Costs one host synchronisation (the size exchange), plus the op's own
-    (group_ids, nan_policy="raise"), so call it outside a torch.compile'd region.
+    gate columns and dtypes, and with rewards requiring a gradient on every rank or on none (the backward
+    runs a collective). weights and every other option of multi_objective_advantages go through **options
+    unchanged (weights are not gathered). All of this is checked in the size exchange: the options and the
+    weights are fingerprinted (a weights tensor on its device), and a rank that differs makes every rank
+    raise a ValueError that names what differs. Costs one host synchronisation (the size exchange), plus
+    the op's own (group_ids, nan_policy="raise"), so call it outside a torch.compile'd region.
 
-    Gradients: when rewards requires grad (on every rank, or on none: the backward runs a collective),
+    Gradients: when rewards requires grad,
     the gather is torch.distributed.nn.functional.all_gather, whose backward sums over ranks: the
     gradient each rank receives for its rewards is its slice of the gradient of the sum over ranks of
     the losses (the single-process gradient of the whole batch). A loss built from the group-level
@@ -144,24 +197,42 @@ def multi_objective_advantages_distributed(
                 raise ValueError(f"{name} must have this rank's {n} samples as its first dimension, "
                                  f"got shape {tuple(x.shape)}")  # fmt: skip
 
-    # One exchange: every rank's sample count and a description of its tensors (these must agree).
+    # One exchange: every rank's sample count, a description of its tensors, whether it needs a gradient,
+    # and a fingerprint of every option and of the weights (all of these must agree).
+    differentiable = torch.is_grad_enabled() and rewards.requires_grad
+    names = ["rewards dim", "group_size"] + [f"{k} {p}" for k in tensors for p in ("given", "dtype", "dim 1")]
     info = [n, rewards.dim(), group_size if group_size is not None else -1]
     for x in tensors.values():
         info += _describe(x)
-    mine = torch.tensor(info, dtype=torch.int64, device=rewards.device)
+    names.append("rewards.requires_grad (with grad enabled)")
+    info.append(int(differentiable))
+    weights = options.get("weights")
+    for name, default in _OPTION_DEFAULTS.items():
+        value = options.get(name, default)
+        if name in options and not isinstance(value, torch.Tensor):
+            value = _checked_option(name, value)
+        names.append(name)
+        info.append(_fingerprint(value) if not isinstance(value, torch.Tensor) else 0)
+    names += ["weights (tensor values)", "weights.requires_grad"]
+    mine = torch.tensor(info + [0, 0], dtype=torch.int64, device=rewards.device)
+    if isinstance(weights, torch.Tensor):
+        O.check_same_device("weights", weights, rewards.device)
+        mine[-2] = _tensor_fingerprint(weights)
+        mine[-1] = int(weights.requires_grad)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=process_group)
     table = torch.stack(every).tolist()
     sizes = [row[0] for row in table]
     for r, row in enumerate(table):
         if row[1:] != table[0][1:]:
-            names = ["rewards dim", "group_size"] + [f"{k} {p}" for k in tensors for p in ("given", "dtype", "dim 1")]
             diff = [name for name, a, b in zip(names, row[1:], table[0][1:], strict=True) if a != b]
-            raise ValueError(f"ranks 0 and {r} of the process group disagree on: {', '.join(diff)}")
+            raise ValueError(
+                f"ranks 0 and {r} of the process group disagree on: {', '.join(diff)} (every rank must pass the "
+                "same options, weights, objectives and gate columns, and need a gradient or not alike)"
+            )
     if sum(sizes) == 0:
         raise ValueError("rewards is an empty batch on every rank (N = 0)")
 
-    differentiable = torch.is_grad_enabled() and rewards.requires_grad
     gathered = {
         name: None if x is None else _gather_rows(x, sizes, process_group, differentiable and name == "rewards")
         for name, x in tensors.items()

@@ -12,6 +12,7 @@ import datetime
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -165,9 +166,40 @@ def _worker(rank: int, init_file: str, out_dir: str, threads: int, adv_cases: di
         loss = compiled(logp, loss_case["advantages"][lo:hi], loss_case["mask"][lo:hi])
         loss.backward()
         results["compiled"] = dict(loss=loss.detach(), grad=logp.grad)
+        results["disagreements"] = _disagreements(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+DISAGREEMENTS = {  # what rank 1 passes differently from rank 0, and the name the error must give
+    "weights (list)": ("weights", dict(weights=[1.0, 0.5]), dict(weights=[1.0, 0.25])),
+    "weights (tensor)": ("weights (tensor values)", dict(weights=torch.tensor([1.0, 0.5])),
+                         dict(weights=torch.tensor([0.5, 1.0]))),
+    "weights (tensor vs list)": ("weights", dict(weights=torch.tensor([1.0, 0.5])), dict(weights=[1.0, 0.5])),
+    "eps": ("eps", dict(), dict(eps=1e-5)),
+    "weighting": ("weighting", dict(weighting="fixed"), dict(weighting="variance")),
+    "requires_grad": ("requires_grad", dict(grad=False), dict(grad=True)),
+    "agree (numpy numbers)": (None, dict(eps=1e-6, clip=2, group_size=4),
+                              dict(eps=np.float64(1e-6), clip=np.float32(2.0), group_size=np.int64(4))),
+}  # fmt: skip
+
+
+def _disagreements(rank: int) -> dict:
+    """Each scenario run on both ranks: the error message each rank got (None when the call succeeded)."""
+    rewards = torch.randn(8, 2, generator=torch.Generator().manual_seed(11))
+    got = {}
+    for label, (_, on_rank0, on_rank1) in DISAGREEMENTS.items():
+        options = {"group_size": 4, **(on_rank1 if rank == 1 else on_rank0)}
+        local = rewards[:3] if rank == 0 else rewards[3:]
+        if options.pop("grad", False):
+            local = local.clone().requires_grad_()
+        try:
+            multi_objective_advantages_distributed(local, **options)
+            got[label] = None
+        except ValueError as e:
+            got[label] = str(e)
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +266,21 @@ def test_advantages_gradient_is_this_ranks_slice(ranks, name):
         grad = results[rank][name]["grad"]
         torch.testing.assert_close(grad, _slice(r.grad, case["sizes"], rank), atol=tol, rtol=tol)
     assert r.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("label", list(DISAGREEMENTS))
+def test_ranks_that_disagree_raise_on_every_rank(ranks, label):
+    """Options, weights and requires_grad are checked in the size exchange: a rank that differs makes every
+    rank raise a ValueError naming what differs (not a wrong result, nor a hang in the backward's collective);
+    equal numbers of different Python / numpy types agree."""
+    results, _, _ = ranks
+    name = DISAGREEMENTS[label][0]
+    for rank in range(WORLD):
+        message = results[rank]["disagreements"][label]
+        if name is None:
+            assert message is None, (rank, message)
+        else:
+            assert message is not None and "disagree" in message and name in message, (rank, message)
 
 
 def test_advantages_without_process_group_is_the_local_op():

@@ -1,0 +1,124 @@
+"""The interfaces around the ops: backend selection per thread, clear errors, numbers of any numeric type."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import moo_kernels as mk
+from moo_kernels._backend import implementation
+
+
+def test_use_backend_is_thread_local():
+    """A use_backend block overrides the backend for its own thread only; set_backend is the process default."""
+    default = mk.get_backend()
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait()
+        seen["during"] = mk.get_backend()
+        with mk.use_backend("cpp"):
+            seen["own override"] = mk.get_backend()
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with mk.use_backend("reference"):
+        inside.set()
+        done.wait()
+        assert mk.get_backend() == "reference"  # the other thread's override did not leak here
+    t.join()
+    assert seen == {"during": default, "own override": "cpp"}
+    assert mk.get_backend() == default
+
+
+def test_set_backend_is_the_default_of_every_thread():
+    previous = mk.get_backend()
+    seen = []
+    try:
+        mk.set_backend("reference")
+        t = threading.Thread(target=lambda: seen.append(mk.get_backend()))
+        t.start()
+        t.join()
+        with mk.use_backend("cpp"):
+            assert mk.get_backend() == "cpp"
+        assert mk.get_backend() == "reference"
+    finally:
+        mk.set_backend(previous)
+    assert seen == ["reference"]
+
+
+def test_use_backend_nests_and_restores_after_an_error():
+    default = mk.get_backend()
+    with pytest.raises(KeyError):
+        with mk.use_backend("reference"):
+            with mk.use_backend("cpp"):
+                assert mk.get_backend() == "cpp"
+            assert mk.get_backend() == "reference"
+            raise KeyError("inside")
+    assert mk.get_backend() == default
+
+
+@pytest.mark.parametrize("bad", ["cuda", "Auto", None, 1])
+def test_unknown_backend_names_raise(bad):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.set_backend(bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with mk.use_backend(bad):
+            pass
+
+
+def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with mk.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            implementation(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with mk.use_backend("triton"):
+        assert implementation(torch.device("cpu")) == "triton"
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_numpy_numbers_are_accepted_where_python_numbers_are():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(16, 3, generator=g)
+    kw = dict(eps=1e-6, clip=1.0, positive_scale=1.0, min_feasible=1, drop_zero_variance=False)
+    ref = mk.multi_objective_advantages(rewards, group_size=4, **kw)
+    out = mk.multi_objective_advantages(
+        rewards, group_size=np.int64(4), eps=np.float64(1e-6), clip=np.float32(1.0),
+        positive_scale=np.float16(1.0), min_feasible=np.int32(1), drop_zero_variance=np.bool_(False),
+    )  # fmt: skip
+    for a, b in zip(out, ref, strict=True):
+        assert torch.equal(a, b)
+
+    logp = -torch.rand(2, 5, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    loss, _ = mk.policy_loss(logp, torch.ones(2), mask, clip_low=0.2, max_len=5, agg="seq-mean-token-sum-norm")
+    loss_np, _ = mk.policy_loss(
+        logp, torch.ones(2), mask, clip_low=np.float32(0.2), max_len=np.int64(5), agg="seq-mean-token-sum-norm"
+    )
+    assert torch.equal(loss, loss_np)
+    logits = torch.randn(2, 5, 7, generator=g)
+    tokens = torch.randint(0, 7, (2, 5), generator=g)
+    assert torch.equal(
+        mk.token_logprobs(logits, tokens, temperature=np.float32(0.5)),
+        mk.token_logprobs(logits, tokens, temperature=0.5),
+    )
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(group_size=np.float64(4)), "group_size"),
+        (dict(group_size=True), "group_size"),
+        (dict(group_size=4, eps=np.bool_(True)), "eps"),
+        (dict(group_size=4, clip="1"), "clip"),
+        (dict(group_size=4, drop_zero_variance=1), "drop_zero_variance"),
+    ],
+)
+def test_wrong_number_types_name_the_argument(kw, name):
+    with pytest.raises(TypeError, match=name):
+        mk.multi_objective_advantages(torch.randn(8, 2), **kw)
