@@ -40,7 +40,7 @@ test-gpu: build
 # that run the C++ backend. The ASan runtime is preloaded, and libstdc++ with it (else ASan cannot intercept the
 # C++ exceptions torch throws); leaks are not reported (the interpreter keeps memory until exit by design); the
 # first undefined behaviour stops the run with its stack; --capture=sys lets a report reach the terminal.
-# Not part of `make test`: about 7 minutes on 2 cores, most of it the build.
+# Not part of `make test`: about 7.5 minutes on 2 cores from scratch, most of it the build; 1 to 2 minutes once built.
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS := python_tests/test_advantages.py python_tests/test_policy_loss.py python_tests/test_logits_cpu.py \
 	python_tests/test_brier.py

@@ -139,22 +139,21 @@ def test_pace_scales_up_only():
 
 def test_plot_command_draws_from_json(quick_run, tmp_path):
     """JSON that came back alone (from a GPU run) gets its PNG; --missing leaves current ones and other JSON."""
+    from moo_kernels.bench import plot
+
     _, out = quick_run
     (src,) = out.glob("advantages_cpu_*.json")
     path = tmp_path / src.name
     path.write_text(src.read_text())
-    (tmp_path / "tune_logits_cpu_20260101.json").write_text('{"rows": []}')
-    cmd = [sys.executable, "-m", "moo_kernels.bench.plot", "--missing", *map(str, sorted(tmp_path.glob("*.json")))]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
-    assert res.returncode == 0, res.stderr
+    other = tmp_path / "tune_logits_cpu_20260101.json"
+    other.write_text('{"rows": []}')
+    args = ["--missing", str(path), str(other)]
+    assert plot.main(args) == 0
     png = path.with_suffix(".png")
-    assert png.read_bytes()[:8] == PNG_MAGIC and not (tmp_path / "tune_logits_cpu_20260101.png").exists()
+    assert png.read_bytes()[:8] == PNG_MAGIC and not other.with_suffix(".png").exists()
     mtime = png.stat().st_mtime_ns
-    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
-    assert res.returncode == 0 and png.stat().st_mtime_ns == mtime  # current: not drawn again
-    res = subprocess.run(cmd[:3] + [str(tmp_path / "tune_logits_cpu_20260101.json")], capture_output=True, text=True,
-                         env=_env(), cwd=ROOT, timeout=120)  # fmt: skip
-    assert res.returncode == 1  # named explicitly, a file that is not moo-bench's is an error
+    assert plot.main(args) == 0 and png.stat().st_mtime_ns == mtime  # current: not drawn again
+    assert plot.main([str(other)]) == 1  # named explicitly, a file that is not moo-bench's is an error
 
 
 def test_readme_renders_gpu_results_copied_into_results(quick_run, tmp_path, monkeypatch):

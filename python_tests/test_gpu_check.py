@@ -167,3 +167,32 @@ def test_markers_select_what_touches_the_gpu(tmp_path, marker, expected):
     assert res.returncode == 0, res.stdout + res.stderr
     got = [line.split("::", 1)[1] for line in res.stdout.splitlines() if line.startswith("test_sample.py::")]
     assert sorted(got) == sorted(expected)
+
+
+EXTENSION_PROBE = """
+import os, sys, torch
+import moo_kernels as mk
+from moo_kernels._backend import cpp
+assert cpp().__file__ == os.environ["MOO_KERNELS_EXTENSION"], cpp().__file__
+assert sys.modules["moo_kernels._C"] is cpp() and mk._C is cpp()
+with mk.use_backend("cpp"):
+    out = mk.brier_reward(torch.tensor([1.0, 0.0]), torch.tensor([0.75, 0.25]))
+print(float(out.sum()))
+"""
+
+
+def test_extension_named_by_environment_is_loaded(tmp_path):
+    """MOO_KERNELS_EXTENSION (make sanitize's build) is what cpp() loads; a wrong path is a clear ImportError."""
+    pytest.importorskip("moo_kernels._C")
+    import moo_kernels._C as built
+
+    copy = tmp_path / Path(built.__file__).name
+    copy.write_bytes(Path(built.__file__).read_bytes())
+    cmd = [sys.executable, "-c", EXTENSION_PROBE]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=_env(MOO_KERNELS_EXTENSION=str(copy), PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout) == pytest.approx(1.0 - 2 * 0.25**2)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=_env(MOO_KERNELS_EXTENSION=str(tmp_path / "nope.so"), PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert res.returncode != 0 and "MOO_KERNELS_EXTENSION" in res.stderr
