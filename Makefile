@@ -5,7 +5,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 INTEGRATION_PINS := {'trl': '1.16.0', 'transformers': '5.10.4', 'verl': '0.9.1', 'ray': '2.60.0', \
 	'tensordict': '0.10.0', 'omegaconf': '2.4.0', 'codetiming': '1.4.0'}
 
-.PHONY: setup build test test-gpu bench liger-wheel lint clean
+.PHONY: setup build test test-gpu sanitize bench plots gpu-rehearsal liger-wheel lint clean
 
 # Installs only what is missing: an installed torch / triton is used as it is (the GPU image has its own).
 setup:
@@ -35,12 +35,40 @@ test: build
 test-gpu: build
 	$(PY) -m pytest python_tests -q -p no:cacheprovider -m gpu
 
+# The C++ kernels under AddressSanitizer and UndefinedBehaviorSanitizer: a build of their own in build/sanitize/
+# (-O1 -g, frame pointers; the normal build is left as it is), loaded through MOO_KERNELS_EXTENSION, and the tests
+# that run the C++ backend. The ASan runtime is preloaded, and libstdc++ with it (else ASan cannot intercept the
+# C++ exceptions torch throws); leaks are not reported (the interpreter keeps memory until exit by design); the
+# first undefined behaviour stops the run with its stack; --capture=sys lets a report reach the terminal.
+# Not part of `make test`: about 7.5 minutes on 2 cores from scratch, most of it the build; 1 to 2 minutes once built.
+SANITIZE_DIR := build/sanitize
+SANITIZE_TESTS := python_tests/test_advantages.py python_tests/test_policy_loss.py python_tests/test_logits_cpu.py \
+	python_tests/test_brier.py
+SANITIZE_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	MOO_KERNELS_EXTENSION="$$(ls $(SANITIZE_DIR)/moo_kernels/_C*.so)"
+sanitize: setup
+	MOO_KERNELS_SANITIZE=1 $(PY) setup.py build_ext --build-lib $(SANITIZE_DIR) --build-temp $(SANITIZE_DIR)/obj
+	$(SANITIZE_ENV) $(PY) -c "from moo_kernels._backend import cpp; f = cpp().__file__; print('testing', f); \
+		assert '$(SANITIZE_DIR)/' in f"
+	$(SANITIZE_ENV) $(PY) -m pytest $(SANITIZE_TESTS) -k "cpp or not triton" -q -p no:cacheprovider --capture=sys
+
 # Every benchmark suite on the machine's default device (cuda when available, else cpu): a table per suite,
 # JSON + PNG in bench/results/ named <suite>_<device>_<date>, then the README's performance section from them.
 # About 1.5 minutes on a 2-core CPU, torch.compile baselines included (BENCH_ARGS=--no-compile drops them).
 bench: build
 	$(PY) -m moo_kernels.bench $(BENCH_ARGS)
 	$(PY) bench/render_readme.py
+
+# PNG of every results JSON in bench/results/ that has none or an older one (results copied back from a GPU run
+# come as JSON alone), then the README's performance section from the results.
+plots:
+	$(PY) -m moo_kernels.bench.plot --missing bench/results/*.json
+	$(PY) bench/render_readme.py
+
+# bench/gpu_check.sh on the CPU: every step at tiny sizes, the Triton kernels under the interpreter (about a minute).
+gpu-rehearsal: build
+	MOO_GPU_CHECK_REHEARSAL=1 bash bench/gpu_check.sh
 
 # The Liger-Kernel wheel the logits benchmark compares against, for a GPU machine without network
 # (bench/gpu_check.sh installs it from bench/wheels/, which is git-ignored).

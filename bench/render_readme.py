@@ -2,7 +2,10 @@
 
 The figures in the README are never typed by hand: for each suite this script reads the newest full
 (not --quick) results file of each device, as written by `python -m moo_kernels.bench`, and rewrites
-the text between the markers <!-- perf:begin --> and <!-- perf:end -->.
+the text between the markers <!-- perf:begin --> and <!-- perf:end -->. Results of a GPU run
+(bench/gpu_check.sh writes them as JSON alone) count once copied into bench/results/ under the names
+they came with (<suite>_cuda_<date>.json); `python -m moo_kernels.bench.plot --missing
+bench/results/*.json` draws their plots.
 
     python bench/render_readme.py            # rewrite README.md
     python bench/render_readme.py --check    # exit 1 if README.md is out of date
@@ -100,6 +103,8 @@ def device_section(path: Path, data: dict[str, Any]) -> list[str]:
         ) + "."]  # fmt: skip
     if not data["correct"]:
         lines += ["", f"**Disagreed with the reference**: {', '.join(data['disagree'])}."]
+    if data.get("pending"):
+        lines += ["", f"The run stopped before the sizes {', '.join(data['pending'])}."]
     lines += ["", f"Source: {_source(path, data)}.", ""]
     return lines
 

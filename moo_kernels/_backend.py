@@ -83,12 +83,38 @@ def implementation(device: torch.device) -> str:
 
 
 def cpp():
-    """The compiled extension moo_kernels._C, with a clear error when it was not built."""
+    """The compiled extension moo_kernels._C, with a clear error when it was not built.
+
+    The environment variable MOO_KERNELS_EXTENSION, when set, names the file to load as moo_kernels._C
+    in place of the extension built in the package: `make sanitize` points it at the build with
+    AddressSanitizer and UndefinedBehaviorSanitizer in build/sanitize/ (whose runtime must be
+    preloaded: LD_PRELOAD). The first load in a process holds for the rest of it.
+    """
+    import importlib.util
+    import sys
+
+    name = "moo_kernels._C"
+    path = os.environ.get("MOO_KERNELS_EXTENSION")
+    if name in sys.modules or not path:
+        try:
+            from moo_kernels import _C
+        except ImportError as e:  # pragma: no cover - exercised only on broken installs
+            raise ImportError(
+                "moo_kernels._C (the C++ CPU kernels) is not built: run `pip install -e .` or "
+                "`python setup.py build_ext --inplace` in the repository"
+            ) from e
+        return _C
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise ImportError(f"MOO_KERNELS_EXTENSION={path!r} is not an extension module file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     try:
-        from moo_kernels import _C
-    except ImportError as e:  # pragma: no cover - exercised only on broken installs
-        raise ImportError(
-            "moo_kernels._C (the C++ CPU kernels) is not built: run `pip install -e .` or "
-            "`python setup.py build_ext --inplace` in the repository"
-        ) from e
-    return _C
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    import moo_kernels
+
+    moo_kernels._C = module
+    return module

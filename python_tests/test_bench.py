@@ -1,6 +1,7 @@
 """moo-bench runs end to end on the CPU at a tiny size, checks correctness before timing, writes valid JSON
 and a PNG per suite; a wrong implementation stops its suite; the README's performance section is current."""
 
+import importlib.util
 import json
 import math
 import os
@@ -94,3 +95,82 @@ def test_readme_performance_section_is_current():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "render_readme.py"), "--check"],
                          capture_output=True, text=True, env=_env(), timeout=60)  # fmt: skip
     assert res.returncode == 0, res.stderr
+
+
+def test_json_rewritten_after_every_size(tmp_path, monkeypatch):
+    """Every size measured is on disk before the next starts: a run stopped from outside keeps it."""
+    from moo_kernels.bench import __main__ as cli
+
+    seen = []
+    write = cli.write_json
+
+    def recording(result, path):
+        write(result, path)
+        seen.append(json.loads(path.read_text()))
+
+    monkeypatch.setattr(cli, "write_json", recording)
+    args = ["--quick", "--device", "cpu", "--no-compile", "--no-plot", "--no-progress", "--suites", "policy_loss"]
+    assert cli.main([*args, "--sizes", "8x64,8x32,8x16", "--out", str(tmp_path)]) == 0
+    assert [len(d["points"]) for d in seen] == [1, 2, 3]
+    assert [d["complete"] for d in seen] == [False, False, True]
+    assert [d["pending"] for d in seen] == [["8 x 32", "8 x 16"], ["8 x 16"], []]
+    assert all(d["meta"]["command"].startswith("moo-bench") for d in seen)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_budget_skips_sizes_that_would_not_fit(tmp_path):
+    """The main size always runs; a later one only when the time left covers it at the pace of the last."""
+    from moo_kernels.bench import __main__ as cli
+
+    args = ["--quick", "--device", "cpu", "--no-compile", "--no-plot", "--no-progress", "--suites", "policy_loss"]
+    assert cli.main([*args, "--sizes", "8x64,8x32", "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("policy_loss_cpu_*.json")
+    data = json.loads(path.read_text())
+    assert [p["size"] for p in data["points"]] == [{"b": 8, "t": 64}] and data["skipped"] == ["8 x 32"]
+    assert data["complete"] is True and data["meta"]["budget_s"] == 0
+
+
+def test_pace_scales_up_only():
+    from moo_kernels.bench.core import _pace
+
+    assert _pace(2.0, {"b": 8, "t": 64}, {"b": 8, "t": 256}) == 8.0
+    assert _pace(2.0, {"b": 8, "t": 64}, {"b": 8, "t": 16}) == 2.0
+
+
+def test_plot_command_draws_from_json(quick_run, tmp_path):
+    """JSON that came back alone (from a GPU run) gets its PNG; --missing leaves current ones and other JSON."""
+    from moo_kernels.bench import plot
+
+    _, out = quick_run
+    (src,) = out.glob("advantages_cpu_*.json")
+    path = tmp_path / src.name
+    path.write_text(src.read_text())
+    other = tmp_path / "tune_logits_cpu_20260101.json"
+    other.write_text('{"rows": []}')
+    args = ["--missing", str(path), str(other)]
+    assert plot.main(args) == 0
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == PNG_MAGIC and not other.with_suffix(".png").exists()
+    mtime = png.stat().st_mtime_ns
+    assert plot.main(args) == 0 and png.stat().st_mtime_ns == mtime  # current: not drawn again
+    assert plot.main([str(other)]) == 1  # named explicitly, a file that is not moo-bench's is an error
+
+
+def test_readme_renders_gpu_results_copied_into_results(quick_run, tmp_path, monkeypatch):
+    """A GPU run's JSON, copied into the results folder under the name it came with, gets the GPU paragraph."""
+    spec = importlib.util.spec_from_file_location("render_readme", ROOT / "bench" / "render_readme.py")
+    render_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_readme)
+    monkeypatch.setattr(render_readme, "ROOT", tmp_path)
+    _, out = quick_run
+    (src,) = out.glob("policy_loss_cpu_*.json")
+    data = json.loads(src.read_text())
+    data["device"] = "cuda"
+    data["meta"] |= {"device": "cuda", "quick": False, "device_name": "NVIDIA H200"}
+    data["pending"] = ["32 x 256"]
+    (tmp_path / "policy_loss_cuda_20261201.json").write_text(json.dumps(data))
+    text = render_readme.render(tmp_path)
+    section = text.split("### Policy loss", 1)[1].split("###", 1)[0]
+    assert "**GPU**, " in section and "NVIDIA H200" in section and "not yet measured" in section  # CPU: none here
+    assert "stopped before the sizes 32 x 256" in section
+    assert "**GPU**: not yet measured" in text.split("### Policy loss", 1)[0]  # the other suites: no GPU JSON

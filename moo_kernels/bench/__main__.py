@@ -1,9 +1,10 @@
 """moo-bench: benchmark moo_kernels against the eager, compiled, per-sample-loop and Liger baselines.
 
-Writes, per suite, <out>/<suite>_<device>_<YYYYMMDD>.json (device, versions, date, commit, every figure)
-and a .png of time against problem size; prints a table per suite. Correctness is checked before any
-timing: an implementation that disagrees with the float64 reference stops its suite (exit status 1)
-unless --keep-going.
+Writes, per suite, <out>/<suite>_<device>_<YYYYMMDD>.json (device, versions, date, commit, every figure;
+rewritten after every size, "complete": false until the suite ends) and a .png of time against problem
+size (`python -m moo_kernels.bench.plot FILE.json` draws it again from the JSON); prints a table per
+suite. Correctness is checked before any timing: an implementation that disagrees with the float64
+reference stops its suite (exit status 1) unless --keep-going.
 
     python -m moo_kernels.bench                      # every suite, default sizes, cuda when available
     python -m moo_kernels.bench --suites advantages --sizes advantages=65536,4096 --device cpu
@@ -149,11 +150,16 @@ def main(argv: list[str] | None = None) -> int:
                 left = args.budget_s - (time.monotonic() - t0)
                 weights = [BUDGET_WEIGHT.get(s, 1.0) for s in suites[i:]]
                 deadline = time.monotonic() + max(0.0, left) * weights[0] / sum(weights)
-            result = run_suite(SUITES[name], ctx, sizes[name], deadline)
-            result["meta"] |= {"command": " ".join(["moo-bench", *(sys.argv[1:] if argv is None else argv)]),
-                               "copy_bandwidth": copy, "budget_s": args.budget_s}  # fmt: skip
             path = args.out / f"{name}_{device}_{day}.json"
-            write_json(result, path)
+
+            def save(result: dict, path: Path = path) -> None:
+                result["meta"] |= {"command": " ".join(["moo-bench", *(sys.argv[1:] if argv is None else argv)]),
+                                   "copy_bandwidth": copy, "budget_s": args.budget_s}  # fmt: skip
+                write_json(result, path)
+
+            # The JSON is rewritten after every size: a run stopped from outside keeps what it measured.
+            result = run_suite(SUITES[name], ctx, sizes[name], deadline, on_point=save)
+            save(result)
             progress.close() if i == len(suites) - 1 else None
             progress.log(format_result(result))
             progress.log(f"wrote {path}")

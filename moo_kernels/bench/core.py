@@ -9,6 +9,7 @@ memory, speedups as ratios of times measured in the same run, and bandwidth over
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -321,27 +322,75 @@ def run_case(suite: Suite, case: Case, main: bool) -> dict[str, Any]:
     return point
 
 
+def _pace(last_s: float, last: dict[str, int], size: dict[str, int]) -> float:
+    """Seconds a size is expected to take at the pace of the last one: its time, scaled up by the ratio of
+    the sizes' elements when the next is larger (never down: compiles and set-up do not shrink with size)."""
+    ratio = math.prod(size.values()) / max(1, math.prod(last.values()))
+    return last_s * max(1.0, ratio)
+
+
 def run_suite(
-    suite_cls: type[Suite], ctx: Context, sizes: list[dict[str, int]], deadline: float | None = None
+    suite_cls: type[Suite],
+    ctx: Context,
+    sizes: list[dict[str, int]],
+    deadline: float | None = None,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every size of one suite (the first is the main size, always run; the others while time is left).
 
     Returns every figure as a JSON-serialisable dict; result["correct"] is False when an
     implementation disagreed with the reference (the suite then stops unless ctx.keep_going).
+    With a deadline, a size after the main one runs only when the time left covers it at the pace of
+    the last size measured (_pace); the others are listed in result["skipped"]. on_point(result) is
+    called after every size with the result so far (result["complete"] False, the sizes still to
+    come in result["pending"]), so that a run stopped from outside keeps what it measured.
     """
     load_before = load_average()
     ctx.progress.update(suite=suite_cls.name, step="setting up")
     suite = suite_cls(ctx)
+    meta = run_meta(suite.name, ctx.device, ctx.quick)
     points: list[dict[str, Any]] = []
     skipped: list[str] = []
     disagree: list[str] = []
-    for i, size in enumerate(sizes):
-        label = " x ".join(str(v) for v in size.values())
-        if i > 0 and deadline is not None and time.monotonic() > deadline:
-            ctx.progress.log(f"{suite.name}: size {label} skipped, the time budget is spent")
-            skipped.append(label)
-            continue
+    labels = [" x ".join(str(v) for v in size.values()) for size in sizes]
+    last: tuple[float, dict[str, int]] | None = None  # (seconds, size) of the last size measured
+
+    def result(pending: list[str]) -> dict[str, Any]:
+        main = next((p for p in points if p["main"] and "error" not in p), None)
+        meta["load_average_1min"] = {"before": load_before, "after": load_average()}
+        return {
+            "format": 2,
+            "suite": suite.name,
+            "title": suite.title,
+            "device": ctx.device,
+            "meta": meta,
+            "config": {"dtype": str(suite.dtype).removeprefix("torch."), **suite.config()},
+            "config_line": suite.config_line(main),
+            "x_label": suite.x_label,
+            "bytes_formula": suite.bytes_formula,
+            "error_kind": suite.error_kind,
+            "names": suite.names,
+            "speedup_of": suite.speedup_of,
+            "info": suite.info,
+            "notes": suite.notes,
+            "correct": not disagree,
+            "disagree": disagree,
+            "points": points,
+            "skipped": skipped,
+            "complete": not pending,
+            "pending": pending,
+            "targets": suite.targets(main),
+        }
+
+    for i, (size, label) in enumerate(zip(sizes, labels, strict=True)):
+        if i > 0 and deadline is not None and last is not None:
+            expected = _pace(*last, size)
+            if time.monotonic() + expected > deadline:
+                ctx.progress.log(f"{suite.name}: size {label} skipped, the time left is under its {expected:.0f} s")
+                skipped.append(label)
+                continue
         ctx.progress.update(case=f"{label} ({i + 1}/{len(sizes)})", step="making inputs and the reference")
+        t0 = time.monotonic()
         try:
             case = suite.make_case(size, seed=i, main=i == 0)
             point = run_case(suite, case, main=i == 0)
@@ -353,32 +402,12 @@ def run_suite(
         finally:
             if ctx.device == "cuda":
                 torch.cuda.empty_cache()
+        last = (time.monotonic() - t0, size)
         points.append(point)
         if not point["correct"]:
             disagree += [f"{suite.names.get(k, k)} ({point['label']})" for k in point["disagree"]]
             if not ctx.keep_going:
                 break
-    main = next((p for p in points if p["main"] and "error" not in p), None)
-    meta = run_meta(suite.name, ctx.device, ctx.quick)
-    meta["load_average_1min"] = {"before": load_before, "after": load_average()}
-    return {
-        "format": 2,
-        "suite": suite.name,
-        "title": suite.title,
-        "device": ctx.device,
-        "meta": meta,
-        "config": {"dtype": str(suite.dtype).removeprefix("torch."), **suite.config()},
-        "config_line": suite.config_line(main),
-        "x_label": suite.x_label,
-        "bytes_formula": suite.bytes_formula,
-        "error_kind": suite.error_kind,
-        "names": suite.names,
-        "speedup_of": suite.speedup_of,
-        "info": suite.info,
-        "notes": suite.notes,
-        "correct": not disagree,
-        "disagree": disagree,
-        "points": points,
-        "skipped": skipped,
-        "targets": suite.targets(main),
-    }
+        if on_point is not None and i + 1 < len(sizes):
+            on_point(result(labels[i + 1 :]))
+    return result([])

@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def git_commit(root: str | Path = ROOT) -> dict[str, Any]:
     """{"git_commit": HEAD of the repository at root, "git_dirty": uncommitted changes to the code}, None when
-    unknown. Results and the README, which a benchmark run itself rewrites, do not count."""
+    unknown. Results and the README, which a benchmark run itself rewrites, do not count.
+
+    Where root is no git checkout (a copy of the tree on another machine), the commit is taken from
+    MOO_KERNELS_GIT_COMMIT when set, and whether the copy had changes is unknown.
+    """
+    unknown = {"git_commit": os.environ.get("MOO_KERNELS_GIT_COMMIT") or None, "git_dirty": None}
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(
@@ -36,9 +41,9 @@ def git_commit(root: str | Path = ROOT) -> dict[str, Any]:
             cwd=root, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
+        return unknown
     if head.returncode != 0:
-        return {"git_commit": None, "git_dirty": None}
+        return unknown
     return {
         "git_commit": head.stdout.strip(),
         "git_dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
@@ -189,8 +194,12 @@ def _terminal_width() -> int:
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
+    """Writes the file whole or not at all (a temporary file renamed over it): a run stopped while it writes
+    leaves the previous version, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def have_matplotlib() -> bool:
