@@ -221,20 +221,19 @@ struct Backward {
 template <typename E>
 MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
     using R = Compute<E>;
-    constexpr R inf = std::numeric_limits<R>::infinity();
     const E* row = row_of<E>(g.logits, b, t);
     E* out = static_cast<E*>(g.out) + b * g.out_sb + t * g.out_st;
     const double g_logp = scalar_at(g.g_logp, b, t), g_entropy = scalar_at(g.g_entropy, b, t);
     const double row_max = scalar_at(g.max, b, t), row_log_l = scalar_at(g.log_l, b, t);
-    const bool empty = row_max == -kInfD && row_log_l == -kInfD;      // no finite logit
+    const bool empty = row_max == -kInfD && row_log_l == -kInfD;  // no finite logit
     if ((g_logp == 0 && g_entropy == 0) || empty) {  // exactly 0, the logits unread
         for (int64_t v = 0; v < g.V; ++v) moo::assign(out[v], R(0));
         return;
     }
     const R inv_tau = static_cast<R>(g.inv_tau), z_max = static_cast<R>(row_max);
     const R log_l = static_cast<R>(row_log_l), entropy = static_cast<R>(scalar_at(g.entropy, b, t));
-    const R a = static_cast<R>(g_logp * g.inv_tau);     // g_logp / tau
-    const R c = static_cast<R>(g_entropy * g.inv_tau);  // g_H / tau
+    // g_logp and g_H; the 1 / tau comes last (g / tau may overflow where the gradient does not)
+    const R a = static_cast<R>(g_logp), c = static_cast<R>(g_entropy);
     const int64_t y = token_at(g.tokens, b, t);
     alignas(64) R x[kTile];
 
@@ -245,11 +244,11 @@ MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
         R grad_y = 0;  // the chosen token: a (1 - p_y) with 1 - p_y = -expm1(log p_y), exact as p_y -> 1
         if (has_y) {
             const R logp_y = (x[y - v0] - z_max) * inv_tau - log_l, p_y = exp_lanes(logp_y);
-            grad_y = -a * std::expm1(logp_y) - (x[y - v0] == -inf ? R(0) : c * p_y * (logp_y + entropy));
+            grad_y = (-a * std::expm1(logp_y) - (p_y == R(0) ? R(0) : c * p_y * (logp_y + entropy))) * inv_tau;
         }
         for (int64_t i = 0; i < n; ++i) {
             const R logp = (x[i] - z_max) * inv_tau - log_l, p = exp_lanes(logp);  // x - mean_x = logp + H
-            x[i] = x[i] == -inf ? R(0) : -(p * (a + c * (logp + entropy)));
+            x[i] = p == R(0) ? R(0) : -(p * (a + c * (logp + entropy))) * inv_tau;  // the limit 0 where p = 0
         }
         if (has_y) x[y - v0] = grad_y;
         for (int64_t i = 0; i < n; ++i) moo::assign(out[v0 + i], x[i]);

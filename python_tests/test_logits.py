@@ -148,9 +148,9 @@ def test_token_logprobs_gradient_of_one_output(backend, device):
     logits, tokens, g = make_logits(2)
     for which in ("logp", "entropy"):
         x = logits.detach().to(device).requires_grad_()
-        with mk.use_backend(backend):
+        with mk.use_backend(backend):  # the backward is a kernel of the backend too
             logp, ent = mk.token_logprobs(x, tokens.to(device), return_entropy=True)
-        (logp if which == "logp" else ent).sum().backward()
+            (logp if which == "logp" else ent).sum().backward()
         ones = torch.ones(B, T)
         args = (ones, None) if which == "logp" else (None, ones)
         rgrad = token_logprobs_grad_reference(logits, tokens, *args)
