@@ -97,7 +97,7 @@ def logits_loss_triton(
     B, T, V = logits.shape
     dev = logits.device
     f32 = dict(dtype=torch.float32, device=dev)
-    f64 = dict(dtype=torch.float64, device=dev)  # the loss's statistics and partial sums
+    f64 = dict(dtype=torch.float64, device=dev)  # the loss's row statistics and totals
     mask = p.mask.view(torch.uint8) if p.mask.dtype == torch.bool else p.mask
     stats = torch.empty(B, 2, **f64)
     totals = torch.empty(2, **f64)
@@ -109,7 +109,7 @@ def logits_loss_triton(
 
     block, chunk, n_chunks = _tiles(V)
     rows = B * T
-    parts = torch.empty(rows, pk.NUM_PARTIALS.value, **f64)
+    parts = torch.empty(rows, pk.NUM_PARTIALS.value, **f32)
     ent = torch.empty(B, T, **f32) if want_entropy else None
     coop = n_chunks > 1
     scratch = torch.empty(rows * n_chunks * 4 if coop else 1, **f32)
@@ -123,7 +123,7 @@ def logits_loss_triton(
     g, s_gb, s_gt = (grad, grad.stride(0), grad.stride(1)) if grad is not None else (logits, 0, 0)
     lk._logits_loss_kernel[(rows * n_chunks,)](
         logits, tokens, mask, adv, tadv, old, ref, isw, off, stats, totals, g, parts,
-        ent if ent is not None else scratch, scratch, flags,
+        ent if ent is not None else parts, scratch, flags,
         T, V, logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), mask.stride(0), mask.stride(1),
         s_ab, s_at, s_tb, s_tt, s_ob, s_ot, s_rb, s_rt, s_wb, s_wt, s_gb, s_gt,
         1.0 / temperature, p.beta, p.clip_low, p.clip_high, p.dual_clip or 0.0, p.ratio_cap or 0.0,

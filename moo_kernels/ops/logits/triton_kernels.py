@@ -11,7 +11,8 @@ logit has M = -inf: log-prob -inf, entropy 0, gradient 0. A row holding +inf or 
 incoming gradients are 0 gets an exact 0 gradient whatever its logits hold (selected, p never formed).
 The backward needs (M, log l) per row: the forward saves them, [B, T, 2].
 
-1. _logprobs_fwd_kernel   one program per row: log-prob, lse and entropy (one read of the row).
+1. _logprobs_fwd_kernel   one program per row: log-prob, row statistics (max, log l) and entropy (one
+                          read of the row).
 2. _logprobs_bwd_kernel   grid (row, chunk): d/dz of g_logp logp + g_H H (one read, one write).
 3. _logits_loss_kernel    the fused loss, grid (row, chunk): the normaliser of the loss is known before
                           the loss (it depends on the mask only), so the gradient d loss / d logp of a
@@ -44,10 +45,10 @@ import triton.language as tl
 from moo_kernels.ops.policy_loss.triton_kernels import (
     NUM_PARTIALS,
     _mask_weight,
-    _row_scale,
     _store_partials,
     _token_inputs,
     _token_terms,
+    _token_weights,
 )
 
 
@@ -369,9 +370,9 @@ def _logits_loss_kernel(
             lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_lo, clip_hi, dual_clip, ratio_cap, gamma,
             MODE, KL, HAS_OFF, HAS_ISW, HAS_REF, HAS_DUAL, HAS_CAP,
         )  # fmt: skip
-        wm = m * _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)  # float64
+        wl, wmean = _token_weights(m, stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
         if WRITE_GRAD:
-            c_lp = tl.where(active, g.to(tl.float64) * wm, 0.0).to(tl.float32)
+            c_lp = tl.where(active, g * wl, 0.0)
             zero = tl.zeros([], dtype=tl.float32)
             _write_grad_chunk(
                 z_row, g_row, v_lo, chunk_v, V, tok, m_z, log_l, mean_x, c_lp, zero, inv_temp, False, BLOCK_V
@@ -379,7 +380,7 @@ def _logits_loss_kernel(
         if c == 0:
             one = tl.full([1], 1.0, tl.float32)  # the row as a block of one token
             _store_partials(
-                part_ptr + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, m * one, wm * one,
+                part_ptr + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, wl * one, wmean * one,
                 tl.where(active, one, 0.0) > 0, tl.where(clipped, one, 0.0) > 0, tl.where(low, one, 0.0) > 0,
                 tl.where(high, one, 0.0) > 0, tl.where(dual, one, 0.0) > 0, rho * one, d * one,
             )  # fmt: skip

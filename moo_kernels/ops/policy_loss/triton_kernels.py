@@ -8,17 +8,19 @@ together and writes the gradient at once; the backward only rescales it by the i
                          sum_t d m), then the scale of its tokens (below) is derived in the main kernel
 2. _totals_kernel        one program: M = sum_b n_b and S = #{b : n_b > 0}, in a fixed order
 3. _policy_loss_fwd_kernel  grid (B, T / BLOCK_T): per token loss l, gradient dl/dlogp, metrics;
-                         writes grad = dl/dlogp * m * scale and one row of partial sums per program
+                         writes grad = dl/dlogp * (m * scale) and one row of partial sums per program:
+                         the loss's sum l m scale and the metrics' sums x m / M (already means)
 4. _reduce_partials_kernel  one program: loss and metrics from the partials, in a fixed order
 
 scale: token-mean 1 / (num_tokens or M); seq-mean-token-mean 1 / (S n_b); seq-mean-token-sum 1 / S;
 seq-mean-token-sum-norm 1 / (B max_len); 0 where the denominator is not > 0. No float atomics anywhere:
 the loss and the gradient have the same bits run after run.
 
-The row statistics, the totals, the scale, the mask weights and every partial sum are float64: a float
-mask of subnormal weights (or huge ones) has a sum and a scale beyond float32's range. A bool mask counts
-any nonzero byte as 1. Masked tokens influence nothing: every value of theirs is selected away (never
-multiplied by m = 0), whatever NaN or inf their inputs hold. Constants are built with tl.zeros / tl.full,
+The row statistics, the totals and the scale are float64, and so are the per-token weights m * scale and
+m / M until they are formed: a float mask of subnormal (or huge) weights has a sum and a scale beyond
+float32's range, while the weights themselves are within it. A bool mask counts any nonzero byte as 1.
+Masked tokens influence nothing: every value of theirs is selected away (never multiplied by m = 0),
+whatever NaN or inf their inputs hold. Constants are built with tl.zeros / tl.full,
 never from an input (logp * 0 is NaN for an infinite logp).
 """
 
@@ -94,6 +96,16 @@ def _totals_kernel(stats_ptr, totals_ptr, B, BLOCK_B: tl.constexpr):
         acc_s += tl.where(n > 0, 1.0, 0.0)
     tl.store(totals_ptr + 0, tl.sum(acc_n, axis=0))
     tl.store(totals_ptr + 1, tl.sum(acc_s, axis=0))
+
+
+@triton.jit
+def _token_weights(m, stats_ptr, totals_ptr, b, norm_const, AGG: tl.constexpr, HAS_NUM_TOKENS: tl.constexpr):
+    """(m * scale, m / M) in float32, formed in float64 from the float64 mask weight m: the weight of a
+    token's l in the loss and in the metrics' means (0 unless M = sum(m) > 0)."""
+    scale = _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
+    total_m = tl.load(totals_ptr + 0)
+    inv_m = tl.where(total_m > 0, 1.0 / tl.where(total_m > 0, total_m, 1.0), 0.0)
+    return (m * scale).to(tl.float32), (m * inv_m).to(tl.float32)
 
 
 @triton.jit
@@ -310,8 +322,8 @@ def _policy_loss_fwd_kernel(
     t = pt.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     ok = t < T
 
-    scale = _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
     m, active = _mask_weight(mask_ptr, b * s_mb + t * s_mt, ok)
+    wl, wmean = _token_weights(m, stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
     lp = tl.load(logp_ptr + b * s_lb + t * s_lt, mask=ok, other=0.0).to(tl.float32)
     adv, raw, off, w_is, ref = _token_inputs(
         b, t, ok, lp, adv_ptr, s_ab, s_at, tadv_ptr, s_tb, s_tt, old_ptr, s_ob, s_ot, off_ptr, isw_ptr, s_wb, s_wt,
@@ -328,43 +340,45 @@ def _policy_loss_fwd_kernel(
         MODE, KL, HAS_OFF, HAS_ISW, HAS_REF, HAS_DUAL, HAS_CAP,
     )  # fmt: skip
 
-    wm = m * scale  # float64
     if WRITE_GRAD:
-        gw = tl.where(active, g.to(tl.float64) * wm, 0.0)
-        tl.store(grad_ptr + b * s_gb + t * s_gt, gw.to(tl.float32).to(grad_ptr.dtype.element_ty), mask=ok)
+        tl.store(grad_ptr + b * s_gb + t * s_gt, tl.where(active, g * wl, 0.0).to(grad_ptr.dtype.element_ty), mask=ok)
 
     # ---- partial sums of this program ------------------------------------------------------------------
     pid = b * tl.num_programs(1) + pt
-    _store_partials(part_ptr + pid * NUM_PARTIALS, loss_tok, pg, k, m, wm, active, clipped, low, high, dual, rho, d)
+    _store_partials(
+        part_ptr + pid * NUM_PARTIALS, loss_tok, pg, k, wl, wmean, active, clipped, low, high, dual, rho, d
+    )  # fmt: skip
 
 
 @triton.jit
-def _store_partials(base, loss_tok, pg, k, m, wm, active, clipped, low, high, dual, rho, d):
-    """One row of float64 partial sums (the columns of _reduce_partials_kernel) over a block of tokens: m the
-    mask weight, wm = m times the aggregation's scale (both float64); every value selected where active."""
-    tl.store(base + 0, tl.sum(tl.where(active, loss_tok.to(tl.float64) * wm, 0.0), axis=0))
-    tl.store(base + 1, tl.sum(tl.where(active, pg.to(tl.float64) * wm, 0.0), axis=0))
-    tl.store(base + 2, tl.sum(tl.where(active, k.to(tl.float64) * m, 0.0), axis=0))
-    tl.store(base + 3, tl.sum(tl.where(clipped & active, m, 0.0), axis=0))
-    tl.store(base + 4, tl.sum(tl.where(low & active, m, 0.0), axis=0))
-    tl.store(base + 5, tl.sum(tl.where(high & active, m, 0.0), axis=0))
-    tl.store(base + 6, tl.sum(tl.where(dual & active, m, 0.0), axis=0))
-    tl.store(base + 7, tl.sum(tl.where(active, rho.to(tl.float64) * m, 0.0), axis=0))
-    tl.store(base + 8, tl.min(tl.where(active, rho.to(tl.float64), float("inf")), axis=0))
-    tl.store(base + 9, tl.max(tl.where(active, rho.to(tl.float64), float("-inf")), axis=0))
-    tl.store(base + 10, tl.sum(tl.where(active, -d.to(tl.float64) * m, 0.0), axis=0))
+def _store_partials(base, loss_tok, pg, k, wl, wmean, active, clipped, low, high, dual, rho, d):
+    """One row of partial sums (the columns of _reduce_partials_kernel) over a block of tokens: wl = m scale,
+    the weight in the loss, wmean = m / M, the weight in the metrics' means; every value selected where
+    active."""
+    tl.store(base + 0, tl.sum(tl.where(active, loss_tok * wl, 0.0), axis=0))
+    tl.store(base + 1, tl.sum(tl.where(active, pg * wl, 0.0), axis=0))
+    tl.store(base + 2, tl.sum(tl.where(active, k * wmean, 0.0), axis=0))
+    tl.store(base + 3, tl.sum(tl.where(clipped & active, wmean, 0.0), axis=0))
+    tl.store(base + 4, tl.sum(tl.where(low & active, wmean, 0.0), axis=0))
+    tl.store(base + 5, tl.sum(tl.where(high & active, wmean, 0.0), axis=0))
+    tl.store(base + 6, tl.sum(tl.where(dual & active, wmean, 0.0), axis=0))
+    tl.store(base + 7, tl.sum(tl.where(active, rho * wmean, 0.0), axis=0))
+    tl.store(base + 8, tl.min(tl.where(active, rho, float("inf")), axis=0))
+    tl.store(base + 9, tl.max(tl.where(active, rho, float("-inf")), axis=0))
+    tl.store(base + 10, tl.sum(tl.where(active, -d * wmean, 0.0), axis=0))
 
 
 @triton.jit
 def _reduce_partials_kernel(part_ptr, totals_ptr, out_ptr, P, BLOCK_P: tl.constexpr):
     """out = [loss, pg_loss, kl_mean, clip_frac, low, high, dual, ratio_mean, ratio_min, ratio_max,
-    ppo_kl, active_tokens] (float64), reduced over the P partial rows in a fixed order."""
+    ppo_kl, active_tokens], reduced over the P partial rows in a fixed order (the means are sums of the
+    partials already: their weights are m / M)."""
     cols = tl.arange(0, 16)
     col_ok = cols < NUM_PARTIALS
     is_min = cols == 8
     is_max = cols == 9
-    init = tl.where(is_min, float("inf"), tl.where(is_max, float("-inf"), 0.0)).to(tl.float64)
-    acc = tl.zeros([BLOCK_P, 16], dtype=tl.float64) + init[None, :]
+    init = tl.where(is_min, float("inf"), tl.where(is_max, float("-inf"), 0.0))
+    acc = tl.zeros([BLOCK_P, 16], dtype=tl.float32) + init[None, :]
     rows = tl.arange(0, BLOCK_P)
     for p0 in range(0, P, BLOCK_P):
         r = (p0 + rows).to(tl.int64)
@@ -375,14 +389,10 @@ def _reduce_partials_kernel(part_ptr, totals_ptr, out_ptr, P, BLOCK_P: tl.conste
     total = tl.sum(acc, axis=0)
     lo = tl.min(acc, axis=0)
     hi = tl.max(acc, axis=0)
-    red = tl.where(is_min, lo, tl.where(is_max, hi, total))
-    m = tl.load(totals_ptr + 0)
-    inv = tl.where(m > 0, 1.0 / tl.where(m > 0, m, 1.0), 0.0)
-    # columns 2..7 and 10 are means over active tokens (0 unless sum(m) > 0); min / max are over the active
-    # tokens, 0 when there is none (the min stays +inf then: a ratio is never infinite)
-    is_mean = ((cols >= 2) & (cols <= 7)) | (cols == 10)
-    red = tl.where(is_mean, red * inv, red)
+    red = tl.where(is_min, lo, tl.where(is_max, hi, total)).to(tl.float64)
+    # min / max are over the active tokens, 0 when there is none (the min stays +inf then: a ratio is never
+    # infinite)
     any_active = tl.sum(tl.where(is_min, red, 0.0), axis=0) < float("inf")
     red = tl.where(is_min | is_max, tl.where(any_active, red, 0.0), red)
-    red = tl.where(cols == NUM_PARTIALS, m, red)
+    red = tl.where(cols == NUM_PARTIALS, tl.load(totals_ptr + 0), red)
     tl.store(out_ptr + cols, red, mask=cols <= NUM_PARTIALS)
