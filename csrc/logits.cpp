@@ -17,7 +17,8 @@
 //   V). The lanes are combined in lane order in double relative to the row maximum M: log l = log S,
 //   logp = (z_y - M) / tau - log S, H = log S - W / S. The forward saves (M, log l) per row for the backward.
 //   Backward, element-wise from the saved (M, log l) and entropy, so it can overwrite the logits in place:
-//   every tile is read whole into the buffer before its gradient is written. A row whose incoming gradients
+//   every tile is read whole into the buffer (as x) before its gradient is written. For tau = 1 both
+//   passes are compiled without their multiplications by 1 / tau (the same bits). A row whose incoming gradients
 //   are both 0 is written 0 without reading its logits (its p is never formed), whatever they hold.
 // Each row is computed by one thread in a fixed order, rows in parallel (OpenMP, static schedule); the lane
 // structure does not depend on the instruction set (no FMA contraction in ISO C++ mode), so results have the
@@ -109,6 +110,12 @@ MOO_INLINE void load_tile(const E* src, int64_t n, int64_t padded, Compute<E>* x
     std::fill(x + n, x + padded, -std::numeric_limits<Compute<E>>::infinity());
 }
 
+// x[i] = (src[i] - shift) / tau (as (src[i] - shift) * inv_tau; UNIT: tau = 1) for i < n.
+template <bool UNIT, typename E>
+MOO_INLINE void load_shifted(const E* src, int64_t n, Compute<E> shift, Compute<E> inv_tau, Compute<E>* x) {
+    for (int64_t i = 0; i < n; ++i) x[i] = UNIT ? value(src[i]) - shift : (value(src[i]) - shift) * inv_tau;
+}
+
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // ---- forward -------------------------------------------------------------------------------------------
@@ -123,12 +130,13 @@ struct RowResult {
     double logp, max, log_l, entropy;  // max: of the raw logits; log_l = log sum exp((z - max) / tau)
 };
 
-template <typename E>
+// UNIT: tau = 1, whose multiplications by 1 / tau are left out (the same bits: x * 1 = x).
+template <typename E, bool UNIT>
 MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
     using R = Compute<E>;
     constexpr R inf = std::numeric_limits<R>::infinity();
     const E* row = row_of<E>(f.logits, b, t);
-    const R inv_tau = static_cast<R>(f.inv_tau);
+    const R inv_tau = UNIT ? R(1) : static_cast<R>(f.inv_tau);
     alignas(64) R x[kTile];
     R m[kLanes], sum[kLanes], wsum[kLanes];  // per lane: max of z, sum e^d, sum e^d d with d = (z - max) / tau
     std::fill(m, m + kLanes, -inf);
@@ -196,16 +204,16 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
 
 // The compiled row functions, one per logits dtype (an AVX2 clone is picked at load time where possible).
 MOO_SIMD_CLONES RowResult forward_row_f16(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<Half>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<Half, true>(f, b, t) : forward_row<Half, false>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_bf16(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<BFloat16>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<BFloat16, true>(f, b, t) : forward_row<BFloat16, false>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_f32(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<float>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<float, true>(f, b, t) : forward_row<float, false>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_f64(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<double>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<double, true>(f, b, t) : forward_row<double, false>(f, b, t);
 }
 
 // ---- backward ------------------------------------------------------------------------------------------
@@ -218,7 +226,7 @@ struct Backward {
     double inv_tau = 1.0;
 };
 
-template <typename E>
+template <typename E, bool UNIT>
 MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
     using R = Compute<E>;
     const E* row = row_of<E>(g.logits, b, t);
@@ -230,7 +238,7 @@ MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
         for (int64_t v = 0; v < g.V; ++v) moo::assign(out[v], R(0));
         return;
     }
-    const R inv_tau = static_cast<R>(g.inv_tau), z_max = static_cast<R>(row_max);
+    const R inv_tau = UNIT ? R(1) : static_cast<R>(g.inv_tau), z_max = static_cast<R>(row_max);
     const R log_l = static_cast<R>(row_log_l), entropy = static_cast<R>(scalar_at(g.entropy, b, t));
     // g_logp and g_H; the 1 / tau comes last (g / tau may overflow where the gradient does not)
     const R a = static_cast<R>(g_logp), c = static_cast<R>(g_entropy);
@@ -239,15 +247,15 @@ MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
 
     for (int64_t v0 = 0; v0 < g.V; v0 += kTile) {
         const int64_t n = std::min(kTile, g.V - v0);
-        load_tile(row + v0, n, n, x);
+        load_shifted<UNIT>(row + v0, n, z_max, inv_tau, x);  // x = (z - max) / tau
         const bool has_y = y >= v0 && y < v0 + n;
         R grad_y = 0;  // the chosen token: a (1 - p_y) with 1 - p_y = -expm1(log p_y), exact as p_y -> 1
         if (has_y) {
-            const R logp_y = (x[y - v0] - z_max) * inv_tau - log_l, p_y = exp_lanes(logp_y);
+            const R logp_y = x[y - v0] - log_l, p_y = exp_lanes(logp_y);
             grad_y = (-a * std::expm1(logp_y) - (p_y == R(0) ? R(0) : c * p_y * (logp_y + entropy))) * inv_tau;
         }
         for (int64_t i = 0; i < n; ++i) {
-            const R logp = (x[i] - z_max) * inv_tau - log_l, p = exp_lanes(logp);  // x - mean_x = logp + H
+            const R logp = x[i] - log_l, p = exp_lanes(logp);  // x - mean_x = logp + H
             x[i] = p == R(0) ? R(0) : -(p * (a + c * (logp + entropy))) * inv_tau;  // the limit 0 where p = 0
         }
         if (has_y) x[y - v0] = grad_y;
@@ -255,10 +263,18 @@ MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
     }
 }
 
-MOO_SIMD_CLONES void backward_row_f16(const Backward& g, int64_t b, int64_t t) { backward_row<Half>(g, b, t); }
-MOO_SIMD_CLONES void backward_row_bf16(const Backward& g, int64_t b, int64_t t) { backward_row<BFloat16>(g, b, t); }
-MOO_SIMD_CLONES void backward_row_f32(const Backward& g, int64_t b, int64_t t) { backward_row<float>(g, b, t); }
-MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) { backward_row<double>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_f16(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<Half, true>(g, b, t) : backward_row<Half, false>(g, b, t);
+}
+MOO_SIMD_CLONES void backward_row_bf16(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<BFloat16, true>(g, b, t) : backward_row<BFloat16, false>(g, b, t);
+}
+MOO_SIMD_CLONES void backward_row_f32(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<float, true>(g, b, t) : backward_row<float, false>(g, b, t);
+}
+MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<double, true>(g, b, t) : backward_row<double, false>(g, b, t);
+}
 
 // ---- entry points --------------------------------------------------------------------------------------
 
