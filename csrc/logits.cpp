@@ -1,29 +1,35 @@
 // Token log-probabilities and entropy from logits on the CPU: the C++ backend of token_logprobs.
 //
 // Semantics: moo_kernels/ops/logits/reference.py. For a row (b, t) of logits z [V] with chosen token y and
-// temperature tau, s = z / tau, lse = log sum_v exp(s_v), p = exp(s - lse):
-//   logp = s_y - lse,   H = lse - sum_v p_v s_v,
-//   d (g_logp logp + g_H H) / d z_v = (g_logp (1[v = y] - p_v) - g_H p_v (s_v - lse + H)) / tau.
+// temperature tau, every statistic is taken relative to the row maximum M of the raw logits, on
+// x = (z - M) / tau (computed as (z - M) * (1 / tau), so that a huge 1 / tau never overflows z / tau):
+// log l = log sum_v exp(x_v), p = exp(x - log l),
+//   logp = x_y - log l,   H = log l - sum_v p_v x_v,
+//   d (g_logp logp + g_H H) / d z_v = (g_logp (1[v = y] - p_v) - g_H p_v (x_v - log l + H)) / tau.
 // Algorithm:
-//   Forward, one read of each row: the row is converted in tiles of kTile elements (any input dtype, scaled
-//   by 1 / tau) into a local buffer laid out as kLanes independent lanes (element i belongs to lane
-//   i % kLanes), so that the loops vectorise. Every lane keeps a running maximum m and, relative to it,
-//   S = sum exp(d) and W = sum exp(d) d with d = s - m (online softmax). A tile first raises the lane maxima
-//   (rescaling S and W to the new maximum: S' = S e^-delta, W' = e^-delta (W - delta S)), then adds its own
-//   sums, accumulated in fresh lane partials (a two-level sum: short tile sums, then one addition per tile,
-//   which keeps the float rounding error small at large V). The lanes are combined in lane order in
-//   double relative to the row maximum M: lse = M + log S, logp = (s_y - M) - log S, H = log S - W / S.
-//   Backward, element-wise from the saved lse and entropy, so it can overwrite the logits in place: every
-//   tile is read whole into the buffer before its gradient is written.
+//   Forward, one read of each row: the row is converted in tiles of kTile elements (any input dtype) into a
+//   local buffer laid out as kLanes independent lanes (element i belongs to lane i % kLanes), so that the
+//   loops vectorise. Every lane keeps a running maximum m of the raw logits and, relative to it,
+//   S = sum exp(d) and W = sum exp(d) d with d = (z - m) / tau (online softmax). A tile first raises the lane
+//   maxima (rescaling S and W to the new maximum: with delta = (m_new - m) / tau, S' = S e^-delta,
+//   W' = e^-delta (W - delta S)), then adds its own sums, accumulated in fresh lane partials (a two-level
+//   sum: short tile sums, then one addition per tile, which keeps the float rounding error small at large
+//   V). The lanes are combined in lane order in double relative to the row maximum M: log l = log S,
+//   logp = (z_y - M) / tau - log S, H = log S - W / S. The forward saves (M, log l) per row for the backward.
+//   Backward, element-wise from the saved (M, log l) and entropy, so it can overwrite the logits in place:
+//   every tile is read whole into the buffer (as x) before its gradient is written. For tau = 1 both
+//   passes are compiled without their multiplications by 1 / tau (the same bits). A row whose incoming gradients
+//   are both 0 is written 0 without reading its logits (its p is never formed), whatever they hold.
 // Each row is computed by one thread in a fixed order, rows in parallel (OpenMP, static schedule); the lane
 // structure does not depend on the instruction set (no FMA contraction in ISO C++ mode), so results have the
 // same bits whatever the number of threads or the SIMD clone picked. Compute type: float for float16,
 // bfloat16 and float32 logits, with a vectorisable exp (exp_lanes in simd.h), double (std::exp) for float64
 // logits.
 // Logits of -inf are allowed: a lane with no finite logit yet keeps S = W = 0 (no exp(-inf - -inf)), and
-// the products exp(d) d and p (s - mean) are taken as 0 there. A row with only -inf logits has lse = -inf and,
-// like the reference, NaN log-prob and entropy. Token ids are checked first: the entry points return the
-// flat index b * T + t of the first id outside [0, V) (nothing computed) or -1.
+// the products exp(d) d and p (x - mean) are taken as 0 there. A row without a finite logit has M = -inf,
+// log-prob -inf, entropy 0 and gradient 0, like the reference; a row holding +inf or NaN gives NaN. Token
+// ids are checked first: the entry points return the flat index b * T + t of the first id outside [0, V)
+// (nothing computed) or -1.
 // Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) and the exp in simd.h, the element
 // types, dtype codes and operands in dtype.h.
 
@@ -47,6 +53,7 @@ namespace {
 constexpr int64_t kLanes = 16;                     // independent accumulators of every row sum
 constexpr int64_t kTile = 1024;                    // elements of a row converted and processed together
 constexpr int64_t kParallelMinElements = 1 << 15;  // fewer logits: one thread (threads cost more)
+constexpr double kInfD = std::numeric_limits<double>::infinity();
 
 // Codes shared with moo_kernels/ops/logits/cpu.py (the float dtype codes are moo::DType, dtype.h).
 enum IndexType { kInt32 = 0, kInt64 = 1 };
@@ -96,11 +103,17 @@ const E* row_of(const Operand& x, int64_t b, int64_t t) {
     return static_cast<const E*>(x.ptr) + b * x.sb + t * x.st;
 }
 
-// x[i] = src[i] / tau (as src[i] * inv_tau) in the compute type for i < n, then -inf up to padded.
+// x[i] = src[i] in the compute type for i < n, then -inf up to padded.
 template <typename E>
-MOO_INLINE void load_tile(const E* src, int64_t n, int64_t padded, Compute<E> inv_tau, Compute<E>* x) {
-    for (int64_t i = 0; i < n; ++i) x[i] = value(src[i]) * inv_tau;
+MOO_INLINE void load_tile(const E* src, int64_t n, int64_t padded, Compute<E>* x) {
+    for (int64_t i = 0; i < n; ++i) x[i] = value(src[i]);
     std::fill(x + n, x + padded, -std::numeric_limits<Compute<E>>::infinity());
+}
+
+// x[i] = (src[i] - shift) / tau (as (src[i] - shift) * inv_tau; UNIT: tau = 1) for i < n.
+template <bool UNIT, typename E>
+MOO_INLINE void load_shifted(const E* src, int64_t n, Compute<E> shift, Compute<E> inv_tau, Compute<E>* x) {
+    for (int64_t i = 0; i < n; ++i) x[i] = UNIT ? value(src[i]) - shift : (value(src[i]) - shift) * inv_tau;
 }
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -114,24 +127,25 @@ struct Forward {
 };
 
 struct RowResult {
-    double logp, lse, entropy;
+    double logp, max, log_l, entropy;  // max: of the raw logits; log_l = log sum exp((z - max) / tau)
 };
 
-template <typename E>
+// UNIT: tau = 1, whose multiplications by 1 / tau are left out (the same bits: x * 1 = x).
+template <typename E, bool UNIT>
 MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
     using R = Compute<E>;
     constexpr R inf = std::numeric_limits<R>::infinity();
     const E* row = row_of<E>(f.logits, b, t);
-    const R inv_tau = static_cast<R>(f.inv_tau);
+    const R inv_tau = UNIT ? R(1) : static_cast<R>(f.inv_tau);
     alignas(64) R x[kTile];
-    R m[kLanes], sum[kLanes], wsum[kLanes];  // per lane: max, sum e^d, sum e^d d with d = s - max
+    R m[kLanes], sum[kLanes], wsum[kLanes];  // per lane: max of z, sum e^d, sum e^d d with d = (z - max) / tau
     std::fill(m, m + kLanes, -inf);
     std::fill(sum, sum + kLanes, R(0));
     std::fill(wsum, wsum + kLanes, R(0));
 
     for (int64_t v0 = 0; v0 < f.V; v0 += kTile) {
         const int64_t n = std::min(kTile, f.V - v0), padded = round_up(n);
-        load_tile(row + v0, n, padded, inv_tau, x);
+        load_tile(row + v0, n, padded, x);
 
         // raise the lane maxima to the tile's, rescaling the sums kept relative to the old maxima
         R tile_max[kLanes];
@@ -144,8 +158,8 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
         for (int64_t l = 0; l < kLanes; ++l) {
             const R m_new = std::max(m[l], tile_max[l]);
             if (m_new > m[l] && sum[l] > 0) {  // sum > 0: the old maximum is finite
-                const R delta = m_new - m[l], scale = exp_lanes(-delta);
-                wsum[l] = scale * (wsum[l] - delta * sum[l]);
+                const R delta = (m_new - m[l]) * inv_tau, scale = exp_lanes(-delta);
+                wsum[l] = scale > 0 ? scale * (wsum[l] - delta * sum[l]) : R(0);  // delta may be inf
                 sum[l] *= scale;
             }
             m[l] = m_new;
@@ -159,7 +173,7 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
         for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
             MOO_OMP(omp simd)
             for (int64_t l = 0; l < kLanes; ++l) {
-                const R d = x[i0 + l] - base[l], e = exp_lanes(d);
+                const R d = (x[i0 + l] - base[l]) * inv_tau, e = exp_lanes(d);
                 tile_sum[l] += e;
                 tile_wsum[l] += d == -inf ? R(0) : e * d;
             }
@@ -175,90 +189,108 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
     for (int64_t l = 0; l < kLanes; ++l) row_max = std::max(row_max, m[l]);
     double total = 0, wtotal = 0;
     for (int64_t l = 0; l < kLanes; ++l) {
-        if (sum[l] > 0) {
-            const double shift = static_cast<double>(m[l]) - row_max, scale = std::exp(shift);
+        if (sum[l] != 0) {  // a lane with a finite logit, or NaN (a NaN or +inf logit: NaN results)
+            const double shift = (static_cast<double>(m[l]) - row_max) * f.inv_tau, scale = std::exp(shift);
             total += scale * sum[l];
-            wtotal += scale * (wsum[l] + shift * sum[l]);
+            wtotal += scale > 0 ? scale * (wsum[l] + shift * sum[l]) : 0.0;
         }
     }
+    if (row_max == -inf && total == 0) return {-kInfD, -kInfD, -kInfD, 0.0};  // no finite logit
     const double log_total = std::log(total);
-    const R s_y = value(row[token_at(f.tokens, b, t)]) * inv_tau;
-    return {(static_cast<double>(s_y) - row_max) - log_total, row_max + log_total, log_total - wtotal / total};
+    const double z_y = value(row[token_at(f.tokens, b, t)]);
+    const double logp = (z_y - row_max) * f.inv_tau - log_total;
+    return {logp, static_cast<double>(row_max), log_total, log_total - wtotal / total};
 }
 
 // The compiled row functions, one per logits dtype (an AVX2 clone is picked at load time where possible).
 MOO_SIMD_CLONES RowResult forward_row_f16(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<Half>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<Half, true>(f, b, t) : forward_row<Half, false>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_bf16(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<BFloat16>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<BFloat16, true>(f, b, t) : forward_row<BFloat16, false>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_f32(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<float>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<float, true>(f, b, t) : forward_row<float, false>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_f64(const Forward& f, int64_t b, int64_t t) {
-    return forward_row<double>(f, b, t);
+    return f.inv_tau == 1.0 ? forward_row<double, true>(f, b, t) : forward_row<double, false>(f, b, t);
 }
 
 // ---- backward ------------------------------------------------------------------------------------------
 
 struct Backward {
-    Operand logits, tokens, lse, entropy, g_logp, g_entropy;
+    Operand logits, tokens, max, log_l, entropy, g_logp, g_entropy;  // max, log_l: the forward's row statistics
     void* out = nullptr;  // [B, T, V] in the logits' dtype, unit stride on V
     int64_t out_sb = 0, out_st = 0;
     int64_t V = 0;
     double inv_tau = 1.0;
 };
 
-template <typename E>
+template <typename E, bool UNIT>
 MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
     using R = Compute<E>;
-    constexpr R inf = std::numeric_limits<R>::infinity();
     const E* row = row_of<E>(g.logits, b, t);
     E* out = static_cast<E*>(g.out) + b * g.out_sb + t * g.out_st;
-    const R inv_tau = static_cast<R>(g.inv_tau), lse = static_cast<R>(scalar_at(g.lse, b, t));
-    const R entropy = static_cast<R>(scalar_at(g.entropy, b, t));
-    const R a = static_cast<R>(scalar_at(g.g_logp, b, t) * g.inv_tau);     // g_logp / tau
-    const R c = static_cast<R>(scalar_at(g.g_entropy, b, t) * g.inv_tau);  // g_H / tau
+    const double g_logp = scalar_at(g.g_logp, b, t), g_entropy = scalar_at(g.g_entropy, b, t);
+    const double row_max = scalar_at(g.max, b, t), row_log_l = scalar_at(g.log_l, b, t);
+    const bool empty = row_max == -kInfD && row_log_l == -kInfD;  // no finite logit
+    if ((g_logp == 0 && g_entropy == 0) || empty) {  // exactly 0, the logits unread
+        for (int64_t v = 0; v < g.V; ++v) moo::assign(out[v], R(0));
+        return;
+    }
+    const R inv_tau = UNIT ? R(1) : static_cast<R>(g.inv_tau), z_max = static_cast<R>(row_max);
+    const R log_l = static_cast<R>(row_log_l), entropy = static_cast<R>(scalar_at(g.entropy, b, t));
+    // g_logp and g_H; the 1 / tau comes last (g / tau may overflow where the gradient does not)
+    const R a = static_cast<R>(g_logp), c = static_cast<R>(g_entropy);
     const int64_t y = token_at(g.tokens, b, t);
     alignas(64) R x[kTile];
 
     for (int64_t v0 = 0; v0 < g.V; v0 += kTile) {
         const int64_t n = std::min(kTile, g.V - v0);
-        load_tile(row + v0, n, n, inv_tau, x);
+        load_shifted<UNIT>(row + v0, n, z_max, inv_tau, x);  // x = (z - max) / tau
         const bool has_y = y >= v0 && y < v0 + n;
         R grad_y = 0;  // the chosen token: a (1 - p_y) with 1 - p_y = -expm1(log p_y), exact as p_y -> 1
         if (has_y) {
-            const R logp_y = x[y - v0] - lse, p_y = exp_lanes(logp_y);
-            grad_y = -a * std::expm1(logp_y) - (x[y - v0] == -inf ? R(0) : c * p_y * (logp_y + entropy));
+            const R logp_y = x[y - v0] - log_l, p_y = exp_lanes(logp_y);
+            grad_y = (-a * std::expm1(logp_y) - (p_y == R(0) ? R(0) : c * p_y * (logp_y + entropy))) * inv_tau;
         }
         for (int64_t i = 0; i < n; ++i) {
-            const R logp = x[i] - lse, p = exp_lanes(logp);  // s - mean_s = logp + H
-            x[i] = x[i] == -inf ? R(0) : -(p * (a + c * (logp + entropy)));
+            const R logp = x[i] - log_l, p = exp_lanes(logp);  // x - mean_x = logp + H
+            x[i] = p == R(0) ? R(0) : -(p * (a + c * (logp + entropy))) * inv_tau;  // the limit 0 where p = 0
         }
         if (has_y) x[y - v0] = grad_y;
         for (int64_t i = 0; i < n; ++i) moo::assign(out[v0 + i], x[i]);
     }
 }
 
-MOO_SIMD_CLONES void backward_row_f16(const Backward& g, int64_t b, int64_t t) { backward_row<Half>(g, b, t); }
-MOO_SIMD_CLONES void backward_row_bf16(const Backward& g, int64_t b, int64_t t) { backward_row<BFloat16>(g, b, t); }
-MOO_SIMD_CLONES void backward_row_f32(const Backward& g, int64_t b, int64_t t) { backward_row<float>(g, b, t); }
-MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) { backward_row<double>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_f16(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<Half, true>(g, b, t) : backward_row<Half, false>(g, b, t);
+}
+MOO_SIMD_CLONES void backward_row_bf16(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<BFloat16, true>(g, b, t) : backward_row<BFloat16, false>(g, b, t);
+}
+MOO_SIMD_CLONES void backward_row_f32(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<float, true>(g, b, t) : backward_row<float, false>(g, b, t);
+}
+MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<double, true>(g, b, t) : backward_row<double, false>(g, b, t);
+}
 
 // ---- entry points --------------------------------------------------------------------------------------
 
 template <typename O>
-void store_outputs(const RowResult& r, int64_t i, uintptr_t logp, uintptr_t lse, uintptr_t entropy) {
+void store_outputs(const RowResult& r, int64_t i, uintptr_t logp, uintptr_t stats, uintptr_t entropy) {
     reinterpret_cast<O*>(logp)[i] = static_cast<O>(r.logp);
-    reinterpret_cast<O*>(lse)[i] = static_cast<O>(r.lse);
+    reinterpret_cast<O*>(stats)[2 * i] = static_cast<O>(r.max);
+    reinterpret_cast<O*>(stats)[2 * i + 1] = static_cast<O>(r.log_l);
     if (entropy != 0) reinterpret_cast<O*>(entropy)[i] = static_cast<O>(r.entropy);
 }
 
-// Writes logp, lse and (when its address is not 0) the entropy, contiguous [B, T], float64 for float64
-// logits and float32 otherwise. Returns the flat index of the first bad token id (nothing written) or -1.
+// Writes logp, the row statistics (max of the logits, log l; [B, T, 2]) and (when its address is not 0) the
+// entropy, contiguous, float64 for float64 logits and float32 otherwise. Returns the flat index of the first
+// bad token id (nothing written) or -1.
 int64_t token_logprobs_fwd(const OperandSpec& logits, const OperandSpec& tokens, int64_t B, int64_t T, int64_t V,
-                           double temperature, uintptr_t logp_out, uintptr_t lse_out, uintptr_t entropy_out) {
+                           double temperature, uintptr_t logp_out, uintptr_t stats_out, uintptr_t entropy_out) {
     Forward f;
     f.logits = operand(logits);
     f.tokens = operand(tokens);
@@ -283,24 +315,26 @@ int64_t token_logprobs_fwd(const OperandSpec& logits, const OperandSpec& tokens,
     for (int64_t i = 0; i < rows; ++i) {
         const RowResult r = row_fn(f, i / T, i % T);
         if (out_f64) {
-            store_outputs<double>(r, i, logp_out, lse_out, entropy_out);
+            store_outputs<double>(r, i, logp_out, stats_out, entropy_out);
         } else {
-            store_outputs<float>(r, i, logp_out, lse_out, entropy_out);
+            store_outputs<float>(r, i, logp_out, stats_out, entropy_out);
         }
     }
     return -1;
 }
 
 // Writes d (g_logp logp + g_entropy H) / d logits into out (the logits' dtype; it may be the logits
-// themselves). Absent operands (address 0) count as 0. Returns the flat index of the first bad token id
-// (nothing written) or -1.
-int64_t token_logprobs_bwd(const OperandSpec& logits, const OperandSpec& tokens, const OperandSpec& lse,
-                           const OperandSpec& entropy, const OperandSpec& g_logp, const OperandSpec& g_entropy,
-                           const OperandSpec& out, int64_t B, int64_t T, int64_t V, double temperature) {
+// themselves), from the forward's row statistics (max, log_l: [B, T] operands). Absent operands (address 0)
+// count as 0. Returns the flat index of the first bad token id (nothing written) or -1.
+int64_t token_logprobs_bwd(const OperandSpec& logits, const OperandSpec& tokens, const OperandSpec& max,
+                           const OperandSpec& log_l, const OperandSpec& entropy, const OperandSpec& g_logp,
+                           const OperandSpec& g_entropy, const OperandSpec& out, int64_t B, int64_t T, int64_t V,
+                           double temperature) {
     Backward g;
     g.logits = operand(logits);
     g.tokens = operand(tokens);
-    g.lse = operand(lse);
+    g.max = operand(max);
+    g.log_l = operand(log_l);
     g.entropy = operand(entropy);
     g.g_logp = operand(g_logp);
     g.g_entropy = operand(g_entropy);
@@ -331,15 +365,17 @@ int64_t token_logprobs_bwd(const OperandSpec& logits, const OperandSpec& tokens,
 
 void register_logits(py::module_& m) {
     m.def("token_logprobs_fwd", &token_logprobs_fwd,
-          "Token log-probs, logsumexp and (when entropy_out is not 0) entropy of logits [B, T, V] at temperature "
-          "tau, written contiguous [B, T]. Tensors travel as (address, dtype code, row stride, token stride) in "
-          "elements. Returns the flat index of the first token id outside [0, V), or -1.",
+          "Token log-probs [B, T], row statistics [B, T, 2] (max of the logits, log sum exp((z - max) / tau)) and "
+          "(when entropy_out is not 0) entropy [B, T] of logits [B, T, V] at temperature tau, written contiguous. "
+          "Tensors travel as (address, dtype code, row stride, token stride) in elements. Returns the flat index "
+          "of the first token id outside [0, V), or -1.",
           py::arg("logits"), py::arg("tokens"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("temperature"),
-          py::arg("logp_out"), py::arg("lse_out"), py::arg("entropy_out"));
+          py::arg("logp_out"), py::arg("stats_out"), py::arg("entropy_out"));
     m.def("token_logprobs_bwd", &token_logprobs_bwd,
           "Gradient of sum(g_logp logp + g_entropy entropy) with respect to the logits, written into out (which "
           "may be the logits). Absent operands have address 0. Returns the flat index of the first token id "
           "outside [0, V), or -1.",
-          py::arg("logits"), py::arg("tokens"), py::arg("lse"), py::arg("entropy"), py::arg("g_logp"),
-          py::arg("g_entropy"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("temperature"));
+          py::arg("logits"), py::arg("tokens"), py::arg("max"), py::arg("log_l"), py::arg("entropy"),
+          py::arg("g_logp"), py::arg("g_entropy"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("V"),
+          py::arg("temperature"));
 }

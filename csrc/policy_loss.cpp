@@ -4,21 +4,23 @@
 // structure mirrors the Triton kernels (triton_kernels.py): the normaliser of every aggregation depends
 // on the mask only (and GSPO's sequence ratio on the row's mean log-ratio), so it is known before any
 // loss is, and one pass computes each token's loss together with its analytic gradient:
-//   1. Row statistics, parallel over rows: active weight n_b = sum_t m, number of active tokens and, for
-//      GSPO, sum_t d m (d the clamped log-ratio). Totals M = sum_b n_b and S = #{b : n_b > 0}, in row
-//      order.
-//   2. Per-row token scale of the aggregation: token-mean 1 / (num_tokens or M); seq-mean-token-mean
-//      1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len); 0 where the
-//      denominator is not positive.
+//   1. Row statistics, parallel over rows: active weight n_b = sum_t m, number of active tokens (m != 0) and,
+//      for GSPO, sum_t d m (d the clamped log-ratio). Totals M = sum_b n_b and S = #{b : n_b > 0}, in row
+//      order. A bool mask is read as 0 / 1 (any nonzero byte is 1).
+//   2. Per-row token scale of the aggregation, in double: token-mean 1 / (num_tokens or M);
+//      seq-mean-token-mean 1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len);
+//      0 where the denominator is not positive.
 //   3. Main pass, parallel over work items (row, chunk of kChunk tokens), each processed in blocks of
 //      kBlock tokens: the operands are converted into local arrays of the compute type (any dtype and
 //      strides in), then short branch-free loops over the block (which the compiler vectorises) compute
 //      the log-ratio and ratio, the policy term and its derivative dl/dlogp (clip branch, ratio cap, dual
-//      clip, GSPO token form, CISPO, REINFORCE; then off-policy rows f(p) = p / (p + gamma) and importance
-//      weights), beta times the KL estimate and its derivative (log-ratio clamp at +-20, zero derivative
-//      outside it), and the masked contributions to the sums. The gradient dl/dlogp * m * scale is
-//      written in logp's dtype; the unscaled sums of the loss and of the metrics accumulate in double,
-//      in kLanes independent lanes.
+//      clip, GSPO token form, CISPO, REINFORCE; then off-policy rows f = 1 / (1 + gamma e^-logp), the form
+//      of p / (p + gamma) that stays finite for any logp, and importance weights), beta times the KL estimate
+//      and its derivative (log-ratio clamp at +-20, zero derivative outside it), and the masked contributions
+//      to the sums. The gradient dl/dlogp * (m * scale) is written in logp's dtype, m * scale formed in
+//      double (a float mask of subnormal weights has a scale beyond float's range); the unscaled sums of the
+//      loss and of the metrics, sum l m, accumulate in double, the products with m taken in double too, in
+//      kLanes independent lanes.
 //   4. The item partials are reduced in item order (rows, then chunks): per-row sums, then the
 //      aggregation and the means over M. Neither the work decomposition nor the lane structure depends
 //      on the thread count or the instruction set, so the loss, the metrics and the gradient have the
@@ -26,6 +28,7 @@
 // Maths runs in double for float64 logp, in float32 otherwise (like the Triton kernels), where exp of a
 // clamped log-ratio uses a vectorisable polynomial (a few ulp); all sums accumulate in double. Masked
 // tokens contribute nothing, not even NaN or inf from their inputs (selects, not products with m = 0).
+// On-policy (no old_logp) the log-ratio is 0 and the ratio 1 whatever logp holds.
 // Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) and the exp polynomial (exp_poly)
 // in simd.h, the element types, dtype codes and operands in dtype.h.
 
@@ -84,6 +87,17 @@ MOO_INLINE void load_typed(const void* base, int64_t off, int64_t st, int64_t n,
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// out[i] = 1 where the bool byte p[i * st] is not 0, else 0, for i < n.
+template <typename R>
+MOO_INLINE void load_bool(const void* base, int64_t off, int64_t st, int64_t n, R* out) {
+    const uint8_t* p = static_cast<const uint8_t*>(base) + off;
+    if (st == 1) {
+        for (int64_t i = 0; i < n; ++i) out[i] = p[i] != 0 ? R(1) : R(0);
+    } else {
+        for (int64_t i = 0; i < n; ++i) out[i] = p[i * st] != 0 ? R(1) : R(0);
+    }
+}
+
 // out[i] = x[b, t0 + i] converted to R for i < n, then 0 up to padded.
 template <typename R>
 MOO_INLINE void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t padded, R* out) {
@@ -93,7 +107,7 @@ MOO_INLINE void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t
         case moo::kBFloat16: load_typed<R, moo::BFloat16>(x.ptr, off, x.st, n, out); break;
         case moo::kFloat32: load_typed<R, float>(x.ptr, off, x.st, n, out); break;
         case moo::kFloat64: load_typed<R, double>(x.ptr, off, x.st, n, out); break;
-        default: load_typed<R, uint8_t>(x.ptr, off, x.st, n, out); break;
+        default: load_bool<R>(x.ptr, off, x.st, n, out); break;
     }
     std::fill(out + n, out + padded, R(0));
 }
@@ -140,19 +154,22 @@ template <typename R>
 struct Coeffs {
     R lo, hi, cap, dual, gamma, beta;
     bool has_old, has_ref, has_tadv, has_isw, with_kl, write_grad;
+    bool weighted;  // a float mask: products with m (in double); a bool mask's m is 0 or 1
     int mode, kl;
 };
 
 // Per-row values of the main pass.
 template <typename R>
 struct Row {
-    R scale;  // aggregation weight of each token's l m in the loss
-    R seq;    // GSPO sequence ratio
+    double scale;  // aggregation weight of each token's l m in the loss
+    R seq;         // GSPO sequence ratio
     bool off;
 };
 
-// The per-token values that are summed (masked, times m), then the ratio min / max (+-inf where inactive).
-enum Sum { kLoss, kPg, kKl, kClipped, kLow, kHigh, kDual, kRatio, kPpoKl, kNumSums };
+// The per-token values that are summed (times m, 0 where inactive), then the ratio min / max (+-inf where
+// inactive).
+// kDelta sums d m (ppo_kl is its negated mean).
+enum Sum { kLoss, kPg, kKl, kClipped, kLow, kHigh, kDual, kRatio, kDelta, kNumSums };
 enum { kRatioMin = kNumSums, kRatioMax = kNumSums + 1, kNumValues = kNumSums + 2 };
 
 // Sums of one work item: kLanes independent accumulators each (loss and pg unscaled: sum of l m).
@@ -366,12 +383,12 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         case kCispo: cispo_terms(c, np, k); break;
         default: reinforce_terms(np, k); break;
     }
-    if (row.off) {  // off-policy sequence: -A f(p), f(p) = p / (p + gamma); no ratio, no clip
+    if (row.off) {  // off-policy sequence: -A f, f = p / (p + gamma) = 1 / (1 + gamma / p); no ratio, no clip
         const R gamma = c.gamma;
         for (int64_t i = 0; i < np; ++i) {
-            const R A = k.adv[i], q = std::exp(k.lp[i]), s = q + gamma, f = q / s;
+            const R A = k.adv[i], f = one / (one + gamma * std::exp(-k.lp[i]));
             k.v[kPg][i] = -A * f;
-            k.g[i] = -A * gamma * f / s;
+            k.g[i] = -A * (f * (one - f));
         }
         for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, zero);
     }
@@ -396,28 +413,58 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         std::copy(k.v[kPg], k.v[kPg] + np, k.v[kLoss]);
     }
 
-    // gradient and masked contributions (selects: inactive tokens give exact zeros whatever their inputs)
-    const R scale = row.scale, inf = std::numeric_limits<R>::infinity();
+    // gradient and masked contributions (selects: inactive tokens give exact zeros whatever their inputs).
+    // For a float mask, m scale and the products with m are formed in double (a mask of subnormal weights
+    // has a scale beyond float's range). The selects write other arrays than they read: selecting in place,
+    // x = on ? x : 0, stops the loop vectorising; and a float select feeding a double sum in the same loop
+    // is miscompiled by GCC 12 for AVX2 under no-trapping-math (half the lanes dropped).
+    const double scale = row.scale;
+    const R inf = std::numeric_limits<R>::infinity();
     for (int64_t i = 0; i < np; ++i) {
-        const R m = k.m[i];
-        const bool on = m != zero;
-        k.grad[i] = on ? k.g[i] * m * scale : zero;
-        for (int q = 0; q < kRatio; ++q) k.v[q][i] = on ? k.v[q][i] * m : zero;
-        k.v[kRatio][i] = on ? k.rho[i] * m : zero;
-        k.v[kPpoKl][i] = on ? -k.d[i] * m : zero;
+        const bool on = k.m[i] != zero;
         k.v[kRatioMin][i] = on ? k.rho[i] : inf;
         k.v[kRatioMax][i] = on ? k.rho[i] : -inf;
     }
-    if (c.write_grad) store(p.grad, b, t0, len, k.grad);
-
-    for (int q = 0; q < kNumSums; ++q) {
-        double s[kLanes];  // a local copy: for R = double, acc could alias the block as far as the compiler knows
-        std::copy(acc.sum[q], acc.sum[q] + kLanes, s);
-        for (int64_t i0 = 0; i0 < np; i0 += kLanes) {
-            for (int64_t l = 0; l < kLanes; ++l) s[l] += static_cast<double>(k.v[q][i0 + l]);
+    if (c.weighted) {
+        if (c.write_grad) {
+            for (int64_t i = 0; i < np; ++i) {
+                const R m = k.m[i], wm = static_cast<R>(static_cast<double>(m) * scale);
+                k.grad[i] = m != zero ? k.g[i] * wm : zero;
+            }
         }
-        std::copy(s, s + kLanes, acc.sum[q]);
+        alignas(64) double md[kBlock];
+        alignas(64) R xs[kBlock];
+        for (int64_t i = 0; i < np; ++i) md[i] = static_cast<double>(k.m[i]);
+        for (int q = 0; q < kNumSums; ++q) {
+            const R* x = q == kRatio ? k.rho : (q == kDelta ? k.d : k.v[q]);
+            for (int64_t i = 0; i < np; ++i) xs[i] = k.m[i] != zero ? x[i] : zero;
+            double s[kLanes];  // a local copy: for R = double, acc could alias the block as far as the compiler knows
+            std::copy(acc.sum[q], acc.sum[q] + kLanes, s);
+            for (int64_t i0 = 0; i0 < np; i0 += kLanes) {
+                for (int64_t l = 0; l < kLanes; ++l) s[l] += static_cast<double>(xs[i0 + l]) * md[i0 + l];
+            }
+            std::copy(s, s + kLanes, acc.sum[q]);
+        }
+    } else {  // a bool mask: m is 1 where active
+        const R wm = static_cast<R>(scale);
+        for (int64_t i = 0; i < np; ++i) {
+            const R m = k.m[i];
+            const bool on = m != zero;
+            k.grad[i] = on ? k.g[i] * wm : zero;
+            for (int q = 0; q < kRatio; ++q) k.v[q][i] = on ? k.v[q][i] * m : zero;
+            k.v[kRatio][i] = on ? k.rho[i] * m : zero;
+            k.v[kDelta][i] = on ? k.d[i] * m : zero;
+        }
+        for (int q = 0; q < kNumSums; ++q) {
+            double s[kLanes];
+            std::copy(acc.sum[q], acc.sum[q] + kLanes, s);
+            for (int64_t i0 = 0; i0 < np; i0 += kLanes) {
+                for (int64_t l = 0; l < kLanes; ++l) s[l] += static_cast<double>(k.v[q][i0 + l]);
+            }
+            std::copy(s, s + kLanes, acc.sum[q]);
+        }
     }
+    if (c.write_grad) store(p.grad, b, t0, len, k.grad);
     R lo[kLanes], hi[kLanes];
     std::fill(lo, lo + kLanes, inf);
     std::fill(hi, hi + kLanes, -inf);
@@ -484,7 +531,7 @@ void run(const Problem& p, double* out) {
     std::vector<Row<R>> rows(B);
     for (int64_t b = 0; b < B; ++b) {
         const double n = stats[b].n, row_den = p.agg == kSeqMeanTokenMean ? (n > 0 ? den * n : 0.0) : den;
-        rows[b].scale = static_cast<R>(row_den > 0 ? 1.0 / row_den : 0.0);
+        rows[b].scale = row_den > 0 ? 1.0 / row_den : 0.0;
         rows[b].seq = static_cast<R>(std::exp(clamp_log_ratio(stats[b].sd / std::max(n, 1.0))));
         rows[b].off = p.offpolicy != nullptr && p.offpolicy[b] != 0;
     }
@@ -503,6 +550,7 @@ void run(const Problem& p, double* out) {
     c.has_isw = p.isw.ptr != nullptr;
     c.with_kl = c.has_ref && p.beta > 0;
     c.write_grad = p.grad.ptr != nullptr;
+    c.weighted = p.mask.dtype != moo::kBool;
     c.mode = p.mode;
     c.kl = p.kl;
     const int64_t chunks = (T + kChunk - 1) / kChunk, items = B * chunks;
@@ -551,7 +599,7 @@ void run(const Problem& p, double* out) {
     out[7] = mean(kRatio);
     out[8] = any_active ? ratio_min : 0.0;
     out[9] = any_active ? ratio_max : 0.0;
-    out[10] = mean(kPpoKl);
+    out[10] = -mean(kDelta);
     out[11] = total_m;
 }
 

@@ -215,7 +215,7 @@ def policy_loss_configs():
                 "logp_ptr": f"*{lp}",
                 "old_ptr": f"*{lp}",
                 "mask_ptr": "*u8",
-                "stats_ptr": "*fp32",
+                "stats_ptr": "*fp64",
                 "T": "i32",
                 **{s: "i32" for s in ("s_lb", "s_lt", "s_ob", "s_ot", "s_mb", "s_mt")},
             }
@@ -227,9 +227,9 @@ def policy_loss_configs():
                 4,
                 lp,
             )
-    sig = {"stats_ptr": "*fp32", "totals_ptr": "*fp32", "B": "i32"}
+    sig = {"stats_ptr": "*fp64", "totals_ptr": "*fp64", "B": "i32"}
     yield "policy_totals", pl_k._totals_kernel, sig, dict(BLOCK_B=1024), 4, ""
-    sig = {"part_ptr": "*fp32", "totals_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32"}
+    sig = {"part_ptr": "*fp32", "totals_ptr": "*fp64", "out_ptr": "*fp64", "P": "i32"}
     yield "policy_reduce", pl_k._reduce_partials_kernel, sig, dict(BLOCK_P=256), 4, ""
     strides = (
         "s_lb",
@@ -280,8 +280,8 @@ def policy_loss_configs():
                             "tadv_ptr": "*fp32",
                             "isw_ptr": "*fp32",
                             "off_ptr": "*u8",
-                            "stats_ptr": "*fp32",
-                            "totals_ptr": "*fp32",
+                            "stats_ptr": "*fp64",
+                            "totals_ptr": "*fp64",
                             "grad_ptr": f"*{lp}",
                             "part_ptr": "*fp32",
                             "B": "i32",
@@ -294,7 +294,8 @@ def policy_loss_configs():
 
 
 LOGITS_FLOATS = {"inv_temp", "beta", "clip_lo", "clip_hi", "dual_clip", "ratio_cap", "gamma", "norm_const"}
-LOGITS_F32_PTRS = {"lse_ptr", "ent_ptr", "stats_ptr", "totals_ptr", "part_ptr", "scratch_ptr", "glp_ptr", "gh_ptr"}
+LOGITS_F32_PTRS = {"stats_ptr", "ent_ptr", "scratch_ptr", "glp_ptr", "gh_ptr"}
+LOSS_F64_PTRS = {"stats_ptr", "totals_ptr"}  # the fused loss's row statistics and totals
 
 
 def logits_signature(fn, z: str, index: str) -> dict:
@@ -315,6 +316,8 @@ def logits_signature(fn, z: str, index: str) -> dict:
             sig[n] = "*i32"
         elif n == "logp_ptr":
             sig[n] = "*fp32"
+        elif n in LOSS_F64_PTRS and fn is lg_k._logits_loss_kernel:
+            sig[n] = "*fp64"
         elif n.endswith("_ptr"):
             sig[n] = "*fp32"
         elif n in LOGITS_FLOATS:

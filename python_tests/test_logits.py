@@ -11,6 +11,7 @@ import moo_kernels as mk
 from moo_kernels.ops.logits import cuda as logits_cuda
 from moo_kernels.ops.logits.reference import (
     policy_loss_from_logits_reference,
+    row_stats_reference,
     token_logprobs_grad_reference,
     token_logprobs_reference,
 )
@@ -147,9 +148,9 @@ def test_token_logprobs_gradient_of_one_output(backend, device):
     logits, tokens, g = make_logits(2)
     for which in ("logp", "entropy"):
         x = logits.detach().to(device).requires_grad_()
-        with mk.use_backend(backend):
+        with mk.use_backend(backend):  # the backward is a kernel of the backend too
             logp, ent = mk.token_logprobs(x, tokens.to(device), return_entropy=True)
-        (logp if which == "logp" else ent).sum().backward()
+            (logp if which == "logp" else ent).sum().backward()
         ones = torch.ones(B, T)
         args = (ones, None) if which == "logp" else (None, ones)
         rgrad = token_logprobs_grad_reference(logits, tokens, *args)
@@ -340,11 +341,11 @@ def test_opcheck(backend):
 
     logits, tokens, adv, mask, kw = build("clip_higher_dual_cap_k3")
     logits = logits.contiguous().requires_grad_()
-    lse = torch.logsumexp(logits.detach(), -1).float()
+    stats = row_stats_reference(logits).float()
     g = torch.randn(B, T)
     with mk.use_backend(backend):
         torch.library.opcheck(token_logprobs_op, (logits, tokens, 0.9, True))
-        torch.library.opcheck(token_logprobs_backward_op, (logits.detach(), tokens, lse, None, g, None, 1.0))
+        torch.library.opcheck(token_logprobs_backward_op, (logits.detach(), tokens, stats, None, g, None, 1.0))
         loss_args = (adv, mask, kw["old_logp"], kw["ref_logp"], None, None, None, 0.04, "k3", 0.2, 0.28, 3.0, 2.5,
                      "clip", 0.1, "token-mean", None, None, True)  # fmt: skip
         torch.library.opcheck(policy_loss_from_logits_op, (logits, tokens, 1.0, True, *loss_args))

@@ -1,6 +1,7 @@
 """token_logprobs C++ kernels (moo_kernels/ops/logits/cpu.py, csrc/logits.cpp) against the float64 reference:
-forward (logp, lse, entropy) and backward for every logits dtype, int32 / int64 tokens, temperatures, strided
-views, in-place gradients, -inf logits, bad token ids, and bitwise determinism across thread counts."""
+forward (logp, row statistics, entropy) and backward for every logits dtype, int32 / int64 tokens,
+temperatures, strided views, in-place gradients, -inf logits, bad token ids, and bitwise determinism across
+thread counts."""
 
 import os
 import subprocess
@@ -10,7 +11,11 @@ import pytest
 import torch
 
 from moo_kernels.ops.logits.cpu import token_logprobs_bwd_cpp, token_logprobs_fwd_cpp
-from moo_kernels.ops.logits.reference import token_logprobs_grad_reference, token_logprobs_reference
+from moo_kernels.ops.logits.reference import (
+    row_stats_reference,
+    token_logprobs_grad_reference,
+    token_logprobs_reference,
+)
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -53,19 +58,20 @@ def test_forward(dtype, index_dtype, temperature, strided):
     logits = make_logits(dtype, strided=strided)
     assert logits.is_contiguous() != strided
     tokens = make_tokens(index_dtype)
-    logp, lse, entropy = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=True)
+    logp, stats, entropy = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=True)
     out_dtype = F64 if dtype == F64 else torch.float32
-    assert logp.dtype == lse.dtype == entropy.dtype == out_dtype
-    assert logp.shape == lse.shape == entropy.shape == (B, T)
+    assert logp.dtype == stats.dtype == entropy.dtype == out_dtype
+    assert logp.shape == entropy.shape == (B, T) and stats.shape == (B, T, 2)
     ref_logp, ref_entropy = token_logprobs_reference(logits, tokens, temperature)
-    ref_lse = torch.logsumexp(logits.to(F64) / temperature, dim=-1)
+    ref_stats = row_stats_reference(logits, temperature)
+    assert torch.equal(stats[..., 0].double(), ref_stats[..., 0])  # the row maximum, exactly
     assert_close(logp, ref_logp, FWD_TOL[dtype], "logp")
-    assert_close(lse, ref_lse, FWD_TOL[dtype], "lse")
+    assert_close(stats[..., 1], ref_stats[..., 1], FWD_TOL[dtype], "log l")
     assert_close(entropy, ref_entropy, FWD_TOL[dtype], "entropy")
 
-    logp_only, lse_only, none = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=False)
+    logp_only, stats_only, none = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=False)
     assert none is None
-    assert torch.equal(logp_only, logp) and torch.equal(lse_only, lse)
+    assert torch.equal(logp_only, logp) and torch.equal(stats_only, stats)
 
 
 def test_forward_large_vocab_float32():
@@ -91,10 +97,10 @@ def test_backward(dtype, temperature, grads, strided):
     use_logp, use_entropy = GRADS[grads]
     g_logp, g_entropy = make_grads()
     g_logp, g_entropy = (g_logp if use_logp else None), (g_entropy if use_entropy else None)
-    _, lse, entropy = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=use_entropy)
+    _, stats, entropy = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=use_entropy)
     # a strided output too: rows of a larger buffer
     out = torch.full((B, T + 1, V), float("nan"), dtype=dtype)[:, 1:] if strided else torch.empty_like(logits)
-    res = token_logprobs_bwd_cpp(logits, tokens, lse, entropy, g_logp, g_entropy, temperature, out)
+    res = token_logprobs_bwd_cpp(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out)
     assert res is out and res.dtype == dtype
     expected = token_logprobs_grad_reference(logits, tokens, g_logp, g_entropy, temperature)
     if grads == "none":
@@ -109,13 +115,13 @@ def test_backward_in_place(dtype, strided):
     logits = make_logits(dtype, strided=strided, seed=5)
     tokens = make_tokens()
     g_logp, g_entropy = make_grads(seed=6)
-    _, lse, entropy = token_logprobs_fwd_cpp(logits, tokens, 0.7, want_entropy=True)
+    _, stats, entropy = token_logprobs_fwd_cpp(logits, tokens, 0.7, want_entropy=True)
     expected = token_logprobs_grad_reference(logits, tokens, g_logp, g_entropy, 0.7)
     not_in_place = token_logprobs_bwd_cpp(
-        logits, tokens, lse, entropy, g_logp, g_entropy, 0.7, torch.empty_like(logits)
+        logits, tokens, stats, entropy, g_logp, g_entropy, 0.7, torch.empty_like(logits)
     )
     buffer = make_logits(dtype, strided=strided, seed=5)  # a copy of the logits, in the same layout
-    res = token_logprobs_bwd_cpp(buffer, tokens, lse, entropy, g_logp, g_entropy, 0.7, buffer)
+    res = token_logprobs_bwd_cpp(buffer, tokens, stats, entropy, g_logp, g_entropy, 0.7, buffer)
     assert res is buffer and res.stride() == logits.stride()
     assert torch.equal(res, not_in_place)
     assert_close(res, expected, GRAD_TOL[dtype])
@@ -141,32 +147,34 @@ def neg_inf_logits(dtype):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_neg_inf_logits(dtype, temperature):
     logits, tokens = neg_inf_logits(dtype)
-    logp, lse, entropy = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=True)
-    # The reference takes 0 * -inf = nan in p * s; the limit is 0, which a very negative finite logit gives.
+    logp, stats, entropy = token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy=True)
+    # The limit of p * x is 0 at a -inf logit, which a very negative finite logit gives too.
     finite = logits.to(F64).masked_fill(logits.isneginf(), -1e300)
     ref_logp, ref_entropy = token_logprobs_reference(finite, tokens, temperature)
     chosen_neg_inf = logits.gather(-1, tokens.long()[..., None])[..., 0].isneginf()
     ref_logp[chosen_neg_inf] = float("-inf")
-    ref_lse = torch.logsumexp(finite / temperature, dim=-1)
+    ref_stats = row_stats_reference(finite, temperature)
     live = torch.ones(B, T, dtype=torch.bool)
     live[2, 6] = False
     assert_close(logp[live], ref_logp[live], FWD_TOL[dtype], "logp")
-    assert_close(lse[live], ref_lse[live], FWD_TOL[dtype], "lse")
+    assert_close(stats[live], ref_stats[live], FWD_TOL[dtype], "stats")
     assert_close(entropy[live], ref_entropy[live], FWD_TOL[dtype], "entropy")
     assert logp[0, 1] == float("-inf") and entropy[live].isfinite().all()
-    # a row of -inf only: lse = -inf and, like the reference, nan log-prob and entropy
-    assert lse[2, 6] == float("-inf") and logp[2, 6].isnan() and entropy[2, 6].isnan()
-    assert token_logprobs_reference(logits, tokens, temperature)[0][2, 6].isnan()
+    # a row of -inf only: log-prob -inf, entropy 0, like the reference
+    assert (stats[2, 6] == float("-inf")).all() and logp[2, 6] == float("-inf") and entropy[2, 6] == 0
+    ref = token_logprobs_reference(logits, tokens, temperature)
+    assert ref[0][2, 6] == float("-inf") and ref[1][2, 6] == 0
 
     g_logp, g_entropy = make_grads(seed=9)
     grad = token_logprobs_bwd_cpp(
-        logits, tokens, lse, entropy, g_logp, g_entropy, temperature, torch.empty_like(logits)
+        logits, tokens, stats, entropy, g_logp, g_entropy, temperature, torch.empty_like(logits)
     )
     expected = token_logprobs_grad_reference(finite, tokens, g_logp, g_entropy, temperature)
     assert_close(grad[live], expected[live], GRAD_TOL[dtype])
     not_chosen = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, tokens.long()[..., None], False)
     assert (grad[logits.isneginf() & not_chosen] == 0).all()
     assert grad[0, 1, 3].double() == pytest.approx(g_logp[0, 1].item() / temperature, rel=1e-2)
+    assert torch.equal(grad[2, 6], torch.zeros_like(grad[2, 6]))  # no finite logit: gradient 0
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
@@ -179,10 +187,10 @@ def test_token_out_of_range(index_dtype, bad):
     message = rf"tokens\[1, 4\] = {bad} is outside \[0, V\) with V = {V}"
     with pytest.raises(ValueError, match=message):
         token_logprobs_fwd_cpp(logits, tokens, 1.0, want_entropy=True)
-    lse = torch.zeros(B, T)
+    stats = torch.zeros(B, T, 2)
     out = torch.full((B, T, V), 7.0)
     with pytest.raises(ValueError, match=message):
-        token_logprobs_bwd_cpp(logits, tokens, lse, None, torch.ones(B, T), None, 1.0, out)
+        token_logprobs_bwd_cpp(logits, tokens, stats, None, torch.ones(B, T), None, 1.0, out)
     assert (out == 7.0).all()  # nothing written
 
 
@@ -195,11 +203,13 @@ def test_rejects_layouts_it_cannot_read():
         token_logprobs_fwd_cpp(logits, tokens[:, :-1], 1.0, False)
     with pytest.raises(ValueError, match="unsupported dtype"):
         token_logprobs_fwd_cpp(logits, tokens.to(torch.int16), 1.0, False)
-    _, lse, _ = token_logprobs_fwd_cpp(logits, tokens, 1.0, False)
+    _, stats, _ = token_logprobs_fwd_cpp(logits, tokens, 1.0, False)
     with pytest.raises(ValueError, match="g_entropy needs the entropy"):
-        token_logprobs_bwd_cpp(logits, tokens, lse, None, None, torch.ones(B, T), 1.0, torch.empty_like(logits))
+        token_logprobs_bwd_cpp(logits, tokens, stats, None, None, torch.ones(B, T), 1.0, torch.empty_like(logits))
     with pytest.raises(ValueError, match="out must be"):
-        token_logprobs_bwd_cpp(logits, tokens, lse, None, torch.ones(B, T), None, 1.0, logits.double())
+        token_logprobs_bwd_cpp(logits, tokens, stats, None, torch.ones(B, T), None, 1.0, logits.double())
+    with pytest.raises(ValueError, match="stats must be"):
+        token_logprobs_bwd_cpp(logits, tokens, stats[..., 0], None, torch.ones(B, T), None, 1.0, logits.clone())
 
 
 # Prints a digest of every output for sizes above the kernels' parallel threshold; run under 1 and 2 threads.
@@ -211,10 +221,10 @@ h = hashlib.sha256()
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     logits = (torch.randn(3, 38, 3001, generator=g, dtype=torch.float64) * 3).to(dtype)[:, 1:]
     tokens = torch.randint(0, 3001, (3, 37), generator=g)
-    logp, lse, entropy = token_logprobs_fwd_cpp(logits, tokens, 0.7, want_entropy=True)
-    grad = token_logprobs_bwd_cpp(logits, tokens, lse, entropy, torch.randn(3, 37, generator=g),
+    logp, stats, entropy = token_logprobs_fwd_cpp(logits, tokens, 0.7, want_entropy=True)
+    grad = token_logprobs_bwd_cpp(logits, tokens, stats, entropy, torch.randn(3, 37, generator=g),
                                   torch.randn(3, 37, generator=g), 0.7, torch.empty_like(logits))
-    for x in (logp, lse, entropy, grad):
+    for x in (logp, stats, entropy, grad):
         h.update(x.contiguous().view(torch.uint8).numpy().tobytes())
 print(h.hexdigest())
 """

@@ -17,6 +17,33 @@ from moo_kernels.ops.logits.op import (
 from moo_kernels.ops.policy_loss.api import PolicyLossMetrics, check_loss_args
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# 1 / temperature is finite in float32 (the kernels multiply by it) iff it is below this: float32's largest
+# value plus half its last unit, 2^128 - 2^103, rounds to inf.
+RECIPROCAL_LIMIT = 2.0**128 - 2.0**103
+
+
+def check_temperature(temperature) -> float:
+    t = O.check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    if not 1.0 / t < RECIPROCAL_LIMIT:
+        raise ValueError(
+            f"temperature must be at least {1.0 / RECIPROCAL_LIMIT:.3e} (its reciprocal must be finite in float32), "
+            f"got {temperature!r}"
+        )
+    return t
+
+
+def may_overlap(x: torch.Tensor) -> bool:
+    """Whether two positions (b, t) of x [B, T, V] (unit stride on V) may share memory: torch's answer when
+    it has one, else whether the two position dimensions, innermost first, fail to nest (conservative)."""
+    answer = torch._debug_has_internal_overlap(x)  # 0: no, 1: yes, 2: too hard to tell
+    if answer != 2:
+        return answer == 1
+    extent = x.size(2)  # elements spanned by one position, then by every position of the dimensions seen
+    for stride, size in sorted((x.stride(i), x.size(i)) for i in range(2) if x.size(i) > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
 
 
 def _check_logits(logits, tokens, temperature) -> float:
@@ -49,7 +76,7 @@ def _check_logits(logits, tokens, temperature) -> float:
             raise ValueError(
                 f"tokens must be in [0, {V}) (the vocabulary of logits); tokens[{b}, {t}] = {int(tokens[b, t])}"
             )
-    return O.check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    return check_temperature(temperature)
 
 
 def token_logprobs(
@@ -64,7 +91,7 @@ def token_logprobs(
         tokens: [B, T] int64 or int32 ids in [0, V). On CPU an id out of range raises; on CUDA it is not
             checked (that would need a host synchronisation): its log-prob is NaN and nothing outside the
             row is read.
-        temperature: logits are divided by it first (> 0).
+        temperature: logits are divided by it first (> 0, with 1 / temperature finite in float32).
         return_entropy: also return H = -sum p log p per position.
 
     Returns:
@@ -126,9 +153,10 @@ def policy_loss_from_logits(
         logits, tokens, temperature: as in token_logprobs.
         advantages, mask, old_logp, ...: as in policy_loss ([B] or [B, T] advantages, [B, T] mask, ...).
         inplace_backward: write the gradient into the logits' storage: peak memory beyond the logits is
-            O(B T). The logits hold the gradient once the call returns, so they must not be used again
-            (nothing else may have saved them for its backward). Eager mode only: under torch.compile the
-            gradient gets its own buffer.
+            O(B T). The logits hold the gradient once the call returns, so they must not be used again:
+            their version counter is bumped, so a backward through an op that saved them raises autograd's
+            in-place error. Logits whose positions overlap in memory (an expanded view) raise ValueError.
+            Eager mode only: under torch.compile the gradient gets its own buffer.
         return_entropy: also return the entropy [B, T] of each position (float32, no gradient).
 
     Returns:
@@ -151,6 +179,12 @@ def policy_loss_from_logits(
         num_tokens,
     )  # fmt: skip
     write_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace_backward and write_grad and not torch.compiler.is_compiling() and may_overlap(logits):
+        raise ValueError(
+            f"logits overlap in memory (shape {tuple(logits.shape)}, strides {tuple(logits.stride())}: an expanded "
+            "view?), so inplace_backward=True cannot write a gradient per position into them; pass "
+            "inplace_backward=False or contiguous logits"
+        )
     if torch.compiler.is_compiling():
         loss, metrics, ent, _ = policy_loss_from_logits_op(logits, tokens, temperature, return_entropy, *loss_args,
                                                            write_grad)  # fmt: skip

@@ -52,18 +52,18 @@ def _check_tokens(tokens: Tensor, shape: torch.Size, bad: int) -> None:
 def token_logprobs_fwd_cpp(
     logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(logp [B, T], lse [B, T], entropy [B, T] or None) of logits [B, T, V] at the chosen tokens [B, T].
+    """(logp [B, T], stats [B, T, 2], entropy [B, T] or None) of logits [B, T, V] at the chosen tokens [B, T].
 
-    lse is the logsumexp of logits / temperature, saved for the backward. The outputs are float64 for
-    float64 logits, float32 otherwise. Raises ValueError naming the position (b, t), the id and V when a
-    token id is outside [0, V).
+    stats holds each row's maximum logit M and log l = log sum exp((z - M) / temperature), saved for the
+    backward. The outputs are float64 for float64 logits, float32 otherwise. Raises ValueError naming the
+    position (b, t), the id and V when a token id is outside [0, V).
     """
     _check_rows("logits", logits)
     _check_positions(logits.shape, tokens=tokens)
     B, T, V = logits.shape
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty((B, T), dtype=dt)
-    lse = torch.empty((B, T), dtype=dt)
+    stats = torch.empty((B, T, 2), dtype=dt)
     entropy = torch.empty((B, T), dtype=dt) if want_entropy else None
     bad = cpp().token_logprobs_fwd(
         logits=_operand(logits),
@@ -73,17 +73,17 @@ def token_logprobs_fwd_cpp(
         V=V,
         temperature=float(temperature),
         logp_out=logp.data_ptr(),
-        lse_out=lse.data_ptr(),
+        stats_out=stats.data_ptr(),
         entropy_out=entropy.data_ptr() if entropy is not None else 0,
     )
     _check_tokens(tokens, logits.shape, bad)
-    return logp, lse, entropy
+    return logp, stats, entropy
 
 
 def token_logprobs_bwd_cpp(
     logits: Tensor,
     tokens: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor | None,
     g_logp: Tensor | None,
     g_entropy: Tensor | None,
@@ -92,10 +92,11 @@ def token_logprobs_bwd_cpp(
 ) -> Tensor:
     """Writes d (sum g_logp logp + sum g_entropy entropy) / d logits into out and returns it.
 
-    lse and entropy are the forward's outputs ([B, T]); g_logp / g_entropy are [B, T] float32 / float64 with
-    any strides, or None (zero). entropy is needed only with g_entropy. out is [B, T, V] in the logits' dtype
-    with unit stride on V and any row strides; it may be logits itself (the gradient is computed element-wise
-    from the saved lse, each tile read before it is overwritten).
+    stats ([B, T, 2]) and entropy ([B, T]) are the forward's outputs; g_logp / g_entropy are [B, T] float32 /
+    float64 with any strides, or None (zero). entropy is needed only with g_entropy. out is [B, T, V] in the
+    logits' dtype with unit stride on V and any row strides; it may be logits itself (the gradient is computed
+    element-wise from the saved statistics, each tile read before it is overwritten). A row whose g_logp and
+    g_entropy are both 0 is written 0 whatever its logits hold.
     """
     _check_rows("logits", logits)
     _check_rows("out", out)
@@ -103,12 +104,16 @@ def token_logprobs_bwd_cpp(
         raise ValueError(f"out must be {tuple(logits.shape)} {logits.dtype}, got {tuple(out.shape)} {out.dtype}")
     if g_entropy is not None and entropy is None:
         raise ValueError("g_entropy needs the entropy saved by the forward")
-    _check_positions(logits.shape, tokens=tokens, lse=lse, entropy=entropy, g_logp=g_logp, g_entropy=g_entropy)
+    if stats.shape != (*logits.shape[:2], 2):
+        want = (*logits.shape[:2], 2)
+        raise ValueError(f"stats must be {want} (the forward's row statistics), got {tuple(stats.shape)}")
+    _check_positions(logits.shape, tokens=tokens, entropy=entropy, g_logp=g_logp, g_entropy=g_entropy)
     B, T, V = logits.shape
     bad = cpp().token_logprobs_bwd(
         logits=_operand(logits),
         tokens=_operand(tokens, INDEX_CODES),
-        lse=_operand(lse),
+        max=_operand(stats[..., 0]),
+        log_l=_operand(stats[..., 1]),
         entropy=_operand(entropy if g_entropy is not None else None),
         g_logp=_operand(g_logp),
         g_entropy=_operand(g_entropy),

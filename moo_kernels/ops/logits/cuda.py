@@ -43,38 +43,40 @@ def _out_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def token_logprobs_fwd_triton(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, want_entropy: bool):
-    """(logp [B, T], lse [B, T] float32, entropy [B, T] or None)."""
+    """(logp [B, T], row statistics [B, T, 2] (max of the logits, log l: what the backward needs), entropy
+    [B, T] or None), in float32 (float64 for float64 logits)."""
     B, T, V = logits.shape
     dev = logits.device
     logp = torch.empty(B, T, dtype=_out_dtype(logits), device=dev)
-    lse = torch.empty(B, T, dtype=torch.float32, device=dev)
+    stats = torch.empty(B, T, 2, dtype=logp.dtype, device=dev)
     ent = torch.empty(B, T, dtype=logp.dtype, device=dev) if want_entropy else None
     block, _, _ = _tiles(V)
     lk._logprobs_fwd_kernel[(B * T,)](
-        logits, tokens, logp, lse, ent if ent is not None else lse, T, V,
+        logits, tokens, logp, stats, ent if ent is not None else logp, T, V,
         logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), 1.0 / temperature,
         WANT_ENTROPY=want_entropy, BLOCK_V=block, num_warps=NUM_WARPS,
     )  # fmt: skip
-    return logp, lse, ent
+    return logp, stats, ent
 
 
 def token_logprobs_bwd_triton(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor | None,
     g_logp: torch.Tensor | None,
     g_entropy: torch.Tensor | None,
     temperature: float,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Writes d (g_logp logp + g_entropy H) / d logits into out (which may be logits itself)."""
+    """Writes d (g_logp logp + g_entropy H) / d logits into out (which may be logits itself), from the
+    forward's row statistics (contiguous [B, T, 2])."""
     B, T, V = logits.shape
     block, chunk, n_chunks = _tiles(V)
-    glp, s_lb, s_lt = _strides(g_logp, lse)
-    gh, s_hb, s_ht = _strides(g_entropy, lse)
+    glp, s_lb, s_lt = _strides(g_logp, stats)
+    gh, s_hb, s_ht = _strides(g_entropy, stats)
     lk._logprobs_bwd_kernel[(B * T, n_chunks)](
-        logits, tokens, lse, entropy if entropy is not None else lse, glp, gh, out, T, V,
+        logits, tokens, stats, entropy if entropy is not None else stats, glp, gh, out, T, V,
         logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), out.stride(0), out.stride(1),
         s_lb, s_lt, s_hb, s_ht, 1.0 / temperature, chunk,
         HAS_GLP=g_logp is not None, HAS_H=g_entropy is not None, BLOCK_V=block, num_warps=NUM_WARPS,
@@ -95,9 +97,10 @@ def logits_loss_triton(
     B, T, V = logits.shape
     dev = logits.device
     f32 = dict(dtype=torch.float32, device=dev)
+    f64 = dict(dtype=torch.float64, device=dev)  # the loss's row statistics and totals
     mask = p.mask.view(torch.uint8) if p.mask.dtype == torch.bool else p.mask
-    stats = torch.empty(B, 2, **f32)
-    totals = torch.empty(2, **f32)
+    stats = torch.empty(B, 2, **f64)
+    totals = torch.empty(2, **f64)
     pk._row_stats_kernel[(B,)](
         mask, mask, mask, stats, T, 0, 0, 0, 0, mask.stride(0), mask.stride(1),
         BLOCK_T=min(triton.next_power_of_2(T), 2048), HAS_OLD=False, GSPO_MODE=False, num_warps=4,
@@ -133,7 +136,7 @@ def logits_loss_triton(
         CHUNKS_P2=triton.next_power_of_2(n_chunks), BLOCK_V=block, num_warps=NUM_WARPS,
         **({} if INTERPRETED else {"maxnreg": LOSS_MAXNREG}),
     )  # fmt: skip
-    out = torch.empty(NUM_METRICS + 1, **f32)
+    out = torch.empty(NUM_METRICS + 1, **f64)
     pk._reduce_partials_kernel[(1,)](
         parts, totals, out, rows, BLOCK_P=min(triton.next_power_of_2(rows), 256), num_warps=4
     )

@@ -1,11 +1,14 @@
 """torch.library registration of the logits ops: implementations, fakes, autograd.
 
-- moo_kernels::token_logprobs (logp, entropy, lse) and its backward moo_kernels::token_logprobs_backward.
+- moo_kernels::token_logprobs (logp, entropy, stats) and its backward moo_kernels::token_logprobs_backward;
+  stats [B, T, 2] holds each row's maximum logit and log l = log sum exp((z - max) / tau), what the
+  backward needs.
 - moo_kernels::policy_loss_from_logits (loss, metrics[11], entropy, grad): grad is d loss / d logits for
   an incoming gradient of 1, computed by the forward itself; the backward only rescales it.
 
 Eager calls go through the autograd.Function classes below (no dispatcher); those also implement
-inplace_backward, which writes the gradient into the logits' storage. Under torch.compile the registered
+inplace_backward, which writes the gradient into the logits' storage (and bumps the logits' version
+counter, so that autograd refuses a backward that saved them before). Under torch.compile the registered
 ops run, and the gradient always gets a buffer of its own.
 """
 
@@ -17,6 +20,7 @@ from torch import Tensor
 from moo_kernels._backend import get_backend
 from moo_kernels.ops.logits.reference import (
     policy_loss_from_logits_reference,
+    row_stats_reference,
     token_logprobs_grad_reference,
     token_logprobs_reference,
 )
@@ -43,7 +47,7 @@ def _out_dtype(logits: Tensor) -> torch.dtype:
 
 
 def run_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool):
-    """(logp, lse, entropy or None)."""
+    """(logp, stats [B, T, 2], entropy or None), in float32 (float64 for float64 logits)."""
     impl = _impl(logits.device)
     if impl == "triton":
         from moo_kernels.ops.logits.cuda import token_logprobs_fwd_triton
@@ -54,21 +58,21 @@ def run_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, want_
 
         return token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy)
     logp, ent = token_logprobs_reference(logits, tokens, temperature)
-    lse = torch.logsumexp(logits.detach().to(torch.float64) / temperature, dim=-1).float()  # unused by its backward
     dt = _out_dtype(logits)
-    return logp.to(dt), lse, ent.to(dt) if want_entropy else None
+    stats = row_stats_reference(logits, temperature).to(dt)  # unused by its backward
+    return logp.to(dt), stats, ent.to(dt) if want_entropy else None
 
 
-def run_token_logprobs_backward(logits, tokens, lse, entropy, g_logp, g_entropy, temperature, out) -> Tensor:
+def run_token_logprobs_backward(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out) -> Tensor:
     impl = _impl(logits.device)
     if impl == "triton":
         from moo_kernels.ops.logits.cuda import token_logprobs_bwd_triton
 
-        return token_logprobs_bwd_triton(logits, tokens, lse, entropy, g_logp, g_entropy, temperature, out)
+        return token_logprobs_bwd_triton(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out)
     if impl == "cpp":
         from moo_kernels.ops.logits.cpu import token_logprobs_bwd_cpp
 
-        return token_logprobs_bwd_cpp(logits, tokens, lse, entropy, g_logp, g_entropy, temperature, out)
+        return token_logprobs_bwd_cpp(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out)
     return out.copy_(token_logprobs_grad_reference(logits, tokens, g_logp, g_entropy, temperature))
 
 
@@ -76,8 +80,8 @@ def run_token_logprobs_backward(logits, tokens, lse, entropy, g_logp, g_entropy,
 def token_logprobs_op(
     logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    logp, lse, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
-    return logp, ent if ent is not None else logp.new_empty(0), lse
+    logp, stats, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
+    return logp, ent if ent is not None else logp.new_empty(0), stats
 
 
 @token_logprobs_op.register_fake
@@ -85,21 +89,21 @@ def _(logits, tokens, temperature, want_entropy):
     B, T, _ = logits.shape
     dt = _out_dtype(logits)
     ent = logits.new_empty((B, T), dtype=dt) if want_entropy else logits.new_empty(0, dtype=dt)
-    return logits.new_empty((B, T), dtype=dt), ent, logits.new_empty((B, T), dtype=torch.float32)
+    return logits.new_empty((B, T), dtype=dt), ent, logits.new_empty((B, T, 2), dtype=dt)
 
 
 @torch.library.custom_op("moo_kernels::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward_op(
     logits: Tensor,
     tokens: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor | None,
     g_logp: Tensor | None,
     g_entropy: Tensor | None,
     temperature: float,
 ) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return run_token_logprobs_backward(logits, tokens, lse, entropy, g_logp, g_entropy, temperature, out)
+    return run_token_logprobs_backward(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out)
 
 
 @token_logprobs_backward_op.register_fake
@@ -109,22 +113,22 @@ def _(logits, *args):
 
 def _logprobs_setup_context(ctx, inputs, output) -> None:
     logits, tokens, temperature, want_entropy = inputs
-    _, ent, lse = output
-    ctx.save_for_backward(logits, tokens, lse, ent)
+    _, ent, stats = output
+    ctx.save_for_backward(logits, tokens, stats, ent)
     ctx.temperature = temperature
     ctx.want_entropy = want_entropy
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
 def _logprobs_grads(ctx, g_logp, g_ent):
-    logits, tokens, lse, ent = ctx.saved_tensors
+    logits, tokens, stats, ent = ctx.saved_tensors
     entropy = ent if ctx.want_entropy else None
     g_ent = g_ent if ctx.want_entropy else None
-    return logits, tokens, lse, entropy, g_logp, g_ent
+    return logits, tokens, stats, entropy, g_logp, g_ent
 
 
-def _logprobs_backward(ctx, g_logp, g_ent, g_lse):
+def _logprobs_backward(ctx, g_logp, g_ent, g_stats):
     if g_logp is None and (g_ent is None or not ctx.want_entropy):
         return None, None, None, None
     args = _logprobs_grads(ctx, g_logp, g_ent)
@@ -139,13 +143,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, tokens, temperature, want_entropy):
-        logp, lse, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
-        return logp, ent if ent is not None else logp.new_empty(0), lse
+        logp, stats, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
+        return logp, ent if ent is not None else logp.new_empty(0), stats
 
     setup_context = staticmethod(_logprobs_setup_context)
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_lse):
+    def backward(ctx, g_logp, g_ent, g_stats):
         if g_logp is None and (g_ent is None or not ctx.want_entropy):
             return None, None, None, None
         logits, *rest = _logprobs_grads(ctx, g_logp, g_ent)
@@ -180,10 +184,10 @@ def run_logits_loss(logits: Tensor, tokens: Tensor, temperature: float, want_ent
         from moo_kernels.ops.policy_loss.cuda import policy_loss_triton as loss_fn
     else:
         from moo_kernels.ops.policy_loss.cpu import policy_loss_cpp as loss_fn
-    logp, lse, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
+    logp, stats, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
     loss, metrics, g_logp = loss_fn(p._replace(logp=logp))
     if grad is not None:
-        run_token_logprobs_backward(logits, tokens, lse, None, g_logp, None, temperature, grad)
+        run_token_logprobs_backward(logits, tokens, stats, None, g_logp, None, temperature, grad)
     return loss, metrics, ent.to(torch.float32) if ent is not None else None
 
 
@@ -271,6 +275,9 @@ class LogitsLossFunction(torch.autograd.Function):
         if p.write_grad:
             grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         loss, metrics, ent = run_logits_loss(logits, tokens, temperature, want_entropy, grad, p)
+        if grad is logits:
+            # the logits were overwritten in place: an op that saved them for its backward must see it
+            torch.autograd.graph.increment_version(logits)
         ctx.grad = grad  # an attribute, not a saved tensor: with inplace it is the (overwritten) input
         ent = ent if ent is not None else logits.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(metrics, ent)

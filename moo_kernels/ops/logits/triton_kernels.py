@@ -1,10 +1,18 @@
 """Triton kernels of the logits ops (kernels only; see cuda.py for the launchers).
 
 A vocabulary row of the logits is split into chunks of chunk_v entries (a multiple of BLOCK_V). Each
-chunk's softmax statistics are (max, sum exp(s - max), sum exp(s - max) s), s = z / tau; merging them
-gives lse(s) and the mean of s under p, hence log-prob and entropy.
+chunk's softmax statistics are taken relative to its maximum m of the raw logits z, on x = (z - m) / tau
+(computed as (z - m) * (1 / tau): a huge 1 / tau never overflows z / tau): (m, l = sum exp(x),
+q = sum exp(x) x). Merging them (rescaling to the larger maximum M: l' = a l, q' = a (q + delta l) with
+delta = (m - M) / tau, a = exp(delta)) gives the row's (M, l, q), and then
+    logp = (z_y - M) / tau - log l,   H = log l - q / l,   p_v = exp((z_v - M) / tau - log l),
+never s_y - lse (which loses the digits of a log-prob below the magnitude of lse). A row without a finite
+logit has M = -inf: log-prob -inf, entropy 0, gradient 0. A row holding +inf or NaN gives NaN. A row whose
+incoming gradients are 0 gets an exact 0 gradient whatever its logits hold (selected, p never formed).
+The backward needs (M, log l) per row: the forward saves them, [B, T, 2].
 
-1. _logprobs_fwd_kernel   one program per row: log-prob, lse and entropy (one read of the row).
+1. _logprobs_fwd_kernel   one program per row: log-prob, row statistics (max, log l) and entropy (one
+                          read of the row).
 2. _logprobs_bwd_kernel   grid (row, chunk): d/dz of g_logp logp + g_H H (one read, one write).
 3. _logits_loss_kernel    the fused loss, grid (row, chunk): the normaliser of the loss is known before
                           the loss (it depends on the mask only), so the gradient d loss / d logp of a
@@ -17,7 +25,8 @@ gives lse(s) and the mean of s under p, hence log-prob and entropy.
 4. _scale_kernel          the backward's rescale by the incoming gradient; a no-op when it is 1 (decided
                           on the device, no host synchronisation).
 
-The exchange between the chunks of a row: each program publishes its statistics in a scratch slot and
+The exchange between the chunks of a row: each program publishes its statistics (m, l, q and the raw
+logit of the row's token when the chunk holds it, else 0) in a scratch slot and
 sets its flag (release), then polls the row's flags (acquire) until all are set. Programs take their
 (row, chunk) from a ticket counter when they start, not from their launch index, so every ticket below
 a running program's belongs to a program that has started: only the row of the newest ticket can be
@@ -35,49 +44,59 @@ import triton.language as tl
 
 from moo_kernels.ops.policy_loss.triton_kernels import (
     NUM_PARTIALS,
-    _row_scale,
+    _mask_weight,
     _store_partials,
     _token_inputs,
     _token_terms,
+    _token_weights,
 )
 
 
 @triton.jit
-def _merge(m, l, q, m2, l2, q2):
-    """Merge two (max, sum exp(s - max), sum exp(s - max) s) triples."""
+def _rescale(m, l, q, safe, inv_temp):
+    """(l, q) of statistics taken relative to the maximum m, rescaled to the maximum safe >= m (finite)."""
+    delta = (m - safe) * inv_temp  # <= 0; -inf when m = -inf (then l = q = 0)
+    a = tl.exp(delta)
+    return l * a, tl.where(a > 0, a * (q + delta * l), 0.0)
+
+
+@triton.jit
+def _merge(m, l, q, m2, l2, q2, inv_temp):
+    """Merge two (max of z, sum exp(x), sum exp(x) x) triples, x = (z - max) / tau."""
     mx = tl.maximum(m, m2)
     safe = tl.where(mx == float("-inf"), 0.0, mx)
-    a = tl.exp(m - safe)
-    a2 = tl.exp(m2 - safe)
-    return mx, l * a + l2 * a2, q * a + q2 * a2
+    l, q = _rescale(m, l, q, safe, inv_temp)
+    l2, q2 = _rescale(m2, l2, q2, safe, inv_temp)
+    return mx, l + l2, q + q2
 
 
 @triton.jit
 def _chunk_stats(z_row, v_lo, chunk_v, V, tok, inv_temp, BLOCK_V: tl.constexpr):
-    """Softmax statistics of s = z * inv_temp over [v_lo, v_lo + chunk_v) within [0, V), and s_tok when
-    the chunk holds token tok (else 0): read here, before any program may overwrite the chunk in place."""
+    """Softmax statistics (m, l, q) of the raw logits z over [v_lo, v_lo + chunk_v) within [0, V) (see the
+    top), and z_tok when the chunk holds token tok (else 0): read here, before any program may overwrite
+    the chunk in place."""
     v_hi = tl.minimum(v_lo + chunk_v, V)
     mine = (tok >= v_lo) & (tok < v_hi)
-    s_tok = tl.load(z_row + tl.where(mine, tok, v_lo), mask=mine, other=0.0).to(tl.float32) * inv_temp
+    z_tok = tl.load(z_row + tl.where(mine, tok, v_lo), mask=mine, other=0.0).to(tl.float32)
     m = tl.full([], float("-inf"), tl.float32)
     l = tl.zeros([], dtype=tl.float32)
     q = tl.zeros([], dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        s = tl.load(z_row + cols, mask=cols < v_hi, other=float("-inf")).to(tl.float32) * inv_temp
-        tm = tl.max(s, axis=0)
-        mx = tl.maximum(m, tm)
+        z = tl.load(z_row + cols, mask=cols < v_hi, other=float("-inf")).to(tl.float32)
+        mx = tl.maximum(m, tl.max(z, axis=0))
         safe = tl.where(mx == float("-inf"), 0.0, mx)
-        e = tl.exp(s - safe)
-        a = tl.exp(m - safe)
-        l = l * a + tl.sum(e, axis=0)
-        q = q * a + tl.sum(e * tl.where(e > 0, s, 0.0), axis=0)
+        l, q = _rescale(m, l, q, safe, inv_temp)
+        x = (z - safe) * inv_temp
+        e = tl.exp(x)
+        l += tl.sum(e, axis=0)
+        q += tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
         m = mx
-    return m, l, q, s_tok
+    return m, l, q, z_tok
 
 
 @triton.jit
-def _row_lse(
+def _row_stats(
     z_row,
     row,
     c,
@@ -93,15 +112,15 @@ def _row_lse(
     CHUNKS_P2: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """(lse, mean of s under p, s_tok) of the row, from this program's chunk c and its siblings' (see top).
-    tok: the row's token id (int32, -1 when out of range: s_tok is then 0)."""
-    m, l, q, s_tok = _chunk_stats(z_row, (c * chunk_v).to(tl.int32), chunk_v, V, tok, inv_temp, BLOCK_V)
+    """(M, log l, q / l, z_tok) of the row (see the top), from this program's chunk c and its siblings'.
+    tok: the row's token id (int32, -1 when out of range: z_tok is then 0)."""
+    m, l, q, z_tok = _chunk_stats(z_row, (c * chunk_v).to(tl.int32), chunk_v, V, tok, inv_temp, BLOCK_V)
     if COOP:
         slot = row * n_chunks + c
         tl.store(scratch_ptr + slot * 4 + 0, m)
         tl.store(scratch_ptr + slot * 4 + 1, l)
         tl.store(scratch_ptr + slot * 4 + 2, q)
-        tl.store(scratch_ptr + slot * 4 + 3, s_tok)
+        tl.store(scratch_ptr + slot * 4 + 3, z_tok)
         tl.debug_barrier()
         tl.atomic_xchg(flags_ptr + slot, 1, sem="release", scope="gpu")
         lanes = tl.arange(0, CHUNKS_P2)
@@ -115,7 +134,7 @@ def _row_lse(
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], dtype=tl.float32)
         q = tl.zeros([], dtype=tl.float32)
-        s_tok = tl.zeros([], dtype=tl.float32)
+        z_tok = tl.zeros([], dtype=tl.float32)
         for j in range(0, n_chunks):
             sj = row * n_chunks + j
             if tl.atomic_add(flags_ptr + sj, 0, sem="acquire", scope="gpu") != 0:
@@ -125,28 +144,41 @@ def _row_lse(
                 tj = tl.load(scratch_ptr + sj * 4 + 3, volatile=True)
             else:
                 mj, lj, qj, tj = _chunk_stats(z_row, (j * chunk_v).to(tl.int32), chunk_v, V, tok, inv_temp, BLOCK_V)
-            m, l, q = _merge(m, l, q, mj, lj, qj)
-            s_tok += tj  # one chunk holds the token, the others add an exact 0
-    safe = tl.where(m == float("-inf"), 0.0, m)
-    return safe + tl.log(l), q / l, s_tok
+            m, l, q = _merge(m, l, q, mj, lj, qj, inv_temp)
+            z_tok += tj  # one chunk holds the token, the others add an exact 0
+    return m, tl.log(l), q / l, z_tok
+
+
+@triton.jit
+def _logp_entropy(m, log_l, mean_x, z_tok, inv_temp):
+    """(logp, H) of a row from its statistics: -inf and 0 for a row without a finite logit (m = -inf,
+    log l = -inf; a NaN logit makes log l NaN)."""
+    empty = (m == float("-inf")) & (log_l == float("-inf"))
+    logp = tl.where(empty, float("-inf"), (z_tok - tl.where(empty, 0.0, m)) * inv_temp - log_l)
+    return logp, tl.where(empty, 0.0, log_l - mean_x)
 
 
 @triton.jit
 def _write_grad_chunk(
-    z_row, g_row, v_lo, chunk_v, V, tok, lse, mean_s, c_lp, c_h, inv_temp, HAS_H: tl.constexpr, BLOCK_V: tl.constexpr
-):
-    """g_row[v] = (c_lp (1[v = tok] - p_v) - c_h p_v (s_v - mean_s)) / tau over the chunk, last tile first."""
+    z_row, g_row, v_lo, chunk_v, V, tok, m, log_l, mean_x, c_lp, c_h, inv_temp, HAS_H: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """g_row[v] = (c_lp (1[v = tok] - p_v) - c_h p_v (x_v - mean_x)) / tau over the chunk, last tile first,
+    x = (z - m) / tau, p = exp(x - log l); exactly 0 when c_lp = c_h = 0 or the row has no finite logit."""
     v_hi = tl.minimum(v_lo + chunk_v, V)
     n_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    live = ((c_lp != 0) | (c_h != 0)) & ((m != float("-inf")) | (log_l != float("-inf")))
+    safe = tl.where(live, m, 0.0)
     for i in range(0, n_tiles):
         cols = v_lo + (n_tiles - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
         ok = cols < v_hi
-        s = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
-        p = tl.exp(s - lse)
+        x = (tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32) - safe) * inv_temp
+        p = tl.exp(x - log_l)
         gv = tl.where(cols == tok, c_lp, 0.0) - c_lp * p
         if HAS_H:
-            gv -= c_h * p * tl.where(p > 0, s - mean_s, 0.0)
-        tl.store(g_row + cols, (gv * inv_temp).to(g_row.dtype.element_ty), mask=ok)
+            gv -= c_h * tl.where(p > 0, p * (x - mean_x), 0.0)
+        gv = tl.where(live, gv * inv_temp, 0.0)
+        tl.store(g_row + cols, gv.to(g_row.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -154,7 +186,7 @@ def _logprobs_fwd_kernel(
     logits_ptr,
     tokens_ptr,
     logp_ptr,
-    lse_ptr,
+    stats_ptr,
     ent_ptr,
     T,
     V,
@@ -173,18 +205,22 @@ def _logprobs_fwd_kernel(
     tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
     valid = (tok >= 0) & (tok < V)
     tok = tl.where(valid, tok, -1).to(tl.int32)
-    lse, mean_s, s_tok = _row_lse(z_row, row, 0, V, tok, inv_temp, V, 1, z_row, tokens_ptr, 0, False, 1, BLOCK_V)
-    tl.store(logp_ptr + row, tl.where(valid, s_tok - lse, float("nan")).to(logp_ptr.dtype.element_ty))
-    tl.store(lse_ptr + row, lse)
+    m, log_l, mean_x, z_tok = _row_stats(
+        z_row, row, 0, V, tok, inv_temp, V, 1, z_row, tokens_ptr, 0, False, 1, BLOCK_V
+    )  # fmt: skip
+    logp, ent = _logp_entropy(m, log_l, mean_x, z_tok, inv_temp)
+    tl.store(logp_ptr + row, tl.where(valid, logp, float("nan")).to(logp_ptr.dtype.element_ty))
+    tl.store(stats_ptr + row * 2, m.to(stats_ptr.dtype.element_ty))
+    tl.store(stats_ptr + row * 2 + 1, log_l.to(stats_ptr.dtype.element_ty))
     if WANT_ENTROPY:
-        tl.store(ent_ptr + row, (lse - mean_s).to(ent_ptr.dtype.element_ty))
+        tl.store(ent_ptr + row, ent.to(ent_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr,
     tokens_ptr,
-    lse_ptr,
+    stats_ptr,
     ent_ptr,
     glp_ptr,
     gh_ptr,
@@ -213,19 +249,22 @@ def _logprobs_bwd_kernel(
     t = row % T
     z_row = logits_ptr + b * s_zb + t * s_zt
     g_row = grad_ptr + b * s_gb + t * s_gt
-    lse = tl.load(lse_ptr + row)
-    c_lp = 0.0
+    m = tl.load(stats_ptr + row * 2).to(tl.float32)
+    log_l = tl.load(stats_ptr + row * 2 + 1).to(tl.float32)
+    c_lp = tl.zeros([], dtype=tl.float32)
     if HAS_GLP:
         c_lp = tl.load(glp_ptr + b * s_lb + t * s_lt).to(tl.float32)
-    c_h = 0.0
-    mean_s = 0.0
+    c_h = tl.zeros([], dtype=tl.float32)
+    mean_x = tl.zeros([], dtype=tl.float32)
     if HAS_H:
         c_h = tl.load(gh_ptr + b * s_hb + t * s_ht).to(tl.float32)
-        mean_s = lse - tl.load(ent_ptr + row).to(tl.float32)
+        mean_x = log_l - tl.load(ent_ptr + row).to(tl.float32)
     tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
     tok = tl.where((tok >= 0) & (tok < V), tok, -1).to(tl.int32)
     v_lo = (c * chunk_v).to(tl.int32)
-    _write_grad_chunk(z_row, g_row, v_lo, chunk_v, V, tok, lse, mean_s, c_lp, c_h, inv_temp, HAS_H, BLOCK_V)
+    _write_grad_chunk(
+        z_row, g_row, v_lo, chunk_v, V, tok, m, log_l, mean_x, c_lp, c_h, inv_temp, HAS_H, BLOCK_V
+    )  # fmt: skip
 
 
 @triton.jit
@@ -306,22 +345,22 @@ def _logits_loss_kernel(
     v_lo = (c * chunk_v).to(tl.int32)
     z_row = logits_ptr + b * s_zb + t * s_zt
     g_row = grad_ptr + b * s_gb + t * s_gt
-    m = tl.load(mask_ptr + b * s_mb + t * s_mt).to(tl.float32)
-    active = m != 0
+    m, active = _mask_weight(mask_ptr, b * s_mb + t * s_mt, t < T)  # float64 weight
     if WANT_ENTROPY:
         compute = active | True
     else:
         compute = active
-    # every program of a row takes the same branch, so the exchange inside _row_lse is all or nothing
+    # every program of a row takes the same branch, so the exchange inside _row_stats is all or nothing
     if compute:
         tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
         valid = (tok >= 0) & (tok < V)
         tok = tl.where(valid, tok, -1).to(tl.int32)
-        lse, mean_s, s_tok = _row_lse(
+        m_z, log_l, mean_x, z_tok = _row_stats(
             z_row, row, c, V, tok, inv_temp, chunk_v, n_chunks, scratch_ptr, flags_ptr, max_spins, COOP, CHUNKS_P2,
             BLOCK_V,
         )  # fmt: skip
-        lp = tl.where(valid, s_tok - lse, float("nan"))
+        lp, ent = _logp_entropy(m_z, log_l, mean_x, z_tok, inv_temp)
+        lp = tl.where(valid, lp, float("nan"))
 
         adv, raw, off, w_is, ref = _token_inputs(
             b, t, t < T, lp, adv_ptr, s_ab, s_at, tadv_ptr, s_tb, s_tt, old_ptr, s_ob, s_ot, off_ptr, isw_ptr, s_wb,
@@ -331,33 +370,22 @@ def _logits_loss_kernel(
             lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_lo, clip_hi, dual_clip, ratio_cap, gamma,
             MODE, KL, HAS_OFF, HAS_ISW, HAS_REF, HAS_DUAL, HAS_CAP,
         )  # fmt: skip
-        wm = m * _row_scale(stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
+        wl, wmean = _token_weights(m, stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
         if WRITE_GRAD:
-            c_lp = tl.where(active, g * wm, 0.0)
+            c_lp = tl.where(active, g * wl, 0.0)
+            zero = tl.zeros([], dtype=tl.float32)
             _write_grad_chunk(
-                z_row,
-                g_row,
-                v_lo,
-                chunk_v,
-                V,
-                tok,
-                lse,
-                mean_s,
-                c_lp,
-                0.0,
-                inv_temp,
-                False,
-                BLOCK_V,
-            )
+                z_row, g_row, v_lo, chunk_v, V, tok, m_z, log_l, mean_x, c_lp, zero, inv_temp, False, BLOCK_V
+            )  # fmt: skip
         if c == 0:
             one = tl.full([1], 1.0, tl.float32)  # the row as a block of one token
             _store_partials(
-                part_ptr + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, m * one, wm * one,
+                part_ptr + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, wl * one, wmean * one,
                 tl.where(active, one, 0.0) > 0, tl.where(clipped, one, 0.0) > 0, tl.where(low, one, 0.0) > 0,
                 tl.where(high, one, 0.0) > 0, tl.where(dual, one, 0.0) > 0, rho * one, d * one,
             )  # fmt: skip
             if WANT_ENTROPY:
-                tl.store(ent_ptr + row, lse - mean_s)
+                tl.store(ent_ptr + row, ent)
     else:
         if WRITE_GRAD:
             v_hi = tl.minimum(v_lo + chunk_v, V)

@@ -12,7 +12,8 @@ from moo_kernels.ops.policy_loss.problem import AGG_CODES, KL_CODES, MODE_CODES
 
 
 class PolicyLossMetrics(NamedTuple):
-    """0-dim tensors computed inside the kernel (no host synchronisation), over active tokens.
+    """0-dim tensors computed inside the kernel (no host synchronisation), over active tokens (mask != 0),
+    weighted by the mask; a mean is 0 unless the mask's sum is > 0.
 
     pg_loss: the aggregated policy term (the loss without the KL term).
     kl_mean: mean KL estimate to the reference (0 without ref_logp).
@@ -20,7 +21,8 @@ class PolicyLossMetrics(NamedTuple):
         for "cispo", where the ratio weight was clipped.
     clip_frac_low / clip_frac_high: ratio below 1 - clip_low with A < 0 / above 1 + clip_high with A > 0.
     dual_clip_frac: share of tokens (A < 0) bounded by the dual clip.
-    ratio_mean, ratio_min, ratio_max: importance ratio statistics (the sequence ratio for "gspo").
+    ratio_mean, ratio_min, ratio_max: importance ratio statistics (the sequence ratio for "gspo"); min and
+        max over the active tokens, 0 when there is none.
     ppo_kl: mean of old_logp - logp.
     active_tokens: sum of the mask.
     """
@@ -153,8 +155,10 @@ def policy_loss(
         logp: [B, T] log-probs of the sampled tokens under the current policy (requires grad; any float
             dtype; math in float32; the gradient has logp's dtype).
         advantages: [B] (broadcast over tokens) or [B, T].
-        mask: [B, T] bool, or float (a per-token weight); masked tokens contribute nothing.
-        old_logp: [B, T] log-probs of the policy that sampled (None: on-policy, ratio 1).
+        mask: [B, T] bool (any nonzero byte is True), or float (a per-token weight, active where != 0);
+            masked tokens contribute nothing, whatever NaN or inf their inputs hold, and get a 0 gradient.
+        old_logp: [B, T] log-probs of the policy that sampled (None: on-policy, ratio 1 with gradient 1
+            whatever logp holds).
         ref_logp: [B, T] reference log-probs; with beta > 0 the loss adds beta * KL (estimator kl).
         kl: "k1" logp - ref, "k2" (logp - ref)^2 / 2, "k3" exp(ref - logp) - (ref - logp) - 1.
         clip_low, clip_high: ratio clipped to [1 - clip_low, 1 + clip_high] (clip_high defaults to

@@ -31,13 +31,13 @@ def policy_loss_triton(p: PolicyLossProblem):
     lp = p.logp
     B, T = lp.shape
     dev = lp.device
-    f32 = dict(dtype=torch.float32, device=dev)
+    f64 = dict(dtype=torch.float64, device=dev)  # row statistics and totals: see triton_kernels
     mask = p.mask.view(torch.uint8) if p.mask.dtype == torch.bool else p.mask
-    stats = torch.empty(B, 2, **f32)
-    totals = torch.empty(2, **f32)
+    stats = torch.empty(B, 2, **f64)
+    totals = torch.empty(2, **f64)
     grid_t = triton.cdiv(T, BLOCK_T)
-    parts = torch.empty(B * grid_t, tk.NUM_PARTIALS.value, **f32)
-    out = torch.empty(NUM_METRICS + 1, **f32)
+    parts = torch.empty(B * grid_t, tk.NUM_PARTIALS.value, dtype=torch.float32, device=dev)
+    out = torch.empty(NUM_METRICS + 1, **f64)
     grad = torch.empty_like(lp) if p.write_grad else None
 
     old, s_ob, s_ot = _strides(p.old_logp, lp)

@@ -1,10 +1,14 @@
 """Float64 reference of the token-level policy loss: the semantics, the oracle, the fallback.
 
-Per token t of sequence b, with mask m_bt (0 or 1, a float mask acts as a weight):
+Per token t of sequence b, with mask m_bt (a bool mask counts 0 / 1, any nonzero byte as 1; a float mask
+acts as a weight). A token is active when m != 0. Masked tokens influence nothing, whatever their inputs hold
+(NaN, inf): every input is replaced by 0 there before anything is computed (a select, never a product with
+m = 0), so their loss, metrics and gradient are exactly 0.
 
 - advantage   A_bt = advantages[b] (or advantages[b, t]) + token_advantages[b, t]
-- log-ratio   d_bt = clamp(logp - old_logp, -LOG_RATIO_MAX, LOG_RATIO_MAX); old_logp None means
-              on-policy, old = logp.detach() (ratio 1, gradient still flows); rho = exp(d)
+- log-ratio   d_bt = clamp(logp - old_logp, -LOG_RATIO_MAX, LOG_RATIO_MAX); rho = exp(d). old_logp None
+              means on-policy: d = 0 exactly and rho = 1 with d rho / d logp = 1 (the token form
+              exp(logp - sg(logp))), whatever logp holds (-inf included)
 - mode "clip"      L = max(-A min(rho, ratio_cap), -A clamp(rho, 1 - clip_low, 1 + clip_high)),
                    then for A < 0 with dual_clip c: L = min(L, -c A)
 - mode "gspo"      as "clip", with rho replaced by the sequence ratio
@@ -12,26 +16,37 @@ Per token t of sequence b, with mask m_bt (0 or 1, a float mask acts as a weight
                    sg(s_b) exp(logp - sg(logp)): value s_b, d rho / d logp_bt = s_b
 - mode "cispo"     L = -sg(clamp(rho, 1 - clip_low, 1 + clip_high)) A logp
 - mode "reinforce" L = -A logp
-- offpolicy[b]     L = -A f(p), p = exp(logp), f(p) = p / (p + offpolicy_gamma): no ratio, no clip
+- offpolicy[b]     L = -A f(p), p = exp(logp), f(p) = p / (p + offpolicy_gamma): no ratio, no clip;
+                   computed as f = 1 / (1 + gamma exp(-logp)), df / dlogp = f (1 - f) (finite for any logp)
 - is_weights       L <- is_weights * L (behaviour-policy correction, not differentiated)
 - KL (beta > 0)    l = L + beta k, with u = logp - ref_logp:
                    k1 = u, k2 = u^2 / 2, k3 = exp(-u') + u' - 1 with u' = clamp(u, -LOG_RATIO_MAX, LOG_RATIO_MAX)
 
 Aggregation of l over active tokens:
 - "token-mean":              sum(l m) / sum(m), or / num_tokens when given (data-parallel ranks and
-                             gradient-accumulation micro-batches then agree); 0 when nothing is active
+                             gradient-accumulation micro-batches then agree); 0 unless sum(m) > 0
 - "seq-mean-token-mean":     mean over sequences with an active token of sum_t(l m) / sum_t(m)
 - "seq-mean-token-sum":      mean over sequences with an active token of sum_t(l m)
 - "seq-mean-token-sum-norm": sum(l m) / (B * max_len)   (Dr. GRPO: a constant normaliser)
 
-Metrics (0-dim tensors, over active tokens, weighted by m): pg_loss (the aggregated policy term),
+A sequence counts in the seq-mean aggregations when sum_t m > 0.
+
+Metrics (0-dim tensors, over active tokens, weighted by m; a mean divides by sum(m) when it is > 0, else it
+is 0): pg_loss (the aggregated policy term),
 kl_mean, clip_frac (the clipped term is strictly the larger loss: its gradient is cut),
 clip_frac_low (rho < 1 - clip_low and A < 0), clip_frac_high (rho > 1 + clip_high and A > 0),
-dual_clip_frac (A < 0 and the dual-clip bound is taken), ratio_mean, ratio_min, ratio_max,
-ppo_kl (mean of old_logp - logp), active_tokens (sum of m). Off-policy tokens count as unclipped.
+dual_clip_frac (A < 0 and the dual-clip bound is taken), ratio_mean, ratio_min, ratio_max (min / max over
+the active tokens, 0 when there is none), ppo_kl (mean of old_logp - logp), active_tokens (sum of m).
+Off-policy tokens count as unclipped.
+
+An infinite log-prob at an active token gives whatever the formulas give in the limit: on-policy the ratio
+is 1 (gradient 1), the log-ratio clamps at +-LOG_RATIO_MAX (zero gradient beyond the clamp), f(p) is 0 or 1
+(zero gradient); the loss itself is infinite where the formula is (REINFORCE / CISPO -A logp, k1, k2).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -54,6 +69,80 @@ METRICS = (
     "ppo_kl",
     "active_tokens",
 )
+DEFAULTS = dict(
+    old_logp=None,
+    ref_logp=None,
+    beta=0.0,
+    kl="k3",
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    ratio_cap=None,
+    mode="clip",
+    is_weights=None,
+    offpolicy=None,
+    offpolicy_gamma=0.1,
+    token_advantages=None,
+    agg="token-mean",
+    max_len=None,
+    num_tokens=None,
+)
+
+
+class _WithSlope(torch.autograd.Function):
+    """value, with d value / d x = slope (both given, x's shape): the on-policy ratio (1, slope 1) and the
+    off-policy shaping (f, slope f (1 - f)) keep a finite gradient for any log-prob, infinite ones included."""
+
+    @staticmethod
+    def forward(x, value, slope):
+        return value.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, g):
+        (slope,) = ctx.saved_tensors
+        return g * slope, None, None
+
+
+class Inputs(NamedTuple):
+    """The inputs in float64 with every masked position replaced by 0 (what the formulas see)."""
+
+    lp: torch.Tensor  # logp, differentiable when logp is
+    m: torch.Tensor  # mask weight (bool: 0 / 1)
+    active: torch.Tensor  # m != 0
+    A: torch.Tensor  # advantages [B, T] (+ token_advantages)
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+    isw: torch.Tensor | None  # [B, T]
+    off: torch.Tensor | None  # [B, T] bool
+
+
+def safe_inputs(logp, advantages, mask, old_logp, ref_logp, is_weights, offpolicy, token_advantages) -> Inputs:
+    B, T = logp.shape
+    m = mask.to(F64)  # a bool byte other than 0 / 1 converts to 1
+    active = m != 0
+    zero = torch.zeros((B, T), dtype=F64)
+
+    def safe(x):
+        if x is None:
+            return None
+        x = x.to(F64)
+        return torch.where(active, x[:, None].expand(B, T) if x.dim() == 1 else x, zero)
+
+    A = safe(advantages)
+    if token_advantages is not None:
+        A = A + safe(token_advantages)
+    off = offpolicy.to(torch.bool)[:, None].expand(B, T) if offpolicy is not None else None
+    return Inputs(safe(logp), m, active, A, safe(old_logp), safe(ref_logp), safe(is_weights), off)
+
+
+def offpolicy_shape(lp: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, df / dlogp) of f(p) = p / (p + gamma), p = exp(logp), as 1 / (1 + gamma exp(-logp)) and f (1 - f)."""
+    f = 1.0 / (1.0 + gamma * torch.exp(-lp.detach()))
+    return f, f * (1.0 - f)
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kl: str) -> torch.Tensor:
@@ -70,7 +159,7 @@ def aggregate(l: torch.Tensor, m: torch.Tensor, agg: str, max_len: int | None, n
     total = (l * m).sum()
     if agg == "token-mean":
         den = torch.as_tensor(num_tokens, dtype=l.dtype) if num_tokens is not None else m.sum()
-        return torch.where(den > 0, total / den.clamp(min=1e-30), torch.zeros_like(total))
+        return torch.where(den > 0, total / torch.where(den > 0, den, 1.0), torch.zeros_like(total))
     if agg == "seq-mean-token-sum-norm":
         return total / (l.shape[0] * max_len)
     per_seq = (l * m).sum(dim=1)
@@ -104,25 +193,21 @@ def policy_loss_reference(
     max_len: int | None = None,
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Returns (loss, metrics) in float64; differentiable w.r.t. logp by autograd."""
+    """Returns (loss, metrics) in float64; differentiable w.r.t. logp by autograd (0 at masked tokens)."""
     clip_high = clip_low if clip_high is None else clip_high
-    lp = logp.to(F64)
-    B, T = lp.shape
-    m = mask.to(F64)
-    active = m != 0
-    A = advantages.to(F64)
-    A = A[:, None].expand(B, T) if A.dim() == 1 else A
-    if token_advantages is not None:
-        A = A + token_advantages.to(F64)
-    old = lp.detach() if old_logp is None else old_logp.to(F64)
-    d = (lp - old).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
-    zero = torch.zeros_like(lp)
+    x = safe_inputs(logp, advantages, mask, old_logp, ref_logp, is_weights, offpolicy, token_advantages)
+    lp, m, active, A = x.lp, x.m, x.active, x.A
+    zero = torch.zeros_like(m)
+    ones = torch.ones_like(m)
+    d = (lp - x.old).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX) if x.old is not None else zero
 
     if mode == "gspo":
         n = m.sum(dim=1, keepdim=True)
         dseq = (d * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
-        seq = torch.exp(dseq.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)).detach()
-        rho = seq * torch.exp(lp - lp.detach())
+        seq = torch.exp(dseq.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)).detach().expand_as(lp)
+        rho = _WithSlope.apply(lp, seq, seq)  # sg(s) exp(logp - sg(logp)): value s, d rho / d logp = s
+    elif x.old is None:
+        rho = _WithSlope.apply(lp, ones, ones)  # exp(logp - sg(logp)): value 1, d rho / d logp = 1
     else:
         rho = torch.exp(d)
 
@@ -152,24 +237,24 @@ def policy_loss_reference(
     else:
         raise ValueError(f"unknown mode {mode!r}")
 
-    if offpolicy is not None:
-        off = offpolicy.to(torch.bool)[:, None].expand(B, T)
-        p = torch.exp(lp)
-        pg = torch.where(off, -A * p / (p + offpolicy_gamma), pg)
-        clipped, low, high, dual = (x & ~off for x in (clipped, low, high, dual))
-    if is_weights is not None:
-        w = is_weights.to(F64)
-        pg = pg * (w[:, None] if w.dim() == 1 else w)
+    if x.off is not None:
+        f, df = offpolicy_shape(lp, offpolicy_gamma)
+        pg = torch.where(x.off, -A * _WithSlope.apply(lp, f, df), pg)
+        clipped, low, high, dual = (y & ~x.off for y in (clipped, low, high, dual))
+    if x.isw is not None:
+        pg = pg * x.isw
     pg = torch.where(active, pg, zero)
 
-    k = kl_estimate(lp, ref_logp.to(F64), kl) if ref_logp is not None else zero
+    k = kl_estimate(lp, x.ref, kl) if x.ref is not None else zero
     k = torch.where(active, k, zero)
     loss_tok = pg + beta * k if beta > 0 else pg
     loss = aggregate(loss_tok, m, agg, max_len, num_tokens)
 
-    def mean(x):
-        den = m.sum()
-        return torch.where(den > 0, (x.to(F64) * m).sum() / den.clamp(min=1e-30), torch.zeros((), dtype=F64))
+    den = m.sum()
+
+    def mean(y):
+        s = torch.where(active, y.to(F64), zero) * m
+        return torch.where(den > 0, s.sum() / torch.where(den > 0, den, 1.0), torch.zeros((), dtype=F64))
 
     r = rho.detach()
     big = torch.full_like(r, float("inf"))
@@ -185,7 +270,7 @@ def policy_loss_reference(
         "ratio_min": torch.where(active, r, big).min() if any_active else torch.zeros((), dtype=F64),
         "ratio_max": torch.where(active, r, -big).max() if any_active else torch.zeros((), dtype=F64),
         "ppo_kl": mean(-(d.detach())),
-        "active_tokens": m.sum(),
+        "active_tokens": den,
     }
     return loss, metrics
 
@@ -194,36 +279,20 @@ def policy_loss_grad_reference(logp: torch.Tensor, advantages: torch.Tensor, mas
     """Closed-form d loss / d logp of policy_loss_reference, in float64 (no autograd).
 
     The op's reference backend uses it (an op implementation runs below autograd); the tests check it
-    against autograd through policy_loss_reference. The formulas are those of the kernels.
+    against autograd through policy_loss_reference. The formulas are those of the kernels. Exactly 0 at
+    masked tokens (a select).
     """
-    o = dict(
-        old_logp=None,
-        ref_logp=None,
-        beta=0.0,
-        kl="k3",
-        clip_low=0.2,
-        clip_high=None,
-        dual_clip=None,
-        ratio_cap=None,
-        mode="clip",
-        is_weights=None,
-        offpolicy=None,
-        offpolicy_gamma=0.1,
-        token_advantages=None,
-        agg="token-mean",
-        max_len=None,
-        num_tokens=None,
-    )
+    o = dict(DEFAULTS)
     o.update(kw)
     clip_high = o["clip_low"] if o["clip_high"] is None else o["clip_high"]
-    lp = logp.detach().to(F64)
+    x = safe_inputs(
+        logp.detach(), advantages, mask, o["old_logp"], o["ref_logp"], o["is_weights"], o["offpolicy"],
+        o["token_advantages"],
+    )  # fmt: skip
+    lp, m, active, A = x.lp, x.m, x.active, x.A
     B, T = lp.shape
-    m = mask.to(F64)
-    A = advantages.to(F64)
-    A = A[:, None].expand(B, T) if A.dim() == 1 else A
-    if o["token_advantages"] is not None:
-        A = A + o["token_advantages"].to(F64)
-    raw = lp - o["old_logp"].to(F64) if o["old_logp"] is not None else torch.zeros_like(lp)
+    zero = torch.zeros_like(lp)
+    raw = lp - x.old if x.old is not None else zero
     inside = raw.abs() <= LOG_RATIO_MAX
     d = raw.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
     mode = o["mode"]
@@ -236,39 +305,36 @@ def policy_loss_grad_reference(logp: torch.Tensor, advantages: torch.Tensor, mas
             d_rho = rho
         else:
             rho = torch.exp(d)
-            d_rho = torch.where(inside, rho, torch.zeros_like(rho))
+            d_rho = torch.where(inside, rho, zero)
         cap = o["ratio_cap"]
         rho1 = rho if cap is None else rho.clamp(max=cap)
-        d_rho1 = d_rho if cap is None else torch.where(rho <= cap, d_rho, torch.zeros_like(d_rho))
+        d_rho1 = d_rho if cap is None else torch.where(rho <= cap, d_rho, zero)
         l1, l2 = -A * rho1, -A * rho.clamp(lo, hi)
         clipped = l2 > l1
-        g = torch.where(clipped, torch.where((rho >= lo) & (rho <= hi), -A * d_rho, torch.zeros_like(A)), -A * d_rho1)
+        g = torch.where(clipped, torch.where((rho >= lo) & (rho <= hi), -A * d_rho, zero), -A * d_rho1)
         if o["dual_clip"] is not None:
             pg = torch.maximum(l1, l2)
-            g = torch.where((A < 0) & (pg > -A * o["dual_clip"]), torch.zeros_like(g), g)
+            g = torch.where((A < 0) & (pg > -A * o["dual_clip"]), zero, g)
     elif mode == "cispo":
         g = -torch.exp(d).clamp(lo, hi) * A
     else:
         g = -A
-    if o["offpolicy"] is not None:
-        off = o["offpolicy"].to(torch.bool)[:, None].expand(B, T)
-        p = torch.exp(lp)
-        g = torch.where(off, -A * o["offpolicy_gamma"] * p / (p + o["offpolicy_gamma"]) ** 2, g)
-    if o["is_weights"] is not None:
-        w = o["is_weights"].to(F64)
-        g = g * (w[:, None] if w.dim() == 1 else w)
-    if o["ref_logp"] is not None and o["beta"] > 0:
-        u = lp - o["ref_logp"].to(F64)
+    if x.off is not None:
+        _, df = offpolicy_shape(lp, o["offpolicy_gamma"])
+        g = torch.where(x.off, -A * df, g)
+    if x.isw is not None:
+        g = g * x.isw
+    if x.ref is not None and o["beta"] > 0:
+        u = lp - x.ref
         if o["kl"] == "k1":
             gk = torch.ones_like(u)
         elif o["kl"] == "k2":
             gk = u
         else:
-            gk = torch.where(
-                u.abs() <= LOG_RATIO_MAX, 1.0 - torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)), torch.zeros_like(u)
-            )
+            gk = torch.where(u.abs() <= LOG_RATIO_MAX, 1.0 - torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)), zero)
         g = g + o["beta"] * gk
-    return g * m * token_scale(m, o["agg"], o["max_len"], o["num_tokens"])
+    wm = m * token_scale(m, o["agg"], o["max_len"], o["num_tokens"])
+    return torch.where(active, g * wm, zero)
 
 
 def token_scale(m: torch.Tensor, agg: str, max_len: int | None, num_tokens: float | None) -> torch.Tensor:
