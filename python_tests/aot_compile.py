@@ -322,8 +322,8 @@ def logits_signature(fn, z: str, index: str) -> dict:
             sig[n] = "*fp32"
         elif n in LOGITS_FLOATS:
             sig[n] = "fp32"
-        elif n in ("max_spins",):
-            sig[n] = "i32"
+        elif n == "timeout_ns":
+            sig[n] = "i64"
         else:
             sig[n] = index
     return sig
@@ -352,7 +352,7 @@ def logits_configs():
                     cx = dict(
                         MODE=mode, AGG=0, KL=3, HAS_OLD=True, HAS_REF=True, HAS_TADV=all_on, HAS_ISW=all_on,
                         HAS_OFF=all_on, HAS_DUAL=all_on, HAS_CAP=all_on, HAS_NUM_TOKENS=False, WRITE_GRAD=True,
-                        WANT_ENTROPY=all_on, COOP=coop, CHUNKS_P2=16, BLOCK_V=block,
+                        WANT_ENTROPY=all_on, COOP=coop, SEQUENTIAL=False, CHUNKS_P2=16, BLOCK_V=block,
                     )  # fmt: skip
                     sig = logits_signature(lg_k._logits_loss_kernel, z, index)
                     yield "logits_loss", lg_k._logits_loss_kernel, sig, cx, lg_cuda.NUM_WARPS, label

@@ -2,6 +2,8 @@
 entropy, loss, metrics, gradients), agreement with policy_loss(token_logprobs(...)), the chunk exchange of
 the fused kernel, in-place backward, int64 offsets and long sequences, errors, torch.library checks."""
 
+import os
+
 import pytest
 import torch
 from conftest import HAS_CUDA, targets
@@ -243,12 +245,11 @@ def test_deterministic(backend, device):
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter test of the chunk exchange; the GPU test covers CUDA")
 @pytest.mark.parametrize("chunk,block", [(128, 64), (64, 64), (256, 128)])
-@pytest.mark.parametrize("spins", [0, 3])
-def test_chunk_exchange(monkeypatch, chunk, block, spins):
-    """The fused kernel with rows split over several programs (chunks of chunk entries), in and out of place."""
+def test_chunk_exchange(monkeypatch, chunk, block):
+    """The fused kernel with rows split over several programs (chunks of chunk entries), in and out of place
+    (the interpreter runs the programs one after another: a sibling not yet run is read from its chunk)."""
     monkeypatch.setattr(logits_cuda, "CHUNK_V", chunk)
     monkeypatch.setattr(logits_cuda, "BLOCK_V", block)
-    monkeypatch.setattr(logits_cuda, "MAX_SPINS", spins)
     assert logits_cuda._tiles(V)[2] > 1
     logits, tokens, adv, mask, kw = build("clip_higher_dual_cap_k3")
     rloss, _, rent, rgrad = policy_loss_from_logits_reference(logits, tokens, adv, mask, **kw)
@@ -261,6 +262,88 @@ def test_chunk_exchange(monkeypatch, chunk, block, spins):
     with mk.use_backend("triton"):
         mk.policy_loss_from_logits(z, tokens, adv, mask, inplace_backward=True, **kw)[0].backward()
     torch.testing.assert_close(y.grad, grad.contiguous(), atol=0, rtol=0)
+
+
+class _Props:  # the fields of torch.cuda.get_device_properties that the capacity check reads (an H200)
+    multi_processor_count = 132
+    max_threads_per_multi_processor = 2048
+    regs_per_multiprocessor = 65536
+    shared_memory_per_multiprocessor = 233472
+
+
+@pytest.mark.parametrize(
+    "n_regs, shared, warps, per_sm",
+    [
+        (96, 0, 8, 2),  # registers: 96 x 32 x 8 = 24,576 of 65,536
+        (64, 0, 8, 4),  # threads and registers both allow 4
+        (32, 0, 4, 16),  # threads: 2,048 / 128
+        (40, 0, 1, 32),  # the limit of 32 programs per SM
+        (255, 0, 8, 1),  # 255 registers round up to 256 per thread: 65,536 per program
+        (32, 100_000, 4, 2),  # shared memory: 233,472 / (100,000 + 1,024)
+        (255, 0, 16, 0),  # does not fit at all
+    ],
+)
+def test_resident_programs(n_regs, shared, warps, per_sm):
+    assert logits_cuda.resident_programs(n_regs, shared, warps, _Props) == 132 * per_sm
+
+
+def test_whole_row_chunking_covers_the_row():
+    for v in (1, 7, 2048, 32000, 151936):
+        block, chunk, n = logits_cuda._whole_rows(v)
+        assert n == 1 and chunk >= v and chunk % block == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [1, None])
+def test_gpu_exchange_or_whole_rows(monkeypatch, slots):
+    """On CUDA: with the GPU taken to hold a single program (slots=1), the launcher takes the path without
+    waiting; with its real capacity, the chunk exchange. Both match the reference at V = 151,936."""
+    monkeypatch.setattr(logits_cuda, "SLOTS", slots)
+    g = torch.Generator().manual_seed(3)
+    b, t, v = 2, 16, 151936
+    logits = torch.randn(b, t, v, generator=g)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    adv, mask = torch.randn(b, generator=g), torch.rand(b, t, generator=g) > 0.2
+    rloss, _, _, rgrad = policy_loss_from_logits_reference(logits, tokens, adv, mask)
+    x = logits.cuda().requires_grad_()
+    loss, _ = mk.policy_loss_from_logits(x, tokens.cuda(), adv.cuda(), mask.cuda())
+    loss.backward()
+    torch.testing.assert_close(loss.double().cpu(), rloss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), rgrad, atol=1e-7, rtol=1e-4)
+
+
+_TIMEOUT_SCRIPT = """
+import torch, moo_kernels as mk
+g = torch.Generator().manual_seed(0)
+b, t, v = 8, 512, 151936
+logits = torch.randn(b, t, v, generator=g).cuda()
+tokens = torch.randint(0, v, (b, t), generator=g).cuda()
+adv, mask = torch.randn(b).cuda(), torch.ones(b, t, dtype=torch.bool).cuda()
+x = logits.clone().requires_grad_()
+loss, _ = mk.policy_loss_from_logits(x, tokens, adv, mask)
+loss.backward()
+ref = logits.clone().requires_grad_()
+lp = torch.log_softmax(ref.double(), -1).gather(-1, tokens[..., None])[..., 0]
+(-(adv[:, None] * torch.exp(lp - lp.detach())).mean()).backward()
+print("MATCH", bool(torch.allclose(x.grad.double(), ref.grad, atol=1e-7, rtol=1e-4)))
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_wait_is_bounded(tmp_path):
+    """With a wait bound of 1 ns nearly every program of the exchange gives up: the launch must end in an
+    error naming the timeout or in correct results (never a hang, never a silently wrong gradient). In a
+    process of its own: the device-side assertion ends the process's CUDA context."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOO_KERNELS_LOGITS_TIMEOUT_S="1e-9")
+    res = subprocess.run([sys.executable, "-c", _TIMEOUT_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    if res.returncode == 0:
+        assert "MATCH True" in out, out[-2000:]
+    else:
+        assert "MOO_KERNELS_LOGITS_TIMEOUT_S" in out or "device-side assert" in out, out[-2000:]
 
 
 def test_tiles_cover_the_vocabulary():

@@ -26,17 +26,26 @@ The backward needs (M, log l) per row: the forward saves them, [B, T, 2].
                           on the device, no host synchronisation).
 
 The exchange between the chunks of a row: each program publishes its statistics (m, l, q and the raw
-logit of the row's token when the chunk holds it, else 0) in a scratch slot and
-sets its flag (release), then polls the row's flags (acquire) until all are set. Programs take their
-(row, chunk) from a ticket counter when they start, not from their launch index, so every ticket below
-a running program's belongs to a program that has started: only the row of the newest ticket can be
-incomplete, its started programs hold fewer slots than the GPU has, and the others finish and make room
-for the rest of it. Waiting is therefore always finite on a GPU. After max_spins polls a program
-computes the statistics of any chunk still unpublished itself, by the same code on the same data: the
-interpreter, which runs programs one after another, takes that path (safe there, in place too: a chunk
-is only overwritten by its own program, after every earlier program has finished); on a GPU max_spins
-is a guard that a correct schedule never reaches. Statistics are merged in chunk order: every program
-of a row gets the same bits, and so does every run.
+logit of the row's token when the chunk holds it, else 0) in a scratch slot and sets its flag (release),
+then waits until every sibling's flag is set and merges the published statistics in chunk order (every
+program of a row gets the same bits, and so does every run).
+
+Waiting, on a GPU: the flags are polled with plain volatile loads, backing off with nanosleep (32 ns
+doubling to 1 us), then read once with acquire semantics. Programs take their (row, chunk) from a ticket
+counter when they start, not from their launch index, so every ticket below a running program's belongs to
+a program that has started: only the row of the newest ticket can be incomplete, its started programs hold
+fewer slots than n_chunks, and the other rows finish and make room for the rest of it. The wait is therefore
+finite whenever the GPU holds n_chunks programs of this kernel at once; the launcher checks that it holds
+twice as many (from the compiled kernel's registers, shared memory and warps and the device's SM count) and
+takes a path without any waiting (one program per row) when it does not. Whatever else shares the GPU
+(MIG / MPS partitions, concurrent launches), a wait is bounded: past timeout_ns a program sets the launch's
+error flag, which the launcher turns into an error (an asynchronous device-side assertion): never a hang,
+never a silent recompute.
+
+SEQUENTIAL (the interpreter, which runs programs one after another in ticket order): nothing waits. A sibling
+of a lower chunk has finished and published; one of a higher chunk has not started, so its chunk still holds
+the logits (in place too: a chunk is only overwritten by its own program), and its statistics are computed
+from it by the same code.
 """
 
 import triton
@@ -96,6 +105,53 @@ def _chunk_stats(z_row, v_lo, chunk_v, V, tok, inv_temp, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _clock(zero):
+    """The GPU's global nanosecond timer (zero: an int64 0 the instruction is tied to)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [zero], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _nanosleep(ns):
+    """Suspend the thread for about ns nanoseconds (ns: int32); returns 0."""
+    return tl.inline_asm_elementwise(
+        "nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [ns], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _await_flags(row_flags, n_chunks, error_ptr, timeout_ns, CHUNKS_P2: tl.constexpr):
+    """Wait until the n_chunks flags at row_flags are all set (see the top): volatile polls with back-off, then
+    one acquire read of each; past timeout_ns, set the error flag and stop waiting."""
+    lanes = tl.arange(0, CHUNKS_P2)
+    present = lanes < n_chunks
+    zero = tl.zeros([], dtype=tl.int64)
+    start = _clock(zero)
+    ready = tl.sum(tl.load(row_flags + lanes, mask=present, other=0, volatile=True), axis=0)
+    pause = tl.full([], 32, tl.int32)
+    late = start < zero  # False
+    while (ready < n_chunks) & (~late):
+        _nanosleep(pause)
+        pause = tl.minimum(pause * 2, 1024)
+        ready = tl.sum(tl.load(row_flags + lanes, mask=present, other=0, volatile=True), axis=0)
+        late = _clock(zero) - start > timeout_ns
+    tl.atomic_add(row_flags + lanes, 0, mask=present, sem="acquire", scope="gpu")
+    if ready < n_chunks:
+        tl.atomic_xchg(error_ptr, 1)
+
+
+@triton.jit
+def _published(scratch_ptr, slot):
+    """The statistics (m, l, q, z_tok) a program published in its scratch slot."""
+    base = scratch_ptr + slot * 4
+    return (
+        tl.load(base + 0, volatile=True),
+        tl.load(base + 1, volatile=True),
+        tl.load(base + 2, volatile=True),
+        tl.load(base + 3, volatile=True),
+    )
+
+
+@triton.jit
 def _row_stats(
     z_row,
     row,
@@ -107,8 +163,10 @@ def _row_stats(
     n_chunks,
     scratch_ptr,
     flags_ptr,
-    max_spins,
+    error_ptr,
+    timeout_ns,
     COOP: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
     CHUNKS_P2: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -123,27 +181,19 @@ def _row_stats(
         tl.store(scratch_ptr + slot * 4 + 3, z_tok)
         tl.debug_barrier()
         tl.atomic_xchg(flags_ptr + slot, 1, sem="release", scope="gpu")
-        lanes = tl.arange(0, CHUNKS_P2)
-        row_flags = flags_ptr + row * n_chunks + lanes
-        present = lanes < n_chunks
-        ready = tl.sum(tl.where(present, tl.atomic_add(row_flags, 0, mask=present, sem="acquire", scope="gpu"), 0))
-        spins = 0
-        while (ready < n_chunks) & (spins < max_spins):
-            ready = tl.sum(tl.where(present, tl.atomic_add(row_flags, 0, mask=present, sem="acquire", scope="gpu"), 0))
-            spins += 1
+        if not SEQUENTIAL:
+            _await_flags(flags_ptr + row * n_chunks, n_chunks, error_ptr, timeout_ns, CHUNKS_P2)
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], dtype=tl.float32)
         q = tl.zeros([], dtype=tl.float32)
         z_tok = tl.zeros([], dtype=tl.float32)
         for j in range(0, n_chunks):
-            sj = row * n_chunks + j
-            if tl.atomic_add(flags_ptr + sj, 0, sem="acquire", scope="gpu") != 0:
-                mj = tl.load(scratch_ptr + sj * 4 + 0, volatile=True)
-                lj = tl.load(scratch_ptr + sj * 4 + 1, volatile=True)
-                qj = tl.load(scratch_ptr + sj * 4 + 2, volatile=True)
-                tj = tl.load(scratch_ptr + sj * 4 + 3, volatile=True)
-            else:
-                mj, lj, qj, tj = _chunk_stats(z_row, (j * chunk_v).to(tl.int32), chunk_v, V, tok, inv_temp, BLOCK_V)
+            mj, lj, qj, tj = _published(scratch_ptr, row * n_chunks + j)
+            if SEQUENTIAL:
+                if j > c:  # not started yet: its chunk still holds the logits
+                    mj, lj, qj, tj = _chunk_stats(
+                        z_row, (j * chunk_v).to(tl.int32), chunk_v, V, tok, inv_temp, BLOCK_V
+                    )  # fmt: skip
             m, l, q = _merge(m, l, q, mj, lj, qj, inv_temp)
             z_tok += tj  # one chunk holds the token, the others add an exact 0
     return m, tl.log(l), q / l, z_tok
@@ -206,7 +256,7 @@ def _logprobs_fwd_kernel(
     valid = (tok >= 0) & (tok < V)
     tok = tl.where(valid, tok, -1).to(tl.int32)
     m, log_l, mean_x, z_tok = _row_stats(
-        z_row, row, 0, V, tok, inv_temp, V, 1, z_row, tokens_ptr, 0, False, 1, BLOCK_V
+        z_row, row, 0, V, tok, inv_temp, V, 1, z_row, tokens_ptr, tokens_ptr, 0, False, False, 1, BLOCK_V
     )  # fmt: skip
     logp, ent = _logp_entropy(m, log_l, mean_x, z_tok, inv_temp)
     tl.store(logp_ptr + row, tl.where(valid, logp, float("nan")).to(logp_ptr.dtype.element_ty))
@@ -315,7 +365,7 @@ def _logits_loss_kernel(
     norm_const,
     chunk_v,
     n_chunks,
-    max_spins,
+    timeout_ns,
     MODE: tl.constexpr,
     AGG: tl.constexpr,
     KL: tl.constexpr,
@@ -330,6 +380,7 @@ def _logits_loss_kernel(
     WRITE_GRAD: tl.constexpr,
     WANT_ENTROPY: tl.constexpr,
     COOP: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
     CHUNKS_P2: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -356,8 +407,8 @@ def _logits_loss_kernel(
         valid = (tok >= 0) & (tok < V)
         tok = tl.where(valid, tok, -1).to(tl.int32)
         m_z, log_l, mean_x, z_tok = _row_stats(
-            z_row, row, c, V, tok, inv_temp, chunk_v, n_chunks, scratch_ptr, flags_ptr, max_spins, COOP, CHUNKS_P2,
-            BLOCK_V,
+            z_row, row, c, V, tok, inv_temp, chunk_v, n_chunks, scratch_ptr, flags_ptr,
+            flags_ptr + tl.num_programs(0) + 1, timeout_ns, COOP, SEQUENTIAL, CHUNKS_P2, BLOCK_V,
         )  # fmt: skip
         lp, ent = _logp_entropy(m_z, log_l, mean_x, z_tok, inv_temp)
         lp = tl.where(valid, lp, float("nan"))
