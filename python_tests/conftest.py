@@ -5,7 +5,7 @@ must be set before triton is first imported, so it is set here, at the top of th
 pytest imports. With a GPU the kernels are compiled and run for real, and the `gpu` tests run.
 
 Markers set here, at collection, so that `-m` selects by what a test touches:
-- `gpu`: the test runs on a CUDA device: marked so in its file, parametrised with device "cuda" (the
+- `gpu`: the test runs on a CUDA device: marked so in its file, parametrised with a device parameter "cuda" (the
   ("auto", "cuda") pair of targets()), or skipped without a GPU for a reason that names a CUDA device.
   `pytest -m gpu` on a GPU machine runs exactly these (bench/gpu_check.sh does).
 - `triton_cpu`: the Triton kernels on CPU tensors under the interpreter (the ("triton", "cpu") pair of
@@ -45,7 +45,7 @@ def touches_cuda(item) -> bool:
     if item.get_closest_marker("gpu") is not None:
         return True
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and any(_is_cuda(v) for v in callspec.params.values()):
+    if callspec is not None and any(_is_cuda(v) for k, v in callspec.params.items() if "device" in k):
         return True
     return any("CUDA device" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
 

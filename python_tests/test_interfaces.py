@@ -76,6 +76,10 @@ def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
     with mk.use_backend("triton"):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             implementation(torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            mk.policy_loss(torch.zeros(2, 3), torch.ones(2), torch.ones(2, 3, dtype=torch.bool))
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            mk.token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with mk.use_backend("triton"):
         assert implementation(torch.device("cpu")) == "triton"
@@ -122,3 +126,32 @@ def test_numpy_numbers_are_accepted_where_python_numbers_are():
 def test_wrong_number_types_name_the_argument(kw, name):
     with pytest.raises(TypeError, match=name):
         mk.multi_objective_advantages(torch.randn(8, 2), **kw)
+
+
+def test_meta_tensors_give_shapes_without_computing():
+    """Tensors on the meta device (shape inference, deferred initialisation) get outputs of the right shapes and
+    dtypes from the ops' fake implementations, as from any torch op."""
+    meta = torch.device("meta")
+    out = mk.multi_objective_advantages(torch.empty(12, 3, device=meta), group_size=4, weights=[1.0, 2.0, 3.0])
+    assert [tuple(x.shape) for x in out] == [(12,), (3,), (12,), (3, 3), (3, 3), (3, 3)]
+    assert all(x.is_meta for x in out) and out.advantages.dtype == torch.float32
+    logp = torch.empty(2, 5, device=meta, requires_grad=True)
+    loss, metrics = mk.policy_loss(logp, torch.empty(2, device=meta), torch.empty(2, 5, dtype=torch.bool, device=meta))
+    assert loss.is_meta and loss.shape == () and metrics.ratio_max.is_meta
+    loss.backward()
+    assert logp.grad.is_meta and logp.grad.shape == (2, 5)
+    logits = torch.empty(2, 5, 11, device=meta, dtype=torch.bfloat16)
+    tokens = torch.empty(2, 5, dtype=torch.long, device=meta)
+    logp2, ent = mk.token_logprobs(logits, tokens, return_entropy=True)
+    assert logp2.shape == ent.shape == (2, 5) and logp2.dtype == torch.float32 and logp2.is_meta
+    loss2, _ = mk.policy_loss_from_logits(logits, tokens, torch.empty(2, device=meta), torch.empty(2, 5, device=meta))
+    assert loss2.is_meta
+    r = mk.brier_reward(torch.empty(4, device=meta), torch.empty(4, device=meta))
+    assert r.is_meta and r.shape == (4,)
+
+
+def test_meta_group_ids_name_the_problem():
+    with pytest.raises(ValueError, match="group_ids"):
+        mk.multi_objective_advantages(
+            torch.empty(4, 2, device="meta"), group_ids=torch.empty(4, dtype=torch.long, device="meta")
+        )

@@ -39,12 +39,12 @@ def brier_reward(correct: torch.Tensor, confidence: torch.Tensor, *, check: bool
         raise ValueError("confidence is empty")
     q = confidence if confidence.dtype == torch.float64 else confidence.float()
     if correct.dtype == torch.bool:
-        c = correct.reshape(-1).contiguous().view(torch.uint8)
+        c = correct.reshape(-1).to(torch.uint8)  # a converted bool is 0 / 1 whatever byte it holds
     else:
         if correct.dtype.is_complex:
             raise TypeError(f"correct must be bool, integer or float, got {correct.dtype}")
         c = correct.reshape(-1).to(q.dtype).contiguous()
-        if check and not torch.compiler.is_compiling():
+        if check and not torch.compiler.is_compiling() and not correct.is_meta:
             bad = (c != 0) & (c != 1)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])

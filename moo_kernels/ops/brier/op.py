@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from moo_kernels._backend import get_backend
+from moo_kernels._backend import implementation
 from moo_kernels.ops.brier.reference import brier_reference
 
 
@@ -11,13 +11,12 @@ from moo_kernels.ops.brier.reference import brier_reference
 def brier_op(correct: Tensor, confidence: Tensor, check: bool) -> Tensor:
     """correct [n] uint8/float32/float64, confidence [n] float32/float64, both contiguous; check: raise on a
     confidence outside [0, 1] (on CUDA that reads a flag back: one host synchronisation)."""
-    backend = get_backend()
-    device = confidence.device.type
-    if backend == "reference" or device not in ("cpu", "cuda"):
+    impl = implementation(confidence.device)
+    if impl == "reference":
         bad_mask = ~((confidence >= 0) & (confidence <= 1))
         bad = int(bad_mask.nonzero()[0]) if check and bool(bad_mask.any()) else -1
         out = brier_reference(correct, confidence).to(confidence.dtype)
-    elif device == "cuda" or backend == "triton":
+    elif impl == "triton":
         from moo_kernels.ops.brier.cuda import brier_triton
 
         out, bad = brier_triton(correct, confidence, check)

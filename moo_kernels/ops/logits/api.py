@@ -68,7 +68,7 @@ def _check_logits(logits, tokens, temperature) -> float:
             f"tokens must have shape {tuple(logits.shape[:2])} (logits' [B, T]), got {tuple(tokens.shape)}"
         )
     V = logits.shape[2]
-    if not tokens.is_cuda and not torch.compiler.is_compiling():
+    if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= V:
             bad = int(((tokens < 0) | (tokens >= V)).flatten().nonzero()[0])
@@ -106,7 +106,7 @@ def token_logprobs(
     """
     temperature = _check_logits(logits, tokens, temperature)
     return_entropy = O.check_bool("return_entropy", return_entropy)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or logits.is_meta:  # the registered op (meta tensors: its fake)
         logp, ent, _ = token_logprobs_op(logits, tokens, temperature, return_entropy)
     elif torch.is_grad_enabled() and logits.requires_grad:
         logp, ent, _ = TokenLogprobsFunction.apply(logits, tokens, temperature, return_entropy)
@@ -185,7 +185,7 @@ def policy_loss_from_logits(
             "view?), so inplace_backward=True cannot write a gradient per position into them; pass "
             "inplace_backward=False or contiguous logits"
         )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or logits.is_meta:  # the registered op (meta tensors: its fake)
         loss, metrics, ent, _ = policy_loss_from_logits_op(logits, tokens, temperature, return_entropy, *loss_args,
                                                            write_grad)  # fmt: skip
     elif write_grad:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moo_kernels._backend import get_backend
+from moo_kernels._backend import implementation
 from moo_kernels.ops.logits.reference import (
     policy_loss_from_logits_reference,
     row_stats_reference,
@@ -30,15 +30,6 @@ from moo_kernels.ops.policy_loss.reference import METRICS
 NUM_LOSS_ARGS = 19  # advantages .. write_grad: PolicyLossProblem without logp
 
 
-def _impl(device: torch.device) -> str:
-    backend = get_backend()
-    if backend == "reference" or device.type not in ("cpu", "cuda"):
-        return "reference"
-    if device.type == "cuda" or backend == "triton":
-        return "triton"
-    return "cpp"
-
-
 def _out_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -48,7 +39,7 @@ def _out_dtype(logits: Tensor) -> torch.dtype:
 
 def run_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool):
     """(logp, stats [B, T, 2], entropy or None), in float32 (float64 for float64 logits)."""
-    impl = _impl(logits.device)
+    impl = implementation(logits.device)
     if impl == "triton":
         from moo_kernels.ops.logits.cuda import token_logprobs_fwd_triton
 
@@ -64,7 +55,7 @@ def run_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, want_
 
 
 def run_token_logprobs_backward(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out) -> Tensor:
-    impl = _impl(logits.device)
+    impl = implementation(logits.device)
     if impl == "triton":
         from moo_kernels.ops.logits.cuda import token_logprobs_bwd_triton
 
@@ -163,7 +154,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
 def run_logits_loss(logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool, grad, p):
     """(loss, metrics[11], entropy or None) of the loss problem p (p.logp unused); the gradient for an
     incoming gradient of 1 is written into grad when it is not None (grad may be logits itself)."""
-    impl = _impl(logits.device)
+    impl = implementation(logits.device)
     if impl == "reference":
         loss, metrics, ent, g = policy_loss_from_logits_reference(
             logits, tokens, p.advantages, p.mask, temperature=temperature, **p.reference_kwargs()

@@ -198,7 +198,7 @@ def policy_loss(
     )  # fmt: skip
     write_grad = torch.is_grad_enabled() and logp.requires_grad
     args = (logp, *loss_args, write_grad)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or logp.is_meta:  # the registered op (meta tensors: its fake)
         loss, metrics, _ = policy_loss_op(*args)
     elif write_grad:
         loss, metrics, _ = PolicyLossFunction.apply(*args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moo_kernels._backend import get_backend
+from moo_kernels._backend import implementation
 from moo_kernels.ops.policy_loss.problem import PolicyLossProblem
 from moo_kernels.ops.policy_loss.reference import METRICS, policy_loss_grad_reference, policy_loss_reference
 
@@ -24,11 +24,10 @@ def run_reference(p: PolicyLossProblem):
 
 
 def run(p: PolicyLossProblem):
-    backend = get_backend()
-    device = p.logp.device.type
-    if backend == "reference" or device not in ("cpu", "cuda"):
+    impl = implementation(p.logp.device)
+    if impl == "reference":
         return run_reference(p)
-    if device == "cuda" or backend == "triton":
+    if impl == "triton":
         from moo_kernels.ops.policy_loss.cuda import policy_loss_triton
 
         return policy_loss_triton(p)
