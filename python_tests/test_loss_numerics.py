@@ -181,6 +181,27 @@ def test_infinite_logp_at_active_tokens(backend, device, mode, old, ref):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kl", ["k1", "k2"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("mask_sign", [1.0, -1.0])
+def test_infinite_kl_estimates(backend, device, kl, beta, mask_sign):
+    """logp = -inf at an active token makes k1 / k2 infinite: with beta = 0 the estimate is reported but not
+    added (the loss stays finite: no 0 * inf), and when sum(m) <= 0 every mean is 0 (not 0 * inf)."""
+    logp, tensors, mask = loss_inputs(8)
+    logp[1, 2] = -INF
+    mask[1, 2] = True
+    adv, kw = split(tensors, dict(kl=kl, beta=beta))
+    kw.pop("old_logp", None)
+    m = mask.float() * mask_sign
+    want = expected_loss(logp, adv, m, kw)
+    if beta == 0:
+        assert want[0].isfinite()
+    if mask_sign < 0:
+        assert want[1]["kl_mean"] == 0
+    assert_loss_matches(run_loss(backend, device, logp, adv, m, kw), want)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_offpolicy_shaping_at_extreme_logp(backend, device):
     """f = 1 / (1 + gamma e^-logp), df / dlogp = f (1 - f): finite for logp = -inf and +inf."""
     logp, tensors, mask = loss_inputs(4)

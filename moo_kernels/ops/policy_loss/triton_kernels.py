@@ -256,8 +256,10 @@ def _token_terms(
             k = e + uc - 1.0
             gk = tl.where(tl.abs(u) <= LOG_RATIO_MAX, 1.0 - e, 0.0)
         k = tl.where(active, k, 0.0)
-        loss = pg + beta * k
-        g = g + beta * gk
+        # beta = 0 reports the estimate without adding it (a select: 0 * inf would be NaN)
+        with_kl = beta > 0
+        loss = tl.where(with_kl, pg + beta * k, pg)
+        g = tl.where(with_kl, g + beta * gk, g)
     else:
         k = zero
         loss = pg
@@ -355,8 +357,9 @@ def _store_partials(base, loss_tok, pg, k, wl, wmean, active, clipped, low, high
     """One row of partial sums (the columns of _reduce_partials_kernel) over a block of tokens: wl = m scale,
     the weight in the loss, wmean = m / M, the weight in the metrics' means; every value selected where
     active."""
-    tl.store(base + 0, tl.sum(tl.where(active, loss_tok * wl, 0.0), axis=0))
-    tl.store(base + 1, tl.sum(tl.where(active, pg * wl, 0.0), axis=0))
+    counts = active & (wl != 0)  # a token whose weight in the loss is 0 adds 0, even an infinite loss
+    tl.store(base + 0, tl.sum(tl.where(counts, loss_tok * wl, 0.0), axis=0))
+    tl.store(base + 1, tl.sum(tl.where(counts, pg * wl, 0.0), axis=0))
     tl.store(base + 2, tl.sum(tl.where(active, k * wmean, 0.0), axis=0))
     tl.store(base + 3, tl.sum(tl.where(clipped & active, wmean, 0.0), axis=0))
     tl.store(base + 4, tl.sum(tl.where(low & active, wmean, 0.0), axis=0))
@@ -394,5 +397,10 @@ def _reduce_partials_kernel(part_ptr, totals_ptr, out_ptr, P, BLOCK_P: tl.conste
     # infinite)
     any_active = tl.sum(tl.where(is_min, red, 0.0), axis=0) < float("inf")
     red = tl.where(is_min | is_max, tl.where(any_active, red, 0.0), red)
-    red = tl.where(cols == NUM_PARTIALS, tl.load(totals_ptr + 0), red)
+    # the means (columns 2..7 and 10) are 0 unless M = sum(m) > 0 (a select: their weights m / M are 0 then,
+    # and an infinite estimate times 0 would be NaN)
+    total_m = tl.load(totals_ptr + 0)
+    is_mean = ((cols >= 2) & (cols <= 7)) | (cols == 10)
+    red = tl.where(is_mean, tl.where(total_m > 0, red, 0.0), red)
+    red = tl.where(cols == NUM_PARTIALS, total_m, red)
     tl.store(out_ptr + cols, red, mask=cols <= NUM_PARTIALS)
