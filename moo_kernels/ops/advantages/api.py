@@ -167,9 +167,8 @@ def multi_objective_advantages(
     if clip is not None:
         clip = O.check_number("clip", clip, low=0.0, low_inclusive=False)
 
-    # The C++ kernel accumulates in float64; the Triton kernel in the output dtype.
-    on_gpu = device.type == "cuda" and rewards.dtype != torch.float64
-    w, weights_checked = _weights(weights, k, device, torch.float32 if on_gpu else torch.float64)
+    # Every backend computes in float64 and reads the weights as float64.
+    w, weights_checked = _weights(weights, k, device, torch.float64)
 
     if valid is not None:
         valid = O.check_bool_tensor("valid", valid, (n,), device).contiguous()
