@@ -120,6 +120,13 @@ def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
+def _eps_over(eps: float, scale: torch.Tensor) -> torch.Tensor:
+    """eps / scale, correctly rounded (a number divided by a tensor is computed as a reciprocal times the
+    number, which overflows for a subnormal scale); 0 when eps == 0 (also when the scale underflowed)."""
+    num = torch.full_like(scale, eps)
+    return torch.where(num > 0, num / scale, torch.zeros_like(scale))
+
+
 def _apply_scale(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """v * scale where v != 0; a zero stays zero (also when the scale overflowed)."""
     nz = v != 0
@@ -285,8 +292,7 @@ def forward_state(
     # 6. normalise and combine
     a = None
     if weighting == "scalarize":
-        # eps == 0 stays 0 when the scale underflowed to 0
-        eps_u = torch.zeros_like(s_scale) if eps == 0 else eps / s_scale
+        eps_u = _eps_over(eps, s_scale)
         g = s_stats
         out = normalize_scaled(
             u_d, feasible, g.count[gi], g.mean_u[gi], g.std_u[gi], g.varies[gi], eps_u[gi], normalize
@@ -294,7 +300,7 @@ def forward_state(
         adv = out if normalize == "zscore" else _apply_scale(out, s_scale[gi])
         weff = w.expand(G, -1)
     else:
-        eps_c = eps / st.scale
+        eps_c = _eps_over(eps, st.scale)
         a_u = normalize_scaled(u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_c[gi], normalize)
         e = torch.ones_like(st.scale) if normalize == "zscore" else st.scale
         live = st.big > 0 if normalize == "none" else st.varies
@@ -331,7 +337,7 @@ def batch_whiten(adv: torch.Tensor, contrib: torch.Tensor, eps: float, unbiased:
     """8.: whitened advantages of the contributing samples (others unchanged) and the batch statistics."""
     zeros = torch.zeros(adv.shape[0], dtype=torch.long, device=adv.device)
     st, u = group_stats(adv, contrib, zeros, 1, unbiased)
-    eps_u = eps / st.scale
+    eps_u = _eps_over(eps, st.scale)
     white = normalize_scaled(u, contrib, st.count[zeros], st.mean_u[zeros], st.std_u[zeros], st.varies[zeros],
                              eps_u[zeros], "zscore")  # fmt: skip
     return torch.where(contrib, white, adv), st
