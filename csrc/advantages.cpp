@@ -2,23 +2,25 @@
 //
 // Semantics: moo_kernels/ops/advantages/reference.py (the float64 reference); this is the same algorithm.
 // Everything is computed in double: rewards of any dtype and strides are converted exactly, the weights
-// arrive as float64. Groups are processed in blocks of kLanes groups side by side, one group per SIMD lane
-// (a large group fills a block alone, spread over the lanes), blocks in parallel (OpenMP). For a block:
+// arrive as float64. Groups are processed in blocks of kLanes = 8 groups side by side, one group per lane
+// (two 256-bit vectors of doubles per row; a large group fills a block alone, spread over the lanes),
+// blocks in parallel (OpenMP). For a block:
 //   1. Gather: every sample of the block's groups is read once, reward gates applied (a nonzero byte is
 //      an open gate, a valid sample, a passing gate); a sample is feasible when valid and every gate
 //      passes; an entry takes part when its sample is feasible and its reward finite. Objective k
 //      becomes column k of (value, take) cells, value 0 where the entry does not take part.
 //   2. Scaled statistics of every column and group, three passes over the cells (which stay in cache):
-//      count, lo and hi (exact), then the power-of-two scale c = 2^floor(log2 max|x|), the sum of
-//      u = x / c, then the sum of squared deviations of u from its mean. No square over- or underflows
-//      for any finite input. lo == hi marks a column that does not vary: its mean is then exactly the
-//      common value and its std exactly 0.
+//      count, lo and hi (exact; gathered while masking), then the power-of-two scale
+//      c = 2^floor(log2 max|x|), the sum of u = x / c, then the sum of squared deviations of u from its
+//      mean. No square over- or underflows for any finite input. lo == hi marks a column that does not
+//      vary: its mean is then exactly the common value and its std exactly 0.
 //   3. Column K, when needed (scalarize, drop_zero_variance), holds the combined reward
 //      d_j = SORTEDSUM_k(w'_k * (x_jk / C_g)): per sample the K terms are sorted ascending (a sorting
 //      network over the lanes for K <= 4, an insertion sort otherwise) and added from +0.0 left to right.
 //      These are the reference's IEEE operations in the reference's order, so d has the same bits on
 //      every backend and "does not vary" (lo == hi of d) is decided identically everywhere. x / C_g is
-//      computed as (x * pre) * inv, both factors powers of two, which rounds exactly as the division.
+//      computed as (x * pre) * inv (x * inv when pre is 1), both factors powers of two, which rounds
+//      exactly as the division.
 //   4. Weights (w, or w~_gk from the scaled stds), acceptance, normalisation and combination (a sorted
 //      sum over the objectives again, so permuting objectives changes no bit), then sign scaling,
 //      clipping and the fixed values of infeasible / rejected / invalid samples.
@@ -562,6 +564,38 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
     return bad;
 }
 
+// The rows of combined_column for K = KC <= 4, with pass 1 of its statistics on the way.
+template <int KC, bool kPre>
+MOO_INLINE void combined_rows(const double* wk, const double* pre, const double* inv, Block& b, Extremes& e) {
+    const double* fits = b.fits.data();
+    Cell* combined = b.column(KC);
+    double n[kLanes] = {}, low[kLanes], high[kLanes];
+    std::fill(low, low + kLanes, kInf);
+    std::fill(high, high + kLanes, -kInf);
+    for (int64_t i = 0; i < b.rows; ++i) {
+        const Cell* x[KC];
+        for (int k = 0; k < KC; ++k) x[k] = b.column(k) + i;
+        Cell& out = combined[i];
+        const double* feasible = b.slots[i].feasible;
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double d = sorted_sum_small<KC>([&](int k) {
+                const double q = scaled<kPre>(x[k]->value[l], pre[l], inv[l]);
+                return wk[k] * (fits[k * kLanes + l] > 0 ? q : 0.0);
+            });
+            const double t = feasible[l], lo = t > 0 ? d : kInf, hi = t > 0 ? d : -kInf;
+            out.value[l] = d;
+            out.take[l] = t;
+            n[l] += t;
+            low[l] = lo < low[l] ? lo : low[l];
+            high[l] = hi > high[l] ? hi : high[l];
+        }
+    }
+    std::copy(n, n + kLanes, e.count);
+    std::copy(low, low + kLanes, e.lo);
+    std::copy(high, high + kLanes, e.hi);
+}
+
 // Step 3: column K, the combined reward d_j = SORTEDSUM_k(w'_k * q_jk), q_jk = x_jk / C_g where
 // c_gk <= C_g, else 0; C_g = max c_gk over the objectives with w'_k > 0 and a nonzero entry. d is 0
 // for an infeasible sample (its values are 0), and takes part where the sample is feasible.
@@ -592,20 +626,10 @@ MOO_INLINE void combined_column(const Inputs& in, Block& b) {
     if constexpr (KC > 0) {
         double wk[KC];
         for (int k = 0; k < KC; ++k) wk[k] = in.wprime[k];
-        for (int64_t i = 0; i < b.rows; ++i) {
-            const Cell* x[KC];
-            for (int k = 0; k < KC; ++k) x[k] = b.column(k) + i;
-            Cell& out = combined[i];
-            const double* feasible = b.slots[i].feasible;
-            MOO_OMP(omp simd)
-            for (int64_t l = 0; l < kLanes; ++l) {
-                out.value[l] = sorted_sum_small<KC>([&](int k) {
-                    const double q = (x[k]->value[l] * pre[l]) * inv[l];
-                    return wk[k] * (fits[k * kLanes + l] > 0 ? q : 0.0);
-                });
-                out.take[l] = feasible[l];
-            }
-            e.add(out.value, out.take);
+        if (unit_pre(pre)) {
+            combined_rows<KC, false>(wk, pre, inv, b, e);
+        } else {
+            combined_rows<KC, true>(wk, pre, inv, b, e);
         }
     } else {
         double* t = b.terms.data();
