@@ -29,8 +29,9 @@ float64: rewards of any dtype are converted exactly, weights are read as float64
    denominator is 0; "center" a = u - mean_u, e = c; "rloo" a = (u - mean_u) * n / (n - 1) (0 when
    n < 2), e = c; "none" a = u, e = c. The value is a * e; a = 0 where the entry does not take part.
 4. SORTEDSUM_k(t_k): the K terms sorted ascending, then added one after another from +0.0, left to
-   right. Rows holding the same multiset of terms get bitwise the same sum, so permuting objectives
-   changes no bit of any output.
+   right (not a tree). Rows holding the same multiset of terms get bitwise the same sum (where equal
+   terms or zeros of either sign end up does not matter, nor do extra zero terms), so permuting
+   objectives changes no bit of any output.
 5. Weights: cw = 2^floor(log2 max_k w_k) (1 when every weight is 0), w'_k = w_k / cw.
    The combined reward (scalarize, drop_zero_variance) of a sample:
        d_j = SORTEDSUM_k(w'_k * q_jk), q_jk = x_jk / C_g (0 where c_gk > C_g),
@@ -47,8 +48,10 @@ float64: rewards of any dtype are converted exactly, weights are read as float64
      0); W = w~, F = 1. Then A_j = SORTEDSUM_k(a_jk * b_gk) * (E_g * F), b_gk = W_gk * (e_gk / E_g),
      E_g = max e_gk over the live objectives with W_gk > 0 (b = 0 for the others; live: the column
      varies, for "none" it has a nonzero entry). For zscore this is cw * SORTEDSUM_k(w'_k a_jk).
-   A scaled value of 0 stays 0 whatever the scale; the combined advantage saturates at the largest
-   finite float64 (it exceeds it only where its exact value does).
+   eps / c and eps / P_g are correctly rounded divisions (0 when eps is 0). The products of scales
+   (P_g, E_g * F) are float64 products in the order written; they leave its range only for weights and
+   rewards that both span hundreds of orders of magnitude. A scaled value of 0 stays 0 whatever the
+   scale, and the combined advantage saturates at the largest finite float64.
 7. Groups: rejected when fewer than min_feasible samples are feasible, or (drop_zero_variance) when d
    does not vary over the feasible samples (lo == hi, exactly: fewer than two, or all equal). These
    exact comparisons of bitwise-identical values give identical decisions on every backend, invariant
