@@ -1,29 +1,37 @@
 // Multi-objective advantages on the CPU: the C++ backend of moo_kernels.multi_objective_advantages.
 //
-// Semantics: moo_kernels/ops/advantages/reference.py (the float64 reference). Algorithm:
-//   Groups are processed in blocks of kLanesOf<T> groups side by side, one group per SIMD lane (a large
-//   group fills a block alone, spread over the lanes), blocks in parallel (OpenMP). The compute type T
-//   of the block code is float for float16/bfloat16/float32 rewards (8 lanes) and double for float64
-//   (4 lanes). For a block:
-//   1. Gather: every sample of the block's groups is read once (any dtype and strides, converted to
-//      T), reward gates applied; a sample is feasible when valid and every gate passes; an entry
-//      takes part when its sample is feasible and its reward finite. Objective k becomes column k of
-//      (value, take) cells, value 0 where the entry does not take part; column K holds the combined
-//      reward s_j = sum_k w_k r_jk when it is needed (scalarize, drop_zero_variance).
-//   2. Statistics of every column and group, two-pass: count, sum, min and max, then the sum of squared
-//      deviations from the mean. min == max marks a group that does not vary: its mean is then exactly
-//      the common value and its std exactly 0.
-//   3. Weights (w, or w_k sigma_gk / sum_l w_l sigma_gl), acceptance, normalisation and combination,
-//      then sign scaling, clipping and the fixed values of infeasible / rejected / invalid samples.
-//   4. batch_normalize: step 3 stops after the combination and keeps the raw advantage (as double) and a
-//      sample code (in the sample-mask bytes). The batch statistics over the contributing samples are
-//      reduced over fixed blocks of samples combined in block order; a last parallel pass whitens and
-//      finishes every sample.
-// The block code accumulates in T (two-pass statistics in fp32 at least, as the GPU kernel), the batch
-// statistics in double, in an order fixed by the code, so results are deterministic: the same bits
-// whatever the thread count or instruction set. Outputs are float32
-// (float64 for float64 rewards). The first non-finite reward (nan_policy="raise") and the first bad
-// weight are returned as indices, and the Python launcher raises.
+// Semantics: moo_kernels/ops/advantages/reference.py (the float64 reference); this is the same algorithm.
+// Everything is computed in double: rewards of any dtype and strides are converted exactly, the weights
+// arrive as float64. Groups are processed in blocks of kLanes = 8 groups side by side, one group per lane
+// (two 256-bit vectors of doubles per row; a large group fills a block alone, spread over the lanes),
+// blocks in parallel (OpenMP). For a block:
+//   1. Gather: every sample of the block's groups is read once, reward gates applied (a nonzero byte is
+//      an open gate, a valid sample, a passing gate); a sample is feasible when valid and every gate
+//      passes; an entry takes part when its sample is feasible and its reward finite. Objective k
+//      becomes column k of (value, take) cells, value 0 where the entry does not take part.
+//   2. Scaled statistics of every column and group, three passes over the cells (which stay in cache):
+//      count, lo and hi (exact; gathered while masking), then the power-of-two scale
+//      c = 2^floor(log2 max|x|), the sum of u = x / c, then the sum of squared deviations of u from its
+//      mean. No square over- or underflows for any finite input. lo == hi marks a column that does not
+//      vary: its mean is then exactly the common value and its std exactly 0.
+//   3. Column K, when needed (scalarize, drop_zero_variance), holds the combined reward
+//      d_j = SORTEDSUM_k(w'_k * (x_jk / C_g)): per sample the K terms are sorted ascending (a sorting
+//      network over the lanes for K <= 4, an insertion sort otherwise) and added from +0.0 left to right.
+//      These are the reference's IEEE operations in the reference's order, so d has the same bits on
+//      every backend and "does not vary" (lo == hi of d) is decided identically everywhere. x / C_g is
+//      computed as (x * pre) * inv (x * inv when pre is 1), both factors powers of two, which rounds
+//      exactly as the division.
+//   4. Weights (w, or w~_gk from the scaled stds), acceptance, normalisation and combination (a sorted
+//      sum over the objectives again, so permuting objectives changes no bit), then sign scaling,
+//      clipping and the fixed values of infeasible / rejected / invalid samples.
+//   5. batch_normalize: step 4 stops after the combination and keeps the raw advantage (as double) and a
+//      sample code (in the sample-mask bytes). The scaled batch statistics over the contributing samples
+//      are reduced over fixed blocks of samples combined in block order; a last parallel pass whitens
+//      and finishes every sample.
+// The reductions run in an order fixed by the code, so results are deterministic: the same bits whatever
+// the thread count or instruction set. Outputs are float32 (float64 for float64 rewards). The first
+// non-finite reward (nan_policy="raise") and the first bad weight are returned as indices, and the Python
+// launcher raises.
 // Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) in simd.h, the element types and
 // dtype codes in dtype.h.
 
@@ -34,6 +42,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -46,14 +55,12 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int64_t kLanes = 4;                                    // lanes of the double batch reduction
-// Compute type of the block code: float for 16/32-bit rewards (two-pass fp32 statistics, as the GPU
-// kernel), double for float64. Groups per block, one per lane: a 256-bit vector of the compute type.
-template <typename T>
-constexpr int64_t kLanesOf = sizeof(T) == 4 ? 8 : 4;
+constexpr int64_t kLanes = 8;  // groups per block: two 256-bit vectors of doubles (two independent sum chains)
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();  // no bad value found
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kMaxFinite = std::numeric_limits<double>::max();
+constexpr double kMinNormal = std::numeric_limits<double>::min();  // 2^-1022
+constexpr double kTwo52 = 4503599627370496.0;                      // 2^52
 constexpr int64_t kParallelMinElements = 1 << 14;  // fewer rewards: one thread (threads cost more)
 constexpr int64_t kBlocksPerTask = 4;              // OpenMP dynamic schedule chunk
 constexpr int64_t kBatchRows = 1024;               // rows of kLanes samples per part of the batch reduction
@@ -77,7 +84,9 @@ struct Inputs {
     int64_t num_groups;
     const int64_t* order;         // [N] sample indices sorted by group
     const int64_t* offsets;       // [G + 1] start of each group in order
-    const double* weights;        // [K]
+    const double* weights;        // [K] w
+    const double* wprime;         // [K] w' = w / cw
+    double cw;                    // 2^floor(log2 max_k w_k), 1 when every weight is 0
     const uint8_t* valid;         // [N] or null
     const uint8_t* reward_gates;  // [N, K] or null
     int64_t stride_rgn, stride_rgk;
@@ -108,6 +117,31 @@ struct Options {
     bool check_finite;
 };
 
+// ---- power-of-two scales -------------------------------------------------------------------------
+
+// 2^floor(log2 m) for finite m >= 0 (exact, subnormals included), 1 for m == 0: the exponent bits of m
+// (of m * 2^54 for a subnormal m, then divided by 2^54, exactly).
+inline double exponent_only(double m) {
+    constexpr uint64_t kExponent = 0x7ff0000000000000ull;
+    uint64_t bits;
+    std::memcpy(&bits, &m, sizeof bits);
+    bits &= kExponent;
+    std::memcpy(&m, &bits, sizeof m);
+    return m;
+}
+
+// Branch-free, so that it vectorises inside the lane loops.
+inline double pow2_floor(double m) {
+    const bool tiny = m < kMinNormal;                                        // subnormal (or 0)
+    const double p = exponent_only(tiny ? m * 18014398509481984.0 : m);      // * 2^54: normal
+    const double c = tiny ? p * 5.551115123125783e-17 : p;                   // * 2^-54: exact
+    return m > 0 ? c : 1.0;
+}
+
+// Division by a power of two c is done as two multiplications, (x * pre) * inv: pre = 2^52 when c is below
+// 2^-1022 (1 / c would overflow), else 1, and inv = 1 / (c * pre), both exact. The first product is exact
+// and the second rounds once, so the result has the bits of x / c.
+
 // ---- lanes and statistics ------------------------------------------------------------------------
 //
 // The loops over samples run over rows of kLanes independent lanes. The compiler turns them into SIMD
@@ -117,158 +151,220 @@ struct Options {
 
 // A row of kLanes values and their masks (1.0 where the value takes part, and the value is then 0
 // otherwise). Keeping both in one cell keeps the loads of one from aliasing the stores of the other.
-template <typename T, int64_t L = kLanesOf<T>>
-struct CellT {
-    T value[L];
-    T take[L];
+struct Cell {
+    double value[kLanes];
+    double take[kLanes];
 };
-using Cell = CellT<double, kLanes>;
 
 // Per-sample data of a row of a block.
-template <typename T, int64_t L = kLanesOf<T>>
 struct Slot {
-    int64_t row[L];      // sample index (0 for padding)
-    T valid[L];     // 1.0 for a valid sample
-    T feasible[L];  // 1.0 for a feasible sample
-    T adv[L];       // combined advantage, then the finished one
-    T code[L];      // SampleCode, or the sample-mask bit once finished
+    int64_t row[kLanes];     // sample index (0 for padding)
+    double valid[kLanes];     // 1.0 for a valid sample
+    double feasible[kLanes];  // 1.0 for a feasible sample
+    double adv[kLanes];       // combined advantage, then the finished one
+    double code[kLanes];      // SampleCode, or the sample-mask bit once finished
 };
 
-template <typename T = double>
-struct StatsT {
-    T count = 0, mean = 0, sd = 0;
-    bool varies = false;
+// Scaled statistics of one column of a block, lane by lane (reference.py, step 2).
+struct Column {
+    double count[kLanes], lo[kLanes], hi[kLanes];
+    double big[kLanes];                          // max |x|, 0 without entries
+    double c[kLanes], pre[kLanes], inv[kLanes];  // the scale c, and x / c = (x * pre) * inv
+    double mean_u[kLanes], sd_u[kLanes];
+    double varies[kLanes];                       // 1.0 when lo < hi
+
+    double mean(int64_t l) const { return count[l] > 0 ? std::min(std::max(c[l] * mean_u[l], lo[l]), hi[l]) : 0.0; }
+    double sd(int64_t l) const { return c[l] * sd_u[l]; }
 };
-using Stats = StatsT<double>;
 
-// First-pass sums: count, sum, min and max of the values that take part.
-template <typename T = double>
-struct MomentsT {
-    T count = 0, sum = 0, lo = std::numeric_limits<T>::infinity(), hi = -std::numeric_limits<T>::infinity();
+// Pass 1 of a column: per-lane count, min and max of the values that take part.
+struct Extremes {
+    double count[kLanes], lo[kLanes], hi[kLanes];
 
-    void merge(const MomentsT& o) {
-        count += o.count;
-        sum += o.sum;
-        lo = std::min(lo, o.lo);
-        hi = std::max(hi, o.hi);
+    void reset() {
+        std::fill(count, count + kLanes, 0.0);
+        std::fill(lo, lo + kLanes, kInf);
+        std::fill(hi, hi + kLanes, -kInf);
     }
-};
-using Moments = MomentsT<double>;
 
-// Mean from the first pass: exactly the common value when nothing varies (0 when empty).
-template <typename T>
-inline StatsT<T> stats_mean(const MomentsT<T>& m) {
-    StatsT<T> st;
-    st.count = m.count;
-    st.varies = m.hi > m.lo;
-    st.mean = st.varies ? m.sum / m.count : (m.count > 0 ? m.hi : T(0));
-    return st;
-}
-
-// Std from the second pass (0 when nothing varies or with too few values).
-template <typename T>
-inline void stats_std(StatsT<T>& st, T m2, bool unbiased) {
-    const T denom = unbiased ? st.count - 1 : st.count;
-    const T var = st.varies && denom > 0 ? m2 / denom : T(0);
-    st.sd = var > 0 ? std::sqrt(var) : T(0);
-}
-
-// Per-lane first pass over rows of cells.
-template <typename T, int64_t L>
-MOO_INLINE void lane_moments(const CellT<T, L>* cells, int64_t rows, MomentsT<T>* out) {
-    constexpr T inf = std::numeric_limits<T>::infinity();
-    T count[L] = {}, sum[L] = {}, lo[L], hi[L];
-    std::fill(lo, lo + L, inf);
-    std::fill(hi, hi + L, -inf);
-    for (int64_t i = 0; i < rows; ++i) {
-        const CellT<T, L>& c = cells[i];
+    // One row of a column: value v and mask t (1.0 where it takes part) of each lane.
+    MOO_INLINE void add(const double* v, const double* t) {
         MOO_OMP(omp simd)
-        for (int64_t l = 0; l < L; ++l) {
-            const T v = c.value[l], t = c.take[l];
-            const T low = t > 0 ? v : inf, high = t > 0 ? v : -inf;
-            count[l] += t;
-            sum[l] += v;
-            lo[l] = low < lo[l] ? low : lo[l];
-            hi[l] = high > hi[l] ? high : hi[l];
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double a = t[l] > 0 ? v[l] : kInf, b = t[l] > 0 ? v[l] : -kInf;
+            count[l] += t[l];
+            lo[l] = a < lo[l] ? a : lo[l];
+            hi[l] = b > hi[l] ? b : hi[l];
         }
     }
-    for (int64_t l = 0; l < L; ++l) out[l] = {count[l], sum[l], lo[l], hi[l]};
+};
+
+MOO_INLINE Extremes lane_extremes(const Cell* cells, int64_t rows) {
+    Extremes e;
+    e.reset();
+    for (int64_t i = 0; i < rows; ++i) e.add(cells[i].value, cells[i].take);
+    return e;
 }
 
-// Per-lane sums of squared deviations from mean[lane].
-template <typename T, int64_t L>
-MOO_INLINE void lane_squared_deviations(const CellT<T, L>* cells, int64_t rows, const T* mean, T* out) {
-    T m2[L] = {};
+// x / c in a lane: (x * pre) * inv, or x * inv when the block's pre are all 1 (every c >= 2^-1022, the
+// common case: the same bits for one multiplication less).
+template <bool kPre>
+MOO_INLINE double scaled(double x, double pre, double inv) {
+    return kPre ? (x * pre) * inv : x * inv;
+}
+
+inline bool unit_pre(const double* pre) {
+    bool unit = true;
+    for (int64_t l = 0; l < kLanes; ++l) unit &= pre[l] == 1.0;
+    return unit;
+}
+
+// Pass 2: per-lane sums of u = x / c (0 where the value does not take part).
+template <bool kPre>
+MOO_INLINE void lane_scaled_sums(const Cell* cells, int64_t rows, const double* pre, const double* inv,
+                                 double* out) {
+    double sum[kLanes] = {};
     for (int64_t i = 0; i < rows; ++i) {
-        const CellT<T, L>& c = cells[i];
+        const Cell& c = cells[i];
         MOO_OMP(omp simd)
-        for (int64_t l = 0; l < L; ++l) {
-            const T d = (c.value[l] - mean[l]) * c.take[l];  // value - mean is finite: 0 where take is
+        for (int64_t l = 0; l < kLanes; ++l) sum[l] += scaled<kPre>(c.value[l], pre[l], inv[l]);
+    }
+    std::copy(sum, sum + kLanes, out);
+}
+
+// Pass 3: per-lane sums of squared deviations of u from mean[lane] over the values that take part.
+template <bool kPre>
+MOO_INLINE void lane_scaled_squares(const Cell* cells, int64_t rows, const double* pre, const double* inv,
+                                    const double* mean, double* out) {
+    double m2[kLanes] = {};
+    for (int64_t i = 0; i < rows; ++i) {
+        const Cell& c = cells[i];
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double d = (scaled<kPre>(c.value[l], pre[l], inv[l]) - mean[l]) * c.take[l];  // 0 unless take
             m2[l] += d * d;
         }
     }
-    std::copy(m2, m2 + L, out);
+    std::copy(m2, m2 + kLanes, out);
 }
 
-// Two-pass statistics of each lane of a column.
-template <typename T, int64_t L>
-MOO_INLINE void lane_stats(const CellT<T, L>* cells, int64_t rows, bool unbiased, StatsT<T>* st) {
-    MomentsT<T> m[L];
-    T mean[L], m2[L];
-    lane_moments(cells, rows, m);
-    for (int64_t l = 0; l < L; ++l) {
-        st[l] = stats_mean(m[l]);
-        mean[l] = st[l].mean;
-    }
-    lane_squared_deviations(cells, rows, mean, m2);
-    for (int64_t l = 0; l < L; ++l) stats_std(st[l], m2[l], unbiased);
+// Sums of the lanes in lane order, into every lane (a group spread over the lanes).
+inline void merge_lanes(double* v) {
+    double total = 0;
+    for (int64_t l = 0; l < kLanes; ++l) total += v[l];
+    std::fill(v, v + kLanes, total);
 }
 
-// Two-pass statistics of a column whose lanes all hold the same group: the lanes are merged in lane
-// order, and every lane gets the result.
-template <typename T, int64_t L>
-MOO_INLINE void column_stats(const CellT<T, L>* cells, int64_t rows, bool unbiased, StatsT<T>* st) {
-    MomentsT<T> m[L], total;
-    T mean[L], m2[L], sum = 0;
-    lane_moments(cells, rows, m);
-    for (int64_t l = 0; l < L; ++l) total.merge(m[l]);
-    StatsT<T> merged = stats_mean(total);
-    if (merged.varies) {
-        std::fill(mean, mean + L, merged.mean);
-        lane_squared_deviations(cells, rows, mean, m2);
-        for (int64_t l = 0; l < L; ++l) sum += m2[l];
-        stats_std(merged, sum, unbiased);
+// Scaled statistics of the rows of a column (passes 2 and 3; e: pass 1), per lane, or (spread: every lane
+// holds the same group) merged over the lanes in lane order with every lane getting the result.
+MOO_INLINE void column_stats(const Cell* cells, int64_t rows, Extremes e, bool spread, bool unbiased, Column& s) {
+    if (spread) {
+        merge_lanes(e.count);
+        const double low = *std::min_element(e.lo, e.lo + kLanes), high = *std::max_element(e.hi, e.hi + kLanes);
+        std::fill(e.lo, e.lo + kLanes, low);
+        std::fill(e.hi, e.hi + kLanes, high);
     }
-    std::fill(st, st + L, merged);
+    double sums[kLanes];
+    double any_varies = 0;
+    MOO_OMP(omp simd reduction(max : any_varies))
+    for (int64_t l = 0; l < kLanes; ++l) {
+        const double n = e.count[l], lo = e.lo[l], hi = e.hi[l];
+        const double a = std::abs(lo), b = std::abs(hi);
+        s.count[l] = n, s.lo[l] = lo, s.hi[l] = hi;
+        s.big[l] = n > 0 ? (a > b ? a : b) : 0.0;
+        s.c[l] = pow2_floor(s.big[l]);
+        s.pre[l] = s.c[l] < kMinNormal ? kTwo52 : 1.0;
+        s.inv[l] = 1.0 / (s.c[l] * s.pre[l]);
+        s.varies[l] = hi > lo ? 1.0 : 0.0;
+        any_varies = s.varies[l] > any_varies ? s.varies[l] : any_varies;
+    }
+    const bool unit = unit_pre(s.pre);
+    if (unit) {
+        lane_scaled_sums<false>(cells, rows, s.pre, s.inv, sums);
+    } else {
+        lane_scaled_sums<true>(cells, rows, s.pre, s.inv, sums);
+    }
+    if (spread) merge_lanes(sums);
+    MOO_OMP(omp simd)
+    for (int64_t l = 0; l < kLanes; ++l) {
+        // not varying: exactly the common scaled value (the same operations as each of its entries)
+        const double n = s.count[l], exact = n > 0 ? (s.hi[l] * s.pre[l]) * s.inv[l] : 0.0;
+        s.mean_u[l] = s.varies[l] > 0 ? sums[l] / n : exact;
+        s.sd_u[l] = 0;
+    }
+    if (any_varies > 0) {
+        if (unit) {
+            lane_scaled_squares<false>(cells, rows, s.pre, s.inv, s.mean_u, sums);
+        } else {
+            lane_scaled_squares<true>(cells, rows, s.pre, s.inv, s.mean_u, sums);
+        }
+        if (spread) merge_lanes(sums);
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double denom = unbiased ? s.count[l] - 1 : s.count[l];
+            const double var = s.varies[l] > 0 && denom > 0 ? sums[l] / denom : 0.0;
+            s.sd_u[l] = var > 0 ? std::sqrt(var) : 0.0;
+        }
+    }
+}
+
+// ---- sorted sums over the objectives -------------------------------------------------------------
+
+// SORTEDSUM: the terms sorted ascending, then added left to right from +0.0. The sum of a multiset of terms
+// does not depend on where equal terms (or zeros of either sign) end up.
+
+// a, b into ascending order (they stay a permutation of the two).
+MOO_INLINE void order(double& a, double& b) {
+    const double x = a, y = b;
+    a = x < y ? x : y;
+    b = x < y ? y : x;
+}
+
+// SORTEDSUM of the KC <= 4 terms term(0), ..., term(KC - 1) of one lane, by a sorting network on scalars.
+// Called inside the lane loops, it becomes minima, maxima and blends over the lanes.
+template <int KC, typename Term>
+MOO_INLINE double sorted_sum_small(const Term& term) {
+    static_assert(KC >= 1 && KC <= 4, "sorting networks for 1 to 4 terms");
+    double t0 = term(0), t1 = 0, t2 = 0, t3 = 0;
+    if constexpr (KC > 1) t1 = term(1);
+    if constexpr (KC > 2) t2 = term(2);
+    if constexpr (KC > 3) t3 = term(3);
+    if constexpr (KC == 2) {
+        order(t0, t1);
+    } else if constexpr (KC == 3) {
+        order(t0, t2);
+        order(t0, t1);
+        order(t1, t2);
+    } else if constexpr (KC == 4) {
+        order(t0, t1);
+        order(t2, t3);
+        order(t0, t2);
+        order(t1, t3);
+        order(t1, t2);
+    }
+    double sum = 0;
+    sum += t0;
+    if constexpr (KC > 1) sum += t1;
+    if constexpr (KC > 2) sum += t2;
+    if constexpr (KC > 3) sum += t3;
+    return sum;
+}
+
+// SORTEDSUM per lane of K rows of kLanes terms t[k * kLanes + l] (any K), by an insertion sort per lane.
+inline void sorted_sums(double* t, int64_t K, double* out) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+        for (int64_t i = 1; i < K; ++i) {
+            const double v = t[i * kLanes + l];
+            int64_t j = i;
+            for (; j > 0 && t[(j - 1) * kLanes + l] > v; --j) t[j * kLanes + l] = t[(j - 1) * kLanes + l];
+            t[j * kLanes + l] = v;
+        }
+        double sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += t[k * kLanes + l];
+        out[l] = sum;
+    }
 }
 
 // ---- per-sample maps -----------------------------------------------------------------------------
-
-// Normalisation as (x - shift) * mul / div. With the values below it reproduces each mode of the
-// reference exactly (multiplying or dividing by 1 is exact), including the cases where it gives 0.
-template <typename T = double>
-struct Affine {
-    T shift = 0, mul = 1, div = 1;
-};
-
-template <typename T>
-inline Affine<T> normalizer(const StatsT<T>& st, int mode, double eps) {
-    switch (mode) {
-        case kZScore: {  // (x - mu) / (sigma + eps), 0 when the values do not vary
-            const T den = st.sd + static_cast<T>(eps);
-            const bool ok = st.varies && den > 0;
-            return {st.mean, ok ? T(1) : T(0), ok ? den : T(1)};
-        }
-        case kCenter:
-            return {st.mean, T(1), T(1)};
-        case kRloo: {  // (x - mu) * n / (n - 1), 0 when n < 2
-            const bool many = st.count > 1;
-            return {st.mean, many ? st.count : T(0), many ? st.count - 1 : T(1)};
-        }
-        default:
-            return {T(0), T(1), T(1)};
-    }
-}
 
 // Sign shaping and clipping of a contributing sample's advantage.
 inline double shape(double a, const Options& o) {
@@ -297,22 +393,34 @@ struct BlockPlan {
 // of the group when spread); rows past the group are padding (invalid, never taking part). cells holds
 // K + 1 columns of `cap` rows: the objectives, then the combined reward. The buffers grow to the largest
 // block met.
-template <typename T>
 struct Block {
-    static constexpr int64_t kLanes = kLanesOf<T>;
     int64_t k;
     bool spread = false;
-    int64_t group[kLanes];  // group of each lane (num_groups for an empty lane, and lanes 1.. when spread)
+    int64_t group[kLanes];                 // group of each lane (num_groups for an empty lane, and lanes 1.. when spread)
     int64_t start[kLanes], count[kLanes];  // start of the lane's group, and the lane's rows
-    int64_t rows = 0;       // largest count of the block
+    int64_t rows = 0;                      // largest count of the block
     int64_t cap = 0;
-    T feasible_count[kLanes];
-    std::vector<Slot<T>> slots;    // [cap]
-    std::vector<CellT<T>> cells;    // [K + 1, cap]
-    std::vector<StatsT<T>> stats;   // [K + 1, kLanes]
-    std::vector<T> weff;   // [K, kLanes] combination weights
+    double feasible_count[kLanes];
+    double top[kLanes];                    // C_g: the combined reward's scale of its terms
+    std::vector<Slot> slots;               // [cap]
+    std::vector<Cell> cells;               // [K + 1, cap]
+    std::vector<Extremes> extremes;        // [K + 1] pass 1 of the statistics of each column
+    std::vector<Column> stats;             // [K + 1]
+    std::vector<double> weff;              // [K, kLanes] combination weights W (w' or w~)
+    std::vector<double> shift;             // [K, kLanes] per (objective, lane) maps of the combination
+    std::vector<double> mul;               // [K, kLanes]
+    std::vector<double> fits;              // [K, kLanes] 1.0 where c_gk <= C_g (the combined reward's terms)
+    std::vector<double> terms;             // [K, kLanes] terms of one row, sorted in place
 
-    explicit Block(int64_t objectives) : k(objectives), stats((objectives + 1) * kLanes), weff(objectives * kLanes) {}
+    explicit Block(int64_t objectives)
+        : k(objectives),
+          extremes(objectives + 1),
+          stats(objectives + 1),
+          weff(objectives * kLanes),
+          shift(objectives * kLanes),
+          mul(objectives * kLanes),
+          fits(objectives * kLanes),
+          terms(objectives * kLanes) {}
 
     void reserve(int64_t n) {
         if (n <= cap) return;
@@ -321,7 +429,7 @@ struct Block {
         cells.resize((k + 1) * cap);
     }
 
-    CellT<T>* column(int64_t c) { return cells.data() + c * cap; }
+    Cell* column(int64_t c) { return cells.data() + c * cap; }
 };
 
 inline int64_t group_start(const Inputs& in, int64_t g) {
@@ -333,9 +441,7 @@ inline int64_t group_count(const Inputs& in, int64_t g) {
 }
 
 // Blocks in group order: runs of up to kLanes groups smaller than kSpreadMin, and the larger ones alone.
-template <typename T>
 std::vector<BlockPlan> plan_blocks(const Inputs& in) {
-    constexpr int64_t kLanes = kLanesOf<T>;
     std::vector<BlockPlan> plans;
     for (int64_t g = 0; g < in.num_groups;) {
         if (group_count(in, g) >= kSpreadMin) {
@@ -352,11 +458,8 @@ std::vector<BlockPlan> plan_blocks(const Inputs& in) {
 // Step 1: gather the samples of the block's groups. KC is K when known at compile time (0: in.k).
 // Returns the lowest flat index j * K + k of a non-finite reward of a valid sample when checking, else
 // kNone.
-template <typename In, typename T, int KC>
-MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPlan& plan, bool with_combined,
-                                   Block<T>& b) {
-    constexpr int64_t kLanes = kLanesOf<T>;
-    constexpr T kMax = std::numeric_limits<T>::max();
+template <typename In, int KC>
+MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPlan& plan, Block& b) {
     const int64_t K = KC > 0 ? KC : in.k;
     b.spread = plan.spread;
     b.rows = 0;
@@ -373,23 +476,23 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
     const int64_t m = in.gates ? in.m : 0;
     const int64_t step = plan.spread ? kLanes : 1;  // sample of row i, lane l: start + i * step (+ l when spread)
     for (int64_t l = 0; l < kLanes; ++l) {
-        T feasible_count = 0;
+        double feasible_count = 0;
         const int64_t first = b.start[l] + (plan.spread ? l : 0);
         for (int64_t i = 0; i < b.count[l]; ++i) {
-            Slot<T>& s = b.slots[i];
+            Slot& s = b.slots[i];
             const int64_t index = first + i * step;
             const int64_t row = in.order ? in.order[index] : index;
-            const uint8_t valid = !in.valid || in.valid[row];
-            uint8_t pass = valid;  // bool bytes are 0 or 1
+            const bool valid = !in.valid || in.valid[row] != 0;  // any nonzero byte is true
+            bool pass = valid;
             // The early exit keeps this short loop scalar (its vectorised form costs more for a few gates).
             const uint8_t* gate = m > 0 ? in.gates + row * in.stride_gn : nullptr;
-            for (int64_t c = 0; c < m && pass; ++c) pass &= gate[c * in.stride_gm];
+            for (int64_t c = 0; c < m && pass; ++c) pass = gate[c * in.stride_gm] != 0;
             s.row[l] = row, s.valid[l] = valid, s.feasible[l] = pass;
             feasible_count += pass;
         }
         for (int64_t i = b.count[l]; i < b.rows; ++i) {  // padding
-            Slot<T>& s = b.slots[i];
-            s.row[l] = 0, s.valid[l] = s.feasible[l] = T(0);
+            Slot& s = b.slots[i];
+            s.row[l] = 0, s.valid[l] = s.feasible[l] = 0.0;
         }
         b.feasible_count[l] = feasible_count;
     }
@@ -398,54 +501,50 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
     // loads of the masking loop would stall on the scalar stores of the reads if they were interleaved.
     const In* r = static_cast<const In*>(in.rewards);
     for (int64_t k = 0; k < K; ++k) {
-        CellT<T>* cells = b.column(k);
+        Cell* cells = b.column(k);
         for (int64_t i = 0; i < b.rows; ++i) {
             const int64_t* rows = b.slots[i].row;
             for (int64_t l = 0; l < kLanes; ++l)
-                cells[i].value[l] = static_cast<T>(moo::value(r[rows[l] * in.stride_rn + k * in.stride_rk]));
+                cells[i].value[l] = static_cast<double>(moo::value(r[rows[l] * in.stride_rn + k * in.stride_rk]));
             if (!in.reward_gates) {
-                std::fill(cells[i].take, cells[i].take + kLanes, T(1));
+                std::fill(cells[i].take, cells[i].take + kLanes, 1.0);
                 continue;
             }
             for (int64_t l = 0; l < kLanes; ++l)
-                cells[i].take[l] = in.reward_gates[rows[l] * in.stride_rgn + k * in.stride_rgk];
+                cells[i].take[l] = in.reward_gates[rows[l] * in.stride_rgn + k * in.stride_rgk] != 0;
         }
     }
-    T checked[kLanes];  // 0 once a valid sample has a non-finite reward
-    std::fill(checked, checked + kLanes, T(1));
-    const T gated_value = static_cast<T>(o.gated_value);  // a local: a member would be a conditional load
+    double checked[kLanes];  // 0 once a valid sample has a non-finite reward
+    std::fill(checked, checked + kLanes, 1.0);
+    const double gated_value = o.gated_value;  // a local: a member would be a conditional load
     for (int64_t k = 0; k < K; ++k) {
-        CellT<T>* cells = b.column(k);
+        Cell* cells = b.column(k);
+        double n[kLanes] = {}, low[kLanes], high[kLanes];  // pass 1 of the statistics, on the way
+        std::fill(low, low + kLanes, kInf);
+        std::fill(high, high + kLanes, -kInf);
         for (int64_t i = 0; i < b.rows; ++i) {
-            CellT<T>& c = cells[i];
-            const Slot<T>& s = b.slots[i];
+            Cell& c = cells[i];
+            const Slot& s = b.slots[i];
             MOO_OMP(omp simd)
             for (int64_t l = 0; l < kLanes; ++l) {
-                const T read = c.value[l], open = c.take[l], feasible = s.feasible[l], valid = s.valid[l];
-                const T v = open > 0 ? read : gated_value;
-                const T finite = std::abs(v) <= kMax ? T(1) : T(0);  // 0 for inf and nan
-                const T take = finite * feasible;
-                c.value[l] = take > 0 ? v : T(0);
+                const double read = c.value[l], open = c.take[l], feasible = s.feasible[l], valid = s.valid[l];
+                const double v = open > 0 ? read : gated_value;
+                const double finite = std::abs(v) <= kMaxFinite ? 1.0 : 0.0;  // 0 for inf and nan
+                const double take = finite * feasible;
+                c.value[l] = take > 0 ? v : 0.0;
                 c.take[l] = take;
-                const T fine = finite + (T(1) - valid);  // 0 only for a non-finite reward of a valid sample
+                const double fine = finite + (1.0 - valid);  // 0 only for a non-finite reward of a valid sample
                 checked[l] = fine < checked[l] ? fine : checked[l];
+                const double x = c.value[l], lo = take > 0 ? x : kInf, hi = take > 0 ? x : -kInf;
+                n[l] += take;
+                low[l] = lo < low[l] ? lo : low[l];
+                high[l] = hi > high[l] ? hi : high[l];
             }
         }
-    }
-    if (with_combined) {  // column K: combined reward (non-finite entries count 0) of the feasible samples
-        CellT<T>* combined = b.column(K);
-        T wk[KC > 0 ? KC : 1];
-        for (int64_t k = 0; k < (KC > 0 ? KC : 0); ++k) wk[k] = static_cast<T>(in.weights[k]);
-        for (int64_t i = 0; i < b.rows; ++i) {
-            MOO_OMP(omp simd)
-            for (int64_t l = 0; l < kLanes; ++l) {
-                T sum = 0;
-                for (int64_t k = 0; k < K; ++k)
-                    sum += (KC > 0 ? wk[k] : static_cast<T>(in.weights[k])) * b.column(k)[i].value[l];
-                combined[i].value[l] = sum;
-                combined[i].take[l] = b.slots[i].feasible[l];
-            }
-        }
+        Extremes& e = b.extremes[k];
+        std::copy(n, n + kLanes, e.count);
+        std::copy(low, low + kLanes, e.lo);
+        std::copy(high, high + kLanes, e.hi);
     }
 
     bool all_finite = true;
@@ -465,40 +564,267 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
     return bad;
 }
 
-// Step 3: the normalised, combined advantage of every sample of the block into its slot (0 for an
-// infeasible one): the sum over the combined columns of (x - shift) * take * scale, scale = mul / div *
-// weight per group: one division per group instead of one per sample (the reference's (x - shift) / div
-// * weight may differ in the last bit). x - shift is finite, so an entry that does not take part gives
-// exactly 0. A scale that overflows (sigma + eps subnormal) falls back to the reference's order.
-template <typename T>
-MOO_INLINE void combine_block(const Options& o, const T* weff, Block<T>& b) {
-    constexpr int64_t kLanes = kLanesOf<T>;
-    const int64_t K = b.k;
-    for (int64_t i = 0; i < b.rows; ++i) std::fill(b.slots[i].adv, b.slots[i].adv + kLanes, T(0));
-    const bool scalarize = o.weighting == kScalarize;
-    for (int64_t c = scalarize ? K : 0; c < (scalarize ? K + 1 : K); ++c) {
-        T shift[kLanes], mul[kLanes], div[kLanes], w[kLanes], scale[kLanes];
-        bool finite_scale = true;
+// The rows of combined_column for K = KC <= 4, with pass 1 of its statistics on the way.
+template <int KC, bool kPre>
+MOO_INLINE void combined_rows(const double* wk, const double* pre, const double* inv, Block& b, Extremes& e) {
+    const double* fits = b.fits.data();
+    Cell* combined = b.column(KC);
+    double n[kLanes] = {}, low[kLanes], high[kLanes];
+    std::fill(low, low + kLanes, kInf);
+    std::fill(high, high + kLanes, -kInf);
+    for (int64_t i = 0; i < b.rows; ++i) {
+        const Cell* x[KC];
+        for (int k = 0; k < KC; ++k) x[k] = b.column(k) + i;
+        Cell& out = combined[i];
+        const double* feasible = b.slots[i].feasible;
+        MOO_OMP(omp simd)
         for (int64_t l = 0; l < kLanes; ++l) {
-            const Affine<T> f = normalizer(b.stats[c * kLanes + l], o.normalize, o.eps);
-            shift[l] = f.shift, mul[l] = f.mul, div[l] = f.div;
-            w[l] = scalarize ? T(1) : weff[c * kLanes + l];
-            scale[l] = f.mul / f.div * w[l];
-            finite_scale &= std::abs(scale[l]) <= std::numeric_limits<T>::max();
+            const double d = sorted_sum_small<KC>([&](int k) {
+                const double q = scaled<kPre>(x[k]->value[l], pre[l], inv[l]);
+                return wk[k] * (fits[k * kLanes + l] > 0 ? q : 0.0);
+            });
+            const double t = feasible[l], lo = t > 0 ? d : kInf, hi = t > 0 ? d : -kInf;
+            out.value[l] = d;
+            out.take[l] = t;
+            n[l] += t;
+            low[l] = lo < low[l] ? lo : low[l];
+            high[l] = hi > high[l] ? hi : high[l];
         }
-        const CellT<T>* cells = b.column(c);
-        if (!finite_scale) {
-            for (int64_t i = 0; i < b.rows; ++i) {
-                for (int64_t l = 0; l < kLanes; ++l)
-                    b.slots[i].adv[l] += (cells[i].value[l] - shift[l]) * cells[i].take[l] * mul[l] / div[l] * w[l];
-            }
-            continue;
+    }
+    std::copy(n, n + kLanes, e.count);
+    std::copy(low, low + kLanes, e.lo);
+    std::copy(high, high + kLanes, e.hi);
+}
+
+// Step 3: column K, the combined reward d_j = SORTEDSUM_k(w'_k * q_jk), q_jk = x_jk / C_g where
+// c_gk <= C_g, else 0; C_g = max c_gk over the objectives with w'_k > 0 and a nonzero entry. d is 0
+// for an infeasible sample (its values are 0), and takes part where the sample is feasible.
+template <int KC>
+MOO_INLINE void combined_column(const Inputs& in, Block& b) {
+    const int64_t K = KC > 0 ? KC : in.k;
+    double top[kLanes] = {}, pre[kLanes], inv[kLanes];
+    for (int64_t k = 0; k < K; ++k) {
+        const Column& s = b.stats[k];
+        const bool weighted = in.wprime[k] > 0;
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) top[l] = weighted && s.big[l] > 0 && s.c[l] > top[l] ? s.c[l] : top[l];
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+        top[l] = top[l] > 0 ? top[l] : 1.0;
+        pre[l] = top[l] < kMinNormal ? kTwo52 : 1.0;
+        inv[l] = 1.0 / (top[l] * pre[l]);
+        b.top[l] = top[l];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) b.fits[k * kLanes + l] = b.stats[k].c[l] <= top[l] ? 1.0 : 0.0;
+    }
+    const double* fits = b.fits.data();
+    Cell* combined = b.column(K);
+    Extremes e;
+    e.reset();
+    if constexpr (KC > 0) {
+        double wk[KC];
+        for (int k = 0; k < KC; ++k) wk[k] = in.wprime[k];
+        if (unit_pre(pre)) {
+            combined_rows<KC, false>(wk, pre, inv, b, e);
+        } else {
+            combined_rows<KC, true>(wk, pre, inv, b, e);
         }
+    } else {
+        double* t = b.terms.data();
         for (int64_t i = 0; i < b.rows; ++i) {
-            const CellT<T>& x = cells[i];
-            T* adv = b.slots[i].adv;
+            for (int64_t k = 0; k < K; ++k) {
+                const Cell& x = b.column(k)[i];
+                const double w = in.wprime[k];
+                for (int64_t l = 0; l < kLanes; ++l) {
+                    const double q = (x.value[l] * pre[l]) * inv[l];
+                    t[k * kLanes + l] = w * (fits[k * kLanes + l] > 0 ? q : 0.0);
+                }
+            }
+            sorted_sums(t, K, combined[i].value);
+            std::copy(b.slots[i].feasible, b.slots[i].feasible + kLanes, combined[i].take);
+            e.add(combined[i].value, combined[i].take);
+        }
+    }
+    b.extremes[K] = e;
+}
+
+// Step 4, all lanes: the combination weights W into b.weff and, per objective, the map of a sample's value
+// x to its term of the sorted sum, ((x * pre) * inv - shift) * take * mul; the factor Q = E_g * F that
+// multiplies the sum into q.
+template <int KC>
+MOO_INLINE void objective_maps(const Inputs& in, const Options& o, Block& b, double* q) {
+    const int64_t K = KC > 0 ? KC : in.k;
+    const bool variance = o.weighting == kVariance;
+    double* W = b.weff.data();
+    if (variance) {  // w~ = t / SORTEDSUM t, t = (w' sd_u) (c / V_g)
+        double vmax[kLanes] = {}, total[kLanes];
+        for (int64_t k = 0; k < K; ++k) {
+            const Column& s = b.stats[k];
+            const bool weighted = in.wprime[k] > 0;
             MOO_OMP(omp simd)
-            for (int64_t l = 0; l < kLanes; ++l) adv[l] += (x.value[l] - shift[l]) * x.take[l] * scale[l];
+            for (int64_t l = 0; l < kLanes; ++l)
+                vmax[l] = weighted && s.sd_u[l] > 0 && s.c[l] > vmax[l] ? s.c[l] : vmax[l];
+        }
+        for (int64_t l = 0; l < kLanes; ++l) vmax[l] = vmax[l] > 0 ? vmax[l] : 1.0;
+        for (int64_t k = 0; k < K; ++k) {
+            const Column& s = b.stats[k];
+            const double wp = in.wprime[k];
+            MOO_OMP(omp simd)
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const bool sel = wp > 0 && s.sd_u[l] > 0;
+                W[k * kLanes + l] = sel ? (wp * s.sd_u[l]) * (s.c[l] / vmax[l]) : 0.0;
+            }
+        }
+        if constexpr (KC > 0) {
+            MOO_OMP(omp simd)
+            for (int64_t l = 0; l < kLanes; ++l)
+                total[l] = sorted_sum_small<KC>([&](int k) { return W[k * kLanes + l]; });
+        } else {
+            std::copy(W, W + K * kLanes, b.terms.data());
+            sorted_sums(b.terms.data(), K, total);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            MOO_OMP(omp simd)
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const double t = W[k * kLanes + l];
+                W[k * kLanes + l] = total[l] > 0 ? t / total[l] : 0.0;
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < K; ++k) std::fill(W + k * kLanes, W + (k + 1) * kLanes, in.wprime[k]);
+    }
+    // E_g over the live objectives with W > 0 (zscore: e = 1; live: varies, or for "none" a nonzero entry)
+    const bool zscore = o.normalize == kZScore, none = o.normalize == kNoNormalize;
+    double emax[kLanes] = {};
+    for (int64_t k = 0; k < K; ++k) {
+        const Column& s = b.stats[k];
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const bool live = none ? s.big[l] > 0 : s.varies[l] > 0;
+            const double e = zscore ? 1.0 : s.c[l];
+            emax[l] = W[k * kLanes + l] > 0 && live && e > emax[l] ? e : emax[l];
+        }
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+        emax[l] = emax[l] > 0 ? emax[l] : 1.0;
+        q[l] = emax[l] * (variance ? 1.0 : in.cw);
+    }
+    const double eps = o.eps;
+    for (int64_t k = 0; k < K; ++k) {
+        const Column& s = b.stats[k];
+        double* shift = b.shift.data() + k * kLanes;
+        double* mul = b.mul.data() + k * kLanes;
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double w = W[k * kLanes + l];
+            const bool live = none ? s.big[l] > 0 : s.varies[l] > 0;
+            const double e = zscore ? 1.0 : s.c[l];
+            const double coef = w > 0 && live ? w * (e / emax[l]) : 0.0;
+            const double den = s.sd_u[l] + eps / s.c[l];  // zscore: (u - mean_u) / (sd_u + eps / c)
+            const double n = s.count[l];                   // rloo: (u - mean_u) * n / (n - 1), 0 when n < 2
+            const double z = s.varies[l] > 0 && den > 0 ? coef / den : 0.0;
+            const double r = n > 1 ? coef * (n / (n - 1)) : 0.0;
+            shift[l] = none ? 0.0 : s.mean_u[l];
+            mul[l] = zscore ? z : (o.normalize == kRloo ? r : coef);
+        }
+    }
+}
+
+// A sum of terms times its scale, 0 staying 0 (also when the scale overflowed), saturated at the largest
+// finite double.
+MOO_INLINE double saturate(double a, double scale) {
+    const double v = a != 0 ? a * scale : a;
+    return v < -kMaxFinite ? -kMaxFinite : (v > kMaxFinite ? kMaxFinite : v);
+}
+
+// The rows of combine_block for fixed / variance and K = KC <= 4.
+template <int KC, bool kPre>
+MOO_INLINE void combine_rows(const double* q, Block& b) {
+    const double* shift = b.shift.data();
+    const double* mul = b.mul.data();
+    const Column* st = b.stats.data();
+    for (int64_t i = 0; i < b.rows; ++i) {
+        const Cell* x[KC];
+        for (int k = 0; k < KC; ++k) x[k] = b.column(k) + i;
+        double* adv = b.slots[i].adv;
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double sum = sorted_sum_small<KC>([&](int k) {
+                const int64_t j = k * kLanes + l;
+                const double u = scaled<kPre>(x[k]->value[l], st[k].pre[l], st[k].inv[l]);
+                return ((u - shift[j]) * x[k]->take[l]) * mul[j];
+            });
+            adv[l] = saturate(sum, q[l]);
+        }
+    }
+}
+
+// Step 4 for every sample of the block: the combined advantage (before sign scaling) into its slot, 0 for
+// an infeasible sample. Fixed / variance: SORTEDSUM_k of the objective terms, times Q_g; scalarize: the
+// normalised combined reward (times P_g unless zscore). Saturates at the largest finite double.
+template <int KC>
+MOO_INLINE void combine_block(const Inputs& in, const Options& o, const double* q, const double* p, Block& b) {
+    const int64_t K = KC > 0 ? KC : in.k;
+    if (o.weighting == kScalarize) {
+        const Column& s = b.stats[K];
+        const double* pre = s.pre;
+        const double* inv = s.inv;
+        double shift[kLanes], mul[kLanes], scale[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) {
+            shift[l] = s.mean_u[l], mul[l] = 1.0, scale[l] = p[l];
+            switch (o.normalize) {
+                case kZScore: {
+                    const double den = s.sd_u[l] + (o.eps > 0 ? o.eps / p[l] : 0.0);
+                    mul[l] = s.varies[l] > 0 && den > 0 ? 1.0 / den : 0.0;
+                    scale[l] = 1.0;
+                    break;
+                }
+                case kRloo:
+                    mul[l] = s.count[l] > 1 ? s.count[l] / (s.count[l] - 1) : 0.0;
+                    break;
+                case kNoNormalize:
+                    shift[l] = 0;
+                    break;
+                default:
+                    break;
+            }
+        }
+        const Cell* cells = b.column(K);
+        for (int64_t i = 0; i < b.rows; ++i) {
+            const Cell& x = cells[i];
+            double* adv = b.slots[i].adv;
+            MOO_OMP(omp simd)
+            for (int64_t l = 0; l < kLanes; ++l)
+                adv[l] = saturate((((x.value[l] * pre[l]) * inv[l] - shift[l]) * x.take[l]) * mul[l], scale[l]);
+        }
+        return;
+    }
+    if constexpr (KC > 0) {
+        bool unit = true;
+        for (int k = 0; k < KC; ++k) unit &= unit_pre(b.stats[k].pre);
+        if (unit) {
+            combine_rows<KC, false>(q, b);
+        } else {
+            combine_rows<KC, true>(q, b);
+        }
+    } else {
+        const double* shift = b.shift.data();
+        const double* mul = b.mul.data();
+        double* t = b.terms.data();
+        for (int64_t i = 0; i < b.rows; ++i) {
+            for (int64_t k = 0; k < K; ++k) {
+                const Cell& x = b.column(k)[i];
+                const Column& st = b.stats[k];
+                for (int64_t l = 0; l < kLanes; ++l) {
+                    const int64_t j = k * kLanes + l;
+                    t[j] = ((((x.value[l] * st.pre[l]) * st.inv[l]) - shift[j]) * x.take[l]) * mul[j];
+                }
+            }
+            double* adv = b.slots[i].adv;
+            sorted_sums(t, K, adv);
+            for (int64_t l = 0; l < kLanes; ++l) adv[l] = saturate(adv[l], q[l]);
         }
     }
 }
@@ -506,94 +832,81 @@ MOO_INLINE void combine_block(const Options& o, const T* weff, Block<T>& b) {
 // Per sample of the block, either (finish) the finished advantage in place of the raw one (sign scaling
 // and clipping of a contributing sample, the fixed value of the others) and the sample-mask bit in
 // code, or just the SampleCode in code. Branch-free over the lanes: feasibility varies at random.
-template <typename T>
-MOO_INLINE void code_block(const Options& o, const T* accept, bool finish, Block<T>& b) {
-    constexpr int64_t kLanes = kLanesOf<T>;
-    constexpr T inf = std::numeric_limits<T>::infinity();
-    const T positive = static_cast<T>(o.positive_scale), negative = static_cast<T>(o.negative_scale);
-    const T infeasible_adv = static_cast<T>(o.infeasible_advantage);
-    const T lo = o.has_clip ? static_cast<T>(-o.clip) : -inf, hi = o.has_clip ? static_cast<T>(o.clip) : inf;
-    const T keep_infeasible = o.infeasible_advantage != 0.0;
+MOO_INLINE void code_block(const Options& o, const double* accept, bool finish, Block& b) {
+    const double positive = o.positive_scale, negative = o.negative_scale;
+    const double infeasible_adv = o.infeasible_advantage;
+    const double lo = o.has_clip ? -o.clip : -kInf, hi = o.has_clip ? o.clip : kInf;
+    const double keep_infeasible = o.infeasible_advantage != 0.0;
     for (int64_t i = 0; i < b.rows; ++i) {
-        Slot<T>& s = b.slots[i];
+        Slot& s = b.slots[i];
         MOO_OMP(omp simd)
         for (int64_t l = 0; l < kLanes; ++l) {
-            const T a = s.adv[l], feasible = s.feasible[l], valid = s.valid[l], ok = accept[l];
-            const T contributes = ok * feasible, infeasible = ok * valid * (T(1) - feasible);
-            const T scaled = a * (a > 0 ? positive : negative);
-            const T clipped = scaled < lo ? lo : (scaled > hi ? hi : scaled);
-            const T fixed = infeasible > 0 ? infeasible_adv : T(0);
-            const T code = contributes * T(kContributes) + infeasible * T(kInfeasible);
-            const T keep = contributes + infeasible * keep_infeasible;
+            const double a = s.adv[l], feasible = s.feasible[l], valid = s.valid[l], ok = accept[l];
+            const double contributes = ok * feasible, infeasible = ok * valid * (1.0 - feasible);
+            const double scaled = a * (a > 0 ? positive : negative);
+            const double clipped = scaled < lo ? lo : (scaled > hi ? hi : scaled);
+            const double fixed = infeasible > 0 ? infeasible_adv : 0.0;
+            const double code = contributes * double(kContributes) + infeasible * double(kInfeasible);
+            const double keep = contributes + infeasible * keep_infeasible;
             s.code[l] = finish ? keep : code;
             s.adv[l] = finish ? (contributes > 0 ? clipped : fixed) : a;
         }
     }
 }
 
-// Steps 1-3 for a block: writes the group outputs and, per sample, either the finished advantage or
+// Steps 1-4 for a block: writes the group outputs and, per sample, either the finished advantage or
 // (batch_normalize) the raw advantage and the sample code. Returns the bad reward index of load_block.
-template <typename In, typename T, typename Out, int KC>
+template <typename In, typename Out, int KC>
 MOO_SIMD_CLONES_TEMPLATE int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, double* raw,
-                                               const BlockPlan& plan, Block<T>& b) {
-    constexpr int64_t kLanes = kLanesOf<T>;
+                                               const BlockPlan& plan, Block& b) {
     const int64_t K = KC > 0 ? KC : in.k;
     const bool with_combined = o.weighting == kScalarize || o.drop_zero_variance;
-    const int64_t bad = load_block<In, T, KC>(in, o, plan, with_combined, b);
-    for (int64_t c = 0; c < K + with_combined; ++c) {
-        StatsT<T>* st = &b.stats[c * kLanes];
-        if (b.spread) {
-            column_stats(b.column(c), b.rows, o.unbiased, st);
-        } else {
-            lane_stats(b.column(c), b.rows, o.unbiased, st);
-        }
+    const int64_t bad = load_block<In, KC>(in, o, plan, b);
+    for (int64_t c = 0; c < K; ++c) column_stats(b.column(c), b.rows, b.extremes[c], b.spread, o.unbiased, b.stats[c]);
+    if (with_combined) {
+        combined_column<KC>(in, b);
+        column_stats(b.column(K), b.rows, b.extremes[K], b.spread, o.unbiased, b.stats[K]);
     }
-    if (b.spread) {
-        T total = 0;
-        for (int64_t l = 0; l < kLanes; ++l) total += b.feasible_count[l];
-        std::fill(b.feasible_count, b.feasible_count + kLanes, total);
-    }
+    if (b.spread) merge_lanes(b.feasible_count);
 
-    // Weights and acceptance, per group.
-    T* weff = b.weff.data();
-    T accept[kLanes];  // 1.0 for an accepted group
+    // Weights, maps and acceptance, per group.
+    double accept[kLanes];        // 1.0 for an accepted group
+    double q[kLanes], p[kLanes];  // factors of the sums (fixed / variance) and of the combined reward
+    if (o.weighting == kScalarize) {
+        for (int64_t l = 0; l < kLanes; ++l) p[l] = (b.top[l] * in.cw) * b.stats[K].c[l], q[l] = 1.0;
+    } else {
+        objective_maps<KC>(in, o, b, q);
+        std::fill(p, p + kLanes, 1.0);
+    }
     for (int64_t l = 0; l < kLanes; ++l) {
-        T total = 0;
-        for (int64_t k = 0; k < K; ++k) {
-            const T w = static_cast<T>(in.weights[k]);
-            weff[k * kLanes + l] = o.weighting == kVariance ? w * b.stats[k * kLanes + l].sd : w;
-            total += weff[k * kLanes + l];
-        }
-        if (o.weighting == kVariance) {
-            for (int64_t k = 0; k < K; ++k) weff[k * kLanes + l] = total > 0 ? weff[k * kLanes + l] / total : T(0);
-        }
-        // Without the combined column only its count, the feasible samples, is used.
-        const StatsT<T> combined = with_combined ? b.stats[K * kLanes + l] : StatsT<T>{b.feasible_count[l], 0, 0, false};
-        accept[l] = static_cast<double>(combined.count) >= static_cast<double>(o.min_feasible) &&
-                    (combined.varies || !o.drop_zero_variance);
+        const bool varies = with_combined && b.stats[K].varies[l] > 0;
+        accept[l] = static_cast<double>(b.feasible_count[l]) >= static_cast<double>(o.min_feasible) &&
+                    (varies || !o.drop_zero_variance);
         const int64_t g = b.group[l];
         if (g == in.num_groups) continue;
         out.group_mask[g] = accept[l] > 0;
         for (int64_t k = 0; k < K; ++k) {
-            static_cast<Out*>(out.weights)[g * K + k] = static_cast<Out>(weff[k * kLanes + l]);
-            static_cast<Out*>(out.mean)[g * K + k] = static_cast<Out>(b.stats[k * kLanes + l].mean);
-            static_cast<Out*>(out.std)[g * K + k] = static_cast<Out>(b.stats[k * kLanes + l].sd);
+            const Column& s = b.stats[k];
+            const double w = o.weighting == kVariance ? b.weff[k * kLanes + l] : in.weights[k];
+            static_cast<Out*>(out.weights)[g * K + k] = static_cast<Out>(w);
+            static_cast<Out*>(out.mean)[g * K + k] = static_cast<Out>(s.mean(l));
+            static_cast<Out*>(out.std)[g * K + k] = static_cast<Out>(s.sd(l));
         }
     }
 
-    combine_block(o, weff, b);
+    combine_block<KC>(in, o, q, p, b);
     code_block(o, accept, !o.batch_normalize, b);
     Out* adv = static_cast<Out*>(out.adv);
     for (int64_t l = 0; l < kLanes; ++l) {
         if (o.batch_normalize) {
             for (int64_t i = 0; i < b.count[l]; ++i) {
-                const Slot<T>& s = b.slots[i];
+                const Slot& s = b.slots[i];
                 out.sample_mask[s.row[l]] = static_cast<uint8_t>(s.code[l]);
                 raw[s.row[l]] = s.adv[l];
             }
         } else {
             for (int64_t i = 0; i < b.count[l]; ++i) {
-                const Slot<T>& s = b.slots[i];
+                const Slot& s = b.slots[i];
                 out.sample_mask[s.row[l]] = static_cast<uint8_t>(s.code[l]);
                 adv[s.row[l]] = static_cast<Out>(s.adv[l]);
             }
@@ -604,39 +917,73 @@ MOO_SIMD_CLONES_TEMPLATE int64_t process_block(const Inputs& in, const Options& 
 
 // ---- batch whitening -----------------------------------------------------------------------------
 
-MOO_SIMD_CLONES void batch_moments(const Cell* cells, int64_t rows, Moments* out) { lane_moments(cells, rows, out); }
-
-MOO_SIMD_CLONES void batch_squared_deviations(const Cell* cells, int64_t rows, const double* mean, double* out) {
-    lane_squared_deviations(cells, rows, mean, out);
+MOO_SIMD_CLONES void batch_extremes(const Cell* cells, int64_t rows, Extremes* out) {
+    *out = lane_extremes(cells, rows);
 }
 
-// Statistics of the raw advantages of the contributing samples, as cells of kLanes samples. The parts
-// of kBatchRows rows are reduced in parallel and combined in part order: the same bits whatever the
-// thread count.
-Stats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_unused]] bool parallel) {
+MOO_SIMD_CLONES void batch_sums(const Cell* cells, int64_t rows, const double* pre, const double* inv, double* out) {
+    lane_scaled_sums<true>(cells, rows, pre, inv, out);
+}
+
+MOO_SIMD_CLONES void batch_squares(const Cell* cells, int64_t rows, const double* pre, const double* inv,
+                                   const double* mean, double* out) {
+    lane_scaled_squares<true>(cells, rows, pre, inv, mean, out);
+}
+
+// Scaled statistics of the batch (one group).
+struct BatchStats {
+    double count = 0, lo = kInf, hi = -kInf, c = 1, pre = 1, inv = 1, mean_u = 0, sd_u = 0;
+    bool varies = false;
+};
+
+// Scaled statistics of the raw advantages of the contributing samples, as cells of kLanes samples. The parts
+// of kBatchRows rows are reduced in parallel and combined in part order: the same bits whatever the thread
+// count.
+BatchStats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_unused]] bool parallel) {
     const int64_t rows = static_cast<int64_t>(cells.size());
     const int64_t parts = (rows + kBatchRows - 1) / kBatchRows;
-    std::vector<Moments> moments(parts * kLanes);
-    std::vector<double> m2(parts * kLanes);
+    std::vector<Extremes> ext(parts);
+    std::vector<double> a(parts * kLanes);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t p = 0; p < parts; ++p) {
-        const int64_t i = p * kBatchRows;
-        batch_moments(&cells[i], std::min(kBatchRows, rows - i), &moments[p * kLanes]);
+        const int64_t i = p * kBatchRows, n = std::min(kBatchRows, rows - i);
+        batch_extremes(&cells[i], n, &ext[p]);
     }
-    Moments total;
-    for (const Moments& part : moments) total.merge(part);
-    Stats st = stats_mean(total);
-    if (!st.varies) return st;
-    double mean[kLanes];
-    std::fill(mean, mean + kLanes, st.mean);
+    BatchStats st;
+    for (const Extremes& e : ext) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+            st.count += e.count[l];
+            st.lo = std::min(st.lo, e.lo[l]);
+            st.hi = std::max(st.hi, e.hi[l]);
+        }
+    }
+    st.varies = st.hi > st.lo;
+    if (!st.varies) return st;  // whitening gives 0: nothing else is needed
+    st.c = pow2_floor(std::max(std::abs(st.lo), std::abs(st.hi)));
+    st.pre = st.c < kMinNormal ? kTwo52 : 1.0;
+    st.inv = 1.0 / (st.c * st.pre);
+    double pre[kLanes], inv[kLanes], mean[kLanes];
+    std::fill(pre, pre + kLanes, st.pre);
+    std::fill(inv, inv + kLanes, st.inv);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t p = 0; p < parts; ++p) {
-        const int64_t i = p * kBatchRows;
-        batch_squared_deviations(&cells[i], std::min(kBatchRows, rows - i), mean, &m2[p * kLanes]);
+        const int64_t i = p * kBatchRows, n = std::min(kBatchRows, rows - i);
+        batch_sums(&cells[i], n, pre, inv, &a[p * kLanes]);
     }
     double sum = 0;
-    for (double v : m2) sum += v;
-    stats_std(st, sum, unbiased);
+    for (double v : a) sum += v;
+    st.mean_u = sum / st.count;
+    std::fill(mean, mean + kLanes, st.mean_u);
+    MOO_OMP(omp parallel for schedule(static) if (parallel))
+    for (int64_t p = 0; p < parts; ++p) {
+        const int64_t i = p * kBatchRows, n = std::min(kBatchRows, rows - i);
+        batch_squares(&cells[i], n, pre, inv, mean, &a[p * kLanes]);
+    }
+    double m2 = 0;
+    for (double v : a) m2 += v;
+    const double denom = unbiased ? st.count - 1 : st.count;
+    const double var = denom > 0 ? m2 / denom : 0.0;
+    st.sd_u = var > 0 ? std::sqrt(var) : 0.0;
     return st;
 }
 
@@ -650,29 +997,31 @@ void batch_normalize(const double* raw, int64_t n, const Options& o, const Outpu
         cells[j / kLanes].value[j % kLanes] = contributes ? raw[j] : 0.0;
         cells[j / kLanes].take[j % kLanes] = contributes;
     }
-    const Affine f = normalizer(batch_stats(cells, o.unbiased, parallel), kZScore, o.eps);
+    const BatchStats st = batch_stats(cells, o.unbiased, parallel);
+    const double den = st.sd_u + o.eps / st.c;
+    const bool white = st.varies && den > 0;
+    const double mul = white ? 1.0 / den : 0.0, shift = st.mean_u, pre = st.pre, inv = st.inv;
     Out* adv = static_cast<Out*>(out.adv);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t j = 0; j < n; ++j)
-        finish_sample((raw[j] - f.shift) * f.mul / f.div, out.sample_mask[j], o, adv + j, out.sample_mask + j);
+        finish_sample(((raw[j] * pre) * inv - shift) * mul, out.sample_mask[j], o, adv + j, out.sample_mask + j);
 }
 
 // ---- driver --------------------------------------------------------------------------------------
 
 template <typename In, typename Out, int KC>
 int64_t run_blocks(const Inputs& in, const Options& o, const Outputs& out) {
-    using T = Out;  // compute type: float for 16/32-bit rewards, double for float64
-    const std::vector<BlockPlan> plans = plan_blocks<T>(in);
+    const std::vector<BlockPlan> plans = plan_blocks(in);
     const int64_t blocks = static_cast<int64_t>(plans.size());
     const bool parallel = in.n * in.k >= kParallelMinElements && blocks > 1;
     std::vector<double> raw(o.batch_normalize ? in.n : 0);
     int64_t bad = kNone;
     MOO_OMP(omp parallel if (parallel) reduction(min : bad))
     {
-        Block<T> block(in.k);
+        Block block(in.k);
         MOO_OMP(omp for schedule(dynamic, kBlocksPerTask))
         for (int64_t p = 0; p < blocks; ++p)
-            bad = std::min(bad, process_block<In, T, Out, KC>(in, o, out, raw.data(), plans[p], block));
+            bad = std::min(bad, process_block<In, Out, KC>(in, o, out, raw.data(), plans[p], block));
     }
     if (o.batch_normalize) batch_normalize<Out>(raw.data(), in.n, o, out, parallel);
     return bad;
@@ -703,12 +1052,19 @@ int64_t first_bad_weight(const double* w, int64_t k) {
 
 // Returns (bad_reward_flat_index, bad_weight_index), -1 for none. A bad weight is reported before any
 // work is done (the caller raises); a bad reward only when o.check_finite.
-std::tuple<int64_t, int64_t> advantages(const Inputs& in, int dtype, const Options& o, const Outputs& out,
+std::tuple<int64_t, int64_t> advantages(Inputs in, int dtype, const Options& o, const Outputs& out,
                                         bool check_weights) {
     if (check_weights) {
         const int64_t bad_weight = first_bad_weight(in.weights, in.k);
         if (bad_weight >= 0) return {-1, bad_weight};
     }
+    // w' = w / cw (exact unless below 2^-1022 of the largest weight)
+    double top = 0;
+    for (int64_t k = 0; k < in.k; ++k) top = std::max(top, in.weights[k]);
+    in.cw = pow2_floor(top);
+    std::vector<double> wprime(in.k);
+    for (int64_t k = 0; k < in.k; ++k) wprime[k] = in.weights[k] / in.cw;
+    in.wprime = wprime.data();
     int64_t bad = kNone;
     switch (dtype) {
         case moo::kFloat16:
@@ -751,7 +1107,7 @@ void register_advantages(py::module_& m) {
                 throw std::invalid_argument("advantages: unknown rewards dtype code " + std::to_string(dtype));
             const Inputs in{address<const void>(rewards), n, k, stride_rn, stride_rk, group_size, num_groups,
                             address<const int64_t>(order), address<const int64_t>(offsets),
-                            address<const double>(weights), address<const uint8_t>(valid),
+                            address<const double>(weights), nullptr, 1.0, address<const uint8_t>(valid),
                             address<const uint8_t>(reward_gates), stride_rgn, stride_rgk,
                             address<const uint8_t>(gates), stride_gn, stride_gm, m};
             const Outputs out{address<void>(adv), address<uint8_t>(group_mask), address<uint8_t>(sample_mask),

@@ -23,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from moo_kernels.ops.advantages import cuda as adv_cuda  # noqa: E402
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
 from moo_kernels.ops.advantages.cuda import block_sizes  # noqa: E402
 from moo_kernels.ops.brier import triton_kernels as brier_k  # noqa: E402
@@ -120,15 +121,16 @@ def advantages_fwd_configs():
                 dict(flag_sets[0], HAS_GATES=True, HAS_VALID=True, NORMALIZE=normalize, WEIGHTING=weighting)
             )
     for i, (dtype, k, size, m, groups) in enumerate(shapes):
-        cdt = torch.float64 if dtype == torch.float64 else torch.float32
-        meta = block_sizes(groups, size, k, m, cdt)
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32  # the output dtype
+        meta = block_sizes(groups, size, k, m)
         num_warps = meta.pop("num_warps")
         sets = flag_sets if (k, size) == (8, 16) and dtype == torch.float32 else flag_sets[:2]
         for flags in sets:
-            yield dtype, cdt, dict(meta, **flags, F64=cdt == torch.float64), num_warps, i
+            yield dtype, cdt, dict(meta, **flags), num_warps, i
 
 
 def advantages_fwd_signature(dtype, cdt):
+    """Rewards of dtype, outputs of cdt; the kernel computes in float64 (weights, scratch, float options)."""
     c = "*" + TYPE[cdt]
     return {
         "r_ptr": "*" + TYPE[dtype],
@@ -139,7 +141,7 @@ def advantages_fwd_signature(dtype, cdt):
         "group_size": "i32",
         "num_groups": "i32",
         "max_count": "i32",
-        "w_ptr": c,
+        "w_ptr": "*fp64",
         "valid_ptr": "*u8",
         "rg_ptr": "*u8",
         "stride_rgn": "i32",
@@ -154,17 +156,18 @@ def advantages_fwd_signature(dtype, cdt):
         "weff_ptr": c,
         "mean_ptr": c,
         "std_ptr": c,
+        "raw_ptr": "*fp64",
         "code_ptr": "*u8",
-        "part_ptr": c,
+        "part_ptr": "*fp64",
         "status_ptr": "*i64",
         "K": "i32",
-        "eps": "fp32",
-        "gated_value": "fp32",
-        "infeasible_adv": "fp32",
+        "eps": "fp64",
+        "gated_value": "fp64",
+        "infeasible_adv": "fp64",
         "min_feasible": "i32",
-        "pos_scale": "fp32",
-        "neg_scale": "fp32",
-        "clip": "fp32",
+        "pos_scale": "fp64",
+        "neg_scale": "fp64",
+        "clip": "fp64",
     }
 
 
@@ -179,26 +182,26 @@ def all_configs():
             f"shape{shape}",
         )
     for f64 in (False, True):
-        c = "*fp64" if f64 else "*fp32"
         sig = {
-            "adv_ptr": c,
+            "adv_ptr": "*fp64" if f64 else "*fp32",
+            "raw_ptr": "*fp64",
             "code_ptr": "*u8",
             "smask_ptr": "*u8",
-            "part_ptr": c,
+            "part_ptr": "*fp64",
             "num_parts": "i32",
             "N": "i32",
-            "eps": "fp32",
-            "infeasible_adv": "fp32",
-            "pos_scale": "fp32",
-            "neg_scale": "fp32",
-            "clip": "fp32",
+            "eps": "fp64",
+            "infeasible_adv": "fp64",
+            "pos_scale": "fp64",
+            "neg_scale": "fp64",
+            "clip": "fp64",
         }
         for clip in (False, True):
             yield (
                 "advantages_batchnorm",
                 adv_k._advantages_batchnorm_kernel,
                 sig,
-                dict(BLOCK_N=1024, BLOCK_P=1024, UNBIASED=True, HAS_CLIP=clip, F64=f64),
+                dict(BLOCK_N=1024, BLOCK_P=1024, UNBIASED=True, HAS_CLIP=clip),
                 4,
                 "",
             )
@@ -361,7 +364,7 @@ def logits_configs():
 def main() -> int:
     for name, fn, sig, constexprs, num_warps, shape in [*all_configs(), *policy_loss_configs(), *logits_configs()]:
         for arch in ARCHS:
-            maxnreg = lg_cuda.LOSS_MAXNREG if name == "logits_loss" else None
+            maxnreg = {"logits_loss": lg_cuda.LOSS_MAXNREG, "advantages_fwd": adv_cuda.FWD_MAXNREG}.get(name)
             report = compile_kernel(fn, sig, constexprs, arch, num_warps, maxnreg)
             config = {k: (v if isinstance(v, (int, bool)) else str(v)) for k, v in constexprs.items()}
             print(

@@ -108,7 +108,8 @@ def multi_objective_advantages(
             per-group weights w_k sigma_gk / sum_l w_l sigma_gl).
         batch_normalize: whiten the combined advantage over the contributing samples of the batch.
         eps: added to the standard deviation in "zscore".
-        valid: [N] bool, samples that take part; others get advantage 0.
+        valid: [N] bool, samples that take part; others get advantage 0. In every bool input any
+            nonzero byte counts as true.
         reward_gates: [N, K] bool, a false gate replaces r_jk by gated_value before any statistic
             (conditional rewards).
         gated_value: the reward of a closed reward gate.
@@ -118,7 +119,9 @@ def multi_objective_advantages(
         infeasible_advantage: advantage of a valid, infeasible sample in an accepted group.
         min_feasible: a group with fewer feasible samples is rejected whole (advantage 0).
         drop_zero_variance: reject groups whose combined reward sum_k w_k r_jk does not vary (DAPO
-            dynamic sampling).
+            dynamic sampling). "Does not vary" is an exact comparison of the combined rewards, which
+            are computed by the same float64 operations (a sorted sum over the objectives) on every
+            backend, so every backend rejects the same groups.
         positive_scale, negative_scale: multiply positive / negative advantages (W-REINFORCE, NSR).
         clip: bound |advantage| by this value (None: no bound).
         nan_policy: "raise" (ValueError naming the sample and objective of a non-finite reward; one
@@ -167,9 +170,8 @@ def multi_objective_advantages(
     if clip is not None:
         clip = O.check_number("clip", clip, low=0.0, low_inclusive=False)
 
-    # The C++ kernel accumulates in float64; the Triton kernel in the output dtype.
-    on_gpu = device.type == "cuda" and rewards.dtype != torch.float64
-    w, weights_checked = _weights(weights, k, device, torch.float32 if on_gpu else torch.float64)
+    # Every backend computes in float64 and reads the weights as float64.
+    w, weights_checked = _weights(weights, k, device, torch.float64)
 
     if valid is not None:
         valid = O.check_bool_tensor("valid", valid, (n,), device).contiguous()

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 
 from moo_kernels.ops.advantages.problem import AdvantageProblem
-from moo_kernels.ops.advantages.reference import (
-    F64,
-    _segment_sum,
-    group_stats,
-    normalize_in_group,
-)
+from moo_kernels.ops.advantages.reference import F64, Stats, _segment_sum, batch_whiten, forward_state
+
+
+def _plain(st: Stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, std, varies) of scaled statistics, in the column's own units."""
+    return st.count, st.mean, st.std, st.varies
 
 
 def _recip(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -72,42 +72,39 @@ def advantages_backward(
     g_mean = grad_or_zero(g_mean, zeros_gk)
     g_std = grad_or_zero(g_std, zeros_gk)
 
-    ones = torch.ones(n_samples, dtype=torch.bool, device=r.device)
-    valid = ones if p.valid is None else p.valid
-    is_open = torch.ones_like(r, dtype=torch.bool) if p.reward_gates is None else p.reward_gates
-    r = torch.where(is_open, r, torch.full_like(r, p.gated_value))
-    finite = torch.isfinite(r)
-    feasible = valid & (p.gates.all(dim=1) if p.gates is not None else ones)
-    take = feasible[:, None] & finite
-    r0 = torch.where(finite, r, torch.zeros_like(r))
-    stats = group_stats(r0, take, gi, G, unbiased)
+    f = forward_state(
+        p.rewards,
+        gi,
+        G,
+        p.weights,
+        p.valid,
+        p.reward_gates,
+        p.gates,
+        normalize=p.normalize,
+        std=p.std,
+        weighting=p.weighting,
+        eps=p.eps,
+        gated_value=p.gated_value,
+        min_feasible=p.min_feasible,
+        drop_zero_variance=p.drop_zero_variance,
+        nan_policy="ignore",
+    )
+    finite, feasible, take, r0 = f.finite, f.feasible, f.take, f.r0
+    is_open = torch.ones_like(r, dtype=torch.bool) if p.reward_gates is None else p.reward_gates != 0
+    stats = _plain(f.stats)
     count, mu, sd, varies = stats
-    s = (r0 * w).sum(dim=1)
-    s_stats = group_stats(s, feasible, gi, G, unbiased)
+    s = f.s
+    s_stats = _plain(f.s_stats) if f.s_stats is not None else None
     contrib = feasible & gmask[gi]
 
     # forward recompute of the combined advantage
-    if p.weighting == "scalarize":
-        a_k = None
-        adv = normalize_in_group(
-            s, feasible, s_stats[1][gi], s_stats[2][gi], s_stats[0][gi], s_stats[3][gi], p.normalize, p.eps
-        )
-        weights_eff = w.expand(G, -1)
-    else:
-        a_k = normalize_in_group(r0, take, mu[gi], sd[gi], count[gi], varies[gi], p.normalize, p.eps)
-        if p.weighting == "fixed":
-            weights_eff = w.expand(G, -1)
-        else:
-            ws = w * sd
-            tot = ws.sum(dim=1, keepdim=True)
-            weights_eff = ws * _recip(tot, tot > 0)
-        adv = (a_k * weights_eff[gi]).sum(dim=1)
+    adv = f.adv
+    a_k = f.a
+    weights_eff = f.weights
     if p.batch_normalize:
         z = torch.zeros(n_samples, dtype=torch.long, device=r.device)
-        b_stats = group_stats(adv, contrib, z, 1, unbiased)
-        bn, bm, bsd, bvar = b_stats
-        white = normalize_in_group(adv, contrib, bm[z], bsd[z], bn[z], bvar[z], "zscore", p.eps)
-        adv_bn = torch.where(contrib, white, adv)
+        adv_bn, b_st = batch_whiten(adv, contrib, p.eps, unbiased)
+        b_stats = _plain(b_st)
     else:
         adv_bn = adv
     scale = torch.where(

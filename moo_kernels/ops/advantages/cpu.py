@@ -1,8 +1,9 @@
 """C++ launcher: allocates the outputs and calls the OpenMP kernel of csrc/advantages.cpp.
 
 The extension takes raw addresses, sizes and strides (in elements), so the rewards keep their dtype
-and strides and the bool masks are read in place as bytes; only the weights travel as a contiguous
-float64 copy when they are not one already (the kernel accumulates in double, like the reference).
+and strides and the bool masks are read in place as bytes (any nonzero byte is true); only the weights
+travel as a contiguous float64 copy when they are not one already (the kernel computes in double, like
+the reference).
 """
 
 from __future__ import annotations

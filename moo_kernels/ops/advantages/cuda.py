@@ -6,6 +6,8 @@ Used for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1 when the bac
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -13,14 +15,19 @@ from moo_kernels._options import NORMALIZE, WEIGHTING
 from moo_kernels.ops.advantages import triton_kernels as tk
 from moo_kernels.ops.advantages.problem import AdvantageProblem, raise_bad_values
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NO_ERROR = 2**62
-# Elements of one [BLOCK_G, BLOCK_J, BLOCK_K] chunk: large enough to keep loads in flight,
+PARTIAL = 6  # values per program of the batch partials (triton_kernels.PARTIAL)
+# The forward kernel's register cap: without one, ptxas caps its float64 tiles at 128-168 registers and
+# spills; at 200 it does not (checked ahead of time for every configuration, python_tests/aot_compile.py).
+FWD_MAXNREG = 200
+# Elements of one [BLOCK_G, BLOCK_J, BLOCK_K] float64 chunk: large enough to keep loads in flight,
 # small enough to stay in registers (checked by the ahead-of-time compile test).
-TILE_ELEMENTS = {torch.float32: 512, torch.float64: 256}
+TILE_ELEMENTS = 256
 
 
-def block_sizes(num_groups: int, max_count: int, k: int, m: int, dtype: torch.dtype) -> dict[str, int]:
-    budget = TILE_ELEMENTS[dtype]
+def block_sizes(num_groups: int, max_count: int, k: int, m: int) -> dict[str, int]:
+    budget = TILE_ELEMENTS
     block_k = triton.next_power_of_2(k)
     block_m = triton.next_power_of_2(max(m, 1))
     # The gates tile [BLOCK_G, BLOCK_J, BLOCK_M] also lives in registers: wide gates shorten the chunk.
@@ -29,7 +36,7 @@ def block_sizes(num_groups: int, max_count: int, k: int, m: int, dtype: torch.dt
     )
     block_g = max(1, min(budget // (block_j * block_k), triton.next_power_of_2(num_groups)))
     tile = block_g * block_j * block_k
-    num_warps = 4 if tile >= 512 else (2 if tile >= 128 else 1)
+    num_warps = 4 if tile >= 256 else (2 if tile >= 64 else 1)
     return dict(BLOCK_G=block_g, BLOCK_J=block_j, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps)
 
 
@@ -52,16 +59,21 @@ def advantages_triton(p: AdvantageProblem):
     check = p.nan_policy == "raise" or not p.weights_checked
     # [first non-finite reward (flat index), first bad weight]; only allocated when something is checked
     status = torch.full((2,), NO_ERROR, dtype=torch.int64, device=device) if check else None
-    w = p.weights if p.weights.dtype == cdt else p.weights.to(cdt)
+    # The kernel reads the weights as a contiguous float64 [K] (weights given as numbers come cached so).
+    w = p.weights
+    if w.dtype != torch.float64 or not w.is_contiguous():
+        w = w.detach().to(torch.float64).contiguous()
 
     m = p.gates.shape[1] if p.gates is not None else 1
-    meta = block_sizes(g, p.max_count, k, m, cdt)
+    meta = block_sizes(g, p.max_count, k, m)
     num_parts = triton.cdiv(g, meta["BLOCK_G"])
     if p.batch_normalize:
+        # the raw float64 advantages between the kernels (in place for float64 outputs)
+        raw = adv if cdt == torch.float64 else torch.empty(n, dtype=torch.float64, device=device)
         code = torch.empty(n, dtype=torch.uint8, device=device)
-        parts = torch.empty(num_parts * 5, dtype=cdt, device=device)
+        parts = torch.empty(num_parts * PARTIAL, dtype=torch.float64, device=device)
     else:
-        code, parts = adv, adv
+        raw, code, parts = adv, adv, adv
     rg = p.reward_gates
     gates = p.gates
     dummy = adv
@@ -90,6 +102,7 @@ def advantages_triton(p: AdvantageProblem):
         weff,
         mean,
         std,
+        raw,
         code,
         parts,
         status if check else dummy,
@@ -113,13 +126,14 @@ def advantages_triton(p: AdvantageProblem):
         CHECK_FINITE=p.nan_policy == "raise",
         CHECK_WEIGHTS=not p.weights_checked,
         HAS_CLIP=p.clip is not None,
-        F64=cdt == torch.float64,
         **meta,
+        **({} if INTERPRETED else {"maxnreg": FWD_MAXNREG}),
     )
     if p.batch_normalize:
         block_n = 1024
         tk._advantages_batchnorm_kernel[(triton.cdiv(n, block_n),)](
             adv,
+            raw,
             code,
             smask.view(torch.uint8),
             parts,
@@ -134,7 +148,6 @@ def advantages_triton(p: AdvantageProblem):
             BLOCK_P=min(triton.next_power_of_2(num_parts), 1024),
             UNBIASED=p.std == "unbiased",
             HAS_CLIP=p.clip is not None,
-            F64=cdt == torch.float64,
             num_warps=4,
         )
     if check:

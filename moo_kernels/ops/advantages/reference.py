@@ -1,42 +1,78 @@
 """Float64 PyTorch reference of the multi-objective advantage step.
 
-This file is the semantics: the Triton and C++ kernels must agree with it, the tests use it as
-the oracle, and devices without a kernel run it. It is written for clarity (segment reductions
-with index_add / scatter_reduce), is differentiable by autograd, and never produces NaN.
+This file is the semantics: the Triton and C++ kernels run the same algorithm and must agree with it,
+the tests use it as the oracle, and devices without a kernel run it. It is written for clarity
+(segment reductions with index_add / scatter_reduce), is differentiable by autograd (the power-of-two
+scales below are constants to it), and never produces NaN.
 
-Notation: sample j, objective k, group g = group_index[j], weights w_k >= 0.
+Notation: sample j, objective k, group g = group_index[j], weights w_k >= 0. Everything is computed in
+float64: rewards of any dtype are converted exactly, weights are read as float64. Outputs are float32
+(float64 for float64 rewards).
 
+0. Bool inputs (valid, reward_gates, gates): any nonzero byte means True.
 1. Gates and bad values. reward_gates[j, k] false replaces r_jk by gated_value. A sample is
    *feasible* when valid and every gate in gates[j, :] passes. An entry takes part in the
    statistics of objective k when its sample is feasible and r_jk is finite. A non-finite entry
    (read from a valid sample with an open reward gate) raises under nan_policy="raise"; under
-   "ignore" it is left out of the statistics and contributes 0.
-2. Per-group statistics of each objective over the entries that take part: count n_gk, mean mu_gk,
-   std sigma_gk (unbiased: n-1, needs n >= 2; population: n). A group whose entries are all equal
-   has mu exactly equal to them and sigma exactly 0 (no rounding residue).
-3. Normalise and combine (weighting):
-   - "scalarize": s_j = sum_k w_k r_jk, then s is normalised inside the group.
-   - "fixed":     A_j = sum_k w_k A_jk with A_jk the per-objective normalisation.
-   - "variance":  A_j = sum_k w~_gk A_jk, w~_gk = w_k sigma_gk / sum_l w_l sigma_gl (0 when the sum is 0).
-   normalize: "zscore" (r - mu) / (sigma + eps) (0 when sigma + eps == 0); "center" r - mu;
-   "rloo" n / (n - 1) (r - mu) (0 when n < 2); "none" r. zscore of a group whose values do not
-   vary is 0 (so its gradient is 0 too, rather than 1 / eps).
-4. Groups: rejected when fewer than min_feasible samples are feasible, or (drop_zero_variance)
-   when the combined reward s_j does not vary over the feasible samples (fewer than two, or all
-   equal). A sample *contributes* when it is feasible and its group is accepted.
-5. batch_normalize: A <- (A - m) / (sd + eps) with m, sd over the contributing samples (sd by the
-   std option; all equal gives 0).
-6. Sign shaping: A <- positive_scale * A where A > 0, negative_scale * A where A < 0.
-7. clip: A <- clamp(A, -clip, clip).
-8. Valid but infeasible samples of accepted groups take infeasible_advantage; samples of rejected
-   groups and invalid samples take 0.
+   "ignore" it is left out of the statistics and counts as 0 (r0_jk = 0).
+2. Scaled statistics of a column x (objective k, the combined reward d below, or the batch) in a group,
+   over the entries that take part: count n, lo = min x, hi = max x (exact), and the power-of-two
+   scale c = 2^floor(log2 max|x|) (c = 1 when there is no entry or every entry is 0). Dividing by c
+   is exact (up to rounding of results below 2^-1022), so no square over- or underflows for any finite
+   input: u = x / c, mean_u = sum(u) / n, M2_u = sum((u - mean_u)^2) (two passes), sd_u =
+   sqrt(M2_u / D) with D = n - 1 (std="unbiased", needs n >= 2) or n. The column *varies* when lo < hi.
+   A column that does not vary has mean_u = hi / c exactly and sd_u = 0, so its values sit exactly on
+   the mean. Reported mean = clamp(c * mean_u, lo, hi) (0 without entries), std = c * sd_u (may
+   overflow only where the true std does).
+3. Per-objective normalisation in scaled units, a_jk and its scale e_gk:
+   "zscore" a = (u - mean_u) / (sd_u + eps / c), e = 1, and a = 0 when the column does not vary or the
+   denominator is 0; "center" a = u - mean_u, e = c; "rloo" a = (u - mean_u) * n / (n - 1) (0 when
+   n < 2), e = c; "none" a = u, e = c. The value is a * e; a = 0 where the entry does not take part.
+4. SORTEDSUM_k(t_k): the K terms sorted ascending, then added one after another from +0.0, left to
+   right (not a tree). Rows holding the same multiset of terms get bitwise the same sum (where equal
+   terms or zeros of either sign end up does not matter, nor do extra zero terms), so permuting
+   objectives changes no bit of any output.
+5. Weights: cw = 2^floor(log2 max_k w_k) (1 when every weight is 0), w'_k = w_k / cw.
+   The combined reward (scalarize, drop_zero_variance) of a sample:
+       d_j = SORTEDSUM_k(w'_k * q_jk), q_jk = x_jk / C_g (0 where c_gk > C_g),
+   x_jk = r0_jk where the entry takes part, else 0; C_g = max c_gk over the objectives with w'_k > 0
+   and a nonzero entry in the group (1 if none). |d_j| < 4K. d is computed by the same IEEE float64
+   operations in the same order on every backend, so it has the same bits everywhere; its statistics
+   (2., over the feasible samples) give c_d, mean_u, sd_u, and s_j = d_j * C_g * cw is sum_k w_k r0_jk.
+6. Normalise and combine (weighting):
+   - "scalarize": P_g = (C_g * cw) * c_d; zscore a = (u_d - mean_u) / (sd_u + eps / P_g) (as 3.);
+     center / rloo / none the scaled value of 3. on d, times P_g. The advantage is that value.
+   - "fixed": W_gk = w'_k, F = cw. "variance": w~_gk = w_k sd_gk / sum_l w_l sd_gl computed without
+     overflow as t_gk / SORTEDSUM_l t_gl, t_gk = (w'_k * sd_u_gk) * (c_gk / V_g) with V_g = max c_gk
+     over the objectives with w'_k > 0 and sd_u_gk > 0 (t = 0 for the others, w~ = 0 when the sum is
+     0); W = w~, F = 1. Then A_j = SORTEDSUM_k(a_jk * b_gk) * (E_g * F), b_gk = W_gk * (e_gk / E_g),
+     E_g = max e_gk over the live objectives with W_gk > 0 (b = 0 for the others; live: the column
+     varies, for "none" it has a nonzero entry). For zscore this is cw * SORTEDSUM_k(w'_k a_jk).
+   eps / c and eps / P_g are correctly rounded divisions (0 when eps is 0). The products of scales
+   (P_g, E_g * F) are float64 products in the order written; they leave its range only for weights and
+   rewards that both span hundreds of orders of magnitude. A scaled value of 0 stays 0 whatever the
+   scale, and the combined advantage saturates at the largest finite float64.
+7. Groups: rejected when fewer than min_feasible samples are feasible, or (drop_zero_variance) when d
+   does not vary over the feasible samples (lo == hi, exactly: fewer than two, or all equal). These
+   exact comparisons of bitwise-identical values give identical decisions on every backend, invariant
+   to permuting samples or objectives. A sample *contributes* when it is feasible and its group is
+   accepted.
+8. batch_normalize: A <- (A / c - mean_u) / (sd_u + eps / c) with the scaled statistics (2.) of the
+   contributing samples as one group (0 when they do not vary).
+9. Sign shaping: A <- positive_scale * A where A > 0, negative_scale * A where A < 0.
+10. clip: A <- clamp(A, -clip, clip).
+11. Valid but infeasible samples of accepted groups take infeasible_advantage; samples of rejected
+    groups and invalid samples take 0.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 F64 = torch.float64
+MAX_F64 = torch.finfo(F64).max
 
 
 def _segment_sum(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -63,59 +99,251 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
 
 
+def pow2_floor(m: torch.Tensor) -> torch.Tensor:
+    """2^floor(log2 m) for finite m >= 0 (exact, subnormals included), 1 where m == 0."""
+    m = m.detach()
+    mant, _ = torch.frexp(m)  # m = mant * 2^e, mant in [0.5, 1): m / (2 mant) = 2^(e - 1), exactly
+    pos = m > 0
+    one = torch.ones_like(m)
+    return torch.where(pos, m / torch.where(pos, 2 * mant, one), one)
+
+
+def sorted_sum(t: torch.Tensor) -> torch.Tensor:
+    """SORTEDSUM over the last dimension: ascending order, added left to right from +0.0."""
+    s, _ = torch.sort(t, dim=-1)
+    total = torch.zeros(t.shape[:-1], dtype=t.dtype, device=t.device)
+    for k in range(t.shape[-1]):
+        total = total + s[..., k]
+    return total
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over the last dimension of the entries of x (> 0) where mask holds; 1 where none does."""
+    m = torch.where(mask, x, torch.zeros_like(x)).amax(dim=-1)
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
+def _eps_over(eps: float, scale: torch.Tensor) -> torch.Tensor:
+    """eps / scale, correctly rounded (a number divided by a tensor is computed as a reciprocal times the
+    number, which overflows for a subnormal scale); 0 when eps == 0 (also when the scale underflowed)."""
+    num = torch.full_like(scale, eps)
+    return torch.where(num > 0, num / scale, torch.zeros_like(scale))
+
+
+def _apply_scale(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """v * scale where v != 0; a zero stays zero (also when the scale overflowed)."""
+    nz = v != 0
+    return torch.where(nz, v * torch.where(nz, scale, torch.ones_like(scale)), v)
+
+
+class Stats(NamedTuple):
+    """Scaled statistics of a column per group ([G] or [G, K] each); see 2. of the module docstring."""
+
+    count: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    varies: torch.Tensor
+    big: torch.Tensor  # max |x| (0 without entries)
+    scale: torch.Tensor  # c
+    mean_u: torch.Tensor
+    std_u: torch.Tensor
+    mean: torch.Tensor  # clamp(c * mean_u, lo, hi)
+    std: torch.Tensor  # c * std_u
+
+
 def group_stats(
     x: torch.Tensor, take: torch.Tensor, index: torch.Tensor, num_groups: int, unbiased: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two-pass group statistics of x over the entries where take is true.
-
-    x and take are [N] or [N, K]; returns (count, mean, std, varies), each [G] or [G, K].
-    A group whose entries are all equal gets exactly their value as mean and exactly 0 as std.
-    """
-    t = take.to(x.dtype)
-    n = _segment_sum(t, index, num_groups)
-    s = _segment_sum(torch.where(take, x, torch.zeros_like(x)), index, num_groups)
-    mean = s / n.clamp(min=1)
+) -> tuple[Stats, torch.Tensor]:
+    """Scaled two-pass statistics of x over the entries where take is true, and u = x / c (0 where take
+    is false). x and take are [N] or [N, K]; x is finite where take holds."""
+    zeros_g = torch.zeros((num_groups,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    n = _segment_sum(take.to(x.dtype), index, num_groups)
     lo = _segment_extreme(x, take, index, num_groups, "amin")
     hi = _segment_extreme(x, take, index, num_groups, "amax")
+    some = n > 0
     varies = hi > lo
-    exact = torch.where(n > 0, hi, torch.zeros_like(hi))
-    # Value exactly the common reward when nothing varies; gradient still that of the mean.
-    mean = torch.where(varies, mean, mean + (exact - mean).detach())
-    dev = torch.where(take, x - mean[index], torch.zeros_like(x))
+    big = torch.where(some, torch.maximum(lo.abs(), hi.abs()), zeros_g)
+    c = pow2_floor(big)
+    cj = c[index]
+    u = torch.where(take, x / cj, torch.zeros_like(x))
+    mean_u = _segment_sum(u, index, num_groups) / n.clamp(min=1)
+    # Value exactly the common (scaled) value when nothing varies; gradient still that of the mean.
+    exact = torch.where(some, hi / c, zeros_g)
+    mean_u = torch.where(varies, mean_u, mean_u + (exact - mean_u).detach())
+    dev = torch.where(take, u - mean_u[index], torch.zeros_like(u))
     m2 = _segment_sum(dev * dev, index, num_groups)
     denom = n - 1 if unbiased else n
-    var = torch.where(varies & (denom > 0), m2 / denom.clamp(min=1), torch.zeros_like(m2))
-    return n, mean, _safe_sqrt(var), varies
+    var_u = torch.where(varies & (denom > 0), m2 / denom.clamp(min=1), zeros_g)
+    std_u = _safe_sqrt(var_u)
+    mean = c * mean_u
+    clamped = torch.where(some, torch.minimum(torch.maximum(mean, lo), hi), mean)
+    mean = mean + (clamped - mean).detach()
+    return Stats(n, lo, hi, varies, big, c, mean_u, std_u, mean, c * std_u), u
 
 
-def normalize_in_group(
-    x: torch.Tensor,
+def normalize_scaled(
+    u: torch.Tensor,
     take: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
     count: torch.Tensor,
+    mean_u: torch.Tensor,
+    std_u: torch.Tensor,
     varies: torch.Tensor,
+    eps_u: torch.Tensor,
     normalize: str,
-    eps: float,
 ) -> torch.Tensor:
-    """Per-sample normalisation of x given its group's (already gathered) statistics.
+    """The scaled normalised value a of 3. (statistics already gathered per entry); 0 where take is false.
 
-    zscore of a group that does not vary is 0 (value and gradient), not (x - mu) / eps.
+    zscore of a column that does not vary is 0 (value and gradient), not (u - mean_u) / eps_u.
     """
-    zero = torch.zeros_like(x)
+    zero = torch.zeros_like(u)
     if normalize == "zscore":
-        ok = varies & (std + eps > 0)
-        out = torch.where(ok, (x - mean) / torch.where(ok, std + eps, torch.ones_like(std)), zero)
+        den = std_u + eps_u
+        ok = varies & (den > 0)
+        out = torch.where(ok, (u - mean_u) / torch.where(ok, den, torch.ones_like(den)), zero)
     elif normalize == "center":
-        out = x - mean
+        out = u - mean_u
     elif normalize == "rloo":
         many = count > 1
-        out = torch.where(many, (x - mean) * count / torch.where(many, count - 1, torch.ones_like(count)), zero)
+        out = torch.where(many, (u - mean_u) * count / torch.where(many, count - 1, torch.ones_like(count)), zero)
     elif normalize == "none":
-        out = x
+        out = u
     else:
         raise ValueError(f"unknown normalize {normalize!r}")
     return torch.where(take, out, zero)
+
+
+class Forward(NamedTuple):
+    """Forward intermediates up to the combined advantage (before batch_normalize), shared with the
+    analytic backward so that both take the same decisions."""
+
+    r: torch.Tensor  # [N, K] rewards after reward gates
+    finite: torch.Tensor  # [N, K]
+    feasible: torch.Tensor  # [N]
+    take: torch.Tensor  # [N, K]
+    r0: torch.Tensor  # [N, K] r with non-finite entries as 0
+    stats: Stats  # per objective, [G, K]
+    a: torch.Tensor | None  # [N, K] per-objective normalised values a * e (not for scalarize)
+    s: torch.Tensor | None  # [N] combined reward s = d * C_g * cw (scalarize, drop_zero_variance)
+    s_stats: Stats | None  # statistics of d, with mean / std of s
+    s_scale: torch.Tensor | None  # [G] P_g = (C_g * cw) * c_d
+    weights: torch.Tensor  # [G, K] weights of the combination (w~ for "variance", w otherwise)
+    adv: torch.Tensor  # [N] combined advantage
+    accept: torch.Tensor  # [G]
+
+
+def forward_state(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    num_groups: int,
+    weights: torch.Tensor,
+    valid: torch.Tensor | None,
+    reward_gates: torch.Tensor | None,
+    gates: torch.Tensor | None,
+    *,
+    normalize: str,
+    std: str,
+    weighting: str,
+    eps: float,
+    gated_value: float,
+    min_feasible: int,
+    drop_zero_variance: bool,
+    nan_policy: str,
+) -> Forward:
+    """Steps 0-7 of the module docstring."""
+    r = rewards.to(F64)
+    w = weights.to(F64)
+    n_samples, k = r.shape
+    G = num_groups
+    gi = group_index.long()
+    unbiased = std == "unbiased"
+    ones = torch.ones(n_samples, dtype=torch.bool, device=r.device)
+    # 0. nonzero bytes are True (a bool tensor may hold bytes other than 0 and 1)
+    valid = ones if valid is None else valid != 0
+    if reward_gates is not None:
+        r = torch.where(reward_gates != 0, r, torch.full_like(r, gated_value))
+    finite = torch.isfinite(r)
+    if nan_policy == "raise":
+        bad = valid[:, None] & ~finite
+        if bool(bad.any()):
+            j, kk = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"rewards[{j}, {kk}] is {r[j, kk].item()} (sample {j}, objective {kk}); "
+                "pass nan_policy='ignore' to leave non-finite rewards out"
+            )
+    feasible = valid & ((gates != 0).all(dim=1) if gates is not None else ones)
+    take = feasible[:, None] & finite
+    r0 = torch.where(finite, r, torch.zeros_like(r))
+    x = torch.where(take, r0, torch.zeros_like(r0))
+
+    # 2. per-objective statistics
+    st, u = group_stats(x, take, gi, G, unbiased)
+    cw = pow2_floor(w.detach().max())
+    wp = w / cw
+
+    # 5. combined reward
+    s = s_stats = s_scale = None
+    if weighting == "scalarize" or drop_zero_variance:
+        col_c = _masked_max(st.scale, (wp.detach() > 0) & (st.big > 0))  # C_g
+        fits = st.scale <= col_c[:, None]
+        q = torch.where(fits[gi], x / col_c[gi][:, None], torch.zeros_like(x))
+        d = sorted_sum(wp * q)
+        s_stats, u_d = group_stats(d, feasible, gi, G, unbiased)
+        s_scale = (col_c * cw) * s_stats.scale
+        s = d * (col_c * cw)[gi]
+        s_stats = s_stats._replace(mean=s_stats.mean_u * s_scale, std=s_stats.std_u * s_scale)
+
+    # 6. normalise and combine
+    a = None
+    if weighting == "scalarize":
+        eps_u = _eps_over(eps, s_scale)
+        g = s_stats
+        out = normalize_scaled(
+            u_d, feasible, g.count[gi], g.mean_u[gi], g.std_u[gi], g.varies[gi], eps_u[gi], normalize
+        )
+        adv = out if normalize == "zscore" else _apply_scale(out, s_scale[gi])
+        weff = w.expand(G, -1)
+    else:
+        eps_c = _eps_over(eps, st.scale)
+        a_u = normalize_scaled(u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_c[gi], normalize)
+        e = torch.ones_like(st.scale) if normalize == "zscore" else st.scale
+        live = st.big > 0 if normalize == "none" else st.varies
+        if weighting == "fixed":
+            W = wp.expand(G, -1)
+            factor = cw
+            weff = w.expand(G, -1)
+        elif weighting == "variance":
+            sel = (wp.detach() > 0) & (st.std_u > 0)
+            vmax = _masked_max(st.scale, sel)
+            ratio = torch.where(sel, st.scale / vmax[:, None], torch.zeros_like(st.scale))
+            t = (wp * st.std_u) * ratio
+            tot = sorted_sum(t)[:, None]
+            W = torch.where(tot > 0, t / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(t))
+            factor = torch.ones((), dtype=F64, device=r.device)
+            weff = W
+        else:
+            raise ValueError(f"unknown weighting {weighting!r}")
+        use = (W.detach() > 0) & live
+        emax = _masked_max(e, use)
+        b = W * torch.where(use, e / emax[:, None], torch.zeros_like(e))
+        adv = _apply_scale(sorted_sum(a_u * b[gi]), (emax * factor)[gi])
+        a = a_u * e[gi]
+    adv = adv.clamp(-MAX_F64, MAX_F64)
+
+    # 7. group acceptance
+    accept = _segment_sum(feasible.to(F64), gi, G) >= min_feasible
+    if drop_zero_variance:
+        accept = accept & s_stats.varies
+    return Forward(r, finite, feasible, take, r0, st, a, s, s_stats, s_scale, weff, adv, accept)
+
+
+def batch_whiten(adv: torch.Tensor, contrib: torch.Tensor, eps: float, unbiased: bool) -> tuple[torch.Tensor, Stats]:
+    """8.: whitened advantages of the contributing samples (others unchanged) and the batch statistics."""
+    zeros = torch.zeros(adv.shape[0], dtype=torch.long, device=adv.device)
+    st, u = group_stats(adv, contrib, zeros, 1, unbiased)
+    eps_u = _eps_over(eps, st.scale)
+    white = normalize_scaled(u, contrib, st.count[zeros], st.mean_u[zeros], st.std_u[zeros], st.varies[zeros],
+                             eps_u[zeros], "zscore")  # fmt: skip
+    return torch.where(contrib, white, adv), st
 
 
 def advantages_reference(
@@ -147,74 +375,41 @@ def advantages_reference(
     Returns float64 (advantages [N], group_mask [G], sample_mask [N], weights [G, K],
     mean [G, K], std [G, K]).
     """
-    r = rewards.to(F64)
-    w = weights.to(F64)
-    n_samples, _ = r.shape
-    G = num_groups
+    f = forward_state(
+        rewards,
+        group_index,
+        num_groups,
+        weights,
+        valid,
+        reward_gates,
+        gates,
+        normalize=normalize,
+        std=std,
+        weighting=weighting,
+        eps=eps,
+        gated_value=gated_value,
+        min_feasible=min_feasible,
+        drop_zero_variance=drop_zero_variance,
+        nan_policy=nan_policy,
+    )
     gi = group_index.long()
-    unbiased = std == "unbiased"
-    ones = torch.ones(n_samples, dtype=torch.bool, device=r.device)
-    valid = ones if valid is None else valid
-    if reward_gates is not None:
-        r = torch.where(reward_gates, r, torch.full_like(r, gated_value))
-    finite = torch.isfinite(r)
-    if nan_policy == "raise":
-        bad = valid[:, None] & ~finite
-        if bool(bad.any()):
-            j, k = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
-                f"rewards[{j}, {k}] is {r[j, k].item()} (sample {j}, objective {k}); "
-                "pass nan_policy='ignore' to leave non-finite rewards out"
-            )
-    feasible = valid & (gates.all(dim=1) if gates is not None else ones)
-    take = feasible[:, None] & finite
-    r0 = torch.where(finite, r, torch.zeros_like(r))
+    adv = f.adv
+    contrib = f.feasible & f.accept[gi]
 
-    # 2. per-objective statistics
-    count, mean, sd, varies = group_stats(r0, take, gi, G, unbiased)
-
-    # combined reward (scalarize, drop_zero_variance)
-    s = (r0 * w).sum(dim=1)
-    s_count, s_mean, s_sd, s_varies = group_stats(s, feasible, gi, G, unbiased)
-
-    # 3. normalise and combine
-    if weighting == "scalarize":
-        adv = normalize_in_group(s, feasible, s_mean[gi], s_sd[gi], s_count[gi], s_varies[gi], normalize, eps)
-        weff = w.expand(G, -1)
-    else:
-        a = normalize_in_group(r0, take, mean[gi], sd[gi], count[gi], varies[gi], normalize, eps)
-        if weighting == "fixed":
-            weff = w.expand(G, -1)
-        elif weighting == "variance":
-            ws = w * sd
-            tot = ws.sum(dim=1, keepdim=True)
-            weff = torch.where(tot > 0, ws / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(ws))
-        else:
-            raise ValueError(f"unknown weighting {weighting!r}")
-        adv = (a * weff[gi]).sum(dim=1)
-
-    # 4. group acceptance
-    accept = s_count >= min_feasible
-    if drop_zero_variance:
-        accept = accept & s_varies
-    contrib = feasible & accept[gi]
-
-    # 5. batch whitening over contributing samples
+    # 8. batch whitening over contributing samples
     if batch_normalize:
-        zeros = torch.zeros(n_samples, dtype=torch.long, device=r.device)
-        bn, bm, bsd, bvar = group_stats(adv, contrib, zeros, 1, unbiased)
-        white = normalize_in_group(adv, contrib, bm[zeros], bsd[zeros], bn[zeros], bvar[zeros], "zscore", eps)
-        adv = torch.where(contrib, white, adv)
+        adv, _ = batch_whiten(adv, contrib, eps, std == "unbiased")
 
-    # 6-7. sign shaping and clipping
+    # 9-10. sign shaping and clipping
     adv = adv * torch.where(adv > 0, torch.full_like(adv, positive_scale), torch.full_like(adv, negative_scale))
     if clip is not None:
         adv = adv.clamp(-clip, clip)
 
-    # 8. infeasible, rejected and invalid samples
-    infeasible = valid & ~feasible & accept[gi]
+    # 11. infeasible, rejected and invalid samples
+    valid = torch.ones_like(f.feasible) if valid is None else valid != 0
+    infeasible = valid & ~f.feasible & f.accept[gi]
     adv = torch.where(
         contrib, adv, torch.where(infeasible, torch.full_like(adv, infeasible_advantage), torch.zeros_like(adv))
     )
     sample_mask = contrib | (infeasible & (infeasible_advantage != 0.0))
-    return adv, accept, sample_mask, weff, mean, sd
+    return adv, f.accept, sample_mask, f.weights, f.stats.mean, f.stats.std

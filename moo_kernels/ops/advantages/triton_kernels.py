@@ -1,12 +1,23 @@
 """Triton kernels of the multi-objective advantage step (kernels only; see cuda.py for launchers).
 
-One program owns BLOCK_G whole groups and walks them in chunks of BLOCK_J samples, the K objectives
-side by side in BLOCK_K lanes. Pass 1 gathers the group statistics (per chunk two-pass, merged across
-chunks with Chan's formula, plus min/max so that constant groups are exact); pass 2 normalises,
-combines and writes. For the common GRPO sizes a group fits in one chunk and pass 2 re-reads it
-from L1/L2, so HBM sees each reward once. batch_normalize needs a batch-wide statistic: pass 2
-then writes the raw advantage and a per-program partial (count, mean, M2, min, max) that the
-second kernel combines in a fixed order (deterministic, no float atomics) before finishing.
+The algorithm is the reference's (moo_kernels/ops/advantages/reference.py), in float64 tiles: rewards
+of any dtype are converted exactly, the weights and the float options arrive as float64. One program
+owns BLOCK_G whole groups and walks them in chunks of BLOCK_J samples, the K objectives side by side
+in BLOCK_K lanes (padding lanes hold 0). Three passes over the chunks:
+  1. count, lo and hi of every objective (exact), hence the power-of-two scales c (and C_g of the
+     combined reward);
+  2. the scaled moments of u = x / c (two-pass within a chunk, Chan's merge across chunks), and the
+     combined reward d_j = SORTEDSUM_k(w'_k * (x_jk / C_g)) with its lo / hi and its moments (each chunk
+     scaled by its own power of two, rescaled exactly when merged);
+  3. normalise, combine (SORTEDSUM over the objectives), finish and write.
+SORTEDSUM is tl.sort along the objective axis, then a static loop adding column k (extracted exactly by
+a masked sum) to a running sum started at +0.0: the reference's IEEE operations in its order, so d has
+the same bits as on every other backend and "does not vary" (lo == hi of d) is decided identically.
+x / c is computed as (x * pre) * inv with pre, inv powers of two (exact, then one rounding): the bits of
+the division. For the common GRPO sizes a group fits in one chunk and passes 2 and 3 re-read it from
+L1/L2, so HBM sees each reward once. batch_normalize needs a batch-wide statistic: pass 3 then writes
+the raw advantage (float64) and a per-program scaled partial (count, mean, M2, min, max, scale) that
+the second kernel combines in a fixed order (deterministic, no float atomics) before finishing.
 """
 
 import triton
@@ -16,67 +27,93 @@ import triton.language as tl
 ZSCORE = tl.constexpr(0)
 CENTER = tl.constexpr(1)
 RLOO = tl.constexpr(2)
+NONE = tl.constexpr(3)
 SCALARIZE = tl.constexpr(0)
 VARIANCE = tl.constexpr(2)
 NO_ERROR = tl.constexpr(2**62)
+PARTIAL = tl.constexpr(6)  # values per program of the batch partials
+MIN_NORMAL = tl.constexpr(2.2250738585072014e-308)  # 2^-1022
+MAX_F64 = tl.constexpr(1.7976931348623157e308)
 
 
 @triton.jit
-def _to_compute(x, F64: tl.constexpr):
-    if F64:
-        return x.to(tl.float64)
+def _pow2_floor(m):
+    """2^floor(log2 m) for finite m >= 0 (exact, subnormals included: m * 2^54 is normal), 1 where m == 0."""
+    tiny = m < MIN_NORMAL
+    t = tl.where(tiny, m * 18014398509481984.0, m)
+    p = (t.to(tl.int64, bitcast=True) & 0x7FF0000000000000).to(tl.float64, bitcast=True)
+    p = tl.where(tiny, p * 5.551115123125783e-17, p)
+    return tl.where(m > 0, p, 1.0)
+
+
+@triton.jit
+def _scale_factors(c):
+    """pre, inv with x / c == (x * pre) * inv for a power of two c: pre = 2^52 below 2^-1022, else 1."""
+    pre = tl.where(c < MIN_NORMAL, 4503599627370496.0, 1.0).to(tl.float64)
+    return pre, 1.0 / (c * pre)
+
+
+@triton.jit
+def _sequential_sum(total, s, N: tl.constexpr):
+    """total + s[:, 0] + s[:, 1] + ... + s[:, N - 1], added left to right (s: [R, N], N a power of two).
+    The columns come out of halvings (reshape, permute, split): no reduction over the N lanes."""
+    if N == 1:
+        return total + tl.reshape(s, total.shape)
     else:
-        return x.to(tl.float32)
+        R: tl.constexpr = s.shape[0]
+        first, second = tl.split(tl.permute(tl.reshape(s, [R, 2, N // 2]), (0, 2, 1)))
+        total = _sequential_sum(total, first, N // 2)
+        return _sequential_sum(total, second, N // 2)
 
 
 @triton.jit
-def _chunk_stats(x, take, AXIS: tl.constexpr):
-    """Count, mean, M2, min and max of x over `take`, reduced along AXIS."""
-    cnt = tl.sum(take.to(x.dtype), axis=AXIS)
-    mean = tl.sum(tl.where(take, x, 0.0), axis=AXIS) / tl.maximum(cnt, 1.0)
-    d = tl.where(take, x - tl.expand_dims(mean, AXIS), 0.0)
-    m2 = tl.sum(d * d, axis=AXIS)
-    lo = tl.min(tl.where(take, x, float("inf")), axis=AXIS)
-    hi = tl.max(tl.where(take, x, float("-inf")), axis=AXIS)
-    return cnt, mean, m2, lo, hi
+def _sorted_sum(t, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SORTEDSUM over the last axis of t (ROWS rows of BLOCK_K lanes in all): ascending, then added left
+    to right from +0.0. Returns [ROWS]."""
+    s = tl.sort(tl.reshape(t, [ROWS, BLOCK_K]))
+    return _sequential_sum(tl.zeros([ROWS], dtype=tl.float64), s, BLOCK_K)
 
 
 @triton.jit
-def _chan_merge(n, mean, m2, lo, hi, cn, cmean, cm2, clo, chi):
+def _saturate(a, scale):
+    """a * scale, 0 staying 0 (also when the scale overflowed), within the finite float64 range."""
+    v = tl.where(a != 0, a * scale, a)
+    return tl.minimum(tl.maximum(v, -MAX_F64), MAX_F64)
+
+
+@triton.jit
+def _chan_merge(n, mean, m2, cn, cmean, cm2):
     tot = n + cn
     frac = cn / tl.maximum(tot, 1.0)
     delta = cmean - mean
     mean = mean + delta * frac
     m2 = m2 + cm2 + delta * delta * (n * frac)
-    return tot, mean, m2, tl.minimum(lo, clo), tl.maximum(hi, chi)
+    return tot, mean, m2
 
 
 @triton.jit
-def _finalize_stats(n, mean, m2, lo, hi, UNBIASED: tl.constexpr):
-    """Mean and std from merged moments; exact (mean = value, std = 0) when nothing varies."""
+def _chan_merge_scaled(n, mean, m2, c, cn, cmean, cm2, cc):
+    """Merge moments of u = x / c with those of u = x / cc (c, cc powers of two, 0 for no nonzero value):
+    both rescaled exactly to the larger scale first."""
+    top = tl.maximum(c, cc)
+    top_s = tl.where(top > 0, top, 1.0)
+    ra = c / top_s
+    rb = cc / top_s
+    n, mean, m2 = _chan_merge(n, mean * ra, m2 * ra * ra, cn, cmean * rb, cm2 * rb * rb)
+    return n, mean, m2, top
+
+
+@triton.jit
+def _finalize(n, lo, hi, mean, m2, pre, inv, UNBIASED: tl.constexpr):
+    """Scaled mean and std from merged moments; exact (the common scaled value, std 0) when nothing varies."""
     varies = hi > lo
-    mean = tl.where(varies, mean, tl.where(n > 0, hi, 0.0))
+    mean = tl.where(varies, mean, tl.where(n > 0, (hi * pre) * inv, 0.0))
     if UNBIASED:
         denom = n - 1.0
     else:
         denom = n
     var = tl.where(varies & (denom > 0), m2 / tl.maximum(denom, 1.0), 0.0)
     return mean, tl.sqrt(var), varies
-
-
-@triton.jit
-def _normalize(x, mean, sd, n, eps, NORMALIZE: tl.constexpr):
-    if NORMALIZE == ZSCORE:
-        den = sd + eps
-        out = tl.where(den > 0, (x - mean) / tl.where(den > 0, den, 1.0), 0.0)
-    elif NORMALIZE == CENTER:
-        out = x - mean
-    elif NORMALIZE == RLOO:
-        many = n > 1
-        out = tl.where(many, (x - mean) * n / tl.where(many, n - 1.0, 1.0), 0.0)
-    else:
-        out = x
-    return out
 
 
 @triton.jit
@@ -114,9 +151,9 @@ def _load_chunk(
     HAS_RGATES: tl.constexpr,
     HAS_GATES: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    F64: tl.constexpr,
 ):
-    """Samples j0 + jj of each group: rewards [BG, BJ, BK] after reward gates, and masks."""
+    """Samples j0 + jj of each group: float64 rewards [BG, BJ, BK] after reward gates (0 where not
+    finite), and masks. Any nonzero byte of valid / gates / reward_gates is true."""
     j = j0 + jj
     in_group = j[None, :] < count[:, None]
     pos = start[:, None] + j[None, :]
@@ -138,13 +175,37 @@ def _load_chunk(
         feasible = feasible & (tl.min(g.to(tl.int32), axis=2) != 0)
     m3 = valid[:, :, None] & k_ok[None, None, :]
     x = tl.load(r_ptr + row[:, :, None] * stride_rn + kk[None, None, :] * stride_rk, mask=m3, other=0.0)
-    x = _to_compute(x, F64)
+    x = x.to(tl.float64)
     if HAS_RGATES:
         gate = tl.load(rg_ptr + row[:, :, None] * stride_rgn + kk[None, None, :] * stride_rgk, mask=m3, other=1)
         x = tl.where(gate != 0, x, gated_value)
     finite = m3 & (tl.abs(x) < float("inf"))
     x = tl.where(finite, x, 0.0)
     return x, finite, m3, row, in_group, valid, feasible
+
+
+@triton.jit
+def _combined(x, take, wp, fits, top_pre, top_inv, BLOCK_K: tl.constexpr):
+    """d = SORTEDSUM_k(w'_k * q_jk), q_jk = x_jk / C_g where the entry takes part and c_gk <= C_g, else 0."""
+    q = tl.where(take & fits[:, None, :], (x * top_pre[:, None, None]) * top_inv[:, None, None], 0.0)
+    BG: tl.constexpr = x.shape[0]
+    BJ: tl.constexpr = x.shape[1]
+    return tl.reshape(_sorted_sum(wp[None, None, :] * q, BG * BJ, BLOCK_K), [BG, BJ])
+
+
+@triton.jit
+def _chunk_scaled(v, take, AXIS: tl.constexpr):
+    """Count, lo, hi, scale (0 when no nonzero value) and moments of v / scale over `take` along AXIS."""
+    cn = tl.sum(take.to(tl.float64), axis=AXIS)
+    lo = tl.min(tl.where(take, v, float("inf")), axis=AXIS)
+    hi = tl.max(tl.where(take, v, float("-inf")), axis=AXIS)
+    big = tl.where(cn > 0, tl.maximum(tl.abs(lo), tl.abs(hi)), 0.0)
+    cc = tl.where(big > 0, _pow2_floor(big), 0.0)
+    pre, inv = _scale_factors(tl.where(cc > 0, cc, 1.0))
+    u = tl.where(take, (v * tl.expand_dims(pre, AXIS)) * tl.expand_dims(inv, AXIS), 0.0)
+    cmean = tl.sum(u, axis=AXIS) / tl.maximum(cn, 1.0)
+    d = tl.where(take, u - tl.expand_dims(cmean, AXIS), 0.0)
+    return cn, lo, hi, cc, cmean, tl.sum(d * d, axis=AXIS)
 
 
 @triton.jit
@@ -172,17 +233,18 @@ def _advantages_fwd_kernel(
     weff_ptr,
     mean_ptr,
     std_ptr,
+    raw_ptr,
     code_ptr,
     part_ptr,
     status_ptr,
     K,
-    eps,
-    gated_value,
-    infeasible_adv,
+    eps: tl.float64,
+    gated_value: tl.float64,
+    infeasible_adv: tl.float64,
     min_feasible,
-    pos_scale,
-    neg_scale,
-    clip,
+    pos_scale: tl.float64,
+    neg_scale: tl.float64,
+    clip: tl.float64,
     BLOCK_G: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -199,8 +261,8 @@ def _advantages_fwd_kernel(
     CHECK_FINITE: tl.constexpr,
     CHECK_WEIGHTS: tl.constexpr,
     HAS_CLIP: tl.constexpr,
-    F64: tl.constexpr,
 ):
+    NEED_COMB: tl.constexpr = (WEIGHTING == SCALARIZE) or DROP_ZERO_VAR
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g < num_groups
@@ -213,16 +275,18 @@ def _advantages_fwd_kernel(
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     jj = tl.arange(0, BLOCK_J).to(tl.int64)
-    w = _to_compute(tl.load(w_ptr + kk, mask=k_ok, other=0.0), F64)
+    w = tl.load(w_ptr + kk, mask=k_ok, other=0.0)
     if CHECK_WEIGHTS:
         bad_w = tl.min(tl.where(k_ok & ~((w >= 0) & (w < float("inf"))), kk.to(tl.int64), NO_ERROR), axis=0)
         tl.atomic_min(status_ptr + 1, bad_w, mask=(pid == 0) & (bad_w < NO_ERROR))
+    cw = _pow2_floor(tl.max(w, axis=0))
+    wp = w / cw  # w' (0 in padding lanes)
 
-    # ---- pass 1: per-objective and combined-reward statistics --------------------------------
-    zk = tl.zeros([BLOCK_G, BLOCK_K], dtype=w.dtype)
-    n, mean, m2, lo, hi = zk, zk, zk, zk + float("inf"), zk - float("inf")
+    # ---- pass 1: count, lo, hi of every objective, hence the scales ---------------------------------
+    zk = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float64)
     zg = tl.sum(zk, axis=1)
-    sn, smean, sm2, slo, shi = zg, zg, zg, zg + float("inf"), zg - float("inf")
+    n, lo, hi = zk, zk + float("inf"), zk - float("inf")
+    fn = zg  # feasible samples per group
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, valid, feasible = _load_chunk(
             j0,
@@ -249,40 +313,28 @@ def _advantages_fwd_kernel(
             HAS_RGATES,
             HAS_GATES,
             BLOCK_M,
-            F64,
         )
         if CHECK_FINITE:
             flat = tl.where(m3 & ~finite, row[:, :, None] * K + kk[None, None, :], NO_ERROR)
             first = tl.min(tl.min(tl.min(flat, axis=2), axis=1), axis=0)
             tl.atomic_min(status_ptr, first, mask=first < NO_ERROR)
         take = feasible[:, :, None] & finite
-        cn, cmean, cm2, clo, chi = _chunk_stats(x, take, 1)
-        n, mean, m2, lo, hi = _chan_merge(n, mean, m2, lo, hi, cn, cmean, cm2, clo, chi)
-        s = tl.sum(x * w[None, None, :], axis=2)
-        cn, cmean, cm2, clo, chi = _chunk_stats(s, feasible, 1)
-        sn, smean, sm2, slo, shi = _chan_merge(sn, smean, sm2, slo, shi, cn, cmean, cm2, clo, chi)
+        fn += tl.sum(feasible.to(tl.float64), axis=1)
+        n += tl.sum(take.to(tl.float64), axis=1)
+        lo = tl.minimum(lo, tl.min(tl.where(take, x, float("inf")), axis=1))
+        hi = tl.maximum(hi, tl.max(tl.where(take, x, float("-inf")), axis=1))
+    big = tl.where(n > 0, tl.maximum(tl.abs(lo), tl.abs(hi)), 0.0)
+    c = _pow2_floor(big)
+    pre, inv = _scale_factors(c)
+    # C_g: the largest scale of the weighted objectives with a nonzero entry
+    top = tl.max(tl.where((wp[None, :] > 0) & (big > 0), c, 0.0), axis=1)
+    top = tl.where(top > 0, top, 1.0)
+    top_pre, top_inv = _scale_factors(top)
+    fits = c <= top[:, None]
 
-    mean, sd, _ = _finalize_stats(n, mean, m2, lo, hi, UNBIASED)
-    smean, ssd, svaries = _finalize_stats(sn, smean, sm2, slo, shi, UNBIASED)
-    if WEIGHTING == VARIANCE:
-        ws = w[None, :] * sd
-        tot = tl.sum(ws, axis=1)[:, None]
-        weff = tl.where(tot > 0, ws / tl.where(tot > 0, tot, 1.0), 0.0)
-    else:
-        weff = zk + w[None, :]
-    accept = sn >= min_feasible
-    if DROP_ZERO_VAR:
-        accept = accept & svaries
-    gk = g[:, None] * K + kk[None, :]
-    gk_ok = g_ok[:, None] & k_ok[None, :]
-    tl.store(mean_ptr + gk, mean, mask=gk_ok)
-    tl.store(std_ptr + gk, sd, mask=gk_ok)
-    tl.store(weff_ptr + gk, weff, mask=gk_ok)
-    tl.store(gmask_ptr + g, accept.to(tl.uint8), mask=g_ok)
-
-    # ---- pass 2: normalise, combine, finish (or hand over to the batch kernel) ----------------
-    zero = tl.sum(zg, axis=0)
-    bn, bmean, bm2, blo, bhi = zero, zero, zero, zero + float("inf"), zero - float("inf")
+    # ---- pass 2: scaled moments of the objectives and of the combined reward --------------------------
+    cnt, mean, m2 = zk, zk, zk
+    dn, dmean, dm2, dc, dlo, dhi = zg, zg, zg, zg, zg + float("inf"), zg - float("inf")
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, valid, feasible = _load_chunk(
             j0,
@@ -309,103 +361,225 @@ def _advantages_fwd_kernel(
             HAS_RGATES,
             HAS_GATES,
             BLOCK_M,
-            F64,
         )
-        if WEIGHTING == SCALARIZE:
-            s = tl.sum(x * w[None, None, :], axis=2)
-            a = _normalize(s, smean[:, None], ssd[:, None], sn[:, None], eps, NORMALIZE)
-            a = tl.where(feasible, a, 0.0)
+        take = feasible[:, :, None] & finite
+        u = tl.where(take, (x * pre[:, None, :]) * inv[:, None, :], 0.0)
+        cn = tl.sum(take.to(tl.float64), axis=1)
+        cmean = tl.sum(u, axis=1) / tl.maximum(cn, 1.0)
+        dev = tl.where(take, u - cmean[:, None, :], 0.0)
+        cnt, mean, m2 = _chan_merge(cnt, mean, m2, cn, cmean, tl.sum(dev * dev, axis=1))
+        if NEED_COMB:
+            d = _combined(x, take, wp, fits, top_pre, top_inv, BLOCK_K)
+            cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(d, feasible, 1)
+            dn, dmean, dm2, dc = _chan_merge_scaled(dn, dmean, dm2, dc, cn, cmean, cm2, cc)
+            dlo = tl.minimum(dlo, clo)
+            dhi = tl.maximum(dhi, chi)
+
+    mean_u, sd_u, varies = _finalize(n, lo, hi, mean, m2, pre, inv, UNBIASED)
+    gk = g[:, None] * K + kk[None, :]
+    gk_ok = g_ok[:, None] & k_ok[None, :]
+    tl.store(mean_ptr + gk, tl.where(n > 0, tl.minimum(tl.maximum(c * mean_u, lo), hi), 0.0), mask=gk_ok)
+    tl.store(std_ptr + gk, c * sd_u, mask=gk_ok)
+    if NEED_COMB:
+        d_c = tl.where(dc > 0, dc, 1.0)
+        d_pre, d_inv = _scale_factors(d_c)
+        d_mean, d_sd, d_varies = _finalize(dn, dlo, dhi, dmean, dm2, d_pre, d_inv, UNBIASED)
+
+    # weights of the combination and the per-objective maps (reference.py, step 6)
+    if WEIGHTING == SCALARIZE:
+        tl.store(weff_ptr + gk, zk + w[None, :], mask=gk_ok)
+        p_scale = (top * cw) * d_c
+        eps_d = tl.where(eps > 0, eps / p_scale, 0.0)
+        d_shift = d_mean
+        d_mul = tl.full([BLOCK_G], 1.0, tl.float64)
+        d_scale = p_scale
+        if NORMALIZE == ZSCORE:
+            den = d_sd + eps_d
+            d_mul = tl.where(d_varies & (den > 0), 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            d_scale = zg + 1.0
+        elif NORMALIZE == RLOO:
+            d_mul = tl.where(dn > 1, dn / tl.where(dn > 1, dn - 1.0, 1.0), 0.0)
+        elif NORMALIZE == NONE:
+            d_shift = zg
+    else:
+        if WEIGHTING == VARIANCE:
+            sel = (wp[None, :] > 0) & (sd_u > 0)
+            vmax = tl.max(tl.where(sel, c, 0.0), axis=1)
+            vmax = tl.where(vmax > 0, vmax, 1.0)
+            t = tl.where(sel, (wp[None, :] * sd_u) * (c / vmax[:, None]), 0.0)
+            tot = _sorted_sum(t, BLOCK_G, BLOCK_K)
+            tot_s = tl.where(tot > 0, tot, 1.0)
+            W = tl.where(tot[:, None] > 0, t / tot_s[:, None], 0.0)
+            factor = 1.0
         else:
-            a_k = _normalize(x, mean[:, None, :], sd[:, None, :], n[:, None, :], eps, NORMALIZE)
-            a_k = tl.where(feasible[:, :, None] & finite, a_k, 0.0)
-            a = tl.sum(a_k * weff[:, None, :], axis=2)
+            W = zk + wp[None, :]
+            factor = cw
+        if WEIGHTING == VARIANCE:
+            tl.store(weff_ptr + gk, W, mask=gk_ok)
+        else:
+            tl.store(weff_ptr + gk, zk + w[None, :], mask=gk_ok)
+        if NORMALIZE == NONE:
+            live = big > 0
+        else:
+            live = varies
+        if NORMALIZE == ZSCORE:
+            e = zk + 1.0
+        else:
+            e = c
+        use = (W > 0) & live
+        emax = tl.max(tl.where(use, e, 0.0), axis=1)
+        emax = tl.where(emax > 0, emax, 1.0)
+        q_scale = emax * factor
+        coef = tl.where(use, W * (e / emax[:, None]), 0.0)
+        shift = mean_u
+        mul = coef
+        if NORMALIZE == ZSCORE:  # (u - mean_u) / (sd_u + eps / c), 0 when the column does not vary
+            den = sd_u + eps / c
+            mul = tl.where(varies & (den > 0), coef / tl.where(den > 0, den, 1.0), 0.0)
+        elif NORMALIZE == RLOO:  # (u - mean_u) * n / (n - 1), 0 when n < 2
+            mul = tl.where(n > 1, coef * (n / tl.where(n > 1, n - 1.0, 1.0)), 0.0)
+        elif NORMALIZE == NONE:
+            shift = zk
+
+    accept = fn >= min_feasible
+    if DROP_ZERO_VAR:
+        accept = accept & d_varies
+    tl.store(gmask_ptr + g, accept.to(tl.uint8), mask=g_ok)
+
+    # ---- pass 3: normalise, combine, finish (or hand over to the batch kernel) -----------------------
+    zero = tl.sum(zg, axis=0)
+    bn, bmean, bm2, bc, blo, bhi = zero, zero, zero, zero, zero + float("inf"), zero - float("inf")
+    for j0 in range(0, max_count, BLOCK_J):
+        x, finite, m3, row, in_group, valid, feasible = _load_chunk(
+            j0,
+            start,
+            count,
+            jj,
+            kk,
+            k_ok,
+            r_ptr,
+            stride_rn,
+            stride_rk,
+            order_ptr,
+            valid_ptr,
+            rg_ptr,
+            stride_rgn,
+            stride_rgk,
+            gates_ptr,
+            stride_gn,
+            stride_gm,
+            M,
+            gated_value,
+            CONTIGUOUS,
+            HAS_VALID,
+            HAS_RGATES,
+            HAS_GATES,
+            BLOCK_M,
+        )
+        take = feasible[:, :, None] & finite
+        if WEIGHTING == SCALARIZE:
+            d = _combined(x, take, wp, fits, top_pre, top_inv, BLOCK_K)
+            ud = (d * d_pre[:, None]) * d_inv[:, None]
+            a = tl.where(feasible, (ud - d_shift[:, None]) * d_mul[:, None], 0.0)
+            a = _saturate(a, d_scale[:, None])
+        else:
+            u = (x * pre[:, None, :]) * inv[:, None, :]
+            terms = tl.where(take, (u - shift[:, None, :]) * mul[:, None, :], 0.0)
+            a = tl.reshape(_sorted_sum(terms, BLOCK_G * BLOCK_J, BLOCK_K), [BLOCK_G, BLOCK_J])
+            a = _saturate(a, q_scale[:, None])
         contrib = feasible & accept[:, None]
         infeasible = valid & ~feasible & accept[:, None]
         if BATCH_NORM:
-            tl.store(adv_ptr + row, a.to(adv_ptr.dtype.element_ty), mask=in_group)
+            tl.store(raw_ptr + row, a, mask=in_group)
             tl.store(code_ptr + row, (contrib.to(tl.uint8) + 2 * infeasible.to(tl.uint8)), mask=in_group)
-            cn, cmean, cm2, clo, chi = _chunk_stats(a, contrib, 1)
-            cn, cmean, cm2, clo, chi = _merge_rows(cn, cmean, cm2, clo, chi)
-            bn, bmean, bm2, blo, bhi = _chan_merge(bn, bmean, bm2, blo, bhi, cn, cmean, cm2, clo, chi)
+            cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(a, [BLOCK_G * BLOCK_J]),
+                                                         tl.reshape(contrib, [BLOCK_G * BLOCK_J]), 0)  # fmt: skip
+            bn, bmean, bm2, bc = _chan_merge_scaled(bn, bmean, bm2, bc, cn, cmean, cm2, cc)
+            blo = tl.minimum(blo, clo)
+            bhi = tl.maximum(bhi, chi)
         else:
             a = _finish(a, contrib, infeasible, pos_scale, neg_scale, clip, infeasible_adv, HAS_CLIP)
             tl.store(adv_ptr + row, a.to(adv_ptr.dtype.element_ty), mask=in_group)
             keep = contrib | (infeasible & (infeasible_adv != 0.0))
             tl.store(smask_ptr + row, keep.to(tl.uint8), mask=in_group)
     if BATCH_NORM:
-        tl.store(part_ptr + pid * 5 + 0, bn)
-        tl.store(part_ptr + pid * 5 + 1, bmean)
-        tl.store(part_ptr + pid * 5 + 2, bm2)
-        tl.store(part_ptr + pid * 5 + 3, blo)
-        tl.store(part_ptr + pid * 5 + 4, bhi)
-
-
-@triton.jit
-def _merge_rows(cn, cmean, cm2, clo, chi):
-    """Chan-merge per-group moments [BG] into one set of scalars (fixed order: a tree in tl.reduce)."""
-    tot = tl.sum(cn, axis=0)
-    mean = tl.sum(cn * cmean, axis=0) / tl.maximum(tot, 1.0)
-    d = cmean - mean
-    m2 = tl.sum(cm2 + cn * d * d, axis=0)
-    return tot, mean, m2, tl.min(clo, axis=0), tl.max(chi, axis=0)
+        tl.store(part_ptr + pid * PARTIAL + 0, bn)
+        tl.store(part_ptr + pid * PARTIAL + 1, bmean)
+        tl.store(part_ptr + pid * PARTIAL + 2, bm2)
+        tl.store(part_ptr + pid * PARTIAL + 3, blo)
+        tl.store(part_ptr + pid * PARTIAL + 4, bhi)
+        tl.store(part_ptr + pid * PARTIAL + 5, bc)
 
 
 @triton.jit
 def _advantages_batchnorm_kernel(
     adv_ptr,
+    raw_ptr,
     code_ptr,
     smask_ptr,
     part_ptr,
     num_parts,
     N,
-    eps,
-    infeasible_adv,
-    pos_scale,
-    neg_scale,
-    clip,
+    eps: tl.float64,
+    infeasible_adv: tl.float64,
+    pos_scale: tl.float64,
+    neg_scale: tl.float64,
+    clip: tl.float64,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     UNBIASED: tl.constexpr,
     HAS_CLIP: tl.constexpr,
-    F64: tl.constexpr,
 ):
-    """Whiten the contributing advantages with the batch statistic, then finish every sample."""
+    """Whiten the contributing advantages with the batch statistic, then finish every sample.
+
+    The partials are scaled moments (each of u = a / c_p); they are rescaled exactly to the largest scale
+    and merged in a fixed order."""
     pp = tl.arange(0, BLOCK_P)
-    acc_n = tl.zeros([BLOCK_P], dtype=tl.float64 if F64 else tl.float32)
-    acc_s = acc_n
+    acc_n = tl.zeros([BLOCK_P], dtype=tl.float64)
+    acc_lo = acc_n + float("inf")
+    acc_hi = acc_n - float("inf")
+    acc_c = acc_n
     for p0 in range(0, num_parts, BLOCK_P):
         ok = p0 + pp < num_parts
-        pn = tl.load(part_ptr + (p0 + pp) * 5 + 0, mask=ok, other=0.0)
-        pm = tl.load(part_ptr + (p0 + pp) * 5 + 1, mask=ok, other=0.0)
-        acc_n += pn
-        acc_s += pn * pm
+        base = part_ptr + (p0 + pp) * PARTIAL
+        acc_n += tl.load(base + 0, mask=ok, other=0.0)
+        acc_lo = tl.minimum(acc_lo, tl.load(base + 3, mask=ok, other=float("inf")))
+        acc_hi = tl.maximum(acc_hi, tl.load(base + 4, mask=ok, other=float("-inf")))
+        acc_c = tl.maximum(acc_c, tl.load(base + 5, mask=ok, other=0.0))
     tot = tl.sum(acc_n, axis=0)
+    top = tl.max(acc_c, axis=0)
+    top = tl.where(top > 0, top, 1.0)
+    acc_s = acc_n * 0.0
+    for p0 in range(0, num_parts, BLOCK_P):
+        ok = p0 + pp < num_parts
+        base = part_ptr + (p0 + pp) * PARTIAL
+        pn = tl.load(base + 0, mask=ok, other=0.0)
+        pm = tl.load(base + 1, mask=ok, other=0.0) * (tl.load(base + 5, mask=ok, other=0.0) / top)
+        acc_s += pn * pm
     mean = tl.sum(acc_s, axis=0) / tl.maximum(tot, 1.0)
     acc_m2 = acc_n * 0.0
-    acc_lo = acc_m2 + float("inf")
-    acc_hi = acc_m2 - float("inf")
     for p0 in range(0, num_parts, BLOCK_P):
         ok = p0 + pp < num_parts
-        pn = tl.load(part_ptr + (p0 + pp) * 5 + 0, mask=ok, other=0.0)
-        pm = tl.load(part_ptr + (p0 + pp) * 5 + 1, mask=ok, other=0.0)
-        pm2 = tl.load(part_ptr + (p0 + pp) * 5 + 2, mask=ok, other=0.0)
-        acc_m2 += pm2 + pn * (pm - mean) * (pm - mean)
-        acc_lo = tl.minimum(acc_lo, tl.load(part_ptr + (p0 + pp) * 5 + 3, mask=ok, other=float("inf")))
-        acc_hi = tl.maximum(acc_hi, tl.load(part_ptr + (p0 + pp) * 5 + 4, mask=ok, other=float("-inf")))
-    mean, sd, varies = _finalize_stats(
-        tot, mean, tl.sum(acc_m2, axis=0), tl.min(acc_lo, axis=0), tl.max(acc_hi, axis=0), UNBIASED
+        base = part_ptr + (p0 + pp) * PARTIAL
+        pn = tl.load(base + 0, mask=ok, other=0.0)
+        r = tl.load(base + 5, mask=ok, other=0.0) / top
+        pm = tl.load(base + 1, mask=ok, other=0.0) * r
+        acc_m2 += tl.load(base + 2, mask=ok, other=0.0) * r * r + pn * (pm - mean) * (pm - mean)
+    pre, inv = _scale_factors(top)
+    mean_u, sd_u, varies = _finalize(
+        tot, tl.min(acc_lo, axis=0), tl.max(acc_hi, axis=0), mean, tl.sum(acc_m2, axis=0), pre, inv, UNBIASED
     )
-    den = sd + eps
+    den = sd_u + eps / top
     white = varies & (den > 0)
     den = tl.where(white, den, 1.0)
 
     offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
-    a = _to_compute(tl.load(adv_ptr + offs, mask=ok, other=0.0), F64)
+    a = tl.load(raw_ptr + offs, mask=ok, other=0.0)
     code = tl.load(code_ptr + offs, mask=ok, other=0)
     contrib = code == 1
     infeasible = code == 2
-    a = tl.where(contrib, tl.where(white, (a - mean) / den, 0.0), a)
+    a = tl.where(contrib, tl.where(white, ((a * pre) * inv - mean_u) / den, 0.0), a)
     a = _finish(a, contrib, infeasible, pos_scale, neg_scale, clip, infeasible_adv, HAS_CLIP)
     tl.store(adv_ptr + offs, a.to(adv_ptr.dtype.element_ty), mask=ok)
     keep = contrib | (infeasible & (infeasible_adv != 0.0))
