@@ -155,3 +155,15 @@ def test_meta_group_ids_name_the_problem():
         mk.multi_objective_advantages(
             torch.empty(4, 2, device="meta"), group_ids=torch.empty(4, dtype=torch.long, device="meta")
         )
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_weights_as_arrays(backend):
+    rewards = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    want = mk.multi_objective_advantages(rewards, group_size=4, weights=[1.0, 0.5, 2.0], weighting="fixed")
+    with mk.use_backend(backend):
+        for w in (np.array([1.0, 0.5, 2.0]), np.array([1.0, 0.5, 2.0], dtype=np.float32), (1, 0.5, np.float64(2))):
+            got = mk.multi_objective_advantages(rewards, group_size=4, weights=w, weighting="fixed")
+            torch.testing.assert_close(got.advantages, want.advantages, rtol=1e-6, atol=1e-7)
+        with pytest.raises(ValueError, match="weights"):
+            mk.multi_objective_advantages(rewards, group_size=4, weights=np.ones((1, 3)))

@@ -50,6 +50,13 @@ def _weights(weights, k: int, device: torch.device, dtype: torch.dtype) -> tuple
         if tuple(weights.shape) != (k,):
             raise ValueError(f"weights must have shape ({k},) (one per objective), got {tuple(weights.shape)}")
         return weights, False
+    if not isinstance(weights, (torch.Tensor, str, Sequence)) and hasattr(weights, "__array__"):
+        import numpy as np  # a numpy array or another array-like: numpy is there
+
+        array = np.asarray(weights)
+        if array.ndim != 1:
+            raise ValueError(f"weights must be 1-D (one per objective), got shape {array.shape}")
+        weights = array.tolist()
     if isinstance(weights, Sequence) and not isinstance(weights, str):
         values = tuple(weights)
         if len(values) != k:
@@ -64,7 +71,9 @@ def _weights(weights, k: int, device: torch.device, dtype: torch.dtype) -> tuple
             _DEFAULT_WEIGHTS.clear()
         _DEFAULT_WEIGHTS[key] = torch.tensor(values, dtype=dtype, device=device)
         return _DEFAULT_WEIGHTS[key], True
-    raise TypeError(f"weights must be None, a sequence of numbers or a tensor, got {type(weights).__name__}")
+    raise TypeError(
+        f"weights must be None, a sequence or 1-D array of numbers, or a tensor, got {type(weights).__name__}"
+    )
 
 
 def multi_objective_advantages(
@@ -197,6 +206,11 @@ def multi_objective_advantages(
         num_groups, max_count = n // group_size, group_size
     else:
         O.check_tensor("group_ids", group_ids)
+        if group_ids.is_meta:
+            raise ValueError(
+                "group_ids on the meta device: the number of groups depends on the ids' values; pass group_size "
+                "to get output shapes from meta tensors"
+            )
         if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
             raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
         O.check_same_device("group_ids", group_ids, device)
@@ -236,7 +250,7 @@ def multi_objective_advantages(
         nan_policy,
         weights_checked,
     )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or rewards.is_meta:  # the registered op (meta tensors: its fake)
         return AdvantageResult(*advantages_op(*args))
     if torch.is_grad_enabled() and (rewards.requires_grad or w.requires_grad):
         return AdvantageResult(*AdvantagesFunction.apply(*args))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moo_kernels._backend import get_backend
+from moo_kernels._backend import implementation
 from moo_kernels.ops.advantages.backward import advantages_backward
 from moo_kernels.ops.advantages.problem import AdvantageProblem, raise_bad_values
 from moo_kernels.ops.advantages.reference import advantages_reference
@@ -28,12 +28,11 @@ def run_reference(p: AdvantageProblem) -> Outputs:
 
 
 def run(p: AdvantageProblem) -> Outputs:
-    """Run the forward on the backend chosen for p's device (see moo_kernels._backend)."""
-    backend = get_backend()
-    device = p.rewards.device.type
-    if backend == "reference" or device not in ("cpu", "cuda"):
+    """Run the forward on the implementation chosen for p's device (see moo_kernels._backend)."""
+    impl = implementation(p.rewards.device)
+    if impl == "reference":
         return run_reference(p)
-    if device == "cuda" or backend == "triton":
+    if impl == "triton":
         from moo_kernels.ops.advantages.cuda import advantages_triton
 
         return advantages_triton(p)
