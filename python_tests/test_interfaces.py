@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import CPU_BACKENDS
 
 import moo_kernels as mk
 from moo_kernels._backend import implementation
@@ -157,7 +158,7 @@ def test_meta_group_ids_name_the_problem():
         )
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
 def test_weights_as_arrays(backend):
     rewards = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
     want = mk.multi_objective_advantages(rewards, group_size=4, weights=[1.0, 0.5, 2.0], weighting="fixed")
