@@ -42,8 +42,9 @@ test-gpu: build
 # first undefined behaviour stops the run with its stack; --capture=sys lets a report reach the terminal.
 # Not part of `make test`: about 7.5 minutes on 2 cores from scratch, most of it the build; 1 to 2 minutes once built.
 SANITIZE_DIR := build/sanitize
-SANITIZE_TESTS := python_tests/test_advantages.py python_tests/test_policy_loss.py python_tests/test_logits_cpu.py \
-	python_tests/test_brier.py
+SANITIZE_TESTS := python_tests/test_advantages.py python_tests/test_advantages_numerics.py \
+	python_tests/test_policy_loss.py python_tests/test_loss_numerics.py python_tests/test_logits.py \
+	python_tests/test_logits_cpu.py python_tests/test_brier.py python_tests/test_interfaces.py
 SANITIZE_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	MOO_KERNELS_EXTENSION="$$(ls $(SANITIZE_DIR)/moo_kernels/_C*.so)"
