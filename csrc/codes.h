@@ -1,0 +1,46 @@
+// Every code the C++ kernels share with the Python side: mirrors moo_kernels/_codes.py (the one place they are
+// declared; python_tests/test_codes.py checks that the two agree). The kernels receive options as these integers.
+
+#pragma once
+
+#include <cstdint>
+
+namespace moo {
+
+// ---- options of the advantage op
+enum Normalize { kZScore = 0, kCenter = 1, kRloo = 2, kNoNormalize = 3 };
+enum Std { kPopulation = 0, kUnbiased = 1 };
+enum Weighting { kScalarize = 0, kFixed = 1, kVariance = 2 };
+enum NanPolicy { kIgnoreNan = 0, kRaiseNan = 1 };
+
+// ---- options of the policy loss
+enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3 };
+enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
+enum Kl { kK1 = 1, kK2 = 2, kK3 = 3 };
+
+// ---- tensors: dtype codes
+enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kBool = 4, kInt32 = 5, kInt64 = 6, kUInt8 = 7 };
+
+// ---- errors reported through a status word
+constexpr int64_t kNoError = int64_t(1) << 62;
+
+// ---- constants of the formulas
+constexpr double kLogRatioMax = 20.0;
+
+// ---- the loss's metrics, in the order of the metrics tensor
+enum Metric {
+    kPgLoss = 0,
+    kKlMean = 1,
+    kClipFrac = 2,
+    kClipFracLow = 3,
+    kClipFracHigh = 4,
+    kDualClipFrac = 5,
+    kRatioMean = 6,
+    kRatioMin = 7,
+    kRatioMax = 8,
+    kPpoKl = 9,
+    kActiveTokens = 10,
+    kNumMetrics = 11
+};
+
+}  // namespace moo

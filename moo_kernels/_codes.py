@@ -1,0 +1,56 @@
+"""Every code the Python side shares with the kernels, in one place: option strings and the integers the
+kernels receive for them, dtype codes, the error-status sentinel, constants of the formulas, and the layout
+of the loss metrics. csrc/codes.h mirrors it for the C++ kernels (python_tests/test_codes.py checks that the
+two agree); the Triton kernels import it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ---- options of the advantage op ------------------------------------------------------------------------
+NORMALIZE = {"zscore": 0, "center": 1, "rloo": 2, "none": 3}
+STD = {"population": 0, "unbiased": 1}
+WEIGHTING = {"scalarize": 0, "fixed": 1, "variance": 2}
+NAN_POLICY = {"ignore": 0, "raise": 1}
+
+# ---- options of the policy loss -------------------------------------------------------------------------
+MODE = {"clip": 0, "gspo": 1, "cispo": 2, "reinforce": 3}
+AGG = {
+    "token-mean": 0,
+    "seq-mean-token-mean": 1,
+    "seq-mean-token-sum": 2,
+    "seq-mean-token-sum-norm": 3,
+}
+KL = {"k1": 1, "k2": 2, "k3": 3}
+
+# ---- tensors as the C++ kernels see them -----------------------------------------------------------------
+DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.bool: 4, torch.int32: 5,
+         torch.int64: 6, torch.uint8: 7}  # fmt: skip
+
+# ---- errors the kernels report through a status word -----------------------------------------------------
+NO_ERROR = 2**62  # "nothing found" in the status words that keep the smallest offending index (atomic min)
+
+# ---- constants of the formulas -----------------------------------------------------------------------------
+LOG_RATIO_MAX = 20.0  # log-ratios (and the k3 argument) are clamped to [-LOG_RATIO_MAX, LOG_RATIO_MAX]
+
+# ---- the loss's metrics, in the order of the metrics tensor the ops return -----------------------------------
+METRICS = (
+    "pg_loss",
+    "kl_mean",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "dual_clip_frac",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "ppo_kl",
+    "active_tokens",
+)
+
+
+def out_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:
+    """The floating dtype of every op's outputs: float64 for float64 inputs, float32 for everything else."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,269 @@
+"""The arguments of an op, declared once.
+
+An op's spec is a frozen dataclass whose fields are its arguments after the primary input (the log-probs, the
+logits, the rewards): tensors and options, each declared with `tensor(...)` or `option(...)`: type, default,
+the checks of a valid value, a line of documentation. Everything else comes from it:
+
+- validation: `Spec.validate(context, **kwargs)` checks every argument once (types, ranges, choices, shapes,
+  devices) and returns the canonical instance; a bad value raises a ValueError / TypeError naming it;
+- the torch.library schema of the registered op (`Spec.schema()`) and the flat positional form the op takes
+  (`spec.flat()`, `Spec.unflat(args)`);
+- the reference's keyword arguments (`spec.kwargs()`);
+- the keyword arguments of a Triton kernel (`spec.kernel_kwargs(kernel)`: every spec field the kernel names
+  as a parameter, options as the integers of moo_kernels._codes, a tensor as its pointer plus a `<name>_strides`
+  tuple when the kernel takes one) and of the C++ kernels (`spec.cpp_options()`, `spec.cpp_tensors()`);
+- the public function's signature and the options part of its docstring (`with_spec`).
+
+Adding an option to an op is then a field of its spec, its use in the reference and in the kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moo_kernels import _codes
+from moo_kernels import _options as O
+
+# ---- declarations ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """How one argument is checked and passed on. kind: "tensor", "float", "int", "bool" or "str"."""
+
+    kind: str
+    doc: str
+    optional: bool = False  # None is a valid value (then the argument is absent)
+    low: float | None = None  # numbers: the smallest valid value ...
+    low_inclusive: bool = True  # ... itself valid or not
+    below: float | None = None  # numbers: values must be < this
+    choices: dict[str, int] | None = None  # str: the valid values and the integers the kernels receive
+    dtypes: tuple[torch.dtype, ...] = ()  # tensors: the accepted dtypes
+    shapes: tuple[str, ...] = ()  # tensors: the accepted shapes, as strings of dimension names ("BT", "B")
+    kernel: bool = True  # passed to the kernels (False: consumed by the Python side)
+
+
+def option(default: Any, doc: str, kind: str, **checks) -> Any:
+    """A field of a spec holding an option (a number, bool or string)."""
+    return dataclasses.field(default=default, metadata={"arg": Arg(kind=kind, doc=doc, **checks)})
+
+
+def tensor(doc: str, *, dtypes: tuple[torch.dtype, ...], shapes: tuple[str, ...], optional: bool = True) -> Any:
+    """A field of a spec holding a tensor (None when optional and absent)."""
+    arg = Arg(kind="tensor", doc=doc, optional=optional, dtypes=dtypes, shapes=shapes)
+    return dataclasses.field(default=None, metadata={"arg": arg})
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# ---- the spec base class ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What validation checks tensors against: named dimension sizes, the device, and the primary input's name."""
+
+    dims: dict[str, int]
+    device: torch.device
+    primary: str
+
+
+class Spec:
+    """Base class of the op specs (frozen dataclasses whose fields are declared with tensor / option)."""
+
+    @classmethod
+    def args(cls) -> list[tuple[str, Arg]]:
+        return [(f.name, f.metadata["arg"]) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    # -- validation
+
+    @classmethod
+    def validate(cls, context: Context, **kwargs: Any):
+        """The canonical spec of these arguments (missing ones take their defaults), or a ValueError / TypeError
+        naming the first bad one; then the spec's own cross-argument checks (`check`)."""
+        names = {name for name, _ in cls.args()}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r} (valid: {', '.join(sorted(names))})")
+        values = {}
+        for name, arg in cls.args():
+            value = kwargs.get(name, cls.__dataclass_fields__[name].default)
+            values[name] = _check(name, arg, value, context)
+        return cls(**values).check(context)
+
+    def check(self, context: Context):
+        """Checks that involve several arguments; returns the (possibly completed) spec. Override as needed."""
+        return self
+
+    # -- the registered op
+
+    @classmethod
+    def schema(cls) -> str:
+        """The arguments in torch.library schema syntax, in field order."""
+        parts = []
+        for name, arg in cls.args():
+            kind = {"tensor": "Tensor", "float": "float", "int": "int", "bool": "bool", "str": "str"}[arg.kind]
+            parts.append(f"{kind}{'?' if arg.optional else ''} {name}")
+        return ", ".join(parts)
+
+    def flat(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    @classmethod
+    def unflat(cls, args) -> Spec:
+        """The spec from the flat arguments of the registered op (already validated)."""
+        return cls(*args)
+
+    @classmethod
+    def count(cls) -> int:
+        return len(dataclasses.fields(cls))
+
+    # -- the implementations
+
+    def kwargs(self) -> dict[str, Any]:
+        """Every argument by name (the reference takes them so)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def codes(self) -> dict[str, Any]:
+        """The options the kernels receive: strings as their integer codes, the rest as they are."""
+        out = {}
+        for name, arg in self.args():
+            if arg.kind == "tensor" or not arg.kernel:
+                continue
+            value = getattr(self, name)
+            out[name] = arg.choices[value] if arg.choices is not None and value is not None else value
+        return out
+
+    def kernel_kwargs(self, kernel, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments of a Triton kernel: each parameter the kernel names that is a field of the spec
+        (options as codes; a tensor as itself, a bool tensor viewed as uint8, None when absent; its
+        `<name>_strides` parameter as the strides of its first two dimensions, a [B] tensor with a 0 token
+        stride), then extra (which may override)."""
+        params = set(kernel.arg_names)
+        out: dict[str, Any] = {}
+        codes = self.codes()
+        for name, arg in self.args():
+            if arg.kind == "tensor":
+                x = getattr(self, name)
+                if name in params:
+                    out[name] = x.view(torch.uint8) if x is not None and x.dtype == torch.bool else x
+                if f"{name}_strides" in params:
+                    out[f"{name}_strides"] = strides2(x)
+            elif name in params:
+                out[name] = codes[name]
+        out.update(extra)
+        return out
+
+    def cpp_options(self) -> dict[str, Any]:
+        """The options for the C++ kernels, by name (they read the ones they use)."""
+        return self.codes()
+
+    def cpp_tensors(self) -> dict[str, tuple | None]:
+        """The tensors for the C++ kernels, by name, as operands (see operand); None when absent."""
+        return {name: operand(getattr(self, name)) for name, arg in self.args() if arg.kind == "tensor"}
+
+
+def strides2(x: torch.Tensor | None) -> tuple[int, int]:
+    """(stride of dimension 0, stride of dimension 1) of a [B] or [B, T] tensor (0 for a [B] tensor's second)."""
+    if x is None:
+        return (0, 0)
+    return (x.stride(0), x.stride(1) if x.dim() > 1 else 0)
+
+
+def operand(x: torch.Tensor | None) -> tuple | None:
+    """A tensor as the C++ kernels take it: (address, dtype code, sizes, strides in elements); None when absent."""
+    if x is None:
+        return None
+    return (x.data_ptr(), _codes.DTYPE[x.dtype], tuple(x.shape), tuple(x.stride()))
+
+
+# ---- checks --------------------------------------------------------------------------------------------------------
+
+
+def _check(name: str, arg: Arg, value: Any, context: Context) -> Any:
+    if value is None:
+        if arg.optional:
+            return None
+        raise TypeError(f"{name} must be given, got None")
+    if arg.kind == "tensor":
+        return _check_tensor(name, arg, value, context)
+    if arg.kind == "str":
+        return _choice(name, value, arg.choices) if arg.choices is not None else value
+    if arg.kind == "bool":
+        return O.check_bool(name, value)
+    if arg.kind == "int":
+        value = O.check_int(name, value, low=int(arg.low) if arg.low is not None else -(2**62))
+    else:
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a Python number, got a tensor")
+        value = O.check_number(name, value, low=arg.low, low_inclusive=arg.low_inclusive)
+    if arg.below is not None and not value < arg.below:
+        raise ValueError(f"{name} must be < {arg.below}, got {value}")
+    return value
+
+
+def _choice(name: str, value: Any, choices: dict[str, int]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def _check_tensor(name: str, arg: Arg, x: Any, context: Context) -> torch.Tensor:
+    O.check_tensor(name, x)
+    if x.dtype not in arg.dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in arg.dtypes)
+        raise TypeError(f"{name} must be {allowed}, got {x.dtype}")
+    O.check_same_device(name, x, context.device, other=context.primary)
+    shapes = [tuple(context.dims[d] for d in s) for s in arg.shapes]
+    if tuple(x.shape) not in shapes:
+        want = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    return x
+
+
+# ---- public functions -------------------------------------------------------------------------------------------
+
+
+def with_spec(spec: type[Spec], *, positional: tuple[str, ...] = ()) -> Callable:
+    """Give a public function `f(primary, *positional, **options)` the signature of its spec (every field after
+    `positional` as a keyword with its default) and fill the `{options}` placeholder of its docstring with the
+    fields' documentation. The function itself takes **options and validates them with the spec."""
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        explicit = {p.name for p in params}
+        hints = typing.get_type_hints(spec)
+        for name, _arg in spec.args():
+            if name in explicit or name in positional:
+                continue
+            default = spec.__dataclass_fields__[name].default
+            params.append(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints.get(name))
+            )
+        fn.__signature__ = sig.replace(parameters=params)
+        if fn.__doc__ and "{options}" in fn.__doc__:
+            fn.__doc__ = fn.__doc__.replace("{options}", describe(spec, skip=explicit | set(positional)))
+        return fn
+
+    return wrap
+
+
+def describe(spec: type[Spec], skip: set[str] = frozenset(), indent: str = "        ") -> str:
+    """The documentation lines of a spec's fields (name: doc), for a docstring."""
+    lines = []
+    for name, arg in spec.args():
+        if name in skip:
+            continue
+        lines.append(f"{indent}{name}: {arg.doc}")
+    return "\n".join(lines).lstrip()
