@@ -1,6 +1,6 @@
 // Tensors as the CPU kernels see them: raw addresses from the Python launchers (no libtorch), a dtype
 // code and strides in elements. Shared by advantages.cpp, logits.cpp and policy_loss.cpp.
-//   - The dtype codes of moo_kernels/ops/*/cpu.py.
+//   - (The dtype codes are those of codes.h.)
 //   - Scalar conversions between float and the 16-bit float formats (IEEE half, bfloat16) held as raw
 //     uint16_t bits. They are branch-light and inline, so the compiler can vectorise the loops that convert
 //     a block of elements. float16 -> float and bfloat16 -> float are exact; float -> 16 bits rounds to
@@ -17,10 +17,11 @@
 #include <tuple>
 #include <type_traits>
 
+#include "codes.h"
+
 namespace moo {
 
-// Codes shared with the launchers moo_kernels/ops/*/cpu.py (kBool: policy_loss masks only).
-enum DType { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3, kBool = 4 };
+// The dtype codes (kFloat16, ...) are those of codes.h, shared with moo_kernels/_codes.py.
 
 // ---- 16-bit float formats ------------------------------------------------------------------------------
 

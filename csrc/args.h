@@ -1,0 +1,111 @@
+// The C++ side of a launcher's call: how an op's arguments cross the Python boundary.
+//
+// A launcher passes the op's tensors as a dict by argument name, each either None (absent) or the tuple
+// (address, dtype code, sizes, strides in elements) of moo_kernels._spec.operand, and its options as a dict
+// by name (strings already turned into the codes of codes.h). A kernel reads what it uses by name:
+//   Operand adv = tensor_arg(tensors, "advantages", {{B}, {B, T}}, kFloats);
+//   double beta = option<double>(options, "beta");
+// and every tensor is checked against what the kernel relies on (its rank, sizes and dtype): a mismatch
+// throws std::invalid_argument naming the argument, which pybind11 raises as a ValueError. So a launcher that
+// passes a wrong tensor fails loudly instead of corrupting memory, and a new option is read where it is used.
+
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dtype.h"
+
+namespace moo {
+
+namespace py = pybind11;
+
+// The dtype codes of floating tensors.
+inline const std::vector<int> kFloats = {kFloat16, kBFloat16, kFloat32, kFloat64};
+
+// A checked tensor argument: its Operand (address, dtype, strides of the first two dimensions; a 1-D tensor has
+// a second stride of 0) and its sizes. ptr is null when the argument is absent.
+struct TensorArg : Operand {
+    std::vector<int64_t> sizes;
+};
+
+inline std::string shape_text(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + (s[i] < 0 ? std::string("*") : std::to_string(s[i]));
+    return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// The operand tuple value (None: absent), checked: its sizes must equal one of shapes (a size of -1 matches any),
+// its dtype code one of dtypes (empty: any).
+inline TensorArg tensor_arg(const py::handle& value, const std::string& name,
+                            const std::vector<std::vector<int64_t>>& shapes, const std::vector<int>& dtypes,
+                            bool optional = true) {
+    TensorArg t;
+    if (value.is_none()) {
+        if (!optional) throw std::invalid_argument(name + " must be given");
+        return t;
+    }
+    const auto spec = value.cast<std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>>();
+    t.ptr = reinterpret_cast<const void*>(std::get<0>(spec));
+    t.dtype = std::get<1>(spec);
+    t.sizes = std::get<2>(spec);
+    const std::vector<int64_t>& strides = std::get<3>(spec);
+    if (strides.size() != t.sizes.size()) throw std::invalid_argument(name + ": sizes and strides of different ranks");
+    bool matches = shapes.empty();
+    for (const auto& shape : shapes) {
+        bool ok = shape.size() == t.sizes.size();
+        for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || shape[i] == t.sizes[i];
+        matches |= ok;
+    }
+    if (!matches) {
+        std::string want;
+        for (size_t i = 0; i < shapes.size(); ++i) want += (i ? " or " : "") + shape_text(shapes[i]);
+        throw std::invalid_argument(name + " must have shape " + want + ", got " + shape_text(t.sizes));
+    }
+    bool dtype_ok = dtypes.empty();
+    for (int d : dtypes) dtype_ok |= d == t.dtype;
+    if (!dtype_ok) throw std::invalid_argument(name + ": unsupported dtype code " + std::to_string(t.dtype));
+    t.sb = t.sizes.empty() ? 0 : strides[0];
+    t.st = t.sizes.size() > 1 ? strides[1] : 0;
+    return t;
+}
+
+// The tensor argument `name` of the dict (see above).
+inline TensorArg tensor_arg(const py::dict& tensors, const char* name, const std::vector<std::vector<int64_t>>& shapes,
+                            const std::vector<int>& dtypes, bool optional = true) {
+    if (!tensors.contains(name)) throw std::invalid_argument(std::string("missing tensor argument ") + name);
+    return tensor_arg(tensors[name], name, shapes, dtypes, optional);
+}
+
+// The option `name` of the dict, as T (a missing option is an error, not a default: the spec has the defaults).
+template <typename T>
+T option(const py::dict& options, const char* name) {
+    if (!options.contains(name)) throw std::invalid_argument(std::string("missing option ") + name);
+    return options[name].cast<T>();
+}
+
+// The option `name`, or nullopt when it is None.
+template <typename T>
+std::optional<T> optional_option(const py::dict& options, const char* name) {
+    if (!options.contains(name)) throw std::invalid_argument(std::string("missing option ") + name);
+    const py::handle v = options[name];
+    if (v.is_none()) return std::nullopt;
+    return v.cast<T>();
+}
+
+// The address of an output buffer the launcher allocated (an operand tuple), checked like a tensor argument.
+template <typename T>
+T* output(const py::handle& value, const std::string& name, const std::vector<std::vector<int64_t>>& shapes,
+          const std::vector<int>& dtypes) {
+    TensorArg t = tensor_arg(value, name, shapes, dtypes, /*optional=*/false);
+    return static_cast<T*>(const_cast<void*>(t.ptr));
+}
+
+}  // namespace moo

@@ -1,0 +1,58 @@
+"""moo_kernels/_codes.py and csrc/codes.h hold the same codes (the Python side and the C++ kernels agree)."""
+
+import re
+from pathlib import Path
+
+import torch
+
+from moo_kernels import _codes
+
+HEADER = (Path(__file__).resolve().parents[1] / "csrc" / "codes.h").read_text()
+
+# C++ enum -> (Python table, enumerator name -> table key) for the names that are not the key in CamelCase
+ENUMS = {
+    "Normalize": (_codes.NORMALIZE, {"kNoNormalize": "none"}),
+    "Std": (_codes.STD, {}),
+    "Weighting": (_codes.WEIGHTING, {}),
+    "NanPolicy": (_codes.NAN_POLICY, {"kIgnoreNan": "ignore", "kRaiseNan": "raise"}),
+    "Mode": (_codes.MODE, {}),
+    "Agg": (_codes.AGG, {}),
+    "Kl": (_codes.KL, {}),
+}
+
+
+def enum(name: str) -> dict[str, int]:
+    body = re.search(rf"enum {name}\b[^{{]*\{{([^}}]*)\}}", HEADER).group(1)
+    return {k.strip(): int(v) for k, v in (item.split("=") for item in body.split(",") if "=" in item)}
+
+
+def key_of(enumerator: str) -> str:
+    """kSeqMeanTokenMean -> seq-mean-token-mean, kZScore -> zscore, kK1 -> k1."""
+    words = re.findall(r"[A-Z][a-z]*|\d+", enumerator[1:])
+    return "-".join(w.lower() for w in words).replace("z-score", "zscore").replace("k-1", "k1").replace(
+        "k-2", "k2").replace("k-3", "k3")  # fmt: skip
+
+
+def test_option_codes_agree():
+    for name, (table, aliases) in ENUMS.items():
+        cpp = {aliases.get(k, key_of(k)): v for k, v in enum(name).items()}
+        assert cpp == table, (name, cpp, table)
+
+
+def test_dtype_codes_agree():
+    cpp = enum("DType")
+    names = {torch.float16: "kFloat16", torch.bfloat16: "kBFloat16", torch.float32: "kFloat32",
+             torch.float64: "kFloat64", torch.bool: "kBool", torch.int32: "kInt32", torch.int64: "kInt64",
+             torch.uint8: "kUInt8"}  # fmt: skip
+    assert {dt: cpp[names[dt]] for dt in _codes.DTYPE} == _codes.DTYPE
+
+
+def test_constants_and_metric_layout_agree():
+    assert f"kNoError = int64_t(1) << {_codes.NO_ERROR.bit_length() - 1}" in HEADER
+    assert 2 ** (_codes.NO_ERROR.bit_length() - 1) == _codes.NO_ERROR
+    assert re.search(r"kLogRatioMax = ([\d.]+);", HEADER).group(1) == repr(_codes.LOG_RATIO_MAX)
+    metrics = enum("Metric")
+    assert metrics.pop("kNumMetrics") == len(_codes.METRICS)
+    assert [key_of(k).replace("-", "_") for k, _ in sorted(metrics.items(), key=lambda kv: kv[1])] == list(
+        _codes.METRICS
+    )
