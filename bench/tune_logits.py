@@ -64,7 +64,7 @@ class Sweep:
 
     def __init__(self, args: argparse.Namespace, device: str) -> None:
         from moo_kernels.bench.report import run_meta, write_json
-        from moo_kernels.ops.logits import cuda as lc
+        from moo_kernels.ops.logits import triton_launch as lc
 
         self.lc, self.write_json, self.device, self.args = lc, write_json, device, args
         self.defaults = tuple(getattr(lc, name) for name in SETTING)

@@ -3,7 +3,7 @@
 // A launcher passes the op's tensors as a dict by argument name, each either None (absent) or the tuple
 // (address, dtype code, sizes, strides in elements) of moo_kernels._spec.operand, and its options as a dict
 // by name (strings already turned into the codes of codes.h). A kernel reads what it uses by name:
-//   Operand adv = tensor_arg(tensors, "advantages", {{B}, {B, T}}, kFloats);
+//   Operand adv = tensor_arg(tensors, "advantages", {{B}, {B, T}}, kFloats);   (a lone tensor: tensor_value)
 //   double beta = option<double>(options, "beta");
 // and every tensor is checked against what the kernel relies on (its rank, sizes and dtype): a mismatch
 // throws std::invalid_argument naming the argument, which pybind11 raises as a ValueError. So a launcher that
@@ -33,7 +33,7 @@ inline const std::vector<int> kFloats = {kFloat16, kBFloat16, kFloat32, kFloat64
 // A checked tensor argument: its Operand (address, dtype, strides of the first two dimensions; a 1-D tensor has
 // a second stride of 0) and its sizes. ptr is null when the argument is absent.
 struct TensorArg : Operand {
-    std::vector<int64_t> sizes;
+    std::vector<int64_t> sizes, strides;
 };
 
 inline std::string shape_text(const std::vector<int64_t>& s) {
@@ -44,7 +44,7 @@ inline std::string shape_text(const std::vector<int64_t>& s) {
 
 // The operand tuple value (None: absent), checked: its sizes must equal one of shapes (a size of -1 matches any),
 // its dtype code one of dtypes (empty: any).
-inline TensorArg tensor_arg(const py::handle& value, const std::string& name,
+inline TensorArg tensor_value(const py::handle& value, const std::string& name,
                             const std::vector<std::vector<int64_t>>& shapes, const std::vector<int>& dtypes,
                             bool optional = true) {
     TensorArg t;
@@ -56,7 +56,8 @@ inline TensorArg tensor_arg(const py::handle& value, const std::string& name,
     t.ptr = reinterpret_cast<const void*>(std::get<0>(spec));
     t.dtype = std::get<1>(spec);
     t.sizes = std::get<2>(spec);
-    const std::vector<int64_t>& strides = std::get<3>(spec);
+    t.strides = std::get<3>(spec);
+    const std::vector<int64_t>& strides = t.strides;
     if (strides.size() != t.sizes.size()) throw std::invalid_argument(name + ": sizes and strides of different ranks");
     bool matches = shapes.empty();
     for (const auto& shape : shapes) {
@@ -81,7 +82,7 @@ inline TensorArg tensor_arg(const py::handle& value, const std::string& name,
 inline TensorArg tensor_arg(const py::dict& tensors, const char* name, const std::vector<std::vector<int64_t>>& shapes,
                             const std::vector<int>& dtypes, bool optional = true) {
     if (!tensors.contains(name)) throw std::invalid_argument(std::string("missing tensor argument ") + name);
-    return tensor_arg(tensors[name], name, shapes, dtypes, optional);
+    return tensor_value(tensors[name], name, shapes, dtypes, optional);
 }
 
 // The option `name` of the dict, as T (a missing option is an error, not a default: the spec has the defaults).
@@ -104,7 +105,7 @@ std::optional<T> optional_option(const py::dict& options, const char* name) {
 template <typename T>
 T* output(const py::handle& value, const std::string& name, const std::vector<std::vector<int64_t>>& shapes,
           const std::vector<int>& dtypes) {
-    TensorArg t = tensor_arg(value, name, shapes, dtypes, /*optional=*/false);
+    TensorArg t = tensor_value(value, name, shapes, dtypes, /*optional=*/false);
     return static_cast<T*>(const_cast<void*>(t.ptr));
 }
 

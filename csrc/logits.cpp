@@ -44,6 +44,7 @@
 #include <limits>
 #include <tuple>
 
+#include "args.h"
 #include "dtype.h"
 
 namespace py = pybind11;
@@ -55,16 +56,12 @@ constexpr int64_t kTile = 1024;                    // elements of a row converte
 constexpr int64_t kParallelMinElements = 1 << 15;  // fewer logits: one thread (threads cost more)
 constexpr double kInfD = std::numeric_limits<double>::infinity();
 
-// Codes shared with moo_kernels/ops/logits/cpu.py (the float dtype codes are moo::DType, dtype.h).
-enum IndexType { kInt32 = 0, kInt64 = 1 };
-
 using moo::BFloat16;
 using moo::Compute;
 using moo::exp_lanes;
 using moo::Half;
 using moo::Operand;
-using moo::OperandSpec;
-using moo::operand;
+using moo::TensorArg;
 using moo::value;
 
 // ---- operands ------------------------------------------------------------------------------------------
@@ -83,7 +80,7 @@ double scalar_at(const Operand& x, int64_t b, int64_t t) {
 
 int64_t token_at(const Operand& tokens, int64_t b, int64_t t) {
     const int64_t off = b * tokens.sb + t * tokens.st;
-    if (tokens.dtype == kInt32) return static_cast<const int32_t*>(tokens.ptr)[off];
+    if (tokens.dtype == moo::kInt32) return static_cast<const int32_t*>(tokens.ptr)[off];
     return static_cast<const int64_t*>(tokens.ptr)[off];
 }
 
@@ -279,24 +276,48 @@ MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) {
 // ---- entry points --------------------------------------------------------------------------------------
 
 template <typename O>
-void store_outputs(const RowResult& r, int64_t i, uintptr_t logp, uintptr_t stats, uintptr_t entropy) {
-    reinterpret_cast<O*>(logp)[i] = static_cast<O>(r.logp);
-    reinterpret_cast<O*>(stats)[2 * i] = static_cast<O>(r.max);
-    reinterpret_cast<O*>(stats)[2 * i + 1] = static_cast<O>(r.log_l);
-    if (entropy != 0) reinterpret_cast<O*>(entropy)[i] = static_cast<O>(r.entropy);
+void store_outputs(const RowResult& r, int64_t i, void* logp, void* stats, void* entropy) {
+    static_cast<O*>(logp)[i] = static_cast<O>(r.logp);
+    static_cast<O*>(stats)[2 * i] = static_cast<O>(r.max);
+    static_cast<O*>(stats)[2 * i + 1] = static_cast<O>(r.log_l);
+    if (entropy != nullptr) static_cast<O*>(entropy)[i] = static_cast<O>(r.entropy);
 }
 
-// Writes logp, the row statistics (max of the logits, log l; [B, T, 2]) and (when its address is not 0) the
-// entropy, contiguous, float64 for float64 logits and float32 otherwise. Returns the flat index of the first
-// bad token id (nothing written) or -1.
-int64_t token_logprobs_fwd(const OperandSpec& logits, const OperandSpec& tokens, int64_t B, int64_t T, int64_t V,
-                           double temperature, uintptr_t logp_out, uintptr_t stats_out, uintptr_t entropy_out) {
+// The logits [B, T, V] (unit stride on V) and the tokens [B, T] of a call, checked (csrc/args.h).
+struct Rows {
+    TensorArg logits, tokens;
+    int64_t B, T, V;
+};
+
+Rows rows_of(const py::tuple& logits_arg, const py::tuple& tokens_arg) {
+    Rows r;
+    r.logits = moo::tensor_value(logits_arg, "logits", {{-1, -1, -1}}, moo::kFloats, /*optional=*/false);
+    r.B = r.logits.sizes[0];
+    r.T = r.logits.sizes[1];
+    r.V = r.logits.sizes[2];
+    if (r.V > 1 && r.logits.strides[2] != 1) throw std::invalid_argument("logits must have unit stride on V");
+    r.tokens = moo::tensor_value(tokens_arg, "tokens", {{r.B, r.T}}, {moo::kInt32, moo::kInt64}, /*optional=*/false);
+    return r;
+}
+
+// Writes logp, the row statistics (max of the logits, log l; [B, T, 2]) and (when given) the entropy, contiguous,
+// float64 for float64 logits and float32 otherwise. Returns the flat index of the first bad token id (nothing
+// written) or -1.
+int64_t token_logprobs_fwd(const py::tuple& logits_arg, const py::tuple& tokens_arg, double temperature,
+                           const py::tuple& logp_arg, const py::tuple& stats_arg, const py::object& entropy_arg) {
+    const Rows r = rows_of(logits_arg, tokens_arg);
+    const int out_dtype = r.logits.dtype == moo::kFloat64 ? moo::kFloat64 : moo::kFloat32;
+    void* logp_out = moo::output<void>(logp_arg, "logp", {{r.B, r.T}}, {out_dtype});
+    void* stats_out = moo::output<void>(stats_arg, "stats", {{r.B, r.T, 2}}, {out_dtype});
+    void* entropy_out = entropy_arg.is_none() ? nullptr
+                                              : moo::output<void>(entropy_arg, "entropy", {{r.B, r.T}}, {out_dtype});
     Forward f;
-    f.logits = operand(logits);
-    f.tokens = operand(tokens);
-    f.T = T;
-    f.V = V;
+    f.logits = r.logits;
+    f.tokens = r.tokens;
+    f.T = r.T;
+    f.V = r.V;
     f.inv_tau = 1.0 / temperature;
+    const int64_t B = r.B, T = r.T, V = r.V;
     py::gil_scoped_release release;
     const int64_t bad = first_bad_token(f.tokens, B, T, V);
     if (bad >= 0) return bad;
@@ -313,36 +334,47 @@ int64_t token_logprobs_fwd(const OperandSpec& logits, const OperandSpec& tokens,
     (void)parallel;  // unused without OpenMP
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t i = 0; i < rows; ++i) {
-        const RowResult r = row_fn(f, i / T, i % T);
+        const RowResult res = row_fn(f, i / T, i % T);
         if (out_f64) {
-            store_outputs<double>(r, i, logp_out, stats_out, entropy_out);
+            store_outputs<double>(res, i, logp_out, stats_out, entropy_out);
         } else {
-            store_outputs<float>(r, i, logp_out, stats_out, entropy_out);
+            store_outputs<float>(res, i, logp_out, stats_out, entropy_out);
         }
     }
     return -1;
 }
 
-// Writes d (g_logp logp + g_entropy H) / d logits into out (the logits' dtype; it may be the logits
-// themselves), from the forward's row statistics (max, log_l: [B, T] operands). Absent operands (address 0)
-// count as 0. Returns the flat index of the first bad token id (nothing written) or -1.
-int64_t token_logprobs_bwd(const OperandSpec& logits, const OperandSpec& tokens, const OperandSpec& max,
-                           const OperandSpec& log_l, const OperandSpec& entropy, const OperandSpec& g_logp,
-                           const OperandSpec& g_entropy, const OperandSpec& out, int64_t B, int64_t T, int64_t V,
-                           double temperature) {
+// Writes d (g_logp logp + g_entropy H) / d logits into out (the logits' dtype and shape, unit stride on V; it
+// may be the logits themselves), from the forward's row statistics stats [B, T, 2] (max, log l). Absent
+// operands (None) count as 0; entropy is needed with g_entropy. Returns the flat index of the first bad token id
+// (nothing written) or -1.
+int64_t token_logprobs_bwd(const py::tuple& logits_arg, const py::tuple& tokens_arg, const py::tuple& stats_arg,
+                           const py::object& entropy_arg, const py::object& g_logp_arg,
+                           const py::object& g_entropy_arg, const py::tuple& out_arg, double temperature) {
+    const Rows r = rows_of(logits_arg, tokens_arg);
+    const std::vector<int64_t> bt = {r.B, r.T};
+    const std::vector<int> floats = moo::kFloats;
+    const TensorArg stats = moo::tensor_value(stats_arg, "stats", {{r.B, r.T, 2}}, floats, /*optional=*/false);
+    const TensorArg out = moo::tensor_value(out_arg, "out", {{r.B, r.T, r.V}}, {r.logits.dtype}, /*optional=*/false);
+    if (r.V > 1 && out.strides[2] != 1) throw std::invalid_argument("out must have unit stride on V");
     Backward g;
-    g.logits = operand(logits);
-    g.tokens = operand(tokens);
-    g.max = operand(max);
-    g.log_l = operand(log_l);
-    g.entropy = operand(entropy);
-    g.g_logp = operand(g_logp);
-    g.g_entropy = operand(g_entropy);
-    g.out = reinterpret_cast<void*>(std::get<0>(out));
-    g.out_sb = std::get<2>(out);
-    g.out_st = std::get<3>(out);
-    g.V = V;
+    g.logits = r.logits;
+    g.tokens = r.tokens;
+    // the statistics as two [B, T] operands: element 0 and element 1 of the last dimension
+    g.max = stats;
+    g.log_l = stats;
+    g.log_l.ptr = static_cast<const char*>(stats.ptr) + (stats.dtype == moo::kFloat64 ? 8 : 4);
+    g.entropy = moo::tensor_value(entropy_arg, "entropy", {bt}, floats);
+    g.g_logp = moo::tensor_value(g_logp_arg, "g_logp", {bt}, floats);
+    g.g_entropy = moo::tensor_value(g_entropy_arg, "g_entropy", {bt}, floats);
+    if (g.g_entropy.ptr != nullptr && g.entropy.ptr == nullptr)
+        throw std::invalid_argument("g_entropy needs the entropy saved by the forward");
+    g.out = const_cast<void*>(out.ptr);
+    g.out_sb = out.sb;
+    g.out_st = out.st;
+    g.V = r.V;
     g.inv_tau = 1.0 / temperature;
+    const int64_t B = r.B, T = r.T, V = r.V;
     py::gil_scoped_release release;
     const int64_t bad = first_bad_token(g.tokens, B, T, V);
     if (bad >= 0) return bad;
@@ -366,16 +398,15 @@ int64_t token_logprobs_bwd(const OperandSpec& logits, const OperandSpec& tokens,
 void register_logits(py::module_& m) {
     m.def("token_logprobs_fwd", &token_logprobs_fwd,
           "Token log-probs [B, T], row statistics [B, T, 2] (max of the logits, log sum exp((z - max) / tau)) and "
-          "(when entropy_out is not 0) entropy [B, T] of logits [B, T, V] at temperature tau, written contiguous. "
-          "Tensors travel as (address, dtype code, row stride, token stride) in elements. Returns the flat index "
-          "of the first token id outside [0, V), or -1.",
-          py::arg("logits"), py::arg("tokens"), py::arg("B"), py::arg("T"), py::arg("V"), py::arg("temperature"),
-          py::arg("logp_out"), py::arg("stats_out"), py::arg("entropy_out"));
+          "(when entropy is given) entropy [B, T] of logits [B, T, V] at temperature tau, written contiguous. "
+          "Tensors are (address, dtype code, sizes, strides) tuples, checked. Returns the flat index of the first "
+          "token id outside [0, V), or -1.",
+          py::arg("logits"), py::arg("tokens"), py::arg("temperature"), py::arg("logp"), py::arg("stats"),
+          py::arg("entropy"));
     m.def("token_logprobs_bwd", &token_logprobs_bwd,
           "Gradient of sum(g_logp logp + g_entropy entropy) with respect to the logits, written into out (which "
-          "may be the logits). Absent operands have address 0. Returns the flat index of the first token id "
-          "outside [0, V), or -1.",
-          py::arg("logits"), py::arg("tokens"), py::arg("max"), py::arg("log_l"), py::arg("entropy"),
-          py::arg("g_logp"), py::arg("g_entropy"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("V"),
-          py::arg("temperature"));
+          "may be the logits). Absent tensors are None. Returns the flat index of the first token id outside "
+          "[0, V), or -1.",
+          py::arg("logits"), py::arg("tokens"), py::arg("stats"), py::arg("entropy"), py::arg("g_logp"),
+          py::arg("g_entropy"), py::arg("out"), py::arg("temperature"));
 }

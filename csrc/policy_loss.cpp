@@ -46,6 +46,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "args.h"
 #include "dtype.h"
 
 namespace py = pybind11;
@@ -56,21 +57,16 @@ constexpr int64_t kBlock = 256;                  // tokens converted and process
 constexpr int64_t kChunk = 2048;                 // tokens of one work item (a multiple of kBlock)
 constexpr int64_t kLanes = 16;                   // independent double accumulators of every sum
 constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, threads cost more than they save
-constexpr double kLogRatioMax = 20.0;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Codes shared with moo_kernels/ops/policy_loss/cpu.py and problem.py (the dtype codes are moo::DType,
 // dtype.h).
-enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3 };
-enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
-enum Kl { kK1 = 1, kK2 = 2, kK3 = 3 };
 
 // ---- operands -----------------------------------------------------------------------------------------
 
 using moo::exp_poly;
 using moo::Operand;
-using moo::OperandSpec;
-using moo::operand;
+using moo::TensorArg;
 
 // out[i] = x[i * st] as R for i < n (E an element type of dtype.h, or uint8_t for bool).
 template <typename R, typename E>
@@ -141,8 +137,8 @@ MOO_INLINE void store(const Operand& x, int64_t b, int64_t t0, int64_t n, const 
 struct Problem {
     int64_t B = 0, T = 0;
     Operand logp, old, ref, mask, adv, tadv, isw, grad;  // ptr null: absent (grad: not written)
-    const uint8_t* offpolicy = nullptr;                   // [B] bool, contiguous
-    int mode = kClip, agg = kTokenMean, kl = kK3;
+    Operand offpolicy;                                    // [B] bool
+    int mode = moo::kClip, agg = moo::kTokenMean, kl = moo::kK3;
     double beta = 0, clip_low = 0.2, clip_high = 0.2, gamma = 0.1;
     std::optional<double> dual_clip, ratio_cap, num_tokens;
     double norm_const = 0;  // B * max_len for seq-mean-token-sum-norm
@@ -204,7 +200,7 @@ struct RowStats {
 
 template <typename R>
 inline R clamp_log_ratio(R x) {
-    const R lim = static_cast<R>(kLogRatioMax);
+    const R lim = static_cast<R>(moo::kLogRatioMax);
     return std::min(std::max(x, -lim), lim);
 }
 
@@ -311,14 +307,14 @@ MOO_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
 // g += beta dk / dlogp.
 template <typename R, int KL, bool WITH_KL>
 MOO_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
-    const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax), beta = c.beta;
+    const R zero = 0, one = 1, lim = static_cast<R>(moo::kLogRatioMax), beta = c.beta;
     for (int64_t i = 0; i < np; ++i) {
         const R u = k.lp[i] - k.ref[i];
         R kl, dk;
-        if constexpr (KL == kK1) {
+        if constexpr (KL == moo::kK1) {
             kl = u;
             dk = one;
-        } else if constexpr (KL == kK2) {
+        } else if constexpr (KL == moo::kK2) {
             kl = static_cast<R>(0.5) * u * u;
             dk = u;
         } else {  // k3 of the clamped log-ratio; no gradient where the clamp is active
@@ -349,7 +345,7 @@ template <typename R>
 MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>& row, int64_t b, int64_t t0,
                              int64_t len, Block<R>& k, Partials& acc) {
     const int64_t np = round_up(len);
-    const R zero = 0, one = 1, lim = static_cast<R>(kLogRatioMax);
+    const R zero = 0, one = 1, lim = static_cast<R>(moo::kLogRatioMax);
     load(p.logp, b, t0, len, np, k.lp);
     load(p.mask, b, t0, len, np, k.m);
     load(p.adv, b, t0, len, np, k.adv);
@@ -370,7 +366,7 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         std::fill(k.d, k.d + np, zero);
         std::fill(k.rho_ok, k.rho_ok + np, one);
     }
-    if (c.mode == kGspo) {
+    if (c.mode == moo::kGspo) {
         std::fill(k.rho, k.rho + np, row.seq);
     } else {
         for (int64_t i = 0; i < np; ++i) k.rho[i] = exp_poly(k.d[i]);
@@ -378,9 +374,9 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
 
     // policy term
     switch (c.mode) {
-        case kClip: clip_terms<R, false>(c, np, k); break;
-        case kGspo: clip_terms<R, true>(c, np, k); break;
-        case kCispo: cispo_terms(c, np, k); break;
+        case moo::kClip: clip_terms<R, false>(c, np, k); break;
+        case moo::kGspo: clip_terms<R, true>(c, np, k); break;
+        case moo::kCispo: cispo_terms(c, np, k); break;
         default: reinforce_terms(np, k); break;
     }
     if (row.off) {  // off-policy sequence: -A f, f = p / (p + gamma) = 1 / (1 + gamma / p); no ratio, no clip
@@ -404,9 +400,9 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
     if (c.has_ref) {
         load(p.ref, b, t0, len, np, k.ref);
         switch (c.kl) {
-            case kK1: kl_terms<R, kK1>(c, np, k); break;
-            case kK2: kl_terms<R, kK2>(c, np, k); break;
-            default: kl_terms<R, kK3>(c, np, k); break;
+            case moo::kK1: kl_terms<R, moo::kK1>(c, np, k); break;
+            case moo::kK2: kl_terms<R, moo::kK2>(c, np, k); break;
+            default: kl_terms<R, moo::kK3>(c, np, k); break;
         }
     } else {
         std::fill(k.v[kKl], k.v[kKl] + np, zero);
@@ -513,7 +509,7 @@ void run(const Problem& p, double* out) {
 
     // ---- 1. row statistics and totals
     std::vector<RowStats> stats(B);
-    const bool gspo_sums = p.mode == kGspo && p.old.ptr != nullptr;
+    const bool gspo_sums = p.mode == moo::kGspo && p.old.ptr != nullptr;
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t b = 0; b < B; ++b) stats[b] = row_stats<R>(p, b, gspo_sums);
     double total_m = 0, seqs = 0;
@@ -526,14 +522,14 @@ void run(const Problem& p, double* out) {
 
     // ---- 2. per-row scale of the aggregation, GSPO sequence ratio
     double den = p.norm_const;  // seq-mean-token-sum-norm: B * max_len
-    if (p.agg == kTokenMean) den = p.num_tokens ? *p.num_tokens : total_m;
-    if (p.agg == kSeqMeanTokenMean || p.agg == kSeqMeanTokenSum) den = seqs;
+    if (p.agg == moo::kTokenMean) den = p.num_tokens ? *p.num_tokens : total_m;
+    if (p.agg == moo::kSeqMeanTokenMean || p.agg == moo::kSeqMeanTokenSum) den = seqs;
     std::vector<Row<R>> rows(B);
     for (int64_t b = 0; b < B; ++b) {
-        const double n = stats[b].n, row_den = p.agg == kSeqMeanTokenMean ? (n > 0 ? den * n : 0.0) : den;
+        const double n = stats[b].n, row_den = p.agg == moo::kSeqMeanTokenMean ? (n > 0 ? den * n : 0.0) : den;
         rows[b].scale = row_den > 0 ? 1.0 / row_den : 0.0;
         rows[b].seq = static_cast<R>(std::exp(clamp_log_ratio(stats[b].sd / std::max(n, 1.0))));
-        rows[b].off = p.offpolicy != nullptr && p.offpolicy[b] != 0;
+        rows[b].off = p.offpolicy.ptr != nullptr && static_cast<const uint8_t*>(p.offpolicy.ptr)[b * p.offpolicy.sb] != 0;
     }
 
     // ---- 3. main pass over (row, chunk) work items
@@ -579,7 +575,7 @@ void run(const Problem& p, double* out) {
                 ratio_max = std::max(ratio_max, q.ratio_max[l]);
             }
         }
-        if (p.agg == kSeqMeanTokenMean) {  // mean over the row's tokens; rows without weight count 0
+        if (p.agg == moo::kSeqMeanTokenMean) {  // mean over the row's tokens; rows without weight count 0
             const double n = stats[b].n;
             row_loss = n > 0 ? row_loss / n : 0.0;
             row_pg = n > 0 ? row_pg / n : 0.0;
@@ -603,51 +599,62 @@ void run(const Problem& p, double* out) {
     out[11] = total_m;
 }
 
-// Entry point: loss (0-dim) and metrics [11] written as float32, or float64 when out_f64.
-void policy_loss(const OperandSpec& logp, const OperandSpec& old, const OperandSpec& ref, const OperandSpec& mask,
-                 const OperandSpec& adv, const OperandSpec& tadv, const OperandSpec& isw, uintptr_t offpolicy,
-                 const OperandSpec& grad, int64_t B, int64_t T, int mode, int agg, int kl, double beta,
-                 double clip_low, double clip_high, std::optional<double> dual_clip, std::optional<double> ratio_cap,
-                 double gamma, std::optional<double> num_tokens, double norm_const, uintptr_t loss_out,
-                 uintptr_t metrics_out, bool out_f64) {
+// Entry point: the loss's tensors and options by name (csrc/args.h), each tensor checked against [B, T] (or [B]);
+// writes the loss (0-dim) and metrics [11] in their dtype (float32, or float64 for float64 logp) and, when grad is
+// given, d loss / d logp.
+void policy_loss(const py::tuple& logp_arg, const py::object& grad_arg, const py::dict& tensors,
+                 const py::dict& options, const py::tuple& loss_arg, const py::tuple& metrics_arg) {
+    using moo::kFloats;
+    using moo::option;
+    using moo::optional_option;
+    using moo::tensor_arg;
     Problem p;
-    p.B = B;
-    p.T = T;
-    p.logp = operand(logp);
-    p.old = operand(old);
-    p.ref = operand(ref);
-    p.mask = operand(mask);
-    p.adv = operand(adv);
-    p.tadv = operand(tadv);
-    p.isw = operand(isw);
-    p.grad = operand(grad);
-    p.offpolicy = reinterpret_cast<const uint8_t*>(offpolicy);
-    p.mode = mode;
-    p.agg = agg;
-    p.kl = kl;
-    p.beta = beta;
-    p.clip_low = clip_low;
-    p.clip_high = clip_high;
-    p.dual_clip = dual_clip;
-    p.ratio_cap = ratio_cap;
-    p.gamma = gamma;
-    p.num_tokens = num_tokens;
-    p.norm_const = norm_const;
+    const TensorArg logp = moo::tensor_value(logp_arg, "logp", {{-1, -1}}, kFloats, /*optional=*/false);
+    p.B = logp.sizes[0];
+    p.T = logp.sizes[1];
+    const std::vector<int64_t> bt = {p.B, p.T}, b = {p.B};
+    p.logp = logp;
+    p.grad = moo::tensor_value(grad_arg, "grad", {bt}, {logp.dtype});
+    p.adv = tensor_arg(tensors, "advantages", {b, bt}, kFloats, /*optional=*/false);
+    std::vector<int> mask_dtypes = kFloats;
+    mask_dtypes.push_back(moo::kBool);
+    p.mask = tensor_arg(tensors, "mask", {bt}, mask_dtypes, /*optional=*/false);
+    p.old = tensor_arg(tensors, "old_logp", {bt}, kFloats);
+    p.ref = tensor_arg(tensors, "ref_logp", {bt}, kFloats);
+    p.tadv = tensor_arg(tensors, "token_advantages", {bt}, kFloats);
+    p.isw = tensor_arg(tensors, "is_weights", {b, bt}, kFloats);
+    p.offpolicy = tensor_arg(tensors, "offpolicy", {b}, {moo::kBool});
+    p.mode = option<int>(options, "mode");
+    p.agg = option<int>(options, "agg");
+    p.kl = option<int>(options, "kl");
+    p.beta = option<double>(options, "beta");
+    p.clip_low = option<double>(options, "clip_low");
+    p.clip_high = option<double>(options, "clip_high");
+    p.dual_clip = optional_option<double>(options, "dual_clip");
+    p.ratio_cap = optional_option<double>(options, "ratio_cap");
+    p.gamma = option<double>(options, "offpolicy_gamma");
+    p.num_tokens = optional_option<double>(options, "num_tokens");
+    const std::optional<int64_t> max_len = optional_option<int64_t>(options, "max_len");
+    p.norm_const = max_len ? static_cast<double>(p.B * *max_len) : 0.0;
+    const bool f64 = logp.dtype == moo::kFloat64;
+    const int out_dtype = f64 ? moo::kFloat64 : moo::kFloat32;
+    void* loss_out = moo::output<void>(loss_arg, "loss", {{}}, {out_dtype});
+    void* metrics_out = moo::output<void>(metrics_arg, "metrics", {{moo::kNumMetrics}}, {out_dtype});
 
-    double out[12];
+    double out[moo::kNumMetrics + 1];
     {
         py::gil_scoped_release release;
-        if (p.logp.dtype == moo::kFloat64)
+        if (f64)
             run<double>(p, out);
         else
             run<float>(p, out);
     }
-    if (out_f64) {
-        *reinterpret_cast<double*>(loss_out) = out[0];
-        std::copy(out + 1, out + 12, reinterpret_cast<double*>(metrics_out));
+    if (f64) {
+        *static_cast<double*>(loss_out) = out[0];
+        std::copy(out + 1, out + 1 + moo::kNumMetrics, static_cast<double*>(metrics_out));
     } else {
-        *reinterpret_cast<float*>(loss_out) = static_cast<float>(out[0]);
-        std::transform(out + 1, out + 12, reinterpret_cast<float*>(metrics_out),
+        *static_cast<float*>(loss_out) = static_cast<float>(out[0]);
+        std::transform(out + 1, out + 1 + moo::kNumMetrics, static_cast<float*>(metrics_out),
                        [](double v) { return static_cast<float>(v); });
     }
 }
@@ -656,12 +663,8 @@ void policy_loss(const OperandSpec& logp, const OperandSpec& old, const OperandS
 
 void register_policy_loss(py::module_& m) {
     m.def("policy_loss", &policy_loss,
-          "Token-level policy loss: writes loss, metrics [11] and (when grad's address is not 0) d loss / d logp. "
-          "Tensors travel as (address, dtype code, row stride, token stride), address 0 when absent.",
-          py::arg("logp"), py::arg("old_logp"), py::arg("ref_logp"), py::arg("mask"), py::arg("advantages"),
-          py::arg("token_advantages"), py::arg("is_weights"), py::arg("offpolicy"), py::arg("grad"), py::arg("B"),
-          py::arg("T"), py::arg("mode"), py::arg("agg"), py::arg("kl"), py::arg("beta"), py::arg("clip_low"),
-          py::arg("clip_high"), py::arg("dual_clip"), py::arg("ratio_cap"), py::arg("offpolicy_gamma"),
-          py::arg("num_tokens"), py::arg("norm_const"), py::arg("loss_out"), py::arg("metrics_out"),
-          py::arg("out_f64"));
+          "Token-level policy loss of a [B, T] logp: writes loss, metrics [11] and, when grad is given, d loss / d "
+          "logp. Tensors are (address, dtype code, sizes, strides) tuples (None: absent), by name in tensors; the "
+          "options by name in options (see csrc/args.h).",
+          py::arg("logp"), py::arg("grad"), py::arg("tensors"), py::arg("options"), py::arg("loss"), py::arg("metrics"));
 }

@@ -82,6 +82,14 @@ def implementation(device: torch.device) -> str:
     return "cpp"
 
 
+def tracing(x: torch.Tensor) -> bool:
+    """Whether x's value cannot be read: it is being traced (torch.compile, torch.library's checks) or is a meta
+    tensor."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or x.is_meta or is_fake(x)
+
+
 def cpp():
     """The compiled extension moo_kernels._C, with a clear error when it was not built.
 

@@ -74,16 +74,30 @@ class Context:
     primary: str
 
 
+def spec(cls):
+    """Make a Spec subclass a frozen dataclass and record its fields once (traced code cannot list a class's
+    dataclass fields)."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    cls._fields = tuple((f.name, f.metadata["arg"], f.default) for f in dataclasses.fields(cls))
+    return cls
+
+
 class Spec:
-    """Base class of the op specs (frozen dataclasses whose fields are declared with tensor / option)."""
+    """Base class of the op specs (decorated with @spec; fields declared with tensor / option)."""
+
+    _fields: tuple = ()
 
     @classmethod
-    def args(cls) -> list[tuple[str, Arg]]:
-        return [(f.name, f.metadata["arg"]) for f in dataclasses.fields(cls)]
+    def args(cls) -> tuple[tuple[str, Arg], ...]:
+        return tuple((name, arg) for name, arg, _ in cls._fields)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in cls._fields)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+        return {name: default for name, _, default in cls._fields}
 
     # -- validation
 
@@ -91,14 +105,13 @@ class Spec:
     def validate(cls, context: Context, **kwargs: Any):
         """The canonical spec of these arguments (missing ones take their defaults), or a ValueError / TypeError
         naming the first bad one; then the spec's own cross-argument checks (`check`)."""
-        names = {name for name, _ in cls.args()}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r} (valid: {', '.join(sorted(names))})")
+        names = cls.names()
+        for name in kwargs:
+            if name not in names:
+                raise TypeError(f"unexpected keyword argument {name!r} (valid: {', '.join(sorted(names))})")
         values = {}
-        for name, arg in cls.args():
-            value = kwargs.get(name, cls.__dataclass_fields__[name].default)
-            values[name] = _check(name, arg, value, context)
+        for name, arg, default in cls._fields:
+            values[name] = _check(name, arg, kwargs.get(name, default), context)
         return cls(**values).check(context)
 
     def check(self, context: Context):
@@ -117,7 +130,7 @@ class Spec:
         return ", ".join(parts)
 
     def flat(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, name) for name, _, _ in self._fields)
 
     @classmethod
     def unflat(cls, args) -> Spec:
@@ -126,13 +139,13 @@ class Spec:
 
     @classmethod
     def count(cls) -> int:
-        return len(dataclasses.fields(cls))
+        return len(cls._fields)
 
     # -- the implementations
 
     def kwargs(self) -> dict[str, Any]:
         """Every argument by name (the reference takes them so)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name, _, _ in self._fields}
 
     def codes(self) -> dict[str, Any]:
         """The options the kernels receive: strings as their integer codes, the rest as they are."""
@@ -184,7 +197,7 @@ def operand(x: torch.Tensor | None) -> tuple | None:
     """A tensor as the C++ kernels take it: (address, dtype code, sizes, strides in elements); None when absent."""
     if x is None:
         return None
-    return (x.data_ptr(), _codes.DTYPE[x.dtype], tuple(x.shape), tuple(x.stride()))
+    return (x.data_ptr(), _codes.DTYPE.get(x.dtype, -1), tuple(x.shape), tuple(x.stride()))
 
 
 # ---- checks --------------------------------------------------------------------------------------------------------
@@ -218,11 +231,23 @@ def _choice(name: str, value: Any, choices: dict[str, int]) -> str:
     return value
 
 
+def _dtype_text(dtypes: tuple[torch.dtype, ...]) -> str:
+    """ "float16, bfloat16, float32 or float64", "bool or float", "int64 or int32", ..."""
+    names = [str(d).replace("torch.", "") for d in dtypes if d not in FLOATS]
+    floats = [str(d).replace("torch.", "") for d in dtypes if d in FLOATS]
+    if names and len(floats) == len(FLOATS):
+        names.append("float")
+    elif floats:
+        names += floats
+    if names == ["bool"]:
+        return "a bool tensor"
+    return ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1]
+
+
 def _check_tensor(name: str, arg: Arg, x: Any, context: Context) -> torch.Tensor:
     O.check_tensor(name, x)
     if x.dtype not in arg.dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in arg.dtypes)
-        raise TypeError(f"{name} must be {allowed}, got {x.dtype}")
+        raise TypeError(f"{name} must be {_dtype_text(arg.dtypes)}, got {x.dtype}")
     O.check_same_device(name, x, context.device, other=context.primary)
     shapes = [tuple(context.dims[d] for d in s) for s in arg.shapes]
     if tuple(x.shape) not in shapes:
@@ -234,36 +259,43 @@ def _check_tensor(name: str, arg: Arg, x: Any, context: Context) -> torch.Tensor
 # ---- public functions -------------------------------------------------------------------------------------------
 
 
-def with_spec(spec: type[Spec], *, positional: tuple[str, ...] = ()) -> Callable:
-    """Give a public function `f(primary, *positional, **options)` the signature of its spec (every field after
-    `positional` as a keyword with its default) and fill the `{options}` placeholder of its docstring with the
-    fields' documentation. The function itself takes **options and validates them with the spec."""
+def with_spec(*specs: type[Spec], positional: tuple[str, ...] = ()) -> Callable:
+    """Give a public function `f(primary, *positional, **options)` the signature of its specs (every field that
+    is not positional, as a keyword with its default, in the specs' order) and fill the `{options}` placeholder
+    of its docstring with the fields' documentation. The function itself takes **options and validates them with
+    the specs."""
 
     def wrap(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
         params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
         explicit = {p.name for p in params}
-        hints = typing.get_type_hints(spec)
-        for name, _arg in spec.args():
-            if name in explicit or name in positional:
-                continue
-            default = spec.__dataclass_fields__[name].default
-            params.append(
-                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints.get(name))
-            )
+        for one in specs:
+            hints = typing.get_type_hints(one)
+            defaults = one.defaults()
+            for name, _arg in one.args():
+                if name in explicit or name in positional:
+                    continue
+                params.append(
+                    inspect.Parameter(
+                        name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name], annotation=hints.get(name)
+                    )
+                )
         fn.__signature__ = sig.replace(parameters=params)
         if fn.__doc__ and "{options}" in fn.__doc__:
-            fn.__doc__ = fn.__doc__.replace("{options}", describe(spec, skip=explicit | set(positional)))
+            skip = explicit | set(positional)
+            text = "\n".join(describe(one, skip) for one in specs).lstrip()
+            fn.__doc__ = fn.__doc__.replace("{options}", text)
         return fn
 
     return wrap
 
 
 def describe(spec: type[Spec], skip: set[str] = frozenset(), indent: str = "        ") -> str:
-    """The documentation lines of a spec's fields (name: doc), for a docstring."""
+    """The documentation lines of a spec's fields (name: doc, wrapped), for a docstring."""
+    import textwrap
+
     lines = []
     for name, arg in spec.args():
-        if name in skip:
-            continue
-        lines.append(f"{indent}{name}: {arg.doc}")
-    return "\n".join(lines).lstrip()
+        if name not in skip:
+            lines += textwrap.wrap(f"{name}: {arg.doc}", 112, initial_indent=indent, subsequent_indent=indent + "    ")
+    return "\n".join(lines)

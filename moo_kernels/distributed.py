@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from moo_kernels import _options as O
 from moo_kernels.ops.advantages.api import AdvantageResult, multi_objective_advantages
-from moo_kernels.ops.policy_loss.api import PolicyLossMetrics
+from moo_kernels.ops.loss.spec import PolicyLossMetrics
 
 __all__ = ["global_token_count", "multi_objective_advantages_distributed", "rescale_token_mean"]
 

@@ -27,10 +27,11 @@ from moo_kernels.ops.advantages import cuda as adv_cuda  # noqa: E402
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
 from moo_kernels.ops.advantages.cuda import block_sizes  # noqa: E402
 from moo_kernels.ops.brier import triton_kernels as brier_k  # noqa: E402
-from moo_kernels.ops.logits import cuda as lg_cuda  # noqa: E402
 from moo_kernels.ops.logits import triton_kernels as lg_k  # noqa: E402
-from moo_kernels.ops.policy_loss import cuda as pl_cuda  # noqa: E402
+from moo_kernels.ops.logits import triton_launch as lg_launch  # noqa: E402
+from moo_kernels.ops.loss import triton_kernels as loss_k  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_kernels as pl_k  # noqa: E402
+from moo_kernels.ops.policy_loss import triton_launch as pl_launch  # noqa: E402
 
 ARCHS = (80, 90)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -210,161 +211,111 @@ def all_configs():
         yield "brier_fwd", brier_k._brier_fwd_kernel, sig, dict(BLOCK=1024), 4, ""
 
 
+# Runtime float arguments (fp32 in the launches) and int64 ones of the loss and logits kernels.
+FLOAT_ARGS = {"beta", "clip_low", "clip_high", "dual_clip", "ratio_cap", "offpolicy_gamma", "num_tokens", "inv_temp"}
+INT64_ARGS = {"timeout_ns"}
+LOSS_TENSORS = ("advantages", "mask", "old_logp", "ref_logp", "token_advantages", "is_weights", "offpolicy")
+
+
+def build(fn, pointers: dict, absent: set, index: str, constexprs: dict) -> tuple[dict, dict]:
+    """(signature, constexprs) of a kernel whose parameters follow the package's conventions: pointers in
+    pointers (name -> element type), the absent optional arguments in absent (None: a constexpr), strides
+    tuples `<name>_strides` of type index, floats fp32, other integers of type index."""
+    sig, cx = {}, dict(constexprs)
+    for p in fn.params:
+        n = p.name
+        if p.is_constexpr:
+            sig[n] = "constexpr"
+        elif n in absent or (n.endswith("_strides") and n[: -len("_strides")] in absent):
+            sig[n] = "constexpr"
+            cx[n] = None if n in absent else (0, 0)
+        elif n.endswith("_strides"):
+            sig[n] = (index, index)
+        elif n in pointers:
+            sig[n] = f"*{pointers[n]}"
+        elif n in FLOAT_ARGS:
+            sig[n] = "fp32"
+        elif n in INT64_ARGS:
+            sig[n] = "i64"
+        else:
+            sig[n] = index
+    return sig, cx
+
+
+def loss_pointers(lp: str) -> dict:
+    """The loss's tensors: log-prob dtype lp, a bool mask and offpolicy (bytes), float32 advantages / weights."""
+    return dict(
+        old_logp=lp, ref_logp=lp, mask="u8", offpolicy="u8", advantages="fp32", token_advantages="fp32",
+        is_weights="fp32", stats="fp64", totals="fp64", parts="fp32",
+    )  # fmt: skip
+
+
+# the loss options every configuration below sets (max_len and num_tokens by aggregation)
+ALL_ON: set = set()
+PLAIN = {"token_advantages", "is_weights", "offpolicy", "dual_clip", "ratio_cap"}
+
+
 def policy_loss_configs():
     """(name, kernel, signature, constexprs, num_warps, label) of the policy-loss kernels."""
     for lp in ("fp32", "bf16"):
         for gspo in (False, True):
-            sig = {
-                "logp_ptr": f"*{lp}",
-                "old_ptr": f"*{lp}",
-                "mask_ptr": "*u8",
-                "stats_ptr": "*fp64",
-                "T": "i32",
-                **{s: "i32" for s in ("s_lb", "s_lt", "s_ob", "s_ot", "s_mb", "s_mt")},
-            }
-            yield (
-                "policy_row_stats",
-                pl_k._row_stats_kernel,
-                sig,
-                dict(BLOCK_T=2048, HAS_OLD=True, GSPO_MODE=gspo),
-                4,
-                lp,
-            )
-    sig = {"stats_ptr": "*fp64", "totals_ptr": "*fp64", "B": "i32"}
-    yield "policy_totals", pl_k._totals_kernel, sig, dict(BLOCK_B=1024), 4, ""
-    sig = {"part_ptr": "*fp32", "totals_ptr": "*fp64", "out_ptr": "*fp64", "P": "i32"}
-    yield "policy_reduce", pl_k._reduce_partials_kernel, sig, dict(BLOCK_P=256), 4, ""
-    strides = (
-        "s_lb",
-        "s_lt",
-        "s_ob",
-        "s_ot",
-        "s_rb",
-        "s_rt",
-        "s_mb",
-        "s_mt",
-        "s_ab",
-        "s_at",
-        "s_tb",
-        "s_tt",
-        "s_wb",
-        "s_wt",
-        "s_gb",
-        "s_gt",
-    )
-    floats = ("beta", "clip_lo", "clip_hi", "dual_clip", "ratio_cap", "gamma", "norm_const")
-    all_on = dict(
-        HAS_OLD=True,
-        HAS_REF=True,
-        HAS_TADV=True,
-        HAS_ISW=True,
-        HAS_OFF=True,
-        HAS_DUAL=True,
-        HAS_CAP=True,
-        HAS_NUM_TOKENS=True,
-        WRITE_GRAD=True,
-    )
-    plain = dict(
-        all_on, HAS_TADV=False, HAS_ISW=False, HAS_OFF=False, HAS_DUAL=False, HAS_CAP=False, HAS_NUM_TOKENS=False
-    )
+            ptrs = dict(logp=lp, old_logp=lp, mask="u8", stats="fp64")
+            sig, cx = build(loss_k.row_stats_kernel, ptrs, set(), "i32", dict(BLOCK_T=2048, mode=1 if gspo else 0))
+            yield "policy_row_stats", loss_k.row_stats_kernel, sig, cx, 4, lp
+    sig, cx = build(loss_k.totals_kernel, dict(stats="fp64", totals="fp64"), set(), "i32", dict(BLOCK_B=1024))
+    yield "policy_totals", loss_k.totals_kernel, sig, cx, 4, ""
+    ptrs = dict(parts="fp32", totals="fp64", out="fp64")
+    sig, cx = build(loss_k.reduce_partials_kernel, ptrs, set(), "i32", dict(BLOCK_P=256))
+    yield "policy_reduce", loss_k.reduce_partials_kernel, sig, cx, 4, ""
     for lp in ("fp32", "bf16", "fp16"):
         for mode in range(4):
             for agg in range(4):
                 for kl in (1, 2, 3):
                     if (agg, kl) != (0, 3) and (mode, lp) != (0, "fp32"):
                         continue  # every mode x dtype at (token-mean, k3); every agg x kl for clip fp32
-                    for flags in (all_on, plain):
-                        sig = {
-                            "logp_ptr": f"*{lp}",
-                            "old_ptr": f"*{lp}",
-                            "ref_ptr": f"*{lp}",
-                            "mask_ptr": "*u8",
-                            "adv_ptr": "*fp32",
-                            "tadv_ptr": "*fp32",
-                            "isw_ptr": "*fp32",
-                            "off_ptr": "*u8",
-                            "stats_ptr": "*fp64",
-                            "totals_ptr": "*fp64",
-                            "grad_ptr": f"*{lp}",
-                            "part_ptr": "*fp32",
-                            "B": "i32",
-                            "T": "i32",
-                            **{s: "i32" for s in strides},
-                            **{f: "fp32" for f in floats},
-                        }
-                        cx = dict(flags, MODE=mode, AGG=agg, KL=kl, BLOCK_T=pl_cuda.BLOCK_T)
-                        yield "policy_loss_fwd", pl_k._policy_loss_fwd_kernel, sig, cx, pl_cuda.FWD_WARPS, lp
-
-
-LOGITS_FLOATS = {"inv_temp", "beta", "clip_lo", "clip_hi", "dual_clip", "ratio_cap", "gamma", "norm_const"}
-LOGITS_F32_PTRS = {"stats_ptr", "ent_ptr", "scratch_ptr", "glp_ptr", "gh_ptr"}
-LOSS_F64_PTRS = {"stats_ptr", "totals_ptr"}  # the fused loss's row statistics and totals
-
-
-def logits_signature(fn, z: str, index: str) -> dict:
-    """Runtime arguments of a logits kernel: logits / gradient in dtype z, strides and sizes of type index
-    ("i64" is what the launcher passes once an offset passes 2^31: the kernels must compile for it)."""
-    sig = {}
-    for p in fn.params:
-        if p.is_constexpr:
-            continue
-        n = p.name
-        if n in ("logits_ptr", "grad_ptr", "x_ptr", "old_ptr", "ref_ptr"):
-            sig[n] = f"*{z}"
-        elif n in ("tokens_ptr",):
-            sig[n] = "*i64"
-        elif n in ("mask_ptr", "off_ptr"):
-            sig[n] = "*u8"
-        elif n == "flags_ptr":
-            sig[n] = "*i32"
-        elif n == "logp_ptr":
-            sig[n] = "*fp32"
-        elif n in LOSS_F64_PTRS and fn is lg_k._logits_loss_kernel:
-            sig[n] = "*fp64"
-        elif n.endswith("_ptr"):
-            sig[n] = "*fp32"
-        elif n in LOGITS_FLOATS:
-            sig[n] = "fp32"
-        elif n == "timeout_ns":
-            sig[n] = "i64"
-        else:
-            sig[n] = index
-    return sig
+                    for off in (ALL_ON, PLAIN):
+                        absent = set(off) | ({"max_len"} if agg != 3 else set()) | ({"num_tokens"} if agg else set())
+                        ptrs = dict(loss_pointers(lp), logp=lp, grad=lp)
+                        cx = dict(mode=mode, agg=agg, kl=kl, BLOCK_T=pl_launch.BLOCK_T)
+                        sig, cx = build(pl_k.policy_loss_fwd_kernel, ptrs, absent, "i32", cx)
+                        yield "policy_loss_fwd", pl_k.policy_loss_fwd_kernel, sig, cx, pl_launch.FWD_WARPS, lp
 
 
 def logits_configs():
     """(name, kernel, signature, constexprs, num_warps, label) of the logits kernels, at the tile size of
-    the launcher, for 16/32-bit logits and 32/64-bit strides."""
-    block = lg_cuda.BLOCK_V
+    the launcher, for 16/32-bit logits and 32/64-bit strides ("i64" is what the launcher passes once an
+    offset passes 2^31: the kernels must compile for it)."""
+    block = lg_launch.BLOCK_V
     for z in ("bf16", "fp16", "fp32"):
         for index in ("i32", "i64"):
             label = f"{z}/{index}"
+            base = dict(logits=z, tokens="i64", logp="fp32", stats="fp32", entropy="fp32", grad=z, x=z, g="fp32")
             for h in (False, True):
-                sig = logits_signature(lg_k._logprobs_fwd_kernel, z, index)
-                yield "logprobs_fwd", lg_k._logprobs_fwd_kernel, sig, dict(WANT_ENTROPY=h, BLOCK_V=block), 8, label
-                sig = logits_signature(lg_k._logprobs_bwd_kernel, z, index)
-                cx = dict(HAS_GLP=True, HAS_H=h, BLOCK_V=block)
-                yield "logprobs_bwd", lg_k._logprobs_bwd_kernel, sig, cx, 8, label
-            sig = logits_signature(lg_k._scale_kernel, z, index)
-            yield "logits_scale", lg_k._scale_kernel, sig, dict(BLOCK_V=block), 4, label
+                absent = set() if h else {"entropy"}
+                sig, cx = build(lg_k.logprobs_fwd_kernel, base, absent, index, dict(BLOCK_V=block))
+                yield "logprobs_fwd", lg_k.logprobs_fwd_kernel, sig, cx, 8, label
+                ptrs = dict(base, g_logp="fp32", g_entropy="fp32")
+                absent = set() if h else {"g_entropy", "entropy"}
+                sig, cx = build(lg_k.logprobs_bwd_kernel, ptrs, absent, index, dict(BLOCK_V=block))
+                yield "logprobs_bwd", lg_k.logprobs_bwd_kernel, sig, cx, 8, label
+            sig, cx = build(lg_k.scale_kernel, base, set(), index, dict(BLOCK_V=block))
+            yield "logits_scale", lg_k.scale_kernel, sig, cx, 4, label
             for mode in range(4):
                 if mode == 1:
                     continue  # gspo takes the two-kernel path
                 for coop in (False, True):
                     all_on = mode == 0
-                    cx = dict(
-                        MODE=mode, AGG=0, KL=3, HAS_OLD=True, HAS_REF=True, HAS_TADV=all_on, HAS_ISW=all_on,
-                        HAS_OFF=all_on, HAS_DUAL=all_on, HAS_CAP=all_on, HAS_NUM_TOKENS=False, WRITE_GRAD=True,
-                        WANT_ENTROPY=all_on, COOP=coop, SEQUENTIAL=False, CHUNKS_P2=16, BLOCK_V=block,
-                    )  # fmt: skip
-                    sig = logits_signature(lg_k._logits_loss_kernel, z, index)
-                    yield "logits_loss", lg_k._logits_loss_kernel, sig, cx, lg_cuda.NUM_WARPS, label
+                    absent = (set() if all_on else PLAIN | {"entropy"}) | {"max_len", "num_tokens"}
+                    ptrs = dict(base, **loss_pointers(z), scratch="fp32", flags="i32")
+                    cx = dict(mode=mode, agg=0, kl=3, COOP=coop, SEQUENTIAL=False, CHUNKS_P2=16, BLOCK_V=block)
+                    sig, cx = build(lg_k.logits_loss_kernel, ptrs, absent, index, cx)
+                    yield "logits_loss", lg_k.logits_loss_kernel, sig, cx, lg_launch.NUM_WARPS, label
 
 
 def main() -> int:
     for name, fn, sig, constexprs, num_warps, shape in [*all_configs(), *policy_loss_configs(), *logits_configs()]:
         for arch in ARCHS:
-            maxnreg = {"logits_loss": lg_cuda.LOSS_MAXNREG, "advantages_fwd": adv_cuda.FWD_MAXNREG}.get(name)
+            maxnreg = {"logits_loss": lg_launch.LOSS_MAXNREG, "advantages_fwd": adv_cuda.FWD_MAXNREG}.get(name)
             report = compile_kernel(fn, sig, constexprs, arch, num_warps, maxnreg)
             config = {k: (v if isinstance(v, (int, bool)) else str(v)) for k, v in constexprs.items()}
             print(

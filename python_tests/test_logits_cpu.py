@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from moo_kernels.ops.logits.cpu import token_logprobs_bwd_cpp, token_logprobs_fwd_cpp
+from moo_kernels.ops.logits.cpp_launch import token_logprobs_bwd_cpp, token_logprobs_fwd_cpp
 from moo_kernels.ops.logits.reference import (
     row_stats_reference,
     token_logprobs_grad_reference,
@@ -199,23 +199,23 @@ def test_rejects_layouts_it_cannot_read():
     tokens = make_tokens()
     with pytest.raises(ValueError, match="unit stride on V"):
         token_logprobs_fwd_cpp(logits.transpose(1, 2).contiguous().transpose(1, 2), tokens, 1.0, False)
-    with pytest.raises(ValueError, match="tokens must be"):
+    with pytest.raises(ValueError, match="tokens must have shape"):
         token_logprobs_fwd_cpp(logits, tokens[:, :-1], 1.0, False)
     with pytest.raises(ValueError, match="unsupported dtype"):
         token_logprobs_fwd_cpp(logits, tokens.to(torch.int16), 1.0, False)
     _, stats, _ = token_logprobs_fwd_cpp(logits, tokens, 1.0, False)
     with pytest.raises(ValueError, match="g_entropy needs the entropy"):
         token_logprobs_bwd_cpp(logits, tokens, stats, None, None, torch.ones(B, T), 1.0, torch.empty_like(logits))
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match="out: unsupported dtype"):
         token_logprobs_bwd_cpp(logits, tokens, stats, None, torch.ones(B, T), None, 1.0, logits.double())
-    with pytest.raises(ValueError, match="stats must be"):
+    with pytest.raises(ValueError, match="stats must have shape"):
         token_logprobs_bwd_cpp(logits, tokens, stats[..., 0], None, torch.ones(B, T), None, 1.0, logits.clone())
 
 
 # Prints a digest of every output for sizes above the kernels' parallel threshold; run under 1 and 2 threads.
 DIGEST_SCRIPT = """
 import hashlib, torch
-from moo_kernels.ops.logits.cpu import token_logprobs_bwd_cpp, token_logprobs_fwd_cpp
+from moo_kernels.ops.logits.cpp_launch import token_logprobs_bwd_cpp, token_logprobs_fwd_cpp
 g = torch.Generator().manual_seed(0)
 h = hashlib.sha256()
 for dtype in (torch.float32, torch.bfloat16, torch.float64):

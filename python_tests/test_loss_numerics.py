@@ -21,13 +21,14 @@ import torch
 from conftest import targets
 
 import moo_kernels as mk
-from moo_kernels.ops.logits.api import RECIPROCAL_LIMIT
+from moo_kernels.ops.logits.spec import RECIPROCAL_LIMIT
 from moo_kernels.ops.logits.reference import (
     policy_loss_from_logits_reference,
     token_logprobs_grad_reference,
     token_logprobs_reference,
 )
-from moo_kernels.ops.policy_loss.reference import METRICS, policy_loss_grad_reference, policy_loss_reference
+from moo_kernels._codes import METRICS
+from moo_kernels.ops.loss.reference import policy_loss_grad_reference, policy_loss_reference
 
 BACKENDS = [("reference", "cpu"), *targets()]
 F64 = torch.float64
@@ -447,7 +448,7 @@ def test_entropy_at_large_logits(backend, device):
 
 @pytest.mark.parametrize("backend,device", [t for t in BACKENDS if t[0] == "triton"])
 def test_entropy_at_large_logits_across_chunks(monkeypatch, backend, device):
-    from moo_kernels.ops.logits import cuda as logits_cuda
+    from moo_kernels.ops.logits import triton_launch as logits_cuda
 
     monkeypatch.setattr(logits_cuda, "CHUNK_V", 128)
     monkeypatch.setattr(logits_cuda, "BLOCK_V", 64)

@@ -6,7 +6,8 @@ import torch
 from conftest import HAS_CUDA, targets
 
 import moo_kernels as mk
-from moo_kernels.ops.policy_loss.reference import METRICS, policy_loss_grad_reference, policy_loss_reference
+from moo_kernels._codes import METRICS
+from moo_kernels.ops.loss.reference import policy_loss_grad_reference, policy_loss_reference
 
 TARGETS = targets()
 B, T = 5, 67

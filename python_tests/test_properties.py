@@ -427,7 +427,7 @@ def logits_problems(draw):
 def chunking(monkeypatch, chunked: bool) -> None:
     """Triton under the interpreter: rows split over several programs of 32 entries (the chunk exchange), or the
     launcher's defaults."""
-    from moo_kernels.ops.logits import cuda as logits_cuda
+    from moo_kernels.ops.logits import triton_launch as logits_cuda
 
     if not hasattr(chunking, "defaults"):
         chunking.defaults = (logits_cuda.BLOCK_V, logits_cuda.CHUNK_V)

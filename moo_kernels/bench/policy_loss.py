@@ -25,11 +25,8 @@ from typing import Any
 import torch
 
 import moo_kernels
-from moo_kernels.ops.policy_loss.reference import (
-    LOG_RATIO_MAX,
-    policy_loss_grad_reference,
-    policy_loss_reference,
-)
+from moo_kernels._codes import LOG_RATIO_MAX
+from moo_kernels.ops.loss.reference import policy_loss_grad_reference, policy_loss_reference
 
 from .core import Case, Impl, Suite, cpu_backend, moo_label, with_backend
 

@@ -36,7 +36,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import moo_kernels as mk
 from moo_kernels import _options as O
-from moo_kernels.ops.policy_loss.problem import AGG_CODES, KL_CODES, MODE_CODES
+from moo_kernels._codes import AGG, KL, MODE
 
 # TRL loss_type -> the policy_loss aggregation of the same normalisation.
 _AGG_OF_LOSS_TYPE = {
@@ -121,11 +121,11 @@ class MooGRPOConfig(GRPOConfig):
         O.choice("moo_std", self.moo_std, O.STD)
         O.choice("moo_weighting", self.moo_weighting, O.WEIGHTING)
         O.choice("moo_nan_policy", self.moo_nan_policy, O.NAN_POLICY)
-        O.choice("moo_kl", self.moo_kl, KL_CODES)
+        O.choice("moo_kl", self.moo_kl, KL)
         if self.moo_loss_mode is not None:
-            O.choice("moo_loss_mode", self.moo_loss_mode, MODE_CODES)
+            O.choice("moo_loss_mode", self.moo_loss_mode, MODE)
         if self.moo_loss_agg is not None:
-            O.choice("moo_loss_agg", self.moo_loss_agg, AGG_CODES)
+            O.choice("moo_loss_agg", self.moo_loss_agg, AGG)
 
 
 class MooGRPOTrainer(GRPOTrainer):

@@ -1,15 +1,19 @@
-"""torch.library registration of the logits ops: implementations, fakes, autograd.
+"""The logits ops: implementations on each backend, torch.library registration (schemas from the specs, fakes),
+the one backward of each, and the public functions.
 
-- moo_kernels::token_logprobs (logp, entropy, stats) and its backward moo_kernels::token_logprobs_backward;
-  stats [B, T, 2] holds each row's maximum logit and log l = log sum exp((z - max) / tau), what the
-  backward needs.
-- moo_kernels::policy_loss_from_logits (loss, metrics[11], entropy, grad): grad is d loss / d logits for
-  an incoming gradient of 1, computed by the forward itself; the backward only rescales it.
+- token_logprobs: moo_kernels::token_logprobs (logp, entropy, stats) and its backward
+  moo_kernels::token_logprobs_backward; stats [B, T, 2] holds each row's maximum logit and
+  log l = log sum exp((z - max) / tau), what the backward needs.
+- policy_loss_from_logits: moo_kernels::policy_loss_from_logits (loss, metrics [11], entropy, grad): grad is
+  d loss / d logits for an incoming gradient of 1, computed by the forward itself; the backward only rescales it.
 
-Eager calls go through the autograd.Function classes below (no dispatcher); those also implement
-inplace_backward, which writes the gradient into the logits' storage (and bumps the logits' version
-counter, so that autograd refuses a backward that saved them before). Under torch.compile the registered
-ops run, and the gradient always gets a buffer of its own.
+One implementation and one backward per op, with two entries to them (as moo_kernels/ops/policy_loss/op.py
+explains): under torch.compile (and for meta tensors) the registered op, seen through its fake; in eager mode an
+autograd.Function around the implementation. The loss's eager Function also implements inplace_backward: the
+gradient buffer is the logits' storage, and the logits' version counter is bumped so that autograd refuses a
+backward through an op that saved them; its backward rescales the buffer in place (no second [B, T, V] buffer),
+so it runs once per call: a second backward raises. Under torch.compile the buffer is the op's output and the
+backward multiplies it: the same values.
 """
 
 from __future__ import annotations
@@ -17,22 +21,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moo_kernels._backend import implementation
+from moo_kernels import _options as O
+from moo_kernels._backend import implementation, tracing
+from moo_kernels._codes import METRICS, out_dtype
+from moo_kernels._spec import with_spec
 from moo_kernels.ops.logits.reference import (
-    policy_loss_from_logits_reference,
+    logits_loss_reference,
     row_stats_reference,
     token_logprobs_grad_reference,
     token_logprobs_reference,
 )
-from moo_kernels.ops.policy_loss.problem import PolicyLossProblem
-from moo_kernels.ops.policy_loss.reference import METRICS
-
-NUM_LOSS_ARGS = 19  # advantages .. write_grad: PolicyLossProblem without logp
-
-
-def _out_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
+from moo_kernels.ops.logits.spec import LogitsSpec, logits_spec
+from moo_kernels.ops.loss.spec import LossSpec, PolicyLossMetrics, loss_spec
 
 # ---- token_logprobs ----------------------------------------------------------------------------------------
 
@@ -41,15 +41,15 @@ def run_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, want_
     """(logp, stats [B, T, 2], entropy or None), in float32 (float64 for float64 logits)."""
     impl = implementation(logits.device)
     if impl == "triton":
-        from moo_kernels.ops.logits.cuda import token_logprobs_fwd_triton
+        from moo_kernels.ops.logits.triton_launch import token_logprobs_fwd_triton
 
         return token_logprobs_fwd_triton(logits, tokens, temperature, want_entropy)
     if impl == "cpp":
-        from moo_kernels.ops.logits.cpu import token_logprobs_fwd_cpp
+        from moo_kernels.ops.logits.cpp_launch import token_logprobs_fwd_cpp
 
         return token_logprobs_fwd_cpp(logits, tokens, temperature, want_entropy)
     logp, ent = token_logprobs_reference(logits, tokens, temperature)
-    dt = _out_dtype(logits)
+    dt = out_dtype(logits)
     stats = row_stats_reference(logits, temperature).to(dt)  # unused by its backward
     return logp.to(dt), stats, ent.to(dt) if want_entropy else None
 
@@ -57,44 +57,45 @@ def run_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, want_
 def run_token_logprobs_backward(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out) -> Tensor:
     impl = implementation(logits.device)
     if impl == "triton":
-        from moo_kernels.ops.logits.cuda import token_logprobs_bwd_triton
+        from moo_kernels.ops.logits.triton_launch import token_logprobs_bwd_triton
 
         return token_logprobs_bwd_triton(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out)
     if impl == "cpp":
-        from moo_kernels.ops.logits.cpu import token_logprobs_bwd_cpp
+        from moo_kernels.ops.logits.cpp_launch import token_logprobs_bwd_cpp
 
         return token_logprobs_bwd_cpp(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out)
     return out.copy_(token_logprobs_grad_reference(logits, tokens, g_logp, g_entropy, temperature))
 
 
-@torch.library.custom_op("moo_kernels::token_logprobs", mutates_args=())
-def token_logprobs_op(
-    logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+def _logprobs_impl(logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool):
     logp, stats, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
     return logp, ent if ent is not None else logp.new_empty(0), stats
+
+
+token_logprobs_op = torch.library.custom_op(
+    "moo_kernels::token_logprobs", _logprobs_impl, mutates_args=(),
+    schema=f"(Tensor logits, {LogitsSpec.schema()}, bool want_entropy) -> (Tensor, Tensor, Tensor)",
+)  # fmt: skip
 
 
 @token_logprobs_op.register_fake
 def _(logits, tokens, temperature, want_entropy):
     B, T, _ = logits.shape
-    dt = _out_dtype(logits)
+    dt = out_dtype(logits)
     ent = logits.new_empty((B, T), dtype=dt) if want_entropy else logits.new_empty(0, dtype=dt)
     return logits.new_empty((B, T), dtype=dt), ent, logits.new_empty((B, T, 2), dtype=dt)
 
 
-@torch.library.custom_op("moo_kernels::token_logprobs_backward", mutates_args=())
-def token_logprobs_backward_op(
-    logits: Tensor,
-    tokens: Tensor,
-    stats: Tensor,
-    entropy: Tensor | None,
-    g_logp: Tensor | None,
-    g_entropy: Tensor | None,
-    temperature: float,
-) -> Tensor:
+def _logprobs_backward_impl(logits, tokens, stats, entropy, g_logp, g_entropy, temperature) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return run_token_logprobs_backward(logits, tokens, stats, entropy, g_logp, g_entropy, temperature, out)
+
+
+token_logprobs_backward_op = torch.library.custom_op(
+    "moo_kernels::token_logprobs_backward", _logprobs_backward_impl, mutates_args=(),
+    schema="(Tensor logits, Tensor tokens, Tensor stats, Tensor? entropy, Tensor? g_logp, Tensor? g_entropy, "
+    "float temperature) -> Tensor",
+)  # fmt: skip
 
 
 @token_logprobs_backward_op.register_fake
@@ -112,143 +113,145 @@ def _logprobs_setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _logprobs_grads(ctx, g_logp, g_ent):
-    logits, tokens, stats, ent = ctx.saved_tensors
-    entropy = ent if ctx.want_entropy else None
-    g_ent = g_ent if ctx.want_entropy else None
-    return logits, tokens, stats, entropy, g_logp, g_ent
-
-
 def _logprobs_backward(ctx, g_logp, g_ent, g_stats):
-    if g_logp is None and (g_ent is None or not ctx.want_entropy):
+    """The one backward of token_logprobs: one kernel writing d / d logits (nothing when no gradient came)."""
+    g_ent = g_ent if ctx.want_entropy else None
+    if g_logp is None and g_ent is None:
         return None, None, None, None
-    args = _logprobs_grads(ctx, g_logp, g_ent)
-    return token_logprobs_backward_op(*args, ctx.temperature), None, None, None
+    logits, tokens, stats, ent = ctx.saved_tensors
+    args = (logits, tokens, stats, ent if ctx.want_entropy else None, g_logp, g_ent, ctx.temperature)
+    backward = token_logprobs_backward_op if tracing(logits) else _logprobs_backward_impl
+    return backward(*args), None, None, None
 
 
 token_logprobs_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
 
 
-class TokenLogprobsFunction(torch.autograd.Function):
-    """The registered op's forward / backward without the dispatcher (eager calls)."""
+class TokenLogprobs(torch.autograd.Function):
+    """The eager path of token_logprobs: the implementation without the dispatcher, with the op's backward."""
 
     @staticmethod
     def forward(logits, tokens, temperature, want_entropy):
-        logp, stats, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
-        return logp, ent if ent is not None else logp.new_empty(0), stats
+        return _logprobs_impl(logits, tokens, temperature, want_entropy)
 
     setup_context = staticmethod(_logprobs_setup_context)
+    backward = staticmethod(_logprobs_backward)
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent, g_stats):
-        if g_logp is None and (g_ent is None or not ctx.want_entropy):
-            return None, None, None, None
-        logits, *rest = _logprobs_grads(ctx, g_logp, g_ent)
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        return run_token_logprobs_backward(logits, *rest, ctx.temperature, out), None, None, None
+
+@with_spec(LogitsSpec, positional=("tokens",))
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, *, return_entropy: bool = False, **options
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each chosen token, log_softmax(logits / temperature).gather(tokens), without
+    materialising the log-softmax; optionally the entropy of each position.
+
+    Args:
+        logits: [B, T, V] float32 / bfloat16 / float16 (float64 for checks), unit stride on V (any strides
+            on B and T: full_logits[:, :-1] is read in place).
+        tokens: [B, T] int64 or int32 ids in [0, V): see below.
+        return_entropy: also return H = -sum p log p per position.
+        {options}
+
+    Returns:
+        logp [B, T] float32 (float64 for float64 logits), and entropy [B, T] with return_entropy. Both are
+        differentiable; the backward is one fused kernel writing d / d logits (no [B, T, V] intermediate).
+        Under torch.no_grad (old / reference log-probs) only the forward kernel runs.
+
+    Example:
+        >>> logits = torch.randn(2, 8, 100, requires_grad=True)
+        >>> logp = token_logprobs(logits, torch.randint(0, 100, (2, 8)), temperature=0.9)
+        >>> logp.sum().backward()
+    """
+    s = logits_spec(logits, tokens=tokens, **options)
+    return_entropy = O.check_bool("return_entropy", return_entropy)
+    args = (logits, s.tokens, s.temperature, return_entropy)
+    compiled = torch.compiler.is_compiling() or logits.is_meta  # the registered op (meta tensors: its fake)
+    logp, ent, _ = token_logprobs_op(*args) if compiled else TokenLogprobs.apply(*args)
+    return (logp, ent) if return_entropy else logp
 
 
 # ---- policy_loss_from_logits -------------------------------------------------------------------------------
 
 
-def run_logits_loss(logits: Tensor, tokens: Tensor, temperature: float, want_entropy: bool, grad, p):
-    """(loss, metrics[11], entropy or None) of the loss problem p (p.logp unused); the gradient for an
-    incoming gradient of 1 is written into grad when it is not None (grad may be logits itself)."""
+def run_logits_loss(logits: Tensor, s: LogitsSpec, want_entropy: bool, grad: Tensor | None, spec: LossSpec):
+    """(loss, metrics [11], entropy or None); the gradient for an incoming gradient of 1 is written into grad
+    when it is not None (grad may be logits itself)."""
     impl = implementation(logits.device)
     if impl == "reference":
-        loss, metrics, ent, g = policy_loss_from_logits_reference(
-            logits, tokens, p.advantages, p.mask, temperature=temperature, **p.reference_kwargs()
-        )
+        loss, metrics, ent, g = logits_loss_reference(logits, s.tokens, s.temperature, spec)
         if grad is not None:
             grad.copy_(g)
-        dt = _out_dtype(logits)
+        dt = out_dtype(logits)
         metrics = torch.stack([metrics[k] for k in METRICS]).to(dt)
         return loss.to(dt), metrics, ent.to(torch.float32) if want_entropy else None
-    if impl == "triton" and p.mode != "gspo":
-        from moo_kernels.ops.logits.cuda import logits_loss_triton
+    if impl == "triton" and spec.mode != "gspo":
+        from moo_kernels.ops.logits.triton_launch import logits_loss_triton
 
-        return logits_loss_triton(logits, tokens, p, temperature, want_entropy, grad)
+        return logits_loss_triton(logits, s.tokens, spec, s.temperature, want_entropy, grad)
     # Two kernels: log-probs first, then the loss on them, then the gradient of the log-probs (the GSPO
     # sequence ratio needs every token's log-prob before any gradient is known; the CPU takes this path
     # for every mode).
-    if impl == "triton":
-        from moo_kernels.ops.policy_loss.cuda import policy_loss_triton as loss_fn
-    else:
-        from moo_kernels.ops.policy_loss.cpu import policy_loss_cpp as loss_fn
-    logp, stats, ent = run_token_logprobs(logits, tokens, temperature, want_entropy)
-    loss, metrics, g_logp = loss_fn(p._replace(logp=logp))
+    from moo_kernels.ops.policy_loss.op import run as run_policy_loss
+
+    logp, stats, ent = run_token_logprobs(logits, s.tokens, s.temperature, want_entropy)
+    loss, metrics, g_logp = run_policy_loss(logp, spec, grad is not None)
     if grad is not None:
-        run_token_logprobs_backward(logits, tokens, stats, None, g_logp, None, temperature, grad)
+        run_token_logprobs_backward(logits, s.tokens, stats, None, g_logp, None, s.temperature, grad)
     return loss, metrics, ent.to(torch.float32) if ent is not None else None
 
 
-def problem_from_args(loss_args) -> PolicyLossProblem:
-    return PolicyLossProblem(None, *loss_args)
+def _split(args: tuple) -> tuple[LogitsSpec, bool, LossSpec, bool]:
+    """The registered op's flat arguments after the logits: the logits' spec, want_entropy, the loss's spec and
+    write_grad."""
+    n = LogitsSpec.count()
+    return LogitsSpec.unflat(args[:n]), args[n], LossSpec.unflat(args[n + 1 : -1]), args[-1]
 
 
-@torch.library.custom_op("moo_kernels::policy_loss_from_logits", mutates_args=())
-def policy_loss_from_logits_op(
-    logits: Tensor,
-    tokens: Tensor,
-    temperature: float,
-    want_entropy: bool,
-    advantages: Tensor,
-    mask: Tensor,
-    old_logp: Tensor | None,
-    ref_logp: Tensor | None,
-    token_advantages: Tensor | None,
-    is_weights: Tensor | None,
-    offpolicy: Tensor | None,
-    beta: float,
-    kl: str,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-    ratio_cap: float | None,
-    mode: str,
-    offpolicy_gamma: float,
-    agg: str,
-    max_len: int | None,
-    num_tokens: float | None,
-    write_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    p = problem_from_args((advantages, mask, old_logp, ref_logp, token_advantages, is_weights, offpolicy, beta, kl,
-                           clip_low, clip_high, dual_clip, ratio_cap, mode, offpolicy_gamma, agg, max_len,
-                           num_tokens, write_grad))  # fmt: skip
+def _loss_impl(logits: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    s, want_entropy, spec, write_grad = _split(args)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
-    loss, metrics, ent = run_logits_loss(logits, tokens, temperature, want_entropy, grad, p)
+    loss, metrics, ent = run_logits_loss(logits, s, want_entropy, grad, spec)
     empty = logits.new_empty(0)
     return loss, metrics, ent if ent is not None else empty.float(), grad if grad is not None else empty
 
 
+policy_loss_from_logits_op = torch.library.custom_op(
+    "moo_kernels::policy_loss_from_logits", _loss_impl, mutates_args=(),
+    schema=f"(Tensor logits, {LogitsSpec.schema()}, bool want_entropy, {LossSpec.schema()}, bool write_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)  # fmt: skip
+
+
 @policy_loss_from_logits_op.register_fake
-def _(logits, tokens, temperature, want_entropy, *loss_args):
+def _(logits, *args):
+    _, want_entropy, _, write_grad = _split(args)
     B, T, _ = logits.shape
-    write_grad = loss_args[-1]
-    dt = _out_dtype(logits)
+    dt = out_dtype(logits)
     ent = logits.new_empty((B, T) if want_entropy else (0,), dtype=torch.float32)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else logits.new_empty(0)
     return logits.new_empty((), dtype=dt), logits.new_empty((len(METRICS),), dtype=dt), ent, grad
 
 
-def _loss_setup_context(ctx, inputs, output) -> None:
+def _op_setup_context(ctx, inputs, output) -> None:
     _, metrics, ent, grad = output
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(metrics, ent, grad)
 
 
-def _loss_backward(ctx, g_loss, *unused):
+def _op_backward(ctx, g_loss, *unused):
     (grad,) = ctx.saved_tensors
-    return (grad * g_loss.to(grad.dtype),) + (None,) * (3 + NUM_LOSS_ARGS)
+    return (grad * g_loss.to(grad.dtype),) + (None,) * (LogitsSpec.count() + LossSpec.count() + 2)
 
 
-policy_loss_from_logits_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+policy_loss_from_logits_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def scale_grad_(grad: Tensor, g: Tensor) -> Tensor:
     """grad *= g in place, skipped when g == 1 (on a GPU decided on the device: no synchronisation)."""
+    if tracing(g):
+        return grad.mul_(g.to(grad.dtype))
     if grad.is_cuda:
-        from moo_kernels.ops.logits.cuda import scale_
+        from moo_kernels.ops.logits.triton_launch import scale_
 
         return scale_(grad, g)
     if float(g) != 1.0:
@@ -256,21 +259,24 @@ def scale_grad_(grad: Tensor, g: Tensor) -> Tensor:
     return grad
 
 
-class LogitsLossFunction(torch.autograd.Function):
-    """Eager form of the op, with inplace_backward: the gradient buffer is the logits' storage."""
+class LogitsLoss(torch.autograd.Function):
+    """The eager path of policy_loss_from_logits: apply(logits, want_entropy, inplace, write_grad,
+    *logits_spec.flat(), *loss_spec.flat()). With inplace the gradient buffer is the logits' storage; the backward
+    rescales the buffer in place (a second backward through one call raises)."""
 
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, want_entropy, inplace, *loss_args):
-        p = problem_from_args(loss_args)
+    def forward(ctx, logits, want_entropy, inplace, write_grad, *flat):
+        n = LogitsSpec.count()
+        s, spec = LogitsSpec.unflat(flat[:n]), LossSpec.unflat(flat[n:])
         grad = None
-        if p.write_grad:
+        if write_grad:
             grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        loss, metrics, ent = run_logits_loss(logits, tokens, temperature, want_entropy, grad, p)
+        loss, metrics, ent = run_logits_loss(logits, s, want_entropy, grad, spec)
         if grad is logits:
             # the logits were overwritten in place: an op that saved them for its backward must see it
             torch.autograd.graph.increment_version(logits)
-        ctx.grad = grad  # an attribute, not a saved tensor: with inplace it is the (overwritten) input
         ent = ent if ent is not None else logits.new_empty(0, dtype=torch.float32)
+        ctx.grad = grad  # an attribute, not a saved tensor: with inplace it is the (overwritten) input
         ctx.mark_non_differentiable(metrics, ent)
         return loss, metrics, ent
 
@@ -282,4 +288,79 @@ class LogitsLossFunction(torch.autograd.Function):
                 "buffer is rescaled in place, so call the loss again instead"
             )
         grad, ctx.grad = ctx.grad, None
-        return (scale_grad_(grad, g_loss),) + (None,) * (4 + NUM_LOSS_ARGS)
+        return (scale_grad_(grad, g_loss),) + (None,) * (3 + LogitsSpec.count() + LossSpec.count())
+
+
+def may_overlap(x: torch.Tensor) -> bool:
+    """Whether two positions (b, t) of x [B, T, V] (unit stride on V) may share memory: torch's answer when
+    it has one, else whether the two position dimensions, innermost first, fail to nest (conservative)."""
+    answer = torch._debug_has_internal_overlap(x)  # 0: no, 1: yes, 2: too hard to tell
+    if answer != 2:
+        return answer == 1
+    extent = x.size(2)  # elements spanned by one position, then by every position of the dimensions seen
+    for stride, size in sorted((x.stride(i), x.size(i)) for i in range(2) if x.size(i) > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+@with_spec(LogitsSpec, LossSpec, positional=("tokens", "advantages", "mask"))
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    inplace_backward: bool = False,
+    return_entropy: bool = False,
+    **options,
+):
+    """policy_loss(token_logprobs(logits, tokens, temperature=...), advantages, mask, ...) in one pass.
+
+    Every loss option means what it means in moo_kernels.policy_loss. The loss's normaliser depends on
+    the mask only, so the forward computes d loss / d logits together with the loss: on a GPU one kernel
+    reads each vocabulary row once from HBM and writes its gradient once (mode "gspo" takes two kernels:
+    its sequence ratio needs every log-prob first). The backward only rescales the gradient by the
+    incoming one, and does nothing when that is 1.
+
+    Args:
+        logits: [B, T, V] float32 / bfloat16 / float16 (float64 accepted, for checks), unit stride on V.
+        advantages, mask: as in policy_loss ([B] or [B, T] advantages, [B, T] mask).
+        inplace_backward: write the gradient into the logits' storage: peak memory beyond the logits is
+            O(B T). The logits hold the gradient once the call returns, so they must not be used again:
+            their version counter is bumped, so a backward through an op that saved them raises autograd's
+            in-place error. Logits whose positions overlap in memory (an expanded view) raise ValueError.
+            Eager mode only: under torch.compile the gradient gets its own buffer.
+        return_entropy: also return the entropy [B, T] of each position (float32, no gradient).
+        {options}
+
+    Returns:
+        (loss, PolicyLossMetrics), or (loss, PolicyLossMetrics, entropy) with return_entropy. loss is a
+        0-dim float32 tensor (float64 for float64 logits); the gradient of logits has logits' dtype.
+
+    Example:
+        >>> logits = torch.randn(2, 8, 100, requires_grad=True)
+        >>> tokens = torch.randint(0, 100, (2, 8))
+        >>> loss, m = policy_loss_from_logits(logits, tokens, torch.randn(2), torch.ones(2, 8, dtype=torch.bool))
+        >>> loss.backward()
+    """
+    s = logits_spec(logits, tokens=tokens, **{k: options.pop(k) for k in LogitsSpec.names() if k in options})
+    inplace_backward = O.check_bool("inplace_backward", inplace_backward)
+    return_entropy = O.check_bool("return_entropy", return_entropy)
+    B, T, _ = logits.shape
+    spec = loss_spec((B, T), logits.device, "logits", advantages=advantages, mask=mask, **options)
+    write_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace_backward and write_grad and not torch.compiler.is_compiling() and may_overlap(logits):
+        raise ValueError(
+            f"logits overlap in memory (shape {tuple(logits.shape)}, strides {tuple(logits.stride())}: an expanded "
+            "view?), so inplace_backward=True cannot write a gradient per position into them; pass "
+            "inplace_backward=False or contiguous logits"
+        )
+    if torch.compiler.is_compiling() or logits.is_meta:  # the registered op (meta tensors: its fake)
+        loss, metrics, ent, _ = policy_loss_from_logits_op(logits, *s.flat(), return_entropy, *spec.flat(), write_grad)
+    else:
+        loss, metrics, ent = LogitsLoss.apply(logits, return_entropy, inplace_backward, write_grad, *s.flat(),
+                                              *spec.flat())  # fmt: skip
+    metrics = PolicyLossMetrics(*metrics.unbind(0))
+    return (loss, metrics, ent) if return_entropy else (loss, metrics)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from moo_kernels.ops.policy_loss.reference import policy_loss_grad_reference, policy_loss_reference
+from moo_kernels.ops.loss.reference import loss_grad_reference, loss_reference
+from moo_kernels.ops.loss.spec import LossSpec, loss_spec
 
 F64 = torch.float64
 
@@ -97,11 +98,18 @@ def policy_loss_from_logits_reference(
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
-    **kw,
+    **options,
 ):
-    """(loss, metrics dict, entropy [B, T], grad [B, T, V]), all float64; grad is d loss / d logits."""
+    """(loss, metrics dict, entropy [B, T], grad [B, T, V]), all float64; grad is d loss / d logits. options: the
+    loss's arguments (moo_kernels.ops.loss.spec.LossSpec), by name."""
+    spec = loss_spec(tuple(tokens.shape), logits.device, "logits", advantages=advantages, mask=mask, **options)
+    return logits_loss_reference(logits, tokens, temperature, spec)
+
+
+def logits_loss_reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, spec: LossSpec):
+    """policy_loss_from_logits_reference of validated loss arguments."""
     logp, entropy = token_logprobs_reference(logits, tokens, temperature)
-    loss, metrics = policy_loss_reference(logp, advantages, mask, **kw)
-    g = policy_loss_grad_reference(logp, advantages, mask, **kw)
+    loss, metrics = loss_reference(logp, spec)
+    g = loss_grad_reference(logp, spec)
     grad = token_logprobs_grad_reference(logits, tokens, g, None, temperature)
     return loss, metrics, entropy, grad

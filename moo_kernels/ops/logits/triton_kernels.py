@@ -51,13 +51,15 @@ from it by the same code.
 import triton
 import triton.language as tl
 
-from moo_kernels.ops.policy_loss.triton_kernels import (
+from moo_kernels.ops.loss.triton_kernels import (
     NUM_PARTIALS,
-    _mask_weight,
-    _store_partials,
-    _token_inputs,
-    _token_terms,
-    _token_weights,
+    at,
+    flag_at,
+    mask_weight,
+    store_partials,
+    token_inputs,
+    token_terms,
+    token_weights,
 )
 
 
@@ -232,161 +234,73 @@ def _write_grad_chunk(
 
 
 @triton.jit
-def _logprobs_fwd_kernel(
-    logits_ptr,
-    tokens_ptr,
-    logp_ptr,
-    stats_ptr,
-    ent_ptr,
-    T,
-    V,
-    s_zb,
-    s_zt,
-    s_kb,
-    s_kt,
-    inv_temp,
-    WANT_ENTROPY: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+def logprobs_fwd_kernel(
+    logits, logits_strides, tokens, tokens_strides, logp, stats, entropy, T, V, inv_temp, BLOCK_V: tl.constexpr
 ):
+    """One program per row: log-prob, row statistics (max, log l) and, when entropy is given, the entropy."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row % T
-    z_row = logits_ptr + b * s_zb + t * s_zt
-    tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
+    z_row = logits + b * logits_strides[0] + t * logits_strides[1]
+    tok = tl.load(tokens + b * tokens_strides[0] + t * tokens_strides[1]).to(tl.int64)
     valid = (tok >= 0) & (tok < V)
     tok = tl.where(valid, tok, -1).to(tl.int32)
     m, log_l, mean_x, z_tok = _row_stats(
-        z_row, row, 0, V, tok, inv_temp, V, 1, z_row, tokens_ptr, tokens_ptr, 0, False, False, 1, BLOCK_V
+        z_row, row, 0, V, tok, inv_temp, V, 1, z_row, tokens, tokens, 0, False, False, 1, BLOCK_V
     )  # fmt: skip
-    logp, ent = _logp_entropy(m, log_l, mean_x, z_tok, inv_temp)
-    tl.store(logp_ptr + row, tl.where(valid, logp, float("nan")).to(logp_ptr.dtype.element_ty))
-    tl.store(stats_ptr + row * 2, m.to(stats_ptr.dtype.element_ty))
-    tl.store(stats_ptr + row * 2 + 1, log_l.to(stats_ptr.dtype.element_ty))
-    if WANT_ENTROPY:
-        tl.store(ent_ptr + row, ent.to(ent_ptr.dtype.element_ty))
+    lp, ent = _logp_entropy(m, log_l, mean_x, z_tok, inv_temp)
+    tl.store(logp + row, tl.where(valid, lp, float("nan")).to(logp.dtype.element_ty))
+    tl.store(stats + row * 2, m.to(stats.dtype.element_ty))
+    tl.store(stats + row * 2 + 1, log_l.to(stats.dtype.element_ty))
+    if entropy is not None:
+        tl.store(entropy + row, ent.to(entropy.dtype.element_ty))
 
 
 @triton.jit
-def _logprobs_bwd_kernel(
-    logits_ptr,
-    tokens_ptr,
-    stats_ptr,
-    ent_ptr,
-    glp_ptr,
-    gh_ptr,
-    grad_ptr,
-    T,
-    V,
-    s_zb,
-    s_zt,
-    s_kb,
-    s_kt,
-    s_gb,
-    s_gt,
-    s_lb,
-    s_lt,
-    s_hb,
-    s_ht,
-    inv_temp,
-    chunk_v,
-    HAS_GLP: tl.constexpr,
-    HAS_H: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
+def logprobs_bwd_kernel(
+    logits, logits_strides, tokens, tokens_strides, stats, entropy, g_logp, g_logp_strides, g_entropy,
+    g_entropy_strides, grad, grad_strides, T, V, inv_temp, chunk_v, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Grid (row, chunk): d (g_logp logp + g_entropy H) / d logits of the chunk (absent incoming gradients: 0)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     b = row // T
     t = row % T
-    z_row = logits_ptr + b * s_zb + t * s_zt
-    g_row = grad_ptr + b * s_gb + t * s_gt
-    m = tl.load(stats_ptr + row * 2).to(tl.float32)
-    log_l = tl.load(stats_ptr + row * 2 + 1).to(tl.float32)
+    z_row = logits + b * logits_strides[0] + t * logits_strides[1]
+    g_row = grad + b * grad_strides[0] + t * grad_strides[1]
+    m = tl.load(stats + row * 2).to(tl.float32)
+    log_l = tl.load(stats + row * 2 + 1).to(tl.float32)
     c_lp = tl.zeros([], dtype=tl.float32)
-    if HAS_GLP:
-        c_lp = tl.load(glp_ptr + b * s_lb + t * s_lt).to(tl.float32)
+    if g_logp is not None:
+        c_lp = tl.load(g_logp + b * g_logp_strides[0] + t * g_logp_strides[1]).to(tl.float32)
     c_h = tl.zeros([], dtype=tl.float32)
     mean_x = tl.zeros([], dtype=tl.float32)
-    if HAS_H:
-        c_h = tl.load(gh_ptr + b * s_hb + t * s_ht).to(tl.float32)
-        mean_x = log_l - tl.load(ent_ptr + row).to(tl.float32)
-    tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
+    if g_entropy is not None:
+        c_h = tl.load(g_entropy + b * g_entropy_strides[0] + t * g_entropy_strides[1]).to(tl.float32)
+        mean_x = log_l - tl.load(entropy + row).to(tl.float32)
+    tok = tl.load(tokens + b * tokens_strides[0] + t * tokens_strides[1]).to(tl.int64)
     tok = tl.where((tok >= 0) & (tok < V), tok, -1).to(tl.int32)
     v_lo = (c * chunk_v).to(tl.int32)
     _write_grad_chunk(
-        z_row, g_row, v_lo, chunk_v, V, tok, m, log_l, mean_x, c_lp, c_h, inv_temp, HAS_H, BLOCK_V
+        z_row, g_row, v_lo, chunk_v, V, tok, m, log_l, mean_x, c_lp, c_h, inv_temp, g_entropy is not None, BLOCK_V
     )  # fmt: skip
 
 
 @triton.jit
-def _logits_loss_kernel(
-    logits_ptr,
-    tokens_ptr,
-    mask_ptr,
-    adv_ptr,
-    tadv_ptr,
-    old_ptr,
-    ref_ptr,
-    isw_ptr,
-    off_ptr,
-    stats_ptr,
-    totals_ptr,
-    grad_ptr,
-    part_ptr,
-    ent_ptr,
-    scratch_ptr,
-    flags_ptr,
-    T,
-    V,
-    s_zb,
-    s_zt,
-    s_kb,
-    s_kt,
-    s_mb,
-    s_mt,
-    s_ab,
-    s_at,
-    s_tb,
-    s_tt,
-    s_ob,
-    s_ot,
-    s_rb,
-    s_rt,
-    s_wb,
-    s_wt,
-    s_gb,
-    s_gt,
-    inv_temp,
-    beta,
-    clip_lo,
-    clip_hi,
-    dual_clip,
-    ratio_cap,
-    gamma,
-    norm_const,
-    chunk_v,
-    n_chunks,
-    timeout_ns,
-    MODE: tl.constexpr,
-    AGG: tl.constexpr,
-    KL: tl.constexpr,
-    HAS_OLD: tl.constexpr,
-    HAS_REF: tl.constexpr,
-    HAS_TADV: tl.constexpr,
-    HAS_ISW: tl.constexpr,
-    HAS_OFF: tl.constexpr,
-    HAS_DUAL: tl.constexpr,
-    HAS_CAP: tl.constexpr,
-    HAS_NUM_TOKENS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    WANT_ENTROPY: tl.constexpr,
-    COOP: tl.constexpr,
-    SEQUENTIAL: tl.constexpr,
-    CHUNKS_P2: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
+def logits_loss_kernel(
+    logits, logits_strides, tokens, tokens_strides, grad, grad_strides, stats, totals, parts, entropy, scratch,
+    flags, B, T, V, inv_temp, chunk_v, n_chunks, timeout_ns,
+    advantages, advantages_strides, mask, mask_strides, old_logp, old_logp_strides, ref_logp, ref_logp_strides,
+    token_advantages, token_advantages_strides, is_weights, is_weights_strides, offpolicy, offpolicy_strides,
+    beta, kl: tl.constexpr, clip_low, clip_high, dual_clip, ratio_cap, mode: tl.constexpr, offpolicy_gamma,
+    agg: tl.constexpr, max_len, num_tokens,
+    COOP: tl.constexpr, SEQUENTIAL: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """The fused loss, grid (row, chunk) (see the top): the loss's partial sums, the entropy when entropy is
+    given, and d loss / d logits into grad when grad is given."""
     if COOP:
         # work in the order programs start, not in launch order: see the top of the file
-        pid = tl.atomic_add(flags_ptr + tl.num_programs(0), 1, sem="relaxed", scope="gpu").to(tl.int64)
+        pid = tl.atomic_add(flags + tl.num_programs(0), 1, sem="relaxed", scope="gpu").to(tl.int64)
     else:
         pid = tl.program_id(0).to(tl.int64)
     row = pid // n_chunks
@@ -394,35 +308,37 @@ def _logits_loss_kernel(
     b = row // T
     t = row % T
     v_lo = (c * chunk_v).to(tl.int32)
-    z_row = logits_ptr + b * s_zb + t * s_zt
-    g_row = grad_ptr + b * s_gb + t * s_gt
-    m, active = _mask_weight(mask_ptr, b * s_mb + t * s_mt, t < T)  # float64 weight
-    if WANT_ENTROPY:
+    z_row = logits + b * logits_strides[0] + t * logits_strides[1]
+    m, active = mask_weight(mask, mask_strides, b, t, t < T)  # float64 weight
+    compute = active
+    if entropy is not None:
         compute = active | True
-    else:
-        compute = active
     # every program of a row takes the same branch, so the exchange inside _row_stats is all or nothing
     if compute:
-        tok = tl.load(tokens_ptr + b * s_kb + t * s_kt).to(tl.int64)
+        tok = tl.load(tokens + b * tokens_strides[0] + t * tokens_strides[1]).to(tl.int64)
         valid = (tok >= 0) & (tok < V)
         tok = tl.where(valid, tok, -1).to(tl.int32)
         m_z, log_l, mean_x, z_tok = _row_stats(
-            z_row, row, c, V, tok, inv_temp, chunk_v, n_chunks, scratch_ptr, flags_ptr,
-            flags_ptr + tl.num_programs(0) + 1, timeout_ns, COOP, SEQUENTIAL, CHUNKS_P2, BLOCK_V,
+            z_row, row, c, V, tok, inv_temp, chunk_v, n_chunks, scratch, flags, flags + tl.num_programs(0) + 1,
+            timeout_ns, COOP, SEQUENTIAL, CHUNKS_P2, BLOCK_V,
         )  # fmt: skip
         lp, ent = _logp_entropy(m_z, log_l, mean_x, z_tok, inv_temp)
         lp = tl.where(valid, lp, float("nan"))
 
-        adv, raw, off, w_is, ref = _token_inputs(
-            b, t, t < T, lp, adv_ptr, s_ab, s_at, tadv_ptr, s_tb, s_tt, old_ptr, s_ob, s_ot, off_ptr, isw_ptr, s_wb,
-            s_wt, ref_ptr, s_rb, s_rt, HAS_TADV, HAS_OLD, HAS_OFF, HAS_ISW, HAS_REF,
+        adv, raw = token_inputs(
+            b, t, t < T, lp, advantages, advantages_strides, token_advantages, token_advantages_strides, old_logp,
+            old_logp_strides,
         )  # fmt: skip
-        loss_tok, pg, g, k, rho, d, clipped, low, high, dual = _token_terms(
-            lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_lo, clip_hi, dual_clip, ratio_cap, gamma,
-            MODE, KL, HAS_OFF, HAS_ISW, HAS_REF, HAS_DUAL, HAS_CAP,
+        off = flag_at(offpolicy, offpolicy_strides, b)
+        w_is = at(is_weights, is_weights_strides, b, t, t < T)
+        ref = at(ref_logp, ref_logp_strides, b, t, t < T)
+        loss_tok, pg, g, k, rho, d, clipped, low, high, dual = token_terms(
+            lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
+            offpolicy_gamma, mode, kl,
         )  # fmt: skip
-        wl, wmean = _token_weights(m, stats_ptr, totals_ptr, b, norm_const, AGG, HAS_NUM_TOKENS)
-        if WRITE_GRAD:
+        wl, wmean = token_weights(m, stats, totals, b, B, agg, max_len, num_tokens)
+        if grad is not None:
+            g_row = grad + b * grad_strides[0] + t * grad_strides[1]
             c_lp = tl.where(active, g * wl, 0.0)
             zero = tl.zeros([], dtype=tl.float32)
             _write_grad_chunk(
@@ -430,32 +346,33 @@ def _logits_loss_kernel(
             )  # fmt: skip
         if c == 0:
             one = tl.full([1], 1.0, tl.float32)  # the row as a block of one token
-            _store_partials(
-                part_ptr + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, wl * one, wmean * one,
+            store_partials(
+                parts + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, wl * one, wmean * one,
                 tl.where(active, one, 0.0) > 0, tl.where(clipped, one, 0.0) > 0, tl.where(low, one, 0.0) > 0,
                 tl.where(high, one, 0.0) > 0, tl.where(dual, one, 0.0) > 0, rho * one, d * one,
             )  # fmt: skip
-            if WANT_ENTROPY:
-                tl.store(ent_ptr + row, ent)
+            if entropy is not None:
+                tl.store(entropy + row, ent)
     else:
-        if WRITE_GRAD:
+        if grad is not None:
+            g_row = grad + b * grad_strides[0] + t * grad_strides[1]
             v_hi = tl.minimum(v_lo + chunk_v, V)
             for v0 in range(v_lo, v_hi, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty), mask=cols < v_hi)
         if c == 0:
-            base = part_ptr + row * NUM_PARTIALS
+            base = parts + row * NUM_PARTIALS
             for j in range(0, NUM_PARTIALS):
                 tl.store(base + j, tl.where(j == 8, float("inf"), tl.where(j == 9, float("-inf"), 0.0)))
 
 
 @triton.jit
-def _scale_kernel(x_ptr, g_ptr, T, V, s_b, s_t, BLOCK_V: tl.constexpr):
+def scale_kernel(x, x_strides, g, T, V, BLOCK_V: tl.constexpr):
     """x[b, t, :] *= g, skipped entirely (nothing read or written) when g == 1."""
-    g = tl.load(g_ptr).to(tl.float32)
-    if g != 1.0:
+    gv = tl.load(g).to(tl.float32)
+    if gv != 1.0:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        ptr = x_ptr + (row // T) * s_b + (row % T) * s_t + cols
-        x = tl.load(ptr, mask=cols < V, other=0.0).to(tl.float32)
-        tl.store(ptr, (x * g).to(x_ptr.dtype.element_ty), mask=cols < V)
+        ptr = x + (row // T) * x_strides[0] + (row % T) * x_strides[1] + cols
+        xv = tl.load(ptr, mask=cols < V, other=0.0).to(tl.float32)
+        tl.store(ptr, (xv * gv).to(x.dtype.element_ty), mask=cols < V)

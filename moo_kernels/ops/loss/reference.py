@@ -50,43 +50,10 @@ from typing import NamedTuple
 
 import torch
 
-F64 = torch.float64
-LOG_RATIO_MAX = 20.0
+from moo_kernels._codes import LOG_RATIO_MAX
+from moo_kernels.ops.loss.spec import LossSpec, loss_spec
 
-MODES = ("clip", "gspo", "cispo", "reinforce")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KLS = ("k1", "k2", "k3")
-METRICS = (
-    "pg_loss",
-    "kl_mean",
-    "clip_frac",
-    "clip_frac_low",
-    "clip_frac_high",
-    "dual_clip_frac",
-    "ratio_mean",
-    "ratio_min",
-    "ratio_max",
-    "ppo_kl",
-    "active_tokens",
-)
-DEFAULTS = dict(
-    old_logp=None,
-    ref_logp=None,
-    beta=0.0,
-    kl="k3",
-    clip_low=0.2,
-    clip_high=None,
-    dual_clip=None,
-    ratio_cap=None,
-    mode="clip",
-    is_weights=None,
-    offpolicy=None,
-    offpolicy_gamma=0.1,
-    token_advantages=None,
-    agg="token-mean",
-    max_len=None,
-    num_tokens=None,
-)
+F64 = torch.float64
 
 
 class _WithSlope(torch.autograd.Function):
@@ -120,11 +87,12 @@ class Inputs(NamedTuple):
     off: torch.Tensor | None  # [B, T] bool
 
 
-def safe_inputs(logp, advantages, mask, old_logp, ref_logp, is_weights, offpolicy, token_advantages) -> Inputs:
+def safe_inputs(logp: torch.Tensor, o: LossSpec) -> Inputs:
+    """The inputs in float64, each selected to 0 at masked tokens."""
     B, T = logp.shape
-    m = mask.to(F64)  # a bool byte other than 0 / 1 converts to 1
+    m = o.mask.to(F64)  # a bool byte other than 0 / 1 converts to 1
     active = m != 0
-    zero = torch.zeros((B, T), dtype=F64)
+    zero = torch.zeros((B, T), dtype=F64, device=logp.device)
 
     def safe(x):
         if x is None:
@@ -132,11 +100,16 @@ def safe_inputs(logp, advantages, mask, old_logp, ref_logp, is_weights, offpolic
         x = x.to(F64)
         return torch.where(active, x[:, None].expand(B, T) if x.dim() == 1 else x, zero)
 
-    A = safe(advantages)
-    if token_advantages is not None:
-        A = A + safe(token_advantages)
-    off = offpolicy.to(torch.bool)[:, None].expand(B, T) if offpolicy is not None else None
-    return Inputs(safe(logp), m, active, A, safe(old_logp), safe(ref_logp), safe(is_weights), off)
+    A = safe(o.advantages)
+    if o.token_advantages is not None:
+        A = A + safe(o.token_advantages)
+    off = o.offpolicy.to(torch.bool)[:, None].expand(B, T) if o.offpolicy is not None else None
+    return Inputs(safe(logp), m, active, A, safe(o.old_logp), safe(o.ref_logp), safe(o.is_weights), off)
+
+
+def _spec(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, options: dict) -> LossSpec:
+    """The loss arguments, validated and completed with their defaults (clip_high from clip_low, ...)."""
+    return loss_spec(tuple(logp.shape), logp.device, "logp", advantages=advantages, mask=mask, **options)
 
 
 def offpolicy_shape(lp: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,13 +128,15 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kl: str) -> torch.Te
     return torch.exp(-u) + u - 1.0
 
 
-def aggregate(l: torch.Tensor, m: torch.Tensor, agg: str, max_len: int | None, num_tokens: float | None):
+def aggregate(l: torch.Tensor, m: torch.Tensor, o: LossSpec) -> torch.Tensor:
+    """The loss from per-token values l (0 at masked tokens) and mask weights m, by o.agg."""
+    agg = o.agg
     total = (l * m).sum()
     if agg == "token-mean":
-        den = torch.as_tensor(num_tokens, dtype=l.dtype) if num_tokens is not None else m.sum()
+        den = torch.as_tensor(o.num_tokens, dtype=l.dtype) if o.num_tokens is not None else m.sum()
         return torch.where(den > 0, total / torch.where(den > 0, den, 1.0), torch.zeros_like(total))
     if agg == "seq-mean-token-sum-norm":
-        return total / (l.shape[0] * max_len)
+        return total / (l.shape[0] * o.max_len)
     per_seq = (l * m).sum(dim=1)
     n = m.sum(dim=1)
     has = n > 0
@@ -172,36 +147,22 @@ def aggregate(l: torch.Tensor, m: torch.Tensor, agg: str, max_len: int | None, n
 
 
 def policy_loss_reference(
-    logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    old_logp: torch.Tensor | None = None,
-    ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
-    kl: str = "k3",
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    ratio_cap: float | None = None,
-    mode: str = "clip",
-    is_weights: torch.Tensor | None = None,
-    offpolicy: torch.Tensor | None = None,
-    offpolicy_gamma: float = 0.1,
-    token_advantages: torch.Tensor | None = None,
-    agg: str = "token-mean",
-    max_len: int | None = None,
-    num_tokens: float | None = None,
+    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **options
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Returns (loss, metrics) in float64; differentiable w.r.t. logp by autograd (0 at masked tokens)."""
-    clip_high = clip_low if clip_high is None else clip_high
-    x = safe_inputs(logp, advantages, mask, old_logp, ref_logp, is_weights, offpolicy, token_advantages)
+    """Returns (loss, metrics) in float64; differentiable w.r.t. logp by autograd (0 at masked tokens). options:
+    the loss's arguments (moo_kernels.ops.loss.spec.LossSpec), by name."""
+    return loss_reference(logp, _spec(logp, advantages, mask, options))
+
+
+def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """policy_loss_reference of validated arguments."""
+    x = safe_inputs(logp, o)
     lp, m, active, A = x.lp, x.m, x.active, x.A
     zero = torch.zeros_like(m)
     ones = torch.ones_like(m)
     d = (lp - x.old).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX) if x.old is not None else zero
 
-    if mode == "gspo":
+    if o.mode == "gspo":
         n = m.sum(dim=1, keepdim=True)
         dseq = (d * m).sum(dim=1, keepdim=True) / n.clamp(min=1)
         seq = torch.exp(dseq.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)).detach().expand_as(lp)
@@ -212,43 +173,43 @@ def policy_loss_reference(
         rho = torch.exp(d)
 
     clipped = low = high = dual = torch.zeros_like(active)
-    if mode in ("clip", "gspo"):
-        lo, hi = 1.0 - clip_low, 1.0 + clip_high
-        rho1 = rho if ratio_cap is None else torch.clamp(rho, max=ratio_cap)
+    if o.mode in ("clip", "gspo"):
+        lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high
+        rho1 = rho if o.ratio_cap is None else torch.clamp(rho, max=o.ratio_cap)
         l1 = -A * rho1
         l2 = -A * rho.clamp(lo, hi)
         pg = torch.maximum(l1, l2)
         clipped = l2 > l1
-        if dual_clip is not None:
-            l3 = -A * dual_clip
+        if o.dual_clip is not None:
+            l3 = -A * o.dual_clip
             dual = (A < 0) & (pg > l3)
             pg = torch.where(A < 0, torch.minimum(pg, l3), pg)
         low = (rho.detach() < lo) & (A < 0)
         high = (rho.detach() > hi) & (A > 0)
-    elif mode == "cispo":
-        lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    elif o.mode == "cispo":
+        lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high
         w = rho.detach().clamp(lo, hi)
         pg = -w * A * lp
         clipped = w != rho.detach()
         low = (rho.detach() < lo) & (A < 0)
         high = (rho.detach() > hi) & (A > 0)
-    elif mode == "reinforce":
+    elif o.mode == "reinforce":
         pg = -A * lp
     else:
-        raise ValueError(f"unknown mode {mode!r}")
+        raise ValueError(f"unknown mode {o.mode!r}")
 
     if x.off is not None:
-        f, df = offpolicy_shape(lp, offpolicy_gamma)
+        f, df = offpolicy_shape(lp, o.offpolicy_gamma)
         pg = torch.where(x.off, -A * _WithSlope.apply(lp, f, df), pg)
         clipped, low, high, dual = (y & ~x.off for y in (clipped, low, high, dual))
     if x.isw is not None:
         pg = pg * x.isw
     pg = torch.where(active, pg, zero)
 
-    k = kl_estimate(lp, x.ref, kl) if x.ref is not None else zero
+    k = kl_estimate(lp, x.ref, o.kl) if x.ref is not None else zero
     k = torch.where(active, k, zero)
-    loss_tok = pg + beta * k if beta > 0 else pg
-    loss = aggregate(loss_tok, m, agg, max_len, num_tokens)
+    loss_tok = pg + o.beta * k if o.beta > 0 else pg
+    loss = aggregate(loss_tok, m, o)
 
     den = m.sum()
 
@@ -260,7 +221,7 @@ def policy_loss_reference(
     big = torch.full_like(r, float("inf"))
     any_active = bool(active.any())
     metrics = {
-        "pg_loss": aggregate(pg, m, agg, max_len, num_tokens).detach(),
+        "pg_loss": aggregate(pg, m, o).detach(),
         "kl_mean": mean(k.detach()),
         "clip_frac": mean(clipped),
         "clip_frac_low": mean(low),
@@ -275,28 +236,29 @@ def policy_loss_reference(
     return loss, metrics
 
 
-def policy_loss_grad_reference(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
+def policy_loss_grad_reference(
+    logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, **options
+) -> torch.Tensor:
     """Closed-form d loss / d logp of policy_loss_reference, in float64 (no autograd).
 
     The op's reference backend uses it (an op implementation runs below autograd); the tests check it
     against autograd through policy_loss_reference. The formulas are those of the kernels. Exactly 0 at
     masked tokens (a select).
     """
-    o = dict(DEFAULTS)
-    o.update(kw)
-    clip_high = o["clip_low"] if o["clip_high"] is None else o["clip_high"]
-    x = safe_inputs(
-        logp.detach(), advantages, mask, o["old_logp"], o["ref_logp"], o["is_weights"], o["offpolicy"],
-        o["token_advantages"],
-    )  # fmt: skip
+    return loss_grad_reference(logp, _spec(logp, advantages, mask, options))
+
+
+def loss_grad_reference(logp: torch.Tensor, o: LossSpec) -> torch.Tensor:
+    """policy_loss_grad_reference of validated arguments."""
+    x = safe_inputs(logp.detach(), o)
     lp, m, active, A = x.lp, x.m, x.active, x.A
     B, T = lp.shape
     zero = torch.zeros_like(lp)
     raw = lp - x.old if x.old is not None else zero
     inside = raw.abs() <= LOG_RATIO_MAX
     d = raw.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
-    mode = o["mode"]
-    lo, hi = 1.0 - o["clip_low"], 1.0 + clip_high
+    mode = o.mode
+    lo, hi = 1.0 - o.clip_low, 1.0 + o.clip_high
     if mode in ("clip", "gspo"):
         if mode == "gspo":
             n = m.sum(dim=1, keepdim=True)
@@ -306,39 +268,40 @@ def policy_loss_grad_reference(logp: torch.Tensor, advantages: torch.Tensor, mas
         else:
             rho = torch.exp(d)
             d_rho = torch.where(inside, rho, zero)
-        cap = o["ratio_cap"]
+        cap = o.ratio_cap
         rho1 = rho if cap is None else rho.clamp(max=cap)
         d_rho1 = d_rho if cap is None else torch.where(rho <= cap, d_rho, zero)
         l1, l2 = -A * rho1, -A * rho.clamp(lo, hi)
         clipped = l2 > l1
         g = torch.where(clipped, torch.where((rho >= lo) & (rho <= hi), -A * d_rho, zero), -A * d_rho1)
-        if o["dual_clip"] is not None:
+        if o.dual_clip is not None:
             pg = torch.maximum(l1, l2)
-            g = torch.where((A < 0) & (pg > -A * o["dual_clip"]), zero, g)
+            g = torch.where((A < 0) & (pg > -A * o.dual_clip), zero, g)
     elif mode == "cispo":
         g = -torch.exp(d).clamp(lo, hi) * A
     else:
         g = -A
     if x.off is not None:
-        _, df = offpolicy_shape(lp, o["offpolicy_gamma"])
+        _, df = offpolicy_shape(lp, o.offpolicy_gamma)
         g = torch.where(x.off, -A * df, g)
     if x.isw is not None:
         g = g * x.isw
-    if x.ref is not None and o["beta"] > 0:
+    if x.ref is not None and o.beta > 0:
         u = lp - x.ref
-        if o["kl"] == "k1":
+        if o.kl == "k1":
             gk = torch.ones_like(u)
-        elif o["kl"] == "k2":
+        elif o.kl == "k2":
             gk = u
         else:
             gk = torch.where(u.abs() <= LOG_RATIO_MAX, 1.0 - torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)), zero)
-        g = g + o["beta"] * gk
-    wm = m * token_scale(m, o["agg"], o["max_len"], o["num_tokens"])
+        g = g + o.beta * gk
+    wm = m * token_scale(m, o)
     return torch.where(active, g * wm, zero)
 
 
-def token_scale(m: torch.Tensor, agg: str, max_len: int | None, num_tokens: float | None) -> torch.Tensor:
+def token_scale(m: torch.Tensor, o: LossSpec) -> torch.Tensor:
     """d loss / d (l_bt m_bt) of each aggregation: the per-token normaliser, [B, 1] or a 0-dim tensor."""
+    agg, max_len, num_tokens = o.agg, o.max_len, o.num_tokens
     n = m.sum(dim=1, keepdim=True)
     seqs = (n > 0).to(m.dtype).sum()
 

@@ -15,10 +15,11 @@ import os
 import torch
 import triton
 
+from moo_kernels._codes import out_dtype
+from moo_kernels._spec import strides2
 from moo_kernels.ops.logits import triton_kernels as lk
-from moo_kernels.ops.policy_loss import triton_kernels as pk
-from moo_kernels.ops.policy_loss.cuda import NUM_METRICS, _strides
-from moo_kernels.ops.policy_loss.problem import AGG_CODES, KL_CODES, MODE_CODES, PolicyLossProblem
+from moo_kernels.ops.loss.spec import LossSpec
+from moo_kernels.ops.loss.triton_launch import partials, reduce, row_statistics
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_V = int(os.environ.get("MOO_KERNELS_LOGITS_BLOCK", "2048"))
@@ -62,14 +63,21 @@ def resident_programs(n_regs: int, shared: int, num_warps: int, props) -> int:
 _CAPACITY: dict[tuple, int] = {}
 
 
-def _exchange_fits(kernel, grid: tuple, args: tuple, meta: dict, n_chunks: int, device: torch.device) -> bool:
+def _exchange_fits(kernel, grid: tuple, args: dict, meta: dict, n_chunks: int, device: torch.device) -> bool:
     """Whether the GPU holds twice n_chunks programs of the compiled fused kernel at once (see triton_kernels.py:
     n_chunks make every wait finite; twice that leaves room for a second launch at the same time)."""
     if SLOTS is not None:
         return SLOTS >= 2 * n_chunks
-    key = (device.index, args[0].dtype, tuple(sorted(meta.items())))
+    constexprs = {p.name for p in kernel.params if p.is_constexpr}
+
+    def shape_of(name, value):  # what the compiled kernel depends on: constexprs, and which tensors / dtypes
+        if isinstance(value, torch.Tensor):
+            return str(value.dtype)
+        return value if name in constexprs or value is None else "runtime"
+
+    key = (device.index, tuple(sorted((k, shape_of(k, v)) for k, v in args.items())))
     if key not in _CAPACITY:
-        compiled = kernel.warmup(*args, grid=grid, **meta)
+        compiled = kernel.warmup(grid=grid, **args, **meta)
         compiled._init_handles()
         props = torch.cuda.get_device_properties(device)
         _CAPACITY[key] = resident_programs(
@@ -78,23 +86,18 @@ def _exchange_fits(kernel, grid: tuple, args: tuple, meta: dict, n_chunks: int, 
     return _CAPACITY[key] >= 2 * n_chunks
 
 
-def _out_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def token_logprobs_fwd_triton(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, want_entropy: bool):
     """(logp [B, T], row statistics [B, T, 2] (max of the logits, log l: what the backward needs), entropy
     [B, T] or None), in float32 (float64 for float64 logits)."""
     B, T, V = logits.shape
     dev = logits.device
-    logp = torch.empty(B, T, dtype=_out_dtype(logits), device=dev)
+    logp = torch.empty(B, T, dtype=out_dtype(logits), device=dev)
     stats = torch.empty(B, T, 2, dtype=logp.dtype, device=dev)
     ent = torch.empty(B, T, dtype=logp.dtype, device=dev) if want_entropy else None
     block, _, _ = _tiles(V)
-    lk._logprobs_fwd_kernel[(B * T,)](
-        logits, tokens, logp, stats, ent if ent is not None else logp, T, V,
-        logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), 1.0 / temperature,
-        WANT_ENTROPY=want_entropy, BLOCK_V=block, num_warps=NUM_WARPS,
+    lk.logprobs_fwd_kernel[(B * T,)](
+        logits, strides2(logits), tokens, strides2(tokens), logp, stats, ent, T, V, 1.0 / temperature, BLOCK_V=block,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return logp, stats, ent
 
@@ -113,13 +116,9 @@ def token_logprobs_bwd_triton(
     forward's row statistics (contiguous [B, T, 2])."""
     B, T, V = logits.shape
     block, chunk, n_chunks = _tiles(V)
-    glp, s_lb, s_lt = _strides(g_logp, stats)
-    gh, s_hb, s_ht = _strides(g_entropy, stats)
-    lk._logprobs_bwd_kernel[(B * T, n_chunks)](
-        logits, tokens, stats, entropy if entropy is not None else stats, glp, gh, out, T, V,
-        logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), out.stride(0), out.stride(1),
-        s_lb, s_lt, s_hb, s_ht, 1.0 / temperature, chunk,
-        HAS_GLP=g_logp is not None, HAS_H=g_entropy is not None, BLOCK_V=block, num_warps=NUM_WARPS,
+    lk.logprobs_bwd_kernel[(B * T, n_chunks)](
+        logits, strides2(logits), tokens, strides2(tokens), stats, entropy, g_logp, strides2(g_logp), g_entropy,
+        strides2(g_entropy), out, strides2(out), T, V, 1.0 / temperature, chunk, BLOCK_V=block, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -127,36 +126,20 @@ def token_logprobs_bwd_triton(
 def logits_loss_triton(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    p: PolicyLossProblem,
+    spec: LossSpec,
     temperature: float,
     want_entropy: bool,
     grad: torch.Tensor | None,
 ):
-    """The fused loss (modes other than "gspo"): (loss, metrics[11], entropy or None); the gradient
+    """The fused loss (modes other than "gspo"): (loss, metrics [11], entropy or None); the gradient
     d loss / d logits for an incoming gradient of 1 is written into grad (None: not needed)."""
     B, T, V = logits.shape
     dev = logits.device
     f32 = dict(dtype=torch.float32, device=dev)
-    f64 = dict(dtype=torch.float64, device=dev)  # the loss's row statistics and totals
-    mask = p.mask.view(torch.uint8) if p.mask.dtype == torch.bool else p.mask
-    stats = torch.empty(B, 2, **f64)
-    totals = torch.empty(2, **f64)
-    pk._row_stats_kernel[(B,)](
-        mask, mask, mask, stats, T, 0, 0, 0, 0, mask.stride(0), mask.stride(1),
-        BLOCK_T=min(triton.next_power_of_2(T), 2048), HAS_OLD=False, GSPO_MODE=False, num_warps=4,
-    )  # fmt: skip
-    pk._totals_kernel[(1,)](stats, totals, B, BLOCK_B=min(triton.next_power_of_2(B), 1024), num_warps=4)
-
+    stats, totals = row_statistics(spec, None, B, T)
     rows = B * T
-    parts = torch.empty(rows, pk.NUM_PARTIALS.value, **f32)
+    parts = partials(rows, dev)
     ent = torch.empty(B, T, **f32) if want_entropy else None
-    old, s_ob, s_ot = _strides(p.old_logp, mask)
-    ref, s_rb, s_rt = _strides(p.ref_logp, mask)
-    adv, s_ab, s_at = _strides(p.advantages, mask)
-    tadv, s_tb, s_tt = _strides(p.token_advantages, mask)
-    isw, s_wb, s_wt = _strides(p.is_weights, mask)
-    off = p.offpolicy.view(torch.uint8) if p.offpolicy is not None else mask
-    g, s_gb, s_gt = (grad, grad.stride(0), grad.stride(1)) if grad is not None else (logits, 0, 0)
 
     def launch(chunking: tuple[int, int, int], check: bool) -> torch.Tensor | None:
         """Launch over chunks of chunk_v entries (n_chunks per row); check: first see that the GPU holds
@@ -167,26 +150,18 @@ def logits_loss_triton(
         scratch = torch.empty(rows * n_chunks * 4 if coop else 1, **f32)
         flags = torch.zeros(rows * n_chunks + 2 if coop else 1, dtype=torch.int32, device=dev)
         grid = (rows * n_chunks,)
-        args = (
-            logits, tokens, mask, adv, tadv, old, ref, isw, off, stats, totals, g, parts,
-            ent if ent is not None else parts, scratch, flags,
-            T, V, logits.stride(0), logits.stride(1), tokens.stride(0), tokens.stride(1), mask.stride(0),
-            mask.stride(1), s_ab, s_at, s_tb, s_tt, s_ob, s_ot, s_rb, s_rt, s_wb, s_wt, s_gb, s_gt,
-            1.0 / temperature, p.beta, p.clip_low, p.clip_high, p.dual_clip or 0.0, p.ratio_cap or 0.0,
-            p.offpolicy_gamma, p.norm_const(), chunk, n_chunks, TIMEOUT_NS,
+        k = lk.logits_loss_kernel
+        args = spec.kernel_kwargs(
+            k, logits=logits, logits_strides=strides2(logits), tokens=tokens, tokens_strides=strides2(tokens),
+            grad=grad, grad_strides=strides2(grad), stats=stats, totals=totals, parts=parts, entropy=ent,
+            scratch=scratch, flags=flags, B=B, T=T, V=V, inv_temp=1.0 / temperature, chunk_v=chunk,
+            n_chunks=n_chunks, timeout_ns=TIMEOUT_NS, COOP=coop, SEQUENTIAL=INTERPRETED,
+            CHUNKS_P2=triton.next_power_of_2(n_chunks), BLOCK_V=block,
         )  # fmt: skip
-        meta = dict(
-            MODE=MODE_CODES[p.mode], AGG=AGG_CODES[p.agg], KL=KL_CODES[p.kl],
-            HAS_OLD=p.old_logp is not None, HAS_REF=p.ref_logp is not None, HAS_TADV=p.token_advantages is not None,
-            HAS_ISW=p.is_weights is not None, HAS_OFF=p.offpolicy is not None, HAS_DUAL=p.dual_clip is not None,
-            HAS_CAP=p.ratio_cap is not None, HAS_NUM_TOKENS=p.num_tokens is not None,
-            WRITE_GRAD=grad is not None, WANT_ENTROPY=want_entropy, COOP=coop, SEQUENTIAL=INTERPRETED,
-            CHUNKS_P2=triton.next_power_of_2(n_chunks), BLOCK_V=block, num_warps=NUM_WARPS,
-            **({} if INTERPRETED else {"maxnreg": LOSS_MAXNREG}),
-        )  # fmt: skip
-        if check and not _exchange_fits(lk._logits_loss_kernel, grid, args, meta, n_chunks, dev):
+        meta = dict(num_warps=NUM_WARPS, **({} if INTERPRETED else {"maxnreg": LOSS_MAXNREG}))
+        if check and not _exchange_fits(k, grid, args, meta, n_chunks, dev):
             return None
-        lk._logits_loss_kernel[grid](*args, **meta)
+        k[grid](**args, **meta)
         return flags if coop else None
 
     chunking = _tiles(V)
@@ -204,17 +179,13 @@ def logits_loss_triton(
             )
     else:
         launch(chunking, check=False)
-    out = torch.empty(NUM_METRICS + 1, **f64)
-    pk._reduce_partials_kernel[(1,)](
-        parts, totals, out, rows, BLOCK_P=min(triton.next_power_of_2(rows), 256), num_warps=4
-    )
-    dt = _out_dtype(logits)
-    return out[0].to(dt), out[1:].to(dt), ent
+    loss, metrics = reduce(parts, totals, logits)
+    return loss, metrics, ent
 
 
 def scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """x *= g in place ([B, T, V], unit stride on V), on the device: nothing is touched when g == 1."""
     B, T, V = x.shape
     block = min(4096, triton.next_power_of_2(V))
-    lk._scale_kernel[(B * T, triton.cdiv(V, block))](x, g, T, V, x.stride(0), x.stride(1), BLOCK_V=block, num_warps=4)
+    lk.scale_kernel[(B * T, triton.cdiv(V, block))](x, strides2(x), g, T, V, BLOCK_V=block, num_warps=4)
     return x

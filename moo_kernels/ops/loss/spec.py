@@ -1,0 +1,125 @@
+"""The arguments of the token-level policy loss, declared once (see moo_kernels._spec): every loss entry point
+(policy_loss from log-probs, policy_loss_from_logits) takes them after its own inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+
+from moo_kernels._codes import AGG, KL, MODE
+from moo_kernels._spec import FLOATS, Context, Spec, option, spec, tensor
+
+
+@spec
+class LossSpec(Spec):
+    advantages: torch.Tensor = tensor(
+        "[B] (broadcast over tokens) or [B, T] advantages.", dtypes=FLOATS, shapes=("BT", "B"), optional=False
+    )
+    mask: torch.Tensor = tensor(
+        "[B, T] bool (any nonzero byte is True), or float (a per-token weight; a token is active where it is "
+        "nonzero). Masked tokens influence nothing, whatever NaN or inf their inputs hold, and get a 0 gradient.",
+        dtypes=(torch.bool, *FLOATS), shapes=("BT",), optional=False,
+    )  # fmt: skip
+    old_logp: torch.Tensor | None = tensor(
+        "[B, T] log-probs of the policy that sampled (None: on-policy, ratio 1 with gradient 1 whatever logp holds).",
+        dtypes=FLOATS, shapes=("BT",),
+    )  # fmt: skip
+    ref_logp: torch.Tensor | None = tensor(
+        "[B, T] reference log-probs; with beta > 0 the loss adds beta * KL (estimator kl).", dtypes=FLOATS,
+        shapes=("BT",),
+    )  # fmt: skip
+    token_advantages: torch.Tensor | None = tensor(
+        "[B, T] added to the (broadcast) sequence advantage.", dtypes=FLOATS, shapes=("BT",)
+    )
+    is_weights: torch.Tensor | None = tensor(
+        "[B] or [B, T] behaviour-policy importance weights, multiplied into the policy term.", dtypes=FLOATS,
+        shapes=("BT", "B"),
+    )  # fmt: skip
+    offpolicy: torch.Tensor | None = tensor(
+        "[B] bool, sequences generated off-policy: -A f(p), f(p) = p / (p + offpolicy_gamma), no ratio, no clip.",
+        dtypes=(torch.bool,), shapes=("B",),
+    )  # fmt: skip
+    beta: float = option(0.0, "weight of the KL term (> 0 needs ref_logp).", "float", low=0.0)
+    kl: str = option(
+        "k3", '"k1" logp - ref, "k2" (logp - ref)^2 / 2, "k3" exp(ref - logp) - (ref - logp) - 1.', "str", choices=KL
+    )
+    clip_low: float = option(0.2, "the ratio is clipped to [1 - clip_low, 1 + clip_high].", "float", low=0.0, below=1.0)
+    clip_high: float | None = option(
+        None, "defaults to clip_low; larger is DAPO clip-higher.", "float", optional=True, low=0.0
+    )
+    dual_clip: float | None = option(
+        None, "c > 1 bounds the loss of negative-advantage tokens by -c A.", "float", optional=True, low=1.0,
+        low_inclusive=False,
+    )  # fmt: skip
+    ratio_cap: float | None = option(
+        None, "delta > 1 + clip_high: clamps the ratio from above before the min (two-sided clipping).", "float",
+        optional=True, low=1.0, low_inclusive=False,
+    )  # fmt: skip
+    mode: str = option(
+        "clip",
+        '"clip" (PPO / GRPO), "cispo" (-sg(clamp(ratio)) A logp), "gspo" (sequence-level ratio exp(mean of '
+        'logp - old_logp over the sequence\'s active tokens)), "reinforce" (-A logp).',
+        "str", choices=MODE,
+    )  # fmt: skip
+    offpolicy_gamma: float = option(
+        0.1, "gamma of the off-policy shaping f(p) = p / (p + gamma).", "float", low=0.0, low_inclusive=False
+    )
+    agg: str = option(
+        "token-mean",
+        '"token-mean" sum(l m) / sum(m) (or / num_tokens), "seq-mean-token-mean", "seq-mean-token-sum", '
+        '"seq-mean-token-sum-norm" sum(l m) / (B max_len) (Dr. GRPO).',
+        "str", choices=AGG,
+    )  # fmt: skip
+    max_len: int | None = option(None, 'the constant length of "seq-mean-token-sum-norm".', "int", optional=True, low=1)
+    num_tokens: float | None = option(
+        None,
+        'the global active-token count for "token-mean" (all micro-batches and ranks of the step), so that '
+        "data-parallel ranks and gradient-accumulation micro-batches agree.",
+        "float", optional=True, low=0.0, low_inclusive=False,
+    )  # fmt: skip
+
+    def check(self, context: Context) -> LossSpec:
+        if self.beta > 0 and self.ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
+        clip_high = self.clip_low if self.clip_high is None else self.clip_high
+        if self.ratio_cap is not None and not self.ratio_cap > 1.0 + clip_high:
+            raise ValueError(f"ratio_cap must be > 1 + clip_high = {1.0 + clip_high}, got {self.ratio_cap}")
+        if self.agg == "seq-mean-token-sum-norm" and self.max_len is None:
+            raise ValueError("agg='seq-mean-token-sum-norm' needs max_len (the constant length to divide by)")
+        return dataclasses.replace(self, clip_high=clip_high)
+
+
+def loss_spec(shape: tuple[int, int], device: torch.device, primary: str, **kwargs) -> LossSpec:
+    """The validated loss arguments of a [B, T] = shape batch on device (primary: the name of the input whose
+    shape and device they must match, for the error messages)."""
+    B, T = shape
+    return LossSpec.validate(Context({"B": B, "T": T}, device, primary), **kwargs)
+
+
+class PolicyLossMetrics(NamedTuple):
+    """0-dim tensors computed inside the kernel (no host synchronisation), over active tokens.
+
+    pg_loss: the aggregated policy term (the loss without the KL term).
+    kl_mean: mean KL estimate to the reference (0 without ref_logp).
+    clip_frac: share of tokens where the clipped term was strictly the larger loss (its gradient is cut);
+        for "cispo", where the ratio weight was clipped.
+    clip_frac_low / clip_frac_high: ratio below 1 - clip_low with A < 0 / above 1 + clip_high with A > 0.
+    dual_clip_frac: share of tokens (A < 0) bounded by the dual clip.
+    ratio_mean, ratio_min, ratio_max: importance ratio statistics (the sequence ratio for "gspo").
+    ppo_kl: mean of old_logp - logp.
+    active_tokens: sum of the mask.
+    """
+
+    pg_loss: torch.Tensor
+    kl_mean: torch.Tensor
+    clip_frac: torch.Tensor
+    clip_frac_low: torch.Tensor
+    clip_frac_high: torch.Tensor
+    dual_clip_frac: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    ppo_kl: torch.Tensor
+    active_tokens: torch.Tensor
