@@ -7,14 +7,12 @@
 namespace py = pybind11;
 
 void register_advantages(py::module_& m);   // csrc/advantages.cpp
-void register_brier(py::module_& m);        // csrc/brier.cpp
 void register_logits(py::module_& m);       // csrc/logits.cpp
 void register_policy_loss(py::module_& m);  // csrc/policy_loss.cpp
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "moo_kernels C++ CPU kernels (OpenMP)";
     register_advantages(m);
-    register_brier(m);
     register_logits(m);
     register_policy_loss(m);
 }

@@ -26,7 +26,6 @@ from triton.compiler import ASTSource  # noqa: E402
 from moo_kernels.ops.advantages import cuda as adv_cuda  # noqa: E402
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
 from moo_kernels.ops.advantages.cuda import block_sizes  # noqa: E402
-from moo_kernels.ops.brier import triton_kernels as brier_k  # noqa: E402
 from moo_kernels.ops.logits import triton_kernels as lg_k  # noqa: E402
 from moo_kernels.ops.logits import triton_launch as lg_launch  # noqa: E402
 from moo_kernels.ops.loss import triton_kernels as loss_k  # noqa: E402
@@ -206,9 +205,6 @@ def all_configs():
                 4,
                 "",
             )
-    for q in ("*fp32", "*fp64"):
-        sig = {"c_ptr": "*u8", "q_ptr": q, "out_ptr": q, "status_ptr": "*i64", "n": "i32"}
-        yield "brier_fwd", brier_k._brier_fwd_kernel, sig, dict(BLOCK=1024), 4, ""
 
 
 # Runtime float arguments (fp32 in the launches) and int64 ones of the loss and logits kernels.

@@ -25,7 +25,6 @@ def test_kernels_compile_without_spills():
     for name in (
         "advantages_fwd",
         "advantages_batchnorm",
-        "brier_fwd",
         "policy_row_stats",
         "policy_totals",
         "policy_reduce",

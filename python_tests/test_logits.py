@@ -10,6 +10,7 @@ from conftest import HAS_CUDA, targets
 from test_policy_loss import CASES
 
 import moo_kernels as mk
+from moo_kernels._codes import METRICS
 from moo_kernels.ops.logits import triton_launch as logits_cuda
 from moo_kernels.ops.logits.reference import (
     policy_loss_from_logits_reference,
@@ -17,7 +18,6 @@ from moo_kernels.ops.logits.reference import (
     token_logprobs_grad_reference,
     token_logprobs_reference,
 )
-from moo_kernels._codes import METRICS
 
 TARGETS = targets()
 B, T, V = 5, 9, 300

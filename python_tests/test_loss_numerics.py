@@ -21,13 +21,13 @@ import torch
 from conftest import targets
 
 import moo_kernels as mk
-from moo_kernels.ops.logits.spec import RECIPROCAL_LIMIT
+from moo_kernels._codes import METRICS
 from moo_kernels.ops.logits.reference import (
     policy_loss_from_logits_reference,
     token_logprobs_grad_reference,
     token_logprobs_reference,
 )
-from moo_kernels._codes import METRICS
+from moo_kernels.ops.logits.spec import RECIPROCAL_LIMIT
 from moo_kernels.ops.loss.reference import policy_loss_grad_reference, policy_loss_reference
 
 BACKENDS = [("reference", "cpu"), *targets()]
