@@ -42,21 +42,36 @@ inline std::string shape_text(const std::vector<int64_t>& s) {
     return out + (s.size() == 1 ? ",)" : ")");
 }
 
+// The integers of a Python sequence (a tuple of sizes or strides).
+inline std::vector<int64_t> int_list(PyObject* seq) {
+    PyObject* fast = PySequence_Fast(seq, "sizes and strides must be sequences");
+    if (fast == nullptr) throw py::error_already_set();
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    std::vector<int64_t> out(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    Py_DECREF(fast);
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return out;
+}
+
 // The operand tuple value (None: absent), checked: its sizes must equal one of shapes (a size of -1 matches any),
-// its dtype code one of dtypes (empty: any).
+// its dtype code one of dtypes (empty: any). Read with the C API: this runs on every call of an op.
 inline TensorArg tensor_value(const py::handle& value, const std::string& name,
-                            const std::vector<std::vector<int64_t>>& shapes, const std::vector<int>& dtypes,
-                            bool optional = true) {
+                              const std::vector<std::vector<int64_t>>& shapes, const std::vector<int>& dtypes,
+                              bool optional = true) {
     TensorArg t;
     if (value.is_none()) {
         if (!optional) throw std::invalid_argument(name + " must be given");
         return t;
     }
-    const auto spec = value.cast<std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>>();
-    t.ptr = reinterpret_cast<const void*>(std::get<0>(spec));
-    t.dtype = std::get<1>(spec);
-    t.sizes = std::get<2>(spec);
-    t.strides = std::get<3>(spec);
+    PyObject* tup = value.ptr();
+    if (!PyTuple_Check(tup) || PyTuple_GET_SIZE(tup) != 4)
+        throw std::invalid_argument(name + " must be an (address, dtype, sizes, strides) tuple");
+    t.ptr = reinterpret_cast<const void*>(static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(tup, 0))));
+    t.dtype = static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(tup, 1)));
+    if (PyErr_Occurred()) throw py::error_already_set();
+    t.sizes = int_list(PyTuple_GET_ITEM(tup, 2));
+    t.strides = int_list(PyTuple_GET_ITEM(tup, 3));
     const std::vector<int64_t>& strides = t.strides;
     if (strides.size() != t.sizes.size()) throw std::invalid_argument(name + ": sizes and strides of different ranks");
     bool matches = shapes.empty();
@@ -78,25 +93,29 @@ inline TensorArg tensor_value(const py::handle& value, const std::string& name,
     return t;
 }
 
+// The entry `name` of a dict of arguments (a borrowed reference), or an error when it is missing.
+inline py::handle entry(const py::dict& d, const char* name, const char* what) {
+    PyObject* v = PyDict_GetItemString(d.ptr(), name);
+    if (v == nullptr) throw std::invalid_argument(std::string("missing ") + what + " " + name);
+    return py::handle(v);
+}
+
 // The tensor argument `name` of the dict (see above).
 inline TensorArg tensor_arg(const py::dict& tensors, const char* name, const std::vector<std::vector<int64_t>>& shapes,
                             const std::vector<int>& dtypes, bool optional = true) {
-    if (!tensors.contains(name)) throw std::invalid_argument(std::string("missing tensor argument ") + name);
-    return tensor_value(tensors[name], name, shapes, dtypes, optional);
+    return tensor_value(entry(tensors, name, "tensor argument"), name, shapes, dtypes, optional);
 }
 
 // The option `name` of the dict, as T (a missing option is an error, not a default: the spec has the defaults).
 template <typename T>
 T option(const py::dict& options, const char* name) {
-    if (!options.contains(name)) throw std::invalid_argument(std::string("missing option ") + name);
-    return options[name].cast<T>();
+    return entry(options, name, "option").cast<T>();
 }
 
 // The option `name`, or nullopt when it is None.
 template <typename T>
 std::optional<T> optional_option(const py::dict& options, const char* name) {
-    if (!options.contains(name)) throw std::invalid_argument(std::string("missing option ") + name);
-    const py::handle v = options[name];
+    const py::handle v = entry(options, name, "option");
     if (v.is_none()) return std::nullopt;
     return v.cast<T>();
 }

@@ -90,6 +90,9 @@ def tracing(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or x.is_meta or is_fake(x)
 
 
+_extension = None  # the loaded extension module
+
+
 def cpp():
     """The compiled extension moo_kernels._C, with a clear error when it was not built.
 
@@ -98,6 +101,9 @@ def cpp():
     AddressSanitizer and UndefinedBehaviorSanitizer in build/sanitize/ (whose runtime must be
     preloaded: LD_PRELOAD). The first load in a process holds for the rest of it.
     """
+    global _extension
+    if _extension is not None:
+        return _extension
     import importlib.util
     import sys
 
@@ -111,6 +117,7 @@ def cpp():
                 "moo_kernels._C (the C++ CPU kernels) is not built: run `pip install -e .` or "
                 "`python setup.py build_ext --inplace` in the repository"
             ) from e
+        _extension = _C
         return _C
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None or not os.path.isfile(path):
@@ -125,4 +132,5 @@ def cpp():
     import moo_kernels
 
     moo_kernels._C = module
+    _extension = module
     return module

@@ -1,6 +1,6 @@
 """The arguments of an op, declared once.
 
-An op's spec is a frozen dataclass whose fields are its arguments after the primary input (the log-probs, the
+An op's spec is a dataclass (made by the @spec decorator; read-only by convention) whose fields are its arguments after the primary input (the log-probs, the
 logits, the rewards): tensors and options, each declared with `tensor(...)` or `option(...)`: type, default,
 the checks of a valid value, a line of documentation. Everything else comes from it:
 
@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -65,8 +65,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ---- the spec base class ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Context:
+class Context(NamedTuple):
     """What validation checks tensors against: named dimension sizes, the device, and the primary input's name."""
 
     dims: dict[str, int]
@@ -75,21 +74,30 @@ class Context:
 
 
 def spec(cls):
-    """Make a Spec subclass a frozen dataclass and record its fields once (traced code cannot list a class's
-    dataclass fields)."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
+    """Make a Spec subclass a dataclass and record its fields once (traced code cannot list a class's dataclass
+    fields). Not frozen: a frozen dataclass builds itself through object.__setattr__, field by field, which costs
+    microseconds on every call of an op; treat a spec as read-only all the same."""
+    cls = dataclasses.dataclass(eq=False)(cls)
     cls._fields = tuple((f.name, f.metadata["arg"], f.default) for f in dataclasses.fields(cls))
+    cls._names = frozenset(name for name, _, _ in cls._fields)
+    cls._args = tuple((name, arg) for name, arg, _ in cls._fields)
+    cls._tensors = tuple(name for name, arg, _ in cls._fields if arg.kind == "tensor")
+    cls._options = tuple((name, arg.choices) for name, arg, _ in cls._fields if arg.kind != "tensor" and arg.kernel)
     return cls
 
 
 class Spec:
     """Base class of the op specs (decorated with @spec; fields declared with tensor / option)."""
 
-    _fields: tuple = ()
+    _fields: tuple = ()  # (name, Arg, default) of every field, in order
+    _names: frozenset = frozenset()
+    _args: tuple = ()  # (name, Arg)
+    _tensors: tuple = ()  # the names of the tensor fields
+    _options: tuple = ()  # (name, choices or None) of the options the kernels receive
 
     @classmethod
     def args(cls) -> tuple[tuple[str, Arg], ...]:
-        return tuple((name, arg) for name, arg, _ in cls._fields)
+        return cls._args
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -105,14 +113,20 @@ class Spec:
     def validate(cls, context: Context, **kwargs: Any):
         """The canonical spec of these arguments (missing ones take their defaults), or a ValueError / TypeError
         naming the first bad one; then the spec's own cross-argument checks (`check`)."""
-        names = cls.names()
+        names = cls._names
         for name in kwargs:
             if name not in names:
                 raise TypeError(f"unexpected keyword argument {name!r} (valid: {', '.join(sorted(names))})")
-        values = {}
+        values = []
         for name, arg, default in cls._fields:
-            values[name] = _check(name, arg, kwargs.get(name, default), context)
-        return cls(**values).check(context)
+            if name not in kwargs:  # a default is valid by declaration (a required argument has none)
+                if default is None and not arg.optional:
+                    raise TypeError(f"{name} must be given")
+                values.append(default)
+            else:
+                value = kwargs[name]
+                values.append(None if value is None and arg.optional else _check(name, arg, value, context))
+        return cls(*values).check(context)
 
     def check(self, context: Context):
         """Checks that involve several arguments; returns the (possibly completed) spec. Override as needed."""
@@ -125,7 +139,7 @@ class Spec:
         """The arguments in torch.library schema syntax, in field order."""
         parts = []
         for name, arg in cls.args():
-            kind = {"tensor": "Tensor", "float": "float", "int": "int", "bool": "bool", "str": "str"}[arg.kind]
+            kind = {"tensor": "Tensor", "float": "float", "int": "SymInt", "bool": "bool", "str": "str"}[arg.kind]
             parts.append(f"{kind}{'?' if arg.optional else ''} {name}")
         return ", ".join(parts)
 
@@ -150,11 +164,9 @@ class Spec:
     def codes(self) -> dict[str, Any]:
         """The options the kernels receive: strings as their integer codes, the rest as they are."""
         out = {}
-        for name, arg in self.args():
-            if arg.kind == "tensor" or not arg.kernel:
-                continue
+        for name, choices in self._options:
             value = getattr(self, name)
-            out[name] = arg.choices[value] if arg.choices is not None and value is not None else value
+            out[name] = choices[value] if choices is not None and value is not None else value
         return out
 
     def kernel_kwargs(self, kernel, **extra: Any) -> dict[str, Any]:
@@ -183,7 +195,7 @@ class Spec:
 
     def cpp_tensors(self) -> dict[str, tuple | None]:
         """The tensors for the C++ kernels, by name, as operands (see operand); None when absent."""
-        return {name: operand(getattr(self, name)) for name, arg in self.args() if arg.kind == "tensor"}
+        return {name: operand(getattr(self, name)) for name in self._tensors}
 
 
 def strides2(x: torch.Tensor | None) -> tuple[int, int]:
@@ -208,6 +220,11 @@ def _check(name: str, arg: Arg, value: Any, context: Context) -> Any:
         if arg.optional:
             return None
         raise TypeError(f"{name} must be given, got None")
+    if type(value) is float and arg.kind == "float" and value == value and value - value == 0:  # the common case
+        if (arg.low is None or value > arg.low or (value == arg.low and arg.low_inclusive)) and (
+            arg.below is None or value < arg.below
+        ):
+            return value
     if arg.kind == "tensor":
         return _check_tensor(name, arg, value, context)
     if arg.kind == "str":
@@ -248,12 +265,14 @@ def _check_tensor(name: str, arg: Arg, x: Any, context: Context) -> torch.Tensor
     O.check_tensor(name, x)
     if x.dtype not in arg.dtypes:
         raise TypeError(f"{name} must be {_dtype_text(arg.dtypes)}, got {x.dtype}")
-    O.check_same_device(name, x, context.device, other=context.primary)
-    shapes = [tuple(context.dims[d] for d in s) for s in arg.shapes]
-    if tuple(x.shape) not in shapes:
-        want = " or ".join(str(s) for s in shapes)
-        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-    return x
+    if x.device != context.device:
+        O.check_same_device(name, x, context.device, other=context.primary)
+    shape, dims = x.shape, context.dims
+    for s in arg.shapes:
+        if len(shape) == len(s) and all(shape[i] == dims[d] for i, d in enumerate(s)):
+            return x
+    want = " or ".join(str(tuple(dims[d] for d in s)) for s in arg.shapes)
+    raise ValueError(f"{name} must have shape {want}, got {tuple(shape)}")
 
 
 # ---- public functions -------------------------------------------------------------------------------------------

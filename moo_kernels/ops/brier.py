@@ -1,8 +1,9 @@
 """The Brier calibration reward R = c - (q - c)^2 as a torch expression with its checks.
 
-An elementwise function of two tensors needs no kernel: the expression with its checks is as fast as the fused
-C++ kernel it replaced on the CPU (1024 entries: 19 us against 32 us a call; 262,144: 375 us against 472 us;
-bench/call_overhead.py), runs on every device, and autograd differentiates it (dR/dq = -2 (q - c)).
+An elementwise function of two tensors needs no kernel: the expression with its checks was faster than the fused
+C++ kernel it replaced, measured side by side on the CPU before the kernel was removed (1024 entries: 19 us
+against 32 us a call; 262,144: 375 us against 472 us), runs on every device, and autograd differentiates it
+(dR/dq = -2 (q - c)).
 """
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ the one backward of each, and the public functions.
 - policy_loss_from_logits: moo_kernels::policy_loss_from_logits (loss, metrics [11], entropy, grad): grad is
   d loss / d logits for an incoming gradient of 1, computed by the forward itself; the backward only rescales it.
 
-One implementation and one backward per op, with two entries to them (as moo_kernels/ops/policy_loss/op.py
-explains): under torch.compile (and for meta tensors) the registered op, seen through its fake; in eager mode an
-autograd.Function around the implementation. The loss's eager Function also implements inplace_backward: the
-gradient buffer is the logits' storage, and the logits' version counter is bumped so that autograd refuses a
-backward through an op that saved them; its backward rescales the buffer in place (no second [B, T, V] buffer),
-so it runs once per call: a second backward raises. Under torch.compile the buffer is the op's output and the
-backward multiplies it: the same values.
+One implementation and one backward per op, with three entries to them (as moo_kernels/ops/policy_loss/op.py
+explains): under torch.compile (and for meta tensors) the registered op, seen through its fake; in eager mode,
+when a gradient is needed, an autograd.Function around the implementation; otherwise the implementation alone.
+The loss's eager Function also implements inplace_backward: the gradient buffer is the logits' storage, and the
+logits' version counter is bumped so that autograd refuses a backward through an op that saved them; its
+backward rescales the buffer in place (no second [B, T, V] buffer), so it runs once per call: a second backward
+raises. Under torch.compile the buffer is the op's output and the backward multiplies it: the same values.
 """
 
 from __future__ import annotations
@@ -165,8 +165,12 @@ def token_logprobs(
     s = logits_spec(logits, tokens=tokens, **options)
     return_entropy = O.check_bool("return_entropy", return_entropy)
     args = (logits, s.tokens, s.temperature, return_entropy)
-    compiled = torch.compiler.is_compiling() or logits.is_meta  # the registered op (meta tensors: its fake)
-    logp, ent, _ = token_logprobs_op(*args) if compiled else TokenLogprobs.apply(*args)
+    if torch.compiler.is_compiling() or logits.is_meta:  # the registered op (meta tensors: its fake)
+        logp, ent, _ = token_logprobs_op(*args)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        logp, ent, _ = TokenLogprobs.apply(*args)
+    else:  # nothing to differentiate: the implementation alone
+        logp, _, ent = run_token_logprobs(*args)
     return (logp, ent) if return_entropy else logp
 
 
@@ -260,14 +264,12 @@ def scale_grad_(grad: Tensor, g: Tensor) -> Tensor:
 
 
 class LogitsLoss(torch.autograd.Function):
-    """The eager path of policy_loss_from_logits: apply(logits, want_entropy, inplace, write_grad,
-    *logits_spec.flat(), *loss_spec.flat()). With inplace the gradient buffer is the logits' storage; the backward
-    rescales the buffer in place (a second backward through one call raises)."""
+    """The eager path of policy_loss_from_logits: apply(logits, want_entropy, inplace, write_grad, logits_spec,
+    loss_spec). With inplace the gradient buffer is the logits' storage; the backward rescales the buffer in place
+    (a second backward through one call raises)."""
 
     @staticmethod
-    def forward(ctx, logits, want_entropy, inplace, write_grad, *flat):
-        n = LogitsSpec.count()
-        s, spec = LogitsSpec.unflat(flat[:n]), LossSpec.unflat(flat[n:])
+    def forward(ctx, logits, want_entropy, inplace, write_grad, s, spec):
         grad = None
         if write_grad:
             grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -288,7 +290,7 @@ class LogitsLoss(torch.autograd.Function):
                 "buffer is rescaled in place, so call the loss again instead"
             )
         grad, ctx.grad = ctx.grad, None
-        return (scale_grad_(grad, g_loss),) + (None,) * (3 + LogitsSpec.count() + LossSpec.count())
+        return scale_grad_(grad, g_loss), None, None, None, None, None
 
 
 def may_overlap(x: torch.Tensor) -> bool:
@@ -359,8 +361,9 @@ def policy_loss_from_logits(
         )
     if torch.compiler.is_compiling() or logits.is_meta:  # the registered op (meta tensors: its fake)
         loss, metrics, ent, _ = policy_loss_from_logits_op(logits, *s.flat(), return_entropy, *spec.flat(), write_grad)
-    else:
-        loss, metrics, ent = LogitsLoss.apply(logits, return_entropy, inplace_backward, write_grad, *s.flat(),
-                                              *spec.flat())  # fmt: skip
+    elif write_grad:
+        loss, metrics, ent = LogitsLoss.apply(logits, return_entropy, inplace_backward, write_grad, s, spec)
+    else:  # nothing to differentiate: the implementation alone
+        loss, metrics, ent = run_logits_loss(logits, s, return_entropy, None, spec)
     metrics = PolicyLossMetrics(*metrics.unbind(0))
     return (loss, metrics, ent) if return_entropy else (loss, metrics)

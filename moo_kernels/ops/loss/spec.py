@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -88,7 +87,8 @@ class LossSpec(Spec):
             raise ValueError(f"ratio_cap must be > 1 + clip_high = {1.0 + clip_high}, got {self.ratio_cap}")
         if self.agg == "seq-mean-token-sum-norm" and self.max_len is None:
             raise ValueError("agg='seq-mean-token-sum-norm' needs max_len (the constant length to divide by)")
-        return dataclasses.replace(self, clip_high=clip_high)
+        self.clip_high = clip_high
+        return self
 
 
 def loss_spec(shape: tuple[int, int], device: torch.device, primary: str, **kwargs) -> LossSpec:

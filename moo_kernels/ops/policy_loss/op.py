@@ -2,12 +2,13 @@
 (schema from the loss's spec, fake), the one backward, and the public function.
 
 The op returns (loss, metrics [11], grad): grad is d loss / d logp for an incoming gradient of 1, computed by
-the forward kernel itself; the backward only rescales it. There is one implementation and one backward; two
-entries to them: under torch.compile (and for meta tensors) the registered op, which the compiler sees through
-its fake and which carries the backward; in eager mode an autograd.Function with that same backward around the
-implementation, which saves the dispatcher's ~110 us a call (about 20% of a call of B=64, T=4096 on the CPU;
-measured with bench/call_overhead.py). The Function is not used under torch.compile: dynamo cannot pass a
-float option that changes between calls (a symbolic float) through an autograd.Function.
+the forward kernel itself; the backward only rescales it. There is one implementation and one backward, and
+three entries to them: under torch.compile (and for meta tensors) the registered op, which the compiler sees
+through its fake and which carries the backward; in eager mode, when a gradient is needed, an
+autograd.Function with that same backward around the implementation; otherwise the implementation alone. The
+eager entries skip the dispatcher and the autograd machinery they do not need: bench/call_overhead.py measures
+what each costs. The Function is not used under torch.compile: dynamo cannot pass a float option that changes
+between calls (a symbolic float) through an autograd.Function.
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ policy_loss_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 class PolicyLoss(torch.autograd.Function):
-    """The eager path: apply(logp, write_grad, *spec.flat()); the implementation without the dispatcher, with the
-    registered op's backward."""
+    """The eager path: apply(logp, write_grad, spec); the implementation without the dispatcher, with the
+    registered op's backward (the spec travels as one object: an argument list of the spec's length costs the
+    autograd machinery tens of microseconds a call)."""
 
     @staticmethod
-    def forward(logp, write_grad, *flat):
-        return _impl(logp, *flat, write_grad)
+    def forward(logp, write_grad, spec):
+        loss, metrics, grad = run(logp, spec, write_grad)
+        return loss, metrics, grad if grad is not None else logp.new_empty(0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -97,7 +100,7 @@ class PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_metrics, g_grad):
         (grad,) = ctx.saved_tensors
-        return (scaled_grad(grad, g_loss), None) + (None,) * LossSpec.count()
+        return scaled_grad(grad, g_loss), None, None
 
 
 @with_spec(LossSpec, positional=("advantages", "mask"))
@@ -133,6 +136,8 @@ def policy_loss(
     write_grad = torch.is_grad_enabled() and logp.requires_grad
     if torch.compiler.is_compiling() or logp.is_meta:  # the registered op (meta tensors: its fake)
         loss, metrics, _ = policy_loss_op(logp, *spec.flat(), write_grad)
-    else:
-        loss, metrics, _ = PolicyLoss.apply(logp, write_grad, *spec.flat())
+    elif write_grad:
+        loss, metrics, _ = PolicyLoss.apply(logp, write_grad, spec)
+    else:  # nothing to differentiate: the implementation alone
+        loss, metrics, _ = run(logp, spec, False)
     return loss, PolicyLossMetrics(*metrics.unbind(0))
