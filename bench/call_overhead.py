@@ -1,27 +1,43 @@
-"""Per-call time of the ops' entry points on the CPU, side by side in one run: the public function (its eager
-path: an autograd.Function around the implementation), the registered torch.library op (the path torch.compile
-takes, through the dispatcher), and the implementation alone. Tiny inputs show the fixed overhead of a call,
-the benchmark's main size its share of a realistic call.
+"""Per-call time of each op's entries on the CPU (C++ backend), side by side in one run.
 
-    python bench/call_overhead.py
+Every op has one implementation and one backward and three entries to them (docs/ARCHITECTURE.md): the public
+function in eager mode (an autograd.Function around the implementation when a gradient is needed, the
+implementation alone otherwise), the registered torch.library op (the entry torch.compile takes; called here in
+eager mode, through the dispatcher) and the implementation alone (no validation, no autograd). Tiny inputs show the
+fixed cost of a call, the benchmarks' main sizes its share of a realistic call. Each entry's outputs are checked
+against the public function's before anything is timed.
+
+    python bench/call_overhead.py             # the table, and bench/results/call_overhead_cpu_<date>.json
+    python bench/call_overhead.py --no-write  # the table only
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import moo_kernels as mk  # noqa: E402
+from moo_kernels._spec import Context  # noqa: E402
+from moo_kernels.bench.report import run_meta  # noqa: E402
+from moo_kernels.ops.advantages import op as adv_op  # noqa: E402
+from moo_kernels.ops.advantages.spec import AdvantageSpec  # noqa: E402
 from moo_kernels.ops.loss.spec import loss_spec  # noqa: E402
-from moo_kernels.ops.policy_loss import op as pl  # noqa: E402
+from moo_kernels.ops.policy_loss import op as pl_op  # noqa: E402
+
+ENTRIES = ("public function (eager)", "registered op (dispatcher)", "implementation alone")
 
 
-def best_us(fn, calls: int, repeats: int = 5) -> float:
+def best_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float:
     """The fastest of `repeats` runs of `calls` calls, in microseconds a call."""
     for _ in range(max(3, calls // 20)):
         fn()
@@ -34,28 +50,94 @@ def best_us(fn, calls: int, repeats: int = 5) -> float:
     return best
 
 
-def policy_loss_rows(B: int, T: int, calls: int) -> list[tuple[str, float]]:
+def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if not torch.equal(a, b):
+        raise AssertionError(f"{what}: the entries disagree")
+
+
+def policy_loss_entries(B: int, T: int, grad: bool) -> tuple[Callable, ...]:
     g = torch.Generator().manual_seed(0)
-    logp = (-torch.rand(B, T, generator=g)).requires_grad_()
+    logp = (-torch.rand(B, T, generator=g)).requires_grad_(grad)
     adv, mask = torch.randn(B, generator=g), torch.rand(B, T, generator=g) > 0.2
-    spec = loss_spec((B, T), logp.device, "logp", advantages=adv, mask=mask)
-    flat = spec.flat()
-    return [
-        ("public function (eager path)", best_us(lambda: mk.policy_loss(logp, adv, mask), calls)),
-        ("registered op (dispatcher)", best_us(lambda: pl.policy_loss_op(logp, *flat, True), calls)),
-        ("implementation alone", best_us(lambda: pl.run(logp, spec, True), calls)),
-    ]
+    old = logp.detach() + 0.05 * torch.randn(B, T, generator=g)
+    spec = loss_spec((B, T), logp.device, "logp", advantages=adv, mask=mask, old_logp=old, clip_high=0.28)
+    entries = (
+        lambda: mk.policy_loss(logp, adv, mask, old_logp=old, clip_high=0.28)[0],
+        lambda: pl_op.policy_loss_op(logp, *spec.flat(), grad)[0],
+        lambda: pl_op.run(logp, spec, grad)[0],
+    )
+    first = entries[0]().detach()
+    for e in entries[1:]:
+        _same(e().detach(), first, f"policy_loss {B}x{T}")
+    return entries
 
 
-def main() -> int:
-    torch.manual_seed(0)
+def advantages_entries(N: int, K: int, G: int, grad: bool) -> tuple[Callable, ...]:
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(N, K, generator=g).requires_grad_(grad)
+    spec, derived = AdvantageSpec.prepare(Context({"N": N, "K": K}, rewards.device, "rewards"), group_size=N // G)
+    entries = (
+        lambda: mk.multi_objective_advantages(rewards, group_size=N // G).advantages,
+        lambda: adv_op.advantages_op(rewards, *spec.flat(), *derived.flat())[0],
+        lambda: adv_op.run(rewards, spec, derived)[0],
+    )
+    first = entries[0]().detach()
+    for e in entries[1:]:
+        _same(e().detach(), first, f"advantages {N}x{K}")
+    return entries
+
+
+# (op, gradient, label of the tiny size, its entries, label of the main size, its entries, calls tiny / main)
+CASES = [
+    ("policy_loss", True, "B=2 T=8", lambda: policy_loss_entries(2, 8, True),
+     "B=64 T=4096", lambda: policy_loss_entries(64, 4096, True)),
+    ("policy_loss", False, "B=2 T=8", lambda: policy_loss_entries(2, 8, False),
+     "B=64 T=4096", lambda: policy_loss_entries(64, 4096, False)),
+    ("multi_objective_advantages", True, "N=16 K=2", lambda: advantages_entries(16, 2, 4, True),
+     "N=65536 K=4", lambda: advantages_entries(65536, 4, 4096, True)),
+    ("multi_objective_advantages", False, "N=16 K=2", lambda: advantages_entries(16, 2, 4, False),
+     "N=65536 K=4", lambda: advantages_entries(65536, 4, 4096, False)),
+]  # fmt: skip
+
+
+def measure(calls_tiny: int, calls_main: int) -> list[dict]:
+    rows = []
     with mk.use_backend("cpp"):
-        tiny = policy_loss_rows(2, 8, 3000)
-        main_size = policy_loss_rows(64, 4096, 200)
-    print(f"policy_loss on the CPU (C++ backend, forward with the gradient), torch {torch.__version__}")
-    print(f"{'entry':32s} {'B=2 T=8 (us)':>14s} {'B=64 T=4096 (us)':>18s}")
-    for (name, a), (_, b) in zip(tiny, main_size, strict=True):
-        print(f"{name:32s} {a:14.1f} {b:18.1f}")
+        for op, grad, tiny_label, tiny, main_label, main in CASES:
+            tiny_entries, main_entries = tiny(), main()
+            for name, t, m in zip(ENTRIES, tiny_entries, main_entries, strict=True):
+                rows.append(
+                    dict(op=op, grad=grad, entry=name, tiny=tiny_label, main=main_label,
+                         tiny_us=best_us(t, calls_tiny), main_us=best_us(m, calls_main))
+                )  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'op':28s} {'grad':5s} {'entry':28s} {'tiny (us)':>10s} {'main (us)':>11s}"]
+    for r in rows:
+        lines.append(f"{r['op']:28s} {str(r['grad']):5s} {r['entry']:28s} {r['tiny_us']:10.1f} {r['main_us']:11.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    ap.add_argument("--calls", type=int, default=3000, help="calls per repeat at the tiny sizes")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    rows = measure(args.calls, max(20, args.calls // 100))
+    print(f"Per-call time on the CPU (C++ backend), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(table(rows))
+    if not args.no_write:
+        meta = run_meta("call_overhead", "cpu", quick=False)
+        meta["command"] = "python bench/call_overhead.py"
+        day = datetime.date.today().strftime("%Y%m%d")
+        path = ROOT / "bench" / "results" / f"call_overhead_cpu_{day}.json"
+        path.write_text(
+            json.dumps({"format": "call_overhead-1", "device": "cpu", "meta": meta, "rows": rows}, indent=1)
+        )
+        print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 

@@ -24,6 +24,8 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 SUITES = {"advantages": "Advantage step", "policy_loss": "Policy loss", "logits_loss": "Loss from logits"}
+# the entries of bench/call_overhead.py, in its order
+ENTRIES = ("public function (eager)", "registered op (dispatcher)", "implementation alone")
 
 
 def newest(suite: str, device: str, results: Path = RESULTS) -> tuple[Path, dict[str, Any]] | None:
@@ -109,6 +111,41 @@ def device_section(path: Path, data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def overhead_section(results: Path = RESULTS) -> list[str]:
+    """The per-call time of each op's entries (bench/call_overhead.py): what the eager path saves."""
+    found = sorted(results.glob("call_overhead_cpu_*.json"))
+    lines = ["### Per-call overhead of the entries", ""]
+    if not found:
+        return lines + ["**CPU**: not yet measured (`python bench/call_overhead.py`).", ""]
+    path = found[-1]
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    lines += [
+        "Each op has one implementation and one backward and three entries: the public function in eager mode, the "
+        "registered torch.library op (what torch.compile calls; timed here in eager mode, through the dispatcher) "
+        "and the implementation alone (no validation, no autograd). C++ backend, forward (and with a gradient, the "
+        "autograd graph; not the backward). The ratio is the registered op's time over the public function's: "
+        "what the eager path saves.",
+        "",
+        "| op | gradient | size | public function (us) | registered op (us) | implementation alone (us) | ratio |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["grad"]), {})[r["entry"]] = r
+    for (op, grad), entries in groups.items():
+        public, registered, alone = (entries[e] for e in ENTRIES)
+        for size, key in (("tiny", "tiny_us"), ("main", "main_us")):
+            label = public["tiny"] if size == "tiny" else public["main"]
+            ratio = registered[key] / public[key] if public[key] else None
+            lines.append(
+                f"| `{op}` | {'yes' if grad else 'no'} | {label} | {_us(public[key])} | {_us(registered[key])} "
+                f"| {_us(alone[key])} | {_ratio(ratio)} |"
+            )
+    lines += ["", f"Source: {_source(path, data)}.", ""]
+    return lines
+
+
 def render(results: Path = RESULTS) -> str:
     lines: list[str] = []
     for suite, title in SUITES.items():
@@ -119,6 +156,7 @@ def render(results: Path = RESULTS) -> str:
                 lines += device_section(*found)
             else:
                 lines += [f"**{'GPU' if device == 'cuda' else 'CPU'}**: not yet measured.", ""]
+    lines += overhead_section(results)
     return "\n".join(lines)
 
 

@@ -32,8 +32,10 @@
 // the thread count or instruction set. Outputs are float32 (float64 for float64 rewards). The first
 // non-finite reward (nan_policy="raise") and the first bad weight are returned as indices, and the Python
 // launcher raises.
-// Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) in simd.h, the element types and
-// dtype codes in dtype.h.
+// The arguments arrive by name (csrc/args.h): the rewards, the tensors and options of the op's spec
+// (moo_kernels/ops/advantages/spec.py) and the outputs, each tensor checked against the sizes read here.
+// Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) in simd.h, the element types in
+// dtype.h, the option and dtype codes in codes.h.
 
 #include "simd.h"  // first: its no-trapping-math pragma applies to what follows
 
@@ -44,12 +46,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
 
-#include "dtype.h"
+#include "args.h"  // the arguments by name; dtype.h and codes.h
 
 namespace py = pybind11;
 
@@ -66,10 +69,12 @@ constexpr int64_t kBlocksPerTask = 4;              // OpenMP dynamic schedule ch
 constexpr int64_t kBatchRows = 1024;               // rows of kLanes samples per part of the batch reduction
 constexpr int64_t kSpreadMin = 256;                // a group this large fills a block alone, over all lanes
 
-// Codes shared with moo_kernels/_options.py and moo_kernels/ops/advantages/cpu.py (the dtype codes are
-// moo::DType, dtype.h).
-enum Normalize { kZScore = 0, kCenter = 1, kRloo = 2, kNoNormalize = 3 };
-enum Weighting { kScalarize = 0, kFixed = 1, kVariance = 2 };
+// The option codes of codes.h (shared with moo_kernels/_codes.py).
+using moo::kNoNormalize;
+using moo::kRloo;
+using moo::kScalarize;
+using moo::kVariance;
+using moo::kZScore;
 // Sample codes kept in the sample-mask bytes between the group pass and the batch pass.
 enum SampleCode : uint8_t { kDropped = 0, kContributes = 1, kInfeasible = 2 };
 
@@ -88,6 +93,7 @@ struct Inputs {
     const double* wprime;         // [K] w' = w / cw
     double cw;                    // 2^floor(log2 max_k w_k), 1 when every weight is 0
     const uint8_t* valid;         // [N] or null
+    int64_t stride_v;
     const uint8_t* reward_gates;  // [N, K] or null
     int64_t stride_rgn, stride_rgk;
     const uint8_t* gates;         // [N, M] or null
@@ -482,7 +488,7 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
             Slot& s = b.slots[i];
             const int64_t index = first + i * step;
             const int64_t row = in.order ? in.order[index] : index;
-            const bool valid = !in.valid || in.valid[row] != 0;  // any nonzero byte is true
+            const bool valid = !in.valid || in.valid[row * in.stride_v] != 0;  // any nonzero byte is true
             bool pass = valid;
             // The early exit keeps this short loop scalar (its vectorised form costs more for a few gates).
             const uint8_t* gate = m > 0 ? in.gates + row * in.stride_gn : nullptr;
@@ -1085,40 +1091,75 @@ std::tuple<int64_t, int64_t> advantages(Inputs in, int dtype, const Options& o, 
     return {bad == kNone ? -1 : bad, -1};
 }
 
-template <typename T>
-T* address(uintptr_t a) {
-    return reinterpret_cast<T*>(a);
-}
-
 }  // namespace
 
+// The entry point: the rewards, the op's spec (its tensors and options by name, see csrc/args.h), what the call
+// derived from it (the Derived of moo_kernels/ops/advantages/spec.py: the grouping by group ids, the number of
+// groups, whether the weights' values need checking) and the six outputs. Every tensor is checked against the
+// sizes the kernel relies on.
 void register_advantages(py::module_& m) {
     m.def(
         "advantages",
-        [](uintptr_t rewards, int dtype, int64_t n, int64_t k, int64_t stride_rn, int64_t stride_rk,
-           int64_t group_size, int64_t num_groups, uintptr_t order, uintptr_t offsets, uintptr_t weights,
-           uintptr_t valid, uintptr_t reward_gates, int64_t stride_rgn, int64_t stride_rgk, uintptr_t gates,
-           int64_t stride_gn, int64_t stride_gm, int64_t m, uintptr_t adv, uintptr_t group_mask,
-           uintptr_t sample_mask, uintptr_t weights_out, uintptr_t mean, uintptr_t std, int normalize,
-           bool unbiased, int weighting, bool batch_normalize, double eps, double gated_value,
-           double infeasible_advantage, int64_t min_feasible, bool drop_zero_variance, double positive_scale,
-           double negative_scale, bool has_clip, double clip, bool check_finite, bool check_weights) {
-            if (dtype < moo::kFloat16 || dtype > moo::kFloat64)
-                throw std::invalid_argument("advantages: unknown rewards dtype code " + std::to_string(dtype));
-            const Inputs in{address<const void>(rewards), n, k, stride_rn, stride_rk, group_size, num_groups,
-                            address<const int64_t>(order), address<const int64_t>(offsets),
-                            address<const double>(weights), nullptr, 1.0, address<const uint8_t>(valid),
-                            address<const uint8_t>(reward_gates), stride_rgn, stride_rgk,
-                            address<const uint8_t>(gates), stride_gn, stride_gm, m};
-            const Outputs out{address<void>(adv), address<uint8_t>(group_mask), address<uint8_t>(sample_mask),
-                              address<void>(weights_out), address<void>(mean), address<void>(std)};
-            const Options o{normalize, unbiased, weighting, batch_normalize, eps, gated_value, infeasible_advantage,
-                            min_feasible, drop_zero_variance, positive_scale, negative_scale, has_clip, clip,
-                            check_finite};
+        [](const py::handle& rewards, const py::handle& spec, const py::handle& derived, const py::handle& adv_out,
+           const py::handle& gmask_out, const py::handle& smask_out, const py::handle& weights_out,
+           const py::handle& mean_out, const py::handle& std_out) {
+            using moo::option;
+            using moo::tensor_arg;
+            const moo::TensorArg r = moo::tensor_value(rewards, "rewards", {{-1, -1}}, moo::kFloats, /*optional=*/false);
+            const int64_t n = r.sizes[0], k = r.sizes[1];
+            const std::optional<int64_t> group_size = moo::optional_option<int64_t>(spec, "group_size");
+            const int64_t g = option<int64_t>(derived, "num_groups");
+            const bool check_weights = option<bool>(derived, "check_weights");
+            if (group_size ? *group_size < 1 || g * *group_size != n : g < 0)
+                throw std::invalid_argument("num_groups and group_size do not describe the batch of N samples");
+            const bool by_ids = !group_size;  // then order and offsets describe the groups
+            const moo::TensorArg order = tensor_arg(derived, "order", {{n}}, {moo::kInt64}, !by_ids);
+            const moo::TensorArg offsets = tensor_arg(derived, "offsets", {{g + 1}}, {moo::kInt64}, !by_ids);
+            if (by_ids && (order.sb != 1 || offsets.sb != 1))
+                throw std::invalid_argument("order and offsets must be contiguous");
+            const moo::TensorArg w = tensor_arg(spec, "weights", {{k}}, {moo::kFloat64}, /*optional=*/false);
+            const moo::TensorArg valid = tensor_arg(spec, "valid", {{n}}, {moo::kBool});
+            const moo::TensorArg rg = tensor_arg(spec, "reward_gates", {{n, k}}, {moo::kBool});
+            const moo::TensorArg gates = tensor_arg(spec, "gates", {{n, -1}}, {moo::kBool});
+
+            const int out = r.dtype == moo::kFloat64 ? moo::kFloat64 : moo::kFloat32;
+            const Outputs o_out{
+                moo::output<void>(adv_out, "advantages", {{n}}, {out}),
+                moo::output<uint8_t>(gmask_out, "group_mask", {{g}}, {moo::kBool}),
+                moo::output<uint8_t>(smask_out, "sample_mask", {{n}}, {moo::kBool}),
+                moo::output<void>(weights_out, "weights", {{g, k}}, {out}),
+                moo::output<void>(mean_out, "mean", {{g, k}}, {out}),
+                moo::output<void>(std_out, "std", {{g, k}}, {out})};
+
+            std::vector<double> weights(k);  // [K] w, read with its stride
+            const double* wp = static_cast<const double*>(w.ptr);
+            for (int64_t i = 0; i < k; ++i) weights[i] = wp[i * w.sb];
+            const Inputs in{r.ptr, n, k, r.sb, r.st, group_size.value_or(0), g,
+                            static_cast<const int64_t*>(order.ptr), static_cast<const int64_t*>(offsets.ptr),
+                            weights.data(), nullptr, 1.0, static_cast<const uint8_t*>(valid.ptr), valid.sb,
+                            static_cast<const uint8_t*>(rg.ptr), rg.sb, rg.st,
+                            static_cast<const uint8_t*>(gates.ptr), gates.sb, gates.st,
+                            gates.ptr ? gates.sizes[1] : 0};
+            const std::optional<double> clip = moo::optional_option<double>(spec, "clip");
+            const Options o{option<int>(spec, "normalize"),
+                            option<int>(spec, "std") == moo::kUnbiased,
+                            option<int>(spec, "weighting"),
+                            option<bool>(spec, "batch_normalize"),
+                            option<double>(spec, "eps"),
+                            option<double>(spec, "gated_value"),
+                            option<double>(spec, "infeasible_advantage"),
+                            option<int64_t>(spec, "min_feasible"),
+                            option<bool>(spec, "drop_zero_variance"),
+                            option<double>(spec, "positive_scale"),
+                            option<double>(spec, "negative_scale"),
+                            clip.has_value(),
+                            clip.value_or(0.0),
+                            option<int>(spec, "nan_policy") == moo::kRaiseNan};
             py::gil_scoped_release release;
-            return advantages(in, dtype, o, out, check_weights);
+            return advantages(in, r.dtype, o, o_out, check_weights);
         },
-        "Multi-objective advantages from raw addresses (0 for an absent tensor), sizes and strides in "
-        "elements; see moo_kernels/ops/advantages/cpu.py. Returns (bad_reward_flat_index, "
-        "bad_weight_index), -1 for none.");
+        py::arg("rewards"), py::arg("spec"), py::arg("derived"), py::arg("advantages"), py::arg("group_mask"),
+        py::arg("sample_mask"), py::arg("weights"), py::arg("mean"), py::arg("std"),
+        "Multi-objective advantages (see moo_kernels/ops/advantages/cpp_launch.py). Returns "
+        "(bad_reward_flat_index, bad_weight_index), -1 for none.");
 }

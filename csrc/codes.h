@@ -15,7 +15,7 @@ enum NanPolicy { kIgnoreNan = 0, kRaiseNan = 1 };
 
 // ---- options of the policy loss
 enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3 };
-enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3 };
+enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3, kTokenSum = 4 };
 enum Kl { kK1 = 1, kK2 = 2, kK3 = 3 };
 
 // ---- tensors: dtype codes

@@ -107,10 +107,4 @@ struct Operand {
     int64_t sb = 0, st = 0;
 };
 
-using OperandSpec = std::tuple<uintptr_t, int, int64_t, int64_t>;  // address (0: absent), dtype, strides
-
-inline Operand operand(const OperandSpec& s) {
-    return {reinterpret_cast<const void*>(std::get<0>(s)), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
-}
-
 }  // namespace moo

@@ -289,7 +289,7 @@ struct Rows {
     int64_t B, T, V;
 };
 
-Rows rows_of(const py::tuple& logits_arg, const py::tuple& tokens_arg) {
+Rows rows_of(const py::handle& logits_arg, const py::handle& tokens_arg) {
     Rows r;
     r.logits = moo::tensor_value(logits_arg, "logits", {{-1, -1, -1}}, moo::kFloats, /*optional=*/false);
     r.B = r.logits.sizes[0];
@@ -303,8 +303,8 @@ Rows rows_of(const py::tuple& logits_arg, const py::tuple& tokens_arg) {
 // Writes logp, the row statistics (max of the logits, log l; [B, T, 2]) and (when given) the entropy, contiguous,
 // float64 for float64 logits and float32 otherwise. Returns the flat index of the first bad token id (nothing
 // written) or -1.
-int64_t token_logprobs_fwd(const py::tuple& logits_arg, const py::tuple& tokens_arg, double temperature,
-                           const py::tuple& logp_arg, const py::tuple& stats_arg, const py::object& entropy_arg) {
+int64_t token_logprobs_fwd(const py::handle& logits_arg, const py::handle& tokens_arg, double temperature,
+                           const py::handle& logp_arg, const py::handle& stats_arg, const py::handle& entropy_arg) {
     const Rows r = rows_of(logits_arg, tokens_arg);
     const int out_dtype = r.logits.dtype == moo::kFloat64 ? moo::kFloat64 : moo::kFloat32;
     void* logp_out = moo::output<void>(logp_arg, "logp", {{r.B, r.T}}, {out_dtype});
@@ -348,9 +348,9 @@ int64_t token_logprobs_fwd(const py::tuple& logits_arg, const py::tuple& tokens_
 // may be the logits themselves), from the forward's row statistics stats [B, T, 2] (max, log l). Absent
 // operands (None) count as 0; entropy is needed with g_entropy. Returns the flat index of the first bad token id
 // (nothing written) or -1.
-int64_t token_logprobs_bwd(const py::tuple& logits_arg, const py::tuple& tokens_arg, const py::tuple& stats_arg,
-                           const py::object& entropy_arg, const py::object& g_logp_arg,
-                           const py::object& g_entropy_arg, const py::tuple& out_arg, double temperature) {
+int64_t token_logprobs_bwd(const py::handle& logits_arg, const py::handle& tokens_arg, const py::handle& stats_arg,
+                           const py::handle& entropy_arg, const py::handle& g_logp_arg,
+                           const py::handle& g_entropy_arg, const py::handle& out_arg, double temperature) {
     const Rows r = rows_of(logits_arg, tokens_arg);
     const std::vector<int64_t> bt = {r.B, r.T};
     const std::vector<int> floats = moo::kFloats;
@@ -399,7 +399,7 @@ void register_logits(py::module_& m) {
     m.def("token_logprobs_fwd", &token_logprobs_fwd,
           "Token log-probs [B, T], row statistics [B, T, 2] (max of the logits, log sum exp((z - max) / tau)) and "
           "(when entropy is given) entropy [B, T] of logits [B, T, V] at temperature tau, written contiguous. "
-          "Tensors are (address, dtype code, sizes, strides) tuples, checked. Returns the flat index of the first "
+          "Tensors are torch tensors (None: absent), checked (csrc/args.h). Returns the flat index of the first "
           "token id outside [0, V), or -1.",
           py::arg("logits"), py::arg("tokens"), py::arg("temperature"), py::arg("logp"), py::arg("stats"),
           py::arg("entropy"));

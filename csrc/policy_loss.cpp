@@ -1,15 +1,15 @@
 // Token-level policy loss on the CPU (the C++ backend of moo_kernels.policy_loss).
 //
-// Semantics: moo_kernels/ops/policy_loss/reference.py (every formula, aggregation and metric). The
+// Semantics: moo_kernels/ops/loss/reference.py (every formula, aggregation and metric). The
 // structure mirrors the Triton kernels (triton_kernels.py): the normaliser of every aggregation depends
 // on the mask only (and GSPO's sequence ratio on the row's mean log-ratio), so it is known before any
 // loss is, and one pass computes each token's loss together with its analytic gradient:
 //   1. Row statistics, parallel over rows: active weight n_b = sum_t m, number of active tokens (m != 0) and,
 //      for GSPO, sum_t d m (d the clamped log-ratio). Totals M = sum_b n_b and S = #{b : n_b > 0}, in row
 //      order. A bool mask is read as 0 / 1 (any nonzero byte is 1).
-//   2. Per-row token scale of the aggregation, in double: token-mean 1 / (num_tokens or M);
-//      seq-mean-token-mean 1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len);
-//      0 where the denominator is not positive.
+//   2. Per-row token scale of the aggregation, in double: token-mean 1 / (num_tokens or M); token-sum 1;
+//      seq-mean-token-mean 1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len), with
+//      num_sequences for S and B when given; 0 where the denominator is not positive.
 //   3. Main pass, parallel over work items (row, chunk of kChunk tokens), each processed in blocks of
 //      kBlock tokens: the operands are converted into local arrays of the compute type (any dtype and
 //      strides in), then short branch-free loops over the block (which the compiler vectorises) compute
@@ -140,9 +140,22 @@ struct Problem {
     Operand offpolicy;                                    // [B] bool
     int mode = moo::kClip, agg = moo::kTokenMean, kl = moo::kK3;
     double beta = 0, clip_low = 0.2, clip_high = 0.2, gamma = 0.1;
-    std::optional<double> dual_clip, ratio_cap, num_tokens;
-    double norm_const = 0;  // B * max_len for seq-mean-token-sum-norm
+    std::optional<double> dual_clip, ratio_cap, num_tokens, num_sequences;
+    std::optional<int64_t> max_len;
 };
+
+// The aggregation's denominator from the totals M (sum of the mask weights) and S (sequences with an active
+// token): token-mean M or num_tokens; token-sum 1; seq-mean-token-mean and seq-mean-token-sum S or num_sequences
+// (times n_b per row for the first); seq-mean-token-sum-norm B or num_sequences, times max_len.
+double denominator(const Problem& p, double total_m, double seqs) {
+    switch (p.agg) {
+        case moo::kTokenMean: return p.num_tokens.value_or(total_m);
+        case moo::kTokenSum: return 1.0;
+        case moo::kSeqMeanTokenSumNorm:
+            return p.num_sequences.value_or(static_cast<double>(p.B)) * static_cast<double>(p.max_len.value_or(0));
+        default: return p.num_sequences.value_or(seqs);
+    }
+}
 
 // Compute-type constants of one call. Absent options take values that make them no-ops in the
 // branch-free loops: ratio_cap +inf (min(rho, inf) = rho), dual_clip +inf (-A inf is never exceeded).
@@ -521,9 +534,7 @@ void run(const Problem& p, double* out) {
     }
 
     // ---- 2. per-row scale of the aggregation, GSPO sequence ratio
-    double den = p.norm_const;  // seq-mean-token-sum-norm: B * max_len
-    if (p.agg == moo::kTokenMean) den = p.num_tokens ? *p.num_tokens : total_m;
-    if (p.agg == moo::kSeqMeanTokenMean || p.agg == moo::kSeqMeanTokenSum) den = seqs;
+    const double den = denominator(p, total_m, seqs);
     std::vector<Row<R>> rows(B);
     for (int64_t b = 0; b < B; ++b) {
         const double n = stats[b].n, row_den = p.agg == moo::kSeqMeanTokenMean ? (n > 0 ? den * n : 0.0) : den;
@@ -599,11 +610,11 @@ void run(const Problem& p, double* out) {
     out[11] = total_m;
 }
 
-// Entry point: the loss's tensors and options by name (csrc/args.h), each tensor checked against [B, T] (or [B]);
-// writes the loss (0-dim) and metrics [11] in their dtype (float32, or float64 for float64 logp) and, when grad is
-// given, d loss / d logp.
-void policy_loss(const py::tuple& logp_arg, const py::object& grad_arg, const py::dict& tensors,
-                 const py::dict& options, const py::tuple& loss_arg, const py::tuple& metrics_arg) {
+// Entry point: logp, the loss's spec (its tensors and options by name, csrc/args.h; each tensor checked against
+// [B, T] or [B]) and the outputs; writes the loss (0-dim) and metrics [11] in their dtype (float32, or float64 for
+// float64 logp) and, when grad is given, d loss / d logp.
+void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const py::handle& spec,
+                 const py::handle& loss_arg, const py::handle& metrics_arg) {
     using moo::kFloats;
     using moo::option;
     using moo::optional_option;
@@ -615,27 +626,27 @@ void policy_loss(const py::tuple& logp_arg, const py::object& grad_arg, const py
     const std::vector<int64_t> bt = {p.B, p.T}, b = {p.B};
     p.logp = logp;
     p.grad = moo::tensor_value(grad_arg, "grad", {bt}, {logp.dtype});
-    p.adv = tensor_arg(tensors, "advantages", {b, bt}, kFloats, /*optional=*/false);
+    p.adv = tensor_arg(spec, "advantages", {b, bt}, kFloats, /*optional=*/false);
     std::vector<int> mask_dtypes = kFloats;
     mask_dtypes.push_back(moo::kBool);
-    p.mask = tensor_arg(tensors, "mask", {bt}, mask_dtypes, /*optional=*/false);
-    p.old = tensor_arg(tensors, "old_logp", {bt}, kFloats);
-    p.ref = tensor_arg(tensors, "ref_logp", {bt}, kFloats);
-    p.tadv = tensor_arg(tensors, "token_advantages", {bt}, kFloats);
-    p.isw = tensor_arg(tensors, "is_weights", {b, bt}, kFloats);
-    p.offpolicy = tensor_arg(tensors, "offpolicy", {b}, {moo::kBool});
-    p.mode = option<int>(options, "mode");
-    p.agg = option<int>(options, "agg");
-    p.kl = option<int>(options, "kl");
-    p.beta = option<double>(options, "beta");
-    p.clip_low = option<double>(options, "clip_low");
-    p.clip_high = option<double>(options, "clip_high");
-    p.dual_clip = optional_option<double>(options, "dual_clip");
-    p.ratio_cap = optional_option<double>(options, "ratio_cap");
-    p.gamma = option<double>(options, "offpolicy_gamma");
-    p.num_tokens = optional_option<double>(options, "num_tokens");
-    const std::optional<int64_t> max_len = optional_option<int64_t>(options, "max_len");
-    p.norm_const = max_len ? static_cast<double>(p.B * *max_len) : 0.0;
+    p.mask = tensor_arg(spec, "mask", {bt}, mask_dtypes, /*optional=*/false);
+    p.old = tensor_arg(spec, "old_logp", {bt}, kFloats);
+    p.ref = tensor_arg(spec, "ref_logp", {bt}, kFloats);
+    p.tadv = tensor_arg(spec, "token_advantages", {bt}, kFloats);
+    p.isw = tensor_arg(spec, "is_weights", {b, bt}, kFloats);
+    p.offpolicy = tensor_arg(spec, "offpolicy", {b}, {moo::kBool});
+    p.mode = option<int>(spec, "mode");
+    p.agg = option<int>(spec, "agg");
+    p.kl = option<int>(spec, "kl");
+    p.beta = option<double>(spec, "beta");
+    p.clip_low = option<double>(spec, "clip_low");
+    p.clip_high = option<double>(spec, "clip_high");
+    p.dual_clip = optional_option<double>(spec, "dual_clip");
+    p.ratio_cap = optional_option<double>(spec, "ratio_cap");
+    p.gamma = option<double>(spec, "offpolicy_gamma");
+    p.num_tokens = optional_option<double>(spec, "num_tokens");
+    p.num_sequences = optional_option<double>(spec, "num_sequences");
+    p.max_len = optional_option<int64_t>(spec, "max_len");
     const bool f64 = logp.dtype == moo::kFloat64;
     const int out_dtype = f64 ? moo::kFloat64 : moo::kFloat32;
     void* loss_out = moo::output<void>(loss_arg, "loss", {{}}, {out_dtype});
@@ -664,7 +675,6 @@ void policy_loss(const py::tuple& logp_arg, const py::object& grad_arg, const py
 void register_policy_loss(py::module_& m) {
     m.def("policy_loss", &policy_loss,
           "Token-level policy loss of a [B, T] logp: writes loss, metrics [11] and, when grad is given, d loss / d "
-          "logp. Tensors are (address, dtype code, sizes, strides) tuples (None: absent), by name in tensors; the "
-          "options by name in options (see csrc/args.h).",
-          py::arg("logp"), py::arg("grad"), py::arg("tensors"), py::arg("options"), py::arg("loss"), py::arg("metrics"));
+          "logp. The loss's tensors and options are read by name from spec (a LossSpec, see csrc/args.h).",
+          py::arg("logp"), py::arg("grad"), py::arg("spec"), py::arg("loss"), py::arg("metrics"));
 }

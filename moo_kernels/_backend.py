@@ -65,8 +65,10 @@ def implementation(device: torch.device) -> str:
     Raises a RuntimeError that says what to do when "triton" is forced on CPU tensors without the
     Triton interpreter (Triton itself would only report that it found no active driver).
     """
-    backend = get_backend()
+    backend = getattr(_local, "override", None) or _default  # get_backend(), inline: this runs on every call
     kind = device.type
+    if kind == "cpu" and (backend == "auto" or backend == "cpp"):
+        return "cpp"
     if backend == "reference" or kind not in ("cpu", "cuda"):
         return "reference"
     if kind == "cuda":
@@ -117,7 +119,7 @@ def cpp():
                 "moo_kernels._C (the C++ CPU kernels) is not built: run `pip install -e .` or "
                 "`python setup.py build_ext --inplace` in the repository"
             ) from e
-        _extension = _C
+        _extension = _registered(_C)
         return _C
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None or not os.path.isfile(path):
@@ -132,5 +134,14 @@ def cpp():
     import moo_kernels
 
     moo_kernels._C = module
-    _extension = module
+    _extension = _registered(module)
+    return module
+
+
+def _registered(module):
+    """The extension, after handing it the code tables of moo_kernels._codes (csrc/args.h reads dtypes and string
+    options through them)."""
+    from moo_kernels import _codes
+
+    module.register_codes(dtypes=_codes.DTYPE, options=_codes.OPTIONS)
     return module

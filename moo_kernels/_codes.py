@@ -21,8 +21,13 @@ AGG = {
     "seq-mean-token-mean": 1,
     "seq-mean-token-sum": 2,
     "seq-mean-token-sum-norm": 3,
+    "token-sum": 4,
 }
 KL = {"k1": 1, "k2": 2, "k3": 3}
+
+# every string option by its name in the specs (the C++ kernels read a spec's string options through this)
+OPTIONS = {"normalize": NORMALIZE, "std": STD, "weighting": WEIGHTING, "nan_policy": NAN_POLICY, "mode": MODE,
+           "agg": AGG, "kl": KL}  # fmt: skip
 
 # ---- tensors as the C++ kernels see them -----------------------------------------------------------------
 DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.bool: 4, torch.int32: 5,

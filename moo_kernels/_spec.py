@@ -1,8 +1,9 @@
 """The arguments of an op, declared once.
 
-An op's spec is a dataclass (made by the @spec decorator; read-only by convention) whose fields are its arguments after the primary input (the log-probs, the
-logits, the rewards): tensors and options, each declared with `tensor(...)` or `option(...)`: type, default,
-the checks of a valid value, a line of documentation. Everything else comes from it:
+An op's spec is a dataclass (made by the @spec decorator; read-only by convention) whose fields are its
+arguments after the primary input (the log-probs, the logits, the rewards): tensors and options, each declared
+with `tensor(...)` or `option(...)`: type, default, the checks of a valid value, a line of documentation.
+Everything else comes from it:
 
 - validation: `Spec.validate(context, **kwargs)` checks every argument once (types, ranges, choices, shapes,
   devices) and returns the canonical instance; a bad value raises a ValueError / TypeError naming it;
@@ -11,7 +12,8 @@ the checks of a valid value, a line of documentation. Everything else comes from
 - the reference's keyword arguments (`spec.kwargs()`);
 - the keyword arguments of a Triton kernel (`spec.kernel_kwargs(kernel)`: every spec field the kernel names
   as a parameter, options as the integers of moo_kernels._codes, a tensor as its pointer plus a `<name>_strides`
-  tuple when the kernel takes one) and of the C++ kernels (`spec.cpp_options()`, `spec.cpp_tensors()`);
+  tuple when the kernel takes one); the C++ kernels take the spec object itself and read its fields by name
+  (csrc/args.h);
 - the public function's signature and the options part of its docstring (`with_spec`).
 
 Adding an option to an op is then a field of its spec, its use in the reference and in the kernels.
@@ -27,7 +29,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from moo_kernels import _codes
 from moo_kernels import _options as O
 
 # ---- declarations ------------------------------------------------------------------------------------------------
@@ -79,8 +80,10 @@ def spec(cls):
     microseconds on every call of an op; treat a spec as read-only all the same."""
     cls = dataclasses.dataclass(eq=False)(cls)
     cls._fields = tuple((f.name, f.metadata["arg"], f.default) for f in dataclasses.fields(cls))
-    cls._names = frozenset(name for name, _, _ in cls._fields)
     cls._args = tuple((name, arg) for name, arg, _ in cls._fields)
+    cls._arg = dict(cls._args)
+    cls._defaults = {name: default for name, _, default in cls._fields}
+    cls._required = tuple(name for name, arg, default in cls._fields if default is None and not arg.optional)
     cls._tensors = tuple(name for name, arg, _ in cls._fields if arg.kind == "tensor")
     cls._options = tuple((name, arg.choices) for name, arg, _ in cls._fields if arg.kind != "tensor" and arg.kernel)
     return cls
@@ -90,7 +93,9 @@ class Spec:
     """Base class of the op specs (decorated with @spec; fields declared with tensor / option)."""
 
     _fields: tuple = ()  # (name, Arg, default) of every field, in order
-    _names: frozenset = frozenset()
+    _arg: dict = {}  # name -> Arg
+    _defaults: dict = {}  # name -> default
+    _required: tuple = ()  # the fields without a default
     _args: tuple = ()  # (name, Arg)
     _tensors: tuple = ()  # the names of the tensor fields
     _options: tuple = ()  # (name, choices or None) of the options the kernels receive
@@ -112,21 +117,36 @@ class Spec:
     @classmethod
     def validate(cls, context: Context, **kwargs: Any):
         """The canonical spec of these arguments (missing ones take their defaults), or a ValueError / TypeError
-        naming the first bad one; then the spec's own cross-argument checks (`check`)."""
-        names = cls._names
-        for name in kwargs:
-            if name not in names:
-                raise TypeError(f"unexpected keyword argument {name!r} (valid: {', '.join(sorted(names))})")
-        values = []
-        for name, arg, default in cls._fields:
-            if name not in kwargs:  # a default is valid by declaration (a required argument has none)
-                if default is None and not arg.optional:
-                    raise TypeError(f"{name} must be given")
-                values.append(default)
-            else:
-                value = kwargs[name]
-                values.append(None if value is None and arg.optional else _check(name, arg, value, context))
-        return cls(*values).check(context)
+        naming the first bad one (in the order given); then the spec's own cross-argument checks (`check`)."""
+        return cls.make(cls.values(context, kwargs)).check(context)
+
+    @classmethod
+    def values(cls, context: Context, kwargs: dict[str, Any], checked: dict[str, Any] | None = None) -> dict:
+        """Every field's value: kwargs checked one by one, then checked (values known to be valid, taken as they
+        are), the defaults for the rest."""
+        values = dict(cls._defaults)  # a default is valid by declaration (a required argument has none)
+        args = cls._arg
+        for name, value in kwargs.items():
+            arg = args.get(name)
+            if arg is None:
+                raise TypeError(f"unexpected keyword argument {name!r} (valid: {', '.join(sorted(args))})")
+            values[name] = None if value is None and arg.optional else _check(name, arg, value, context)
+        if checked:
+            values.update(checked)
+        for name in cls._required:
+            if values[name] is None:
+                raise TypeError(f"{name} must be given")
+        return values
+
+    @classmethod
+    def make(cls, values: dict[str, Any]):
+        """The spec holding these values (every field's), without the dataclass __init__ in eager mode: that
+        __init__ only sets the fields, and its call costs more than the rest of a small op's validation."""
+        if torch.compiler.is_compiling():
+            return cls(**values)
+        obj = object.__new__(cls)
+        obj.__dict__.update(values)
+        return obj
 
     def check(self, context: Context):
         """Checks that involve several arguments; returns the (possibly completed) spec. Override as needed."""
@@ -189,27 +209,12 @@ class Spec:
         out.update(extra)
         return out
 
-    def cpp_options(self) -> dict[str, Any]:
-        """The options for the C++ kernels, by name (they read the ones they use)."""
-        return self.codes()
-
-    def cpp_tensors(self) -> dict[str, tuple | None]:
-        """The tensors for the C++ kernels, by name, as operands (see operand); None when absent."""
-        return {name: operand(getattr(self, name)) for name in self._tensors}
-
 
 def strides2(x: torch.Tensor | None) -> tuple[int, int]:
     """(stride of dimension 0, stride of dimension 1) of a [B] or [B, T] tensor (0 for a [B] tensor's second)."""
     if x is None:
         return (0, 0)
     return (x.stride(0), x.stride(1) if x.dim() > 1 else 0)
-
-
-def operand(x: torch.Tensor | None) -> tuple | None:
-    """A tensor as the C++ kernels take it: (address, dtype code, sizes, strides in elements); None when absent."""
-    if x is None:
-        return None
-    return (x.data_ptr(), _codes.DTYPE.get(x.dtype, -1), tuple(x.shape), tuple(x.stride()))
 
 
 # ---- checks --------------------------------------------------------------------------------------------------------
@@ -225,13 +230,20 @@ def _check(name: str, arg: Arg, value: Any, context: Context) -> Any:
             arg.below is None or value < arg.below
         ):
             return value
-    if arg.kind == "tensor":
+    kind = arg.kind
+    if kind == "tensor":
         return _check_tensor(name, arg, value, context)
-    if arg.kind == "str":
+    if type(value) is int and kind == "int" and (arg.low is None or value >= arg.low) and arg.below is None:
+        return value
+    if type(value) is bool and kind == "bool":
+        return value
+    if type(value) is str and kind == "str" and arg.choices is not None and value in arg.choices:
+        return value
+    if kind == "str":
         return _choice(name, value, arg.choices) if arg.choices is not None else value
-    if arg.kind == "bool":
+    if kind == "bool":
         return O.check_bool(name, value)
-    if arg.kind == "int":
+    if kind == "int":
         value = O.check_int(name, value, low=int(arg.low) if arg.low is not None else -(2**62))
     else:
         if isinstance(value, torch.Tensor):
@@ -269,8 +281,12 @@ def _check_tensor(name: str, arg: Arg, x: Any, context: Context) -> torch.Tensor
         O.check_same_device(name, x, context.device, other=context.primary)
     shape, dims = x.shape, context.dims
     for s in arg.shapes:
-        if len(shape) == len(s) and all(shape[i] == dims[d] for i, d in enumerate(s)):
-            return x
+        if len(shape) == len(s):
+            for size, d in zip(shape, s, strict=True):  # a loop, not all(generator): this runs on every call of an op
+                if size != dims[d]:
+                    break
+            else:
+                return x
     want = " or ".join(str(tuple(dims[d] for d in s)) for s in arg.shapes)
     raise ValueError(f"{name} must have shape {want}, got {tuple(shape)}")
 

@@ -1,4 +1,4 @@
-"""The advantage step and the token-mean normaliser when a batch is spread over torch.distributed ranks.
+"""The advantage step and the loss's normalisers when a batch is spread over torch.distributed ranks.
 
 - multi_objective_advantages_distributed: the samples of one group may live on several ranks (the
   rollout workers hand out completions unevenly). The per-sample inputs are gathered over the process
@@ -7,6 +7,8 @@
 - global_token_count: the active-token count of a whole optimiser step (every micro-batch, every
   rank), for policy_loss(..., num_tokens=...), so that the loss and its gradient do not depend on how
   the batch was split over ranks and gradient-accumulation micro-batches.
+- global_sequence_count: the same for the seq-mean aggregations, the number of sequences with an active token,
+  for policy_loss(..., num_sequences=...).
 - rescale_token_mean: the same normalisation from a count held in a tensor (torch.compile: no host
   synchronisation, no recompilation when the count changes).
 
@@ -25,10 +27,15 @@ import torch
 import torch.distributed as dist
 
 from moo_kernels import _options as O
-from moo_kernels.ops.advantages.api import AdvantageResult, multi_objective_advantages
+from moo_kernels.ops.advantages.op import AdvantageResult, multi_objective_advantages
 from moo_kernels.ops.loss.spec import PolicyLossMetrics
 
-__all__ = ["global_token_count", "multi_objective_advantages_distributed", "rescale_token_mean"]
+__all__ = [
+    "global_sequence_count",
+    "global_token_count",
+    "multi_objective_advantages_distributed",
+    "rescale_token_mean",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.bool)
 
@@ -286,6 +293,47 @@ def global_token_count(
         ...     policy_loss_from_logits(ddp_model(xa), ya, adv_a, mask_a, num_tokens=n)[0].backward()
         >>> policy_loss_from_logits(ddp_model(xb), yb, adv_b, mask_b, num_tokens=n)[0].backward()
     """
+    return _global_count(mask, process_group, divide_by_world_size, as_tensor, lambda m: m.sum(dtype=torch.float64))
+
+
+def global_sequence_count(
+    mask: torch.Tensor | Sequence[torch.Tensor],
+    process_group: dist.ProcessGroup | None = None,
+    *,
+    divide_by_world_size: bool = False,
+    as_tensor: bool = False,
+) -> float | torch.Tensor:
+    """The number of sequences with an active token in a whole optimiser step, summed over every rank.
+
+    Pass it as num_sequences to policy_loss / policy_loss_from_logits with agg="seq-mean-token-mean" or
+    "seq-mean-token-sum" on every micro-batch: the sum of the micro-batch losses over the micro-batches and
+    ranks of the step is then the seq-mean of the whole batch, however it was split (with
+    "seq-mean-token-sum-norm", num_sequences replaces B in sum(l m) / (B max_len)). Gradient accumulation and
+    data parallelism as for global_token_count: count every micro-batch of the step before the first backward,
+    sum the micro-batch losses, and pass divide_by_world_size=True when DDP / FSDP average the gradients.
+
+    Args:
+        mask: [B, T] bool or float mask (a row counts when its weights sum to more than 0), or a sequence of them
+            (the micro-batches of the step on this rank).
+        process_group, divide_by_world_size, as_tensor: as for global_token_count.
+
+    Returns:
+        float (or 0-dim float64 tensor). It is 0 when no sequence of the step has an active token; num_sequences
+        must be > 0, so pass max(count, 1) then (the loss is 0 either way).
+
+    Example (every rank, two micro-batches, DDP):
+        >>> s = global_sequence_count([mask_a, mask_b], divide_by_world_size=True)
+        >>> with ddp_model.no_sync():
+        ...     policy_loss(logp_a, adv_a, mask_a, agg="seq-mean-token-mean", num_sequences=s)[0].backward()
+        >>> policy_loss(logp_b, adv_b, mask_b, agg="seq-mean-token-mean", num_sequences=s)[0].backward()
+    """
+    return _global_count(
+        mask, process_group, divide_by_world_size, as_tensor, lambda m: (m.sum(dim=-1) > 0).sum(dtype=torch.float64)
+    )
+
+
+def _global_count(mask, process_group, divide_by_world_size, as_tensor, count) -> float | torch.Tensor:
+    """count(m) summed over the masks of this rank, then over the group's ranks (see global_token_count)."""
     masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
     if not masks:
         raise ValueError("mask is an empty sequence (no micro-batch)")
@@ -294,7 +342,7 @@ def global_token_count(
         O.check_same_device(f"mask[{i}]", m, masks[0].device, other="mask[0]")
     divide_by_world_size = O.check_bool("divide_by_world_size", divide_by_world_size)
     as_tensor = O.check_bool("as_tensor", as_tensor)
-    total = torch.stack([m.sum(dtype=torch.float64) for m in masks]).sum()
+    total = torch.stack([count(m) for m in masks]).sum()
     world, _ = _group_and_rank(process_group)
     if world > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)

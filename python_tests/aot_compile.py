@@ -5,8 +5,8 @@ Each configuration is compiled to PTX with triton.compile, then assembled by the
 triton (`ptxas -v`), whose report gives registers and spill bytes. Prints one JSON line per
 configuration: {"kernel", "arch", "config", "registers", "spill_stores", "spill_loads"}.
 
-The configurations are the block sizes the launchers pick (moo_kernels.ops.advantages.cuda.block_sizes)
-for representative problem shapes, crossed with the constexpr flags.
+The configurations are the block sizes the launchers pick for representative problem shapes, crossed with the
+options that change the compiled code (constexpr options, absent tensors).
 """
 
 import json
@@ -23,9 +23,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from moo_kernels.ops.advantages import cuda as adv_cuda  # noqa: E402
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
-from moo_kernels.ops.advantages.cuda import block_sizes  # noqa: E402
+from moo_kernels.ops.advantages import triton_launch as adv_launch  # noqa: E402
 from moo_kernels.ops.logits import triton_kernels as lg_k  # noqa: E402
 from moo_kernels.ops.logits import triton_launch as lg_launch  # noqa: E402
 from moo_kernels.ops.loss import triton_kernels as loss_k  # noqa: E402
@@ -73,7 +72,9 @@ def compile_kernel(
     return ptxas_report(compiled.asm["ptx"])
 
 
-def advantages_fwd_configs():
+def advantages_configs():
+    """(name, kernel, signature, constexprs, num_warps, label) of the advantage kernels: the block sizes the
+    launcher picks for representative shapes, crossed with the options that change the compiled code."""
     shapes = [  # (input dtype, K, group size, M, number of groups)
         (torch.float32, 1, 16, 1, 8192),
         (torch.bfloat16, 4, 16, 2, 1024),
@@ -85,152 +86,68 @@ def advantages_fwd_configs():
         (torch.float64, 4, 16, 2, 64),
         (torch.float64, 8, 1024, 2, 2),
     ]
-    flag_sets = [
-        dict(
-            CONTIGUOUS=True,
-            HAS_VALID=False,
-            HAS_RGATES=False,
-            HAS_GATES=False,
-            NORMALIZE=0,
-            UNBIASED=True,
-            WEIGHTING=0,
-            DROP_ZERO_VAR=False,
-            BATCH_NORM=False,
-            CHECK_FINITE=True,
-            CHECK_WEIGHTS=False,
-            HAS_CLIP=False,
-        ),
-        dict(
-            CONTIGUOUS=False,
-            HAS_VALID=True,
-            HAS_RGATES=True,
-            HAS_GATES=True,
-            NORMALIZE=2,
-            UNBIASED=False,
-            WEIGHTING=2,
-            DROP_ZERO_VAR=True,
-            BATCH_NORM=True,
-            CHECK_FINITE=False,
-            CHECK_WEIGHTS=True,
-            HAS_CLIP=True,
-        ),
-    ]
+    # (options, absent tensors): the plain call; everything on, grouped by ids; each normalize x weighting
+    plain = dict(normalize=0, std=1, weighting=0, drop_zero_variance=False, batch_normalize=False, nan_policy=1,
+                 check_weights=False)  # fmt: skip
+    plain_absent = {"order", "offsets", "valid", "reward_gates", "gates", "raw", "code", "parts", "clip"}
+    every = dict(normalize=2, std=0, weighting=2, drop_zero_variance=True, batch_normalize=True, nan_policy=0,
+                 check_weights=True)  # fmt: skip
+    option_sets = [(plain, plain_absent), (every, {"group_size"})]
     for normalize in range(4):
         for weighting in range(3):
-            flag_sets.append(
-                dict(flag_sets[0], HAS_GATES=True, HAS_VALID=True, NORMALIZE=normalize, WEIGHTING=weighting)
+            option_sets.append(
+                (dict(plain, normalize=normalize, weighting=weighting), plain_absent - {"valid", "gates"})
             )
+    kernel = adv_k.advantages_fwd_kernel
     for i, (dtype, k, size, m, groups) in enumerate(shapes):
-        cdt = torch.float64 if dtype == torch.float64 else torch.float32  # the output dtype
-        meta = block_sizes(groups, size, k, m)
+        meta = adv_launch.block_sizes(groups, size, k, m)
         num_warps = meta.pop("num_warps")
-        sets = flag_sets if (k, size) == (8, 16) and dtype == torch.float32 else flag_sets[:2]
-        for flags in sets:
-            yield dtype, cdt, dict(meta, **flags), num_warps, i
-
-
-def advantages_fwd_signature(dtype, cdt):
-    """Rewards of dtype, outputs of cdt; the kernel computes in float64 (weights, scratch, float options)."""
-    c = "*" + TYPE[cdt]
-    return {
-        "r_ptr": "*" + TYPE[dtype],
-        "stride_rn": "i32",
-        "stride_rk": "i32",
-        "order_ptr": "*i64",
-        "offsets_ptr": "*i64",
-        "group_size": "i32",
-        "num_groups": "i32",
-        "max_count": "i32",
-        "w_ptr": "*fp64",
-        "valid_ptr": "*u8",
-        "rg_ptr": "*u8",
-        "stride_rgn": "i32",
-        "stride_rgk": "i32",
-        "gates_ptr": "*u8",
-        "stride_gn": "i32",
-        "stride_gm": "i32",
-        "M": "i32",
-        "adv_ptr": c,
-        "gmask_ptr": "*u8",
-        "smask_ptr": "*u8",
-        "weff_ptr": c,
-        "mean_ptr": c,
-        "std_ptr": c,
-        "raw_ptr": "*fp64",
-        "code_ptr": "*u8",
-        "part_ptr": "*fp64",
-        "status_ptr": "*i64",
-        "K": "i32",
-        "eps": "fp64",
-        "gated_value": "fp64",
-        "infeasible_adv": "fp64",
-        "min_feasible": "i32",
-        "pos_scale": "fp64",
-        "neg_scale": "fp64",
-        "clip": "fp64",
-    }
-
-
-def all_configs():
-    for dtype, cdt, constexprs, num_warps, shape in advantages_fwd_configs():
-        yield (
-            "advantages_fwd",
-            adv_k._advantages_fwd_kernel,
-            advantages_fwd_signature(dtype, cdt),
-            constexprs,
-            num_warps,
-            f"shape{shape}",
-        )
-    for f64 in (False, True):
-        sig = {
-            "adv_ptr": "*fp64" if f64 else "*fp32",
-            "raw_ptr": "*fp64",
-            "code_ptr": "*u8",
-            "smask_ptr": "*u8",
-            "part_ptr": "*fp64",
-            "num_parts": "i32",
-            "N": "i32",
-            "eps": "fp64",
-            "infeasible_adv": "fp64",
-            "pos_scale": "fp64",
-            "neg_scale": "fp64",
-            "clip": "fp64",
-        }
+        out = "fp64" if dtype == torch.float64 else "fp32"  # the output dtype; the kernel computes in float64
+        ptrs = dict(rewards=TYPE[dtype], order="i64", offsets="i64", weights="fp64", valid="u8", reward_gates="u8",
+                    gates="u8", out_advantages=out, out_group_mask="u8", out_sample_mask="u8", out_weights=out,
+                    out_mean=out, out_std=out, raw="fp64", code="u8", parts="fp64", status="i64")  # fmt: skip
+        sets = option_sets if (k, size) == (8, 16) and dtype == torch.float32 else option_sets[:2]
+        for options, absent in sets:
+            sig, cx = build(kernel, ptrs, absent, "i32", dict(meta, **options), floats="fp64")
+            yield "advantages_fwd", kernel, sig, cx, num_warps, f"shape{i}"
+    kernel = adv_k.advantages_batchnorm_kernel
+    for out in ("fp32", "fp64"):
+        ptrs = dict(out_advantages=out, out_sample_mask="u8", raw="fp64", code="u8", parts="fp64")
         for clip in (False, True):
-            yield (
-                "advantages_batchnorm",
-                adv_k._advantages_batchnorm_kernel,
-                sig,
-                dict(BLOCK_N=1024, BLOCK_P=1024, UNBIASED=True, HAS_CLIP=clip),
-                4,
-                "",
-            )
+            constexprs = dict(std=1, BLOCK_N=adv_launch.BATCH_BLOCK, BLOCK_P=1024)
+            sig, cx = build(kernel, ptrs, set() if clip else {"clip"}, "i32", constexprs, floats="fp64")
+            yield "advantages_batchnorm", kernel, sig, cx, 4, out
 
 
-# Runtime float arguments (fp32 in the launches) and int64 ones of the loss and logits kernels.
-FLOAT_ARGS = {"beta", "clip_low", "clip_high", "dual_clip", "ratio_cap", "offpolicy_gamma", "num_tokens", "inv_temp"}
+# Runtime float arguments of the kernels (fp32 in the loss and logits launches, fp64 in the advantage ones) and
+# int64 ones.
+FLOAT_ARGS = {
+    *("beta", "clip_low", "clip_high", "dual_clip", "ratio_cap", "offpolicy_gamma", "num_tokens", "num_sequences"),
+    *("inv_temp", "eps", "gated_value", "infeasible_advantage", "positive_scale", "negative_scale", "clip"),
+}
 INT64_ARGS = {"timeout_ns"}
 LOSS_TENSORS = ("advantages", "mask", "old_logp", "ref_logp", "token_advantages", "is_weights", "offpolicy")
 
 
-def build(fn, pointers: dict, absent: set, index: str, constexprs: dict) -> tuple[dict, dict]:
+def build(fn, pointers: dict, absent: set, index: str, constexprs: dict, floats: str = "fp32") -> tuple[dict, dict]:
     """(signature, constexprs) of a kernel whose parameters follow the package's conventions: pointers in
-    pointers (name -> element type), the absent optional arguments in absent (None: a constexpr), strides
-    tuples `<name>_strides` of type index, floats fp32, other integers of type index."""
+    pointers (name -> element type), the absent optional arguments in absent (None: a constexpr; their strides stay
+    runtime integers: the launchers pass (0, 0)), strides tuples `<name>_strides` of type index, floats of type
+    floats, other integers of type index."""
     sig, cx = {}, dict(constexprs)
     for p in fn.params:
         n = p.name
         if p.is_constexpr:
             sig[n] = "constexpr"
-        elif n in absent or (n.endswith("_strides") and n[: -len("_strides")] in absent):
+        elif n in absent:
             sig[n] = "constexpr"
-            cx[n] = None if n in absent else (0, 0)
+            cx[n] = None
         elif n.endswith("_strides"):
             sig[n] = (index, index)
         elif n in pointers:
             sig[n] = f"*{pointers[n]}"
         elif n in FLOAT_ARGS:
-            sig[n] = "fp32"
+            sig[n] = floats
         elif n in INT64_ARGS:
             sig[n] = "i64"
         else:
@@ -246,7 +163,6 @@ def loss_pointers(lp: str) -> dict:
     )  # fmt: skip
 
 
-# the loss options every configuration below sets (max_len and num_tokens by aggregation)
 ALL_ON: set = set()
 PLAIN = {"token_advantages", "is_weights", "offpolicy", "dual_clip", "ratio_cap"}
 
@@ -258,19 +174,23 @@ def policy_loss_configs():
             ptrs = dict(logp=lp, old_logp=lp, mask="u8", stats="fp64")
             sig, cx = build(loss_k.row_stats_kernel, ptrs, set(), "i32", dict(BLOCK_T=2048, mode=1 if gspo else 0))
             yield "policy_row_stats", loss_k.row_stats_kernel, sig, cx, 4, lp
-    sig, cx = build(loss_k.totals_kernel, dict(stats="fp64", totals="fp64"), set(), "i32", dict(BLOCK_B=1024))
-    yield "policy_totals", loss_k.totals_kernel, sig, cx, 4, ""
+    for agg in range(5):  # each aggregation, with its global counts given and not
+        for given in (False, True):
+            absent = set() if given else {"num_tokens", "num_sequences"}
+            ptrs = dict(stats="fp64", totals="fp64")
+            sig, cx = build(loss_k.totals_kernel, ptrs, absent, "i32", dict(agg=agg, BLOCK_B=1024), floats="fp64")
+            yield "policy_totals", loss_k.totals_kernel, sig, cx, 4, f"agg{agg}"
     ptrs = dict(parts="fp32", totals="fp64", out="fp64")
     sig, cx = build(loss_k.reduce_partials_kernel, ptrs, set(), "i32", dict(BLOCK_P=256))
     yield "policy_reduce", loss_k.reduce_partials_kernel, sig, cx, 4, ""
     for lp in ("fp32", "bf16", "fp16"):
         for mode in range(4):
-            for agg in range(4):
+            for agg in range(5):
                 for kl in (1, 2, 3):
                     if (agg, kl) != (0, 3) and (mode, lp) != (0, "fp32"):
                         continue  # every mode x dtype at (token-mean, k3); every agg x kl for clip fp32
                     for off in (ALL_ON, PLAIN):
-                        absent = set(off) | ({"max_len"} if agg != 3 else set()) | ({"num_tokens"} if agg else set())
+                        absent = set(off)
                         ptrs = dict(loss_pointers(lp), logp=lp, grad=lp)
                         cx = dict(mode=mode, agg=agg, kl=kl, BLOCK_T=pl_launch.BLOCK_T)
                         sig, cx = build(pl_k.policy_loss_fwd_kernel, ptrs, absent, "i32", cx)
@@ -301,7 +221,7 @@ def logits_configs():
                     continue  # gspo takes the two-kernel path
                 for coop in (False, True):
                     all_on = mode == 0
-                    absent = (set() if all_on else PLAIN | {"entropy"}) | {"max_len", "num_tokens"}
+                    absent = set() if all_on else PLAIN | {"entropy"}
                     ptrs = dict(base, **loss_pointers(z), scratch="fp32", flags="i32")
                     cx = dict(mode=mode, agg=0, kl=3, COOP=coop, SEQUENTIAL=False, CHUNKS_P2=16, BLOCK_V=block)
                     sig, cx = build(lg_k.logits_loss_kernel, ptrs, absent, index, cx)
@@ -309,9 +229,13 @@ def logits_configs():
 
 
 def main() -> int:
-    for name, fn, sig, constexprs, num_warps, shape in [*all_configs(), *policy_loss_configs(), *logits_configs()]:
+    for name, fn, sig, constexprs, num_warps, shape in [
+        *advantages_configs(),
+        *policy_loss_configs(),
+        *logits_configs(),
+    ]:
         for arch in ARCHS:
-            maxnreg = {"logits_loss": lg_launch.LOSS_MAXNREG, "advantages_fwd": adv_cuda.FWD_MAXNREG}.get(name)
+            maxnreg = {"logits_loss": lg_launch.LOSS_MAXNREG, "advantages_fwd": adv_launch.FWD_MAXNREG}.get(name)
             report = compile_kernel(fn, sig, constexprs, arch, num_warps, maxnreg)
             config = {k: (v if isinstance(v, (int, bool)) else str(v)) for k, v in constexprs.items()}
             print(

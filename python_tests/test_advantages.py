@@ -392,37 +392,27 @@ def test_grad_output_not_one_and_float32():
 
 
 def _op_args(group_ids=False):
+    """The registered op's flat arguments: rewards, then AdvantageSpec's fields, then Derived's."""
+    from moo_kernels._spec import Context
     from moo_kernels.ops.advantages import op as op_module  # noqa: F401
+    from moo_kernels.ops.advantages.spec import AdvantageSpec
 
     r = make_rewards(16, 3).double().requires_grad_()
     w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
     valid, gates = masks(16)
-    if group_ids:
-        gi = torch.arange(16) // 4
-        order = torch.arange(16)
-        offsets = torch.arange(0, 17, 4)
-        grouping = (gi, order, offsets, None, None, gates, 0, 4, 4)
-    else:
-        grouping = (None, None, None, valid, None, gates, 4, 4, 4)
-    return (
-        r,
-        w,
-        *grouping,
-        "zscore",
-        "unbiased",
-        "variance",
-        True,
-        1e-6,
-        0.0,
-        -0.5,
-        1,
-        False,
-        1.0,
-        1.0,
-        2.0,
-        "raise",
-        False,
+    grouping = dict(group_ids=torch.arange(16) // 4) if group_ids else dict(group_size=4, valid=valid)
+    spec, derived = AdvantageSpec.prepare(
+        Context({"N": 16, "K": 3}, r.device, "rewards"),
+        weights=w,
+        gates=gates,
+        batch_normalize=True,
+        infeasible_advantage=-0.5,
+        min_feasible=1,
+        clip=2.0,
+        **grouping,
     )
+    assert derived.check_weights  # a weights tensor: its values are checked by the kernels
+    return (r, *spec.flat(), *derived.flat())
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])

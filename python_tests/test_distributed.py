@@ -19,7 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moo_kernels as mk
-from moo_kernels.distributed import global_token_count, multi_objective_advantages_distributed, rescale_token_mean
+from moo_kernels.distributed import (
+    global_sequence_count,
+    global_token_count,
+    multi_objective_advantages_distributed,
+    rescale_token_mean,
+)
 
 WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -108,6 +113,14 @@ def _loss_terms(model, case: dict, rows: tuple[int, int], num_tokens):
     return loss, logits
 
 
+# the seq-mean aggregations over the split batch, with what each needs (the logp is on-policy: old_logp is None)
+SEQ_AGGS = {
+    "seq-mean-token-mean": {},
+    "seq-mean-token-sum": {},
+    "seq-mean-token-sum-norm": dict(max_len=T),
+}
+
+
 def _compiled_step(logp, advantages, mask):
     loss, metrics = mk.policy_loss(logp, advantages, mask)
     return rescale_token_mean(loss, metrics, global_token_count(mask, as_tensor=True))
@@ -158,6 +171,22 @@ def _worker(rank: int, init_file: str, out_dir: str, threads: int, adv_cases: di
         results["ddp"] = dict(
             num_tokens=n, num_tokens_tensor=n_sum, losses=losses, logit_grads=logit_grads, grad=model.weight.grad
         )
+
+        # Seq-mean losses from log-probs: two micro-batches per rank, the global sequence count divided by W.
+        s = global_sequence_count(masks, divide_by_world_size=True)
+        s_sum = global_sequence_count(masks, as_tensor=True)
+        seq = {}
+        for agg, extra in SEQ_AGGS.items():
+            losses, grads = [], []
+            for lo, hi in ROWS[rank]:
+                logp = loss_case["old_logp"][lo:hi].clone().requires_grad_()
+                loss, _ = mk.policy_loss(logp, loss_case["advantages"][lo:hi], loss_case["mask"][lo:hi], agg=agg,
+                                         num_sequences=s, **extra)  # fmt: skip
+                loss.backward()
+                losses.append(loss.detach())
+                grads.append(logp.grad)
+            seq[agg] = dict(losses=losses, grads=grads)
+        results["seq"] = dict(num_sequences=s, num_sequences_tensor=s_sum, aggs=seq)
 
         # The tensor form inside torch.compile: the count's all_reduce is traced into the graph.
         lo, hi = ROWS[rank][0][0], ROWS[rank][-1][1]
@@ -337,6 +366,38 @@ def test_token_mean_loss_does_not_depend_on_the_split(ranks):
     assert weight_grad.abs().sum() > 0
 
 
+def test_global_sequence_count(ranks):
+    results, _, loss_case = ranks
+    total = float((loss_case["mask"].sum(dim=1) > 0).sum())
+    assert total == B - 1  # row 2 has no active token
+    for rank in range(WORLD):
+        assert results[rank]["seq"]["num_sequences"] == total / WORLD
+        t = results[rank]["seq"]["num_sequences_tensor"]
+        assert t.dim() == 0 and t.dtype == torch.float64 and float(t) == total
+
+
+@pytest.mark.parametrize("agg", list(SEQ_AGGS))
+def test_seq_mean_loss_does_not_depend_on_the_split(ranks, agg):
+    """2 ranks x 2 micro-batches with num_sequences = S / W: each token's gradient is W times the full batch's
+    (bitwise: the factor 2 is exact) and the losses add up to W times the full-batch loss. Without num_sequences
+    each micro-batch would average over its own sequences (a different, split-dependent loss)."""
+    results, _, loss_case = ranks
+    logp = loss_case["old_logp"].clone().requires_grad_()
+    kw = dict(agg=agg, **SEQ_AGGS[agg])
+    if agg == "seq-mean-token-sum-norm":  # the active-sequence count replaces B: the one-process value is S, not B
+        kw["num_sequences"] = float(B - 1)
+    loss, _ = mk.policy_loss(logp, loss_case["advantages"], loss_case["mask"], **kw)
+    loss.backward()
+    total = 0.0
+    for rank in range(WORLD):
+        res = results[rank]["seq"]["aggs"][agg]
+        for (lo, hi), mb_loss, mb_grad in zip(ROWS[rank], res["losses"], res["grads"], strict=True):
+            assert torch.equal(mb_grad, WORLD * logp.grad[lo:hi]), (rank, lo, hi)
+            total += float(mb_loss) / WORLD
+    assert abs(total - float(loss)) < 1e-6 * max(1.0, abs(float(loss)))
+    assert logp.grad.abs().sum() > 0
+
+
 def test_rescale_token_mean_under_compile_over_ranks(ranks):
     """Each rank compiles policy_loss + rescale_token_mean(global_token_count(as_tensor=True)) with
     fullgraph (the all_reduce is in the graph): the ranks' losses add up to the full-batch token mean and
@@ -395,9 +456,25 @@ def test_rescale_token_mean_compiles_once():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_global_sequence_count_without_process_group():
+    """Rows with an active token, over the micro-batches of the step; a float mask's row counts when its weights sum
+    to more than 0."""
+    a = torch.tensor([[True, False], [False, False], [False, True]])
+    b = torch.tensor([[0.0, 0.0], [0.0, 0.25]])
+    assert global_sequence_count(a) == 2.0
+    assert global_sequence_count([a, b]) == 3.0
+    assert global_sequence_count([a, b], divide_by_world_size=True) == 3.0  # world size 1
+    t = global_sequence_count(b, as_tensor=True)
+    assert t.dtype == torch.float64 and t.dim() == 0 and float(t) == 1.0
+
+
 def test_errors():
     with pytest.raises(ValueError, match="empty sequence"):
         global_token_count([])
+    with pytest.raises(ValueError, match="empty sequence"):
+        global_sequence_count([])
+    with pytest.raises(TypeError, match="mask"):
+        global_sequence_count([torch.ones(2, 2), "mask"])
     with pytest.raises(TypeError, match="divide_by_world_size"):
         global_token_count(torch.ones(2, 2), divide_by_world_size=1)
     loss, metrics = mk.policy_loss(torch.zeros(2, 3), torch.ones(2), torch.ones(2, 3, dtype=torch.bool))

@@ -122,6 +122,7 @@ def loss_inputs(seed=3):
 AGG_SETTINGS = [
     ("token-mean", {}),
     ("token-mean", {"dp_size": 2, "batch_num_tokens": 150}),
+    ("token-sum", {}),
     ("token-sum", {"dp_size": 2}),
     ("seq-mean-token-mean", {}),
     ("seq-mean-token-mean", {"dp_size": 4, "global_batch_size": 40}),

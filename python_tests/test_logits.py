@@ -421,6 +421,7 @@ def test_bad_inputs(kwargs, error, match):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_opcheck(backend):
     from moo_kernels.ops.logits.op import policy_loss_from_logits_op, token_logprobs_backward_op, token_logprobs_op
+    from moo_kernels.ops.loss.spec import loss_spec
 
     logits, tokens, adv, mask, kw = build("clip_higher_dual_cap_k3")
     logits = logits.contiguous().requires_grad_()
@@ -429,9 +430,9 @@ def test_opcheck(backend):
     with mk.use_backend(backend):
         torch.library.opcheck(token_logprobs_op, (logits, tokens, 0.9, True))
         torch.library.opcheck(token_logprobs_backward_op, (logits.detach(), tokens, stats, None, g, None, 1.0))
-        loss_args = (adv, mask, kw["old_logp"], kw["ref_logp"], None, None, None, 0.04, "k3", 0.2, 0.28, 3.0, 2.5,
-                     "clip", 0.1, "token-mean", None, None, True)  # fmt: skip
-        torch.library.opcheck(policy_loss_from_logits_op, (logits, tokens, 1.0, True, *loss_args))
+        # the loss's arguments in the order of its spec, from which the op's schema comes
+        spec = loss_spec((B, T), logits.device, "logits", advantages=adv, mask=mask, **kw)
+        torch.library.opcheck(policy_loss_from_logits_op, (logits, tokens, 1.0, True, *spec.flat(), True))
 
 
 def test_torch_compile_fullgraph():

@@ -40,6 +40,11 @@ CASES = {
     "clip_k2_seq_mean_token_sum": dict(kl="k2", beta=0.1, ref=True, agg="seq-mean-token-sum"),
     "clip_sum_norm": dict(agg="seq-mean-token-sum-norm", max_len=80),
     "clip_num_tokens": dict(num_tokens=123),
+    "clip_token_sum_k3": dict(agg="token-sum", beta=0.05, ref=True, clip_high=0.28),
+    "seq_mean_token_mean_num_sequences": dict(agg="seq-mean-token-mean", num_sequences=7.0, dual_clip=3.0),
+    "seq_mean_token_sum_num_sequences": dict(agg="seq-mean-token-sum", num_sequences=2.5, mode="cispo"),
+    "sum_norm_num_sequences": dict(agg="seq-mean-token-sum-norm", max_len=80, num_sequences=3.0, mask="fmask"),
+    "gspo_num_sequences": dict(mode="gspo", agg="seq-mean-token-mean", num_sequences=11.0),
     "on_policy": dict(old=False),
     "gspo": dict(mode="gspo", agg="seq-mean-token-mean"),
     "gspo_token_mean_dual": dict(mode="gspo", dual_clip=2.0, clip_high=0.3),
@@ -255,6 +260,41 @@ def test_agrees_with_verl(agg):
         torch.testing.assert_close(getattr(metrics, name), value.detach(), atol=1e-7, rtol=1e-6)
 
 
+# verl's agg_loss with its global normalisers: (our options, verl's keyword arguments), per aggregation
+VERL_AGG_CASES = [
+    ("token-mean", {}, {}),
+    ("token-mean", dict(num_tokens=150.0), dict(batch_num_tokens=150)),
+    ("token-sum", {}, {}),
+    ("seq-mean-token-mean", {}, {}),
+    ("seq-mean-token-mean", dict(num_sequences=9.0), dict(global_batch_size=9)),
+    ("seq-mean-token-sum", {}, {}),
+    ("seq-mean-token-sum", dict(num_sequences=6.0), dict(global_batch_size=6)),
+    ("seq-mean-token-sum-norm", dict(max_len=40, num_sequences=6.0), dict(global_batch_size=6, loss_scale_factor=40)),
+    # without num_sequences ours divides by B, verl's by the active sequences unless told B
+    ("seq-mean-token-sum-norm", dict(max_len=40), dict(global_batch_size=B, loss_scale_factor=40)),
+]
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("agg,ours,theirs", VERL_AGG_CASES)
+def test_aggregations_match_verl_agg_loss(backend, device, agg, ours, theirs):
+    """Every aggregation, with and without the global counts, against verl's own agg_loss on the REINFORCE
+    per-token loss l = -A logp (loss and gradient; the batch has a sequence without an active token)."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    logp, _, _, mask, adv, _ = make_inputs(7, dtype=torch.float64)
+    y = logp.clone().requires_grad_()
+    expected = core_algos.agg_loss(-adv[:, None] * y, mask.double(), agg, **theirs)
+    expected.backward()
+    x = logp.to(device).requires_grad_()
+    with mk.use_backend(backend):
+        loss, _ = mk.policy_loss(x, adv.to(device), mask.to(device), mode="reinforce", agg=agg, **ours)
+    loss.backward()
+    # the Triton kernels compute in float32; verl's seq-mean-token-mean divides by (token count + 1e-8)
+    tol = 1e-6 if backend == "triton" else 1e-9
+    torch.testing.assert_close(loss.cpu(), expected.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(x.grad.cpu(), y.grad, atol=tol, rtol=tol)
+
+
 def test_agrees_with_verl_gspo_and_cispo():
     logp, old, _, mask, adv, _ = make_inputs(4, dtype=torch.float64)
     m = mask.double()
@@ -346,6 +386,10 @@ BAD = [
     (dict(offpolicy=torch.ones(2)), TypeError, "offpolicy must be a bool tensor"),
     (dict(offpolicy_gamma=0.0), ValueError, "offpolicy_gamma must be > 0"),
     (dict(num_tokens=0), ValueError, "num_tokens must be > 0"),
+    (dict(num_tokens=10, agg="token-sum"), ValueError, "num_tokens is the normaliser of agg='token-mean'"),
+    (dict(num_sequences=0.0, agg="seq-mean-token-mean"), ValueError, "num_sequences must be > 0"),
+    (dict(num_sequences=4), ValueError, "num_sequences is the normaliser of the seq-mean aggregations"),
+    (dict(num_sequences=4, agg="token-sum"), ValueError, "agg='token-sum' does not use it"),
     (dict(is_weights=torch.ones(3)), ValueError, "is_weights must have shape"),
 ]
 
@@ -366,29 +410,12 @@ def test_mixed_devices():
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_opcheck(backend):
+    """The registered op, its arguments in the order of the loss's spec (the schema comes from it)."""
+    from moo_kernels.ops.loss.spec import loss_spec
+
     logp, adv, mask, kw = build("clip_higher_dual_cap_k3", dtype=torch.float64)
-    args = (
-        logp.requires_grad_(),
-        adv,
-        mask,
-        kw["old_logp"],
-        kw["ref_logp"],
-        None,
-        None,
-        None,
-        0.04,
-        "k3",
-        0.2,
-        0.28,
-        3.0,
-        2.5,
-        "clip",
-        0.1,
-        "token-mean",
-        None,
-        None,
-        True,
-    )
+    spec = loss_spec(tuple(logp.shape), logp.device, "logp", advantages=adv, mask=mask, **kw)
+    args = (logp.requires_grad_(), *spec.flat(), True)
     with mk.use_backend(backend):
         torch.library.opcheck(torch.ops.moo_kernels.policy_loss.default, args)
 

@@ -335,7 +335,8 @@ def loss_problems(draw, with_logits: bool = False):
     adv = dirty(adv.contiguous() if adv.dim() == 2 else adv, "advantages")
     old, ref, isw = dirty(old, "old_logp"), dirty(ref, "ref_logp"), dirty(isw, "is_weights")
     tadv = dirty(tadv, "token_advantages")
-    agg = draw(st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]))
+    agg = draw(st.sampled_from(["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
+                                "seq-mean-token-sum-norm"]))  # fmt: skip
     options = dict(
         old_logp=old, ref_logp=ref, is_weights=isw, token_advantages=tadv, offpolicy=offpolicy,
         beta=draw(st.sampled_from([0.0, 0.04])) if has_ref else 0.0,
@@ -347,6 +348,7 @@ def loss_problems(draw, with_logits: bool = False):
         mode=mode, agg=agg,
         max_len=maybe_numpy(draw, t + 2) if agg == "seq-mean-token-sum-norm" else None,
         num_tokens=draw(st.sampled_from([None, 7.0])) if agg == "token-mean" else None,
+        num_sequences=draw(st.sampled_from([None, 3.0])) if agg.startswith("seq-mean") else None,
     )  # fmt: skip
     minus_inf = draw(st.booleans())  # a token the policy gives no probability, at an active position
     return dict(b=b, t=t, gen=gen, mask=mask, masked=masked, adv=adv, options=options, dirty_logp=where == "logp",
@@ -520,6 +522,8 @@ BAD_LOSS = [
     (dict(agg="seq-mean-token-sum-norm"), "max_len"),
     (dict(num_tokens=0), "num_tokens"),
     (dict(num_tokens=torch.tensor(3.0)), "num_tokens"),
+    (dict(num_sequences=-1.0, agg="seq-mean-token-sum"), "num_sequences"),
+    (dict(num_sequences=2.0), "num_sequences"),
     (dict(offpolicy=torch.ones(2)), "offpolicy"),
     (dict(is_weights=torch.ones(3)), "is_weights"),
 ]

@@ -36,7 +36,7 @@ import torch
 from verl.trainer.ppo import core_algos
 
 import moo_kernels as mk
-from moo_kernels.ops.advantages.problem import OPTION_NAMES
+from moo_kernels.ops.advantages.spec import OPTION_NAMES
 
 ADV_ESTIMATOR = "moo"
 POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo"}
@@ -145,25 +145,25 @@ def _make_policy_loss(mode: str):
         B, T = log_prob.shape
         mask = response_mask.bool()
 
-        # verl's agg_loss in the op's terms: a normaliser, or a rescaling of the op's per-batch mean.
-        agg, num_tokens, max_len, rescale = loss_agg_mode, None, None, None
-        active_seqs = mask.any(dim=-1).sum()
+        # verl's agg_loss in the op's terms: its global normalisers are the op's num_tokens / num_sequences (over dp,
+        # as DDP averages the gradients), token-sum's factor dp and the one case left a rescaling.
+        agg, num_tokens, num_sequences, max_len, rescale = loss_agg_mode, None, None, None, None
         if loss_agg_mode == "token-mean":
             if batch_tokens is not None:
                 num_tokens = float(batch_tokens) / dp
             elif dp > 1:
                 raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
         elif loss_agg_mode == "token-sum":
-            agg, num_tokens = "token-mean", 1.0 / dp
+            rescale = dp if dp != 1 else None
         elif loss_agg_mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
             if batch_size is None and dp > 1:
                 raise ValueError("global_batch_size is required when dp_size > 1")
-            sequences = active_seqs if batch_size is None else float(batch_size) / dp
+            if batch_size is not None:
+                num_sequences = float(batch_size) / dp
             if loss_agg_mode == "seq-mean-token-sum-norm":
                 max_len = int(scale_factor) if scale_factor is not None else T
-                rescale = B / sequences  # the op divides by B * max_len
-            else:
-                rescale = active_seqs / sequences  # the op averages over the active sequences
+                if batch_size is None:  # verl divides by the active sequences, the op by B: no host sync to count
+                    rescale = B / mask.any(dim=-1).sum().clamp(min=1)
         else:
             raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
 
@@ -180,6 +180,7 @@ def _make_policy_loss(mode: str):
             agg=agg,
             max_len=max_len,
             num_tokens=num_tokens,
+            num_sequences=num_sequences,
         )
         if rescale is not None:
             loss = loss * rescale

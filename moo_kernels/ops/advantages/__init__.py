@@ -1,3 +1,5 @@
-from moo_kernels.ops.advantages.api import AdvantageResult, multi_objective_advantages
+"""The multi-objective advantage step."""
+
+from moo_kernels.ops.advantages.op import AdvantageResult, multi_objective_advantages
 
 __all__ = ["AdvantageResult", "multi_objective_advantages"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from moo_kernels.ops.advantages.problem import AdvantageProblem
 from moo_kernels.ops.advantages.reference import F64, Stats, _segment_sum, batch_whiten, forward_state
+from moo_kernels.ops.advantages.spec import AdvantageSpec, Derived
 
 
 def _plain(st: Stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,15 +52,28 @@ def normalize_backward(x, take, gi, num_groups, stats, normalize, eps, unbiased,
 
 
 def advantages_backward(
-    p: AdvantageProblem, gmask, mean, std, weff, g_adv, g_weff, g_mean, g_std, need_rewards: bool, need_weights: bool
+    rewards: torch.Tensor,
+    o: AdvantageSpec,
+    derived: Derived,
+    gmask,
+    mean,
+    std,
+    weff,
+    g_adv,
+    g_weff,
+    g_mean,
+    g_std,
+    needs_rewards: bool,
+    needs_weights: bool,
 ):
-    """Gradients (rewards, weights) of the outputs (advantages, weights, mean, std)."""
-    r = p.rewards.to(F64)
-    w = p.weights.to(F64)
+    """Gradients of the outputs (advantages, weights, mean, std): (grad of rewards, grad of o.weights), each None
+    when not needed."""
+    r = rewards.to(F64)
+    w = o.weights.to(F64)
     n_samples, k = r.shape
-    G = p.num_groups
-    gi = p.sample_groups()
-    unbiased = p.std == "unbiased"
+    G = derived.num_groups
+    gi = derived.sample_groups(o, rewards)
+    unbiased = o.std == "unbiased"
     zeros_n = torch.zeros(n_samples, dtype=F64, device=r.device)
     zeros_gk = torch.zeros(G, k, dtype=F64, device=r.device)
 
@@ -72,25 +85,9 @@ def advantages_backward(
     g_mean = grad_or_zero(g_mean, zeros_gk)
     g_std = grad_or_zero(g_std, zeros_gk)
 
-    f = forward_state(
-        p.rewards,
-        gi,
-        G,
-        p.weights,
-        p.valid,
-        p.reward_gates,
-        p.gates,
-        normalize=p.normalize,
-        std=p.std,
-        weighting=p.weighting,
-        eps=p.eps,
-        gated_value=p.gated_value,
-        min_feasible=p.min_feasible,
-        drop_zero_variance=p.drop_zero_variance,
-        nan_policy="ignore",
-    )
+    f = forward_state(rewards, gi, G, o, check_finite=False)
     finite, feasible, take, r0 = f.finite, f.feasible, f.take, f.r0
-    is_open = torch.ones_like(r, dtype=torch.bool) if p.reward_gates is None else p.reward_gates != 0
+    is_open = torch.ones_like(r, dtype=torch.bool) if o.reward_gates is None else o.reward_gates != 0
     stats = _plain(f.stats)
     count, mu, sd, varies = stats
     s = f.s
@@ -101,37 +98,37 @@ def advantages_backward(
     adv = f.adv
     a_k = f.a
     weights_eff = f.weights
-    if p.batch_normalize:
+    if o.batch_normalize:
         z = torch.zeros(n_samples, dtype=torch.long, device=r.device)
-        adv_bn, b_st = batch_whiten(adv, contrib, p.eps, unbiased)
+        adv_bn, b_st = batch_whiten(adv, contrib, o.eps, unbiased)
         b_stats = _plain(b_st)
     else:
         adv_bn = adv
     scale = torch.where(
-        adv_bn > 0, torch.full_like(adv_bn, p.positive_scale), torch.full_like(adv_bn, p.negative_scale)
+        adv_bn > 0, torch.full_like(adv_bn, o.positive_scale), torch.full_like(adv_bn, o.negative_scale)
     )
 
     # backward: masks, clip, sign
     g = torch.where(contrib, g_adv, torch.zeros_like(g_adv))
-    if p.clip is not None:
+    if o.clip is not None:
         signed = adv_bn * scale
-        g = torch.where((signed >= -p.clip) & (signed <= p.clip), g, torch.zeros_like(g))
+        g = torch.where((signed >= -o.clip) & (signed <= o.clip), g, torch.zeros_like(g))
     g = g * scale
-    if p.batch_normalize:
+    if o.batch_normalize:
         zg = torch.zeros(1, dtype=F64, device=r.device)
-        g = normalize_backward(adv, contrib, z, 1, b_stats, "zscore", p.eps, unbiased, g, zg, zg)
+        g = normalize_backward(adv, contrib, z, 1, b_stats, "zscore", o.eps, unbiased, g, zg, zg)
 
     # combination
-    g_w = g_weff.sum(dim=0) if p.weighting != "variance" else torch.zeros_like(w)
+    g_w = g_weff.sum(dim=0) if o.weighting != "variance" else torch.zeros_like(w)
     g_sd_total = g_std
-    if p.weighting == "scalarize":
+    if o.weighting == "scalarize":
         zg = torch.zeros(G, dtype=F64, device=r.device)
-        g_s = normalize_backward(s, feasible, gi, G, s_stats, p.normalize, p.eps, unbiased, g, zg, zg)
+        g_s = normalize_backward(s, feasible, gi, G, s_stats, o.normalize, o.eps, unbiased, g, zg, zg)
         g_a_k = torch.zeros_like(r0)
     else:
         g_a_k = g[:, None] * weights_eff[gi]
         g_s = None
-        if p.weighting == "fixed":
+        if o.weighting == "fixed":
             g_w = g_w + (g[:, None] * a_k).sum(dim=0)
         else:
             g_wt = g_weff + _segment_sum(g[:, None] * a_k, gi, G)
@@ -141,14 +138,14 @@ def advantages_backward(
             g_sd_total = g_sd_total + g_u * w
 
     grad_r = grad_w = None
-    if need_rewards:
-        g_r = normalize_backward(r0, take, gi, G, stats, p.normalize, p.eps, unbiased, g_a_k, g_mean, g_sd_total)
+    if needs_rewards:
+        g_r = normalize_backward(r0, take, gi, G, stats, o.normalize, o.eps, unbiased, g_a_k, g_mean, g_sd_total)
         if g_s is not None:
             g_r = g_r + torch.where(finite, g_s[:, None] * w, torch.zeros_like(r0))
         g_r = torch.where(is_open & finite, g_r, torch.zeros_like(g_r))
-        grad_r = g_r.to(p.rewards.dtype)
-    if need_weights:
+        grad_r = g_r.to(rewards.dtype)
+    if needs_weights:
         if g_s is not None:
             g_w = g_w + (g_s[:, None] * r0).sum(dim=0)
-        grad_w = g_w.to(p.weights.dtype)
+        grad_w = g_w.to(o.weights.dtype)
     return grad_r, grad_w

@@ -70,15 +70,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from moo_kernels.ops.advantages.spec import AdvantageSpec
 
 F64 = torch.float64
 MAX_F64 = torch.finfo(F64).max
 
 
 def _segment_sum(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    if torch.compiler.is_compiling() and type(num_groups) is int and num_groups == 1:
+    if torch.compiler.is_compiling() and statically_known_true(num_groups == 1):
         # One segment is a plain sum; traced (the backward under torch.compile) it has to be one:
         # inductor's C++ backend (torch 2.13) cannot generate an index_add into a dimension of size 1.
+        # (A number of groups counted from the data is symbolic: not known to be 1, and not guarded on.)
         return x.sum(dim=0, keepdim=True)
     out = torch.zeros((num_groups,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     return out.index_add(0, index, x)
@@ -232,37 +236,22 @@ class Forward(NamedTuple):
 
 
 def forward_state(
-    rewards: torch.Tensor,
-    group_index: torch.Tensor,
-    num_groups: int,
-    weights: torch.Tensor,
-    valid: torch.Tensor | None,
-    reward_gates: torch.Tensor | None,
-    gates: torch.Tensor | None,
-    *,
-    normalize: str,
-    std: str,
-    weighting: str,
-    eps: float,
-    gated_value: float,
-    min_feasible: int,
-    drop_zero_variance: bool,
-    nan_policy: str,
+    rewards: torch.Tensor, group_index: torch.Tensor, num_groups: int, o: AdvantageSpec, check_finite: bool
 ) -> Forward:
-    """Steps 0-7 of the module docstring."""
+    """Steps 0-7 of the module docstring (o: the options; check_finite: raise on a non-finite reward)."""
     r = rewards.to(F64)
-    w = weights.to(F64)
+    w = o.weights.to(F64)
     n_samples, k = r.shape
     G = num_groups
     gi = group_index.long()
-    unbiased = std == "unbiased"
+    unbiased = o.std == "unbiased"
     ones = torch.ones(n_samples, dtype=torch.bool, device=r.device)
     # 0. nonzero bytes are True (a bool tensor may hold bytes other than 0 and 1)
-    valid = ones if valid is None else valid != 0
-    if reward_gates is not None:
-        r = torch.where(reward_gates != 0, r, torch.full_like(r, gated_value))
+    valid = ones if o.valid is None else o.valid != 0
+    if o.reward_gates is not None:
+        r = torch.where(o.reward_gates != 0, r, torch.full_like(r, o.gated_value))
     finite = torch.isfinite(r)
-    if nan_policy == "raise":
+    if check_finite:
         bad = valid[:, None] & ~finite
         if bool(bad.any()):
             j, kk = (int(v) for v in bad.nonzero()[0])
@@ -270,7 +259,7 @@ def forward_state(
                 f"rewards[{j}, {kk}] is {r[j, kk].item()} (sample {j}, objective {kk}); "
                 "pass nan_policy='ignore' to leave non-finite rewards out"
             )
-    feasible = valid & ((gates != 0).all(dim=1) if gates is not None else ones)
+    feasible = valid & ((o.gates != 0).all(dim=1) if o.gates is not None else ones)
     take = feasible[:, None] & finite
     r0 = torch.where(finite, r, torch.zeros_like(r))
     x = torch.where(take, r0, torch.zeros_like(r0))
@@ -282,7 +271,7 @@ def forward_state(
 
     # 5. combined reward
     s = s_stats = s_scale = None
-    if weighting == "scalarize" or drop_zero_variance:
+    if o.weighting == "scalarize" or o.drop_zero_variance:
         col_c = _masked_max(st.scale, (wp.detach() > 0) & (st.big > 0))  # C_g
         fits = st.scale <= col_c[:, None]
         q = torch.where(fits[gi], x / col_c[gi][:, None], torch.zeros_like(x))
@@ -294,24 +283,26 @@ def forward_state(
 
     # 6. normalise and combine
     a = None
-    if weighting == "scalarize":
-        eps_u = _eps_over(eps, s_scale)
+    if o.weighting == "scalarize":
+        eps_u = _eps_over(o.eps, s_scale)
         g = s_stats
         out = normalize_scaled(
-            u_d, feasible, g.count[gi], g.mean_u[gi], g.std_u[gi], g.varies[gi], eps_u[gi], normalize
+            u_d, feasible, g.count[gi], g.mean_u[gi], g.std_u[gi], g.varies[gi], eps_u[gi], o.normalize
         )
-        adv = out if normalize == "zscore" else _apply_scale(out, s_scale[gi])
+        adv = out if o.normalize == "zscore" else _apply_scale(out, s_scale[gi])
         weff = w.expand(G, -1)
     else:
-        eps_c = _eps_over(eps, st.scale)
-        a_u = normalize_scaled(u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_c[gi], normalize)
-        e = torch.ones_like(st.scale) if normalize == "zscore" else st.scale
-        live = st.big > 0 if normalize == "none" else st.varies
-        if weighting == "fixed":
+        eps_c = _eps_over(o.eps, st.scale)
+        a_u = normalize_scaled(
+            u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_c[gi], o.normalize
+        )
+        e = torch.ones_like(st.scale) if o.normalize == "zscore" else st.scale
+        live = st.big > 0 if o.normalize == "none" else st.varies
+        if o.weighting == "fixed":
             W = wp.expand(G, -1)
             factor = cw
             weff = w.expand(G, -1)
-        elif weighting == "variance":
+        elif o.weighting == "variance":
             sel = (wp.detach() > 0) & (st.std_u > 0)
             vmax = _masked_max(st.scale, sel)
             ratio = torch.where(sel, st.scale / vmax[:, None], torch.zeros_like(st.scale))
@@ -321,7 +312,7 @@ def forward_state(
             factor = torch.ones((), dtype=F64, device=r.device)
             weff = W
         else:
-            raise ValueError(f"unknown weighting {weighting!r}")
+            raise ValueError(f"unknown weighting {o.weighting!r}")
         use = (W.detach() > 0) & live
         emax = _masked_max(e, use)
         b = W * torch.where(use, e / emax[:, None], torch.zeros_like(e))
@@ -330,8 +321,8 @@ def forward_state(
     adv = adv.clamp(-MAX_F64, MAX_F64)
 
     # 7. group acceptance
-    accept = _segment_sum(feasible.to(F64), gi, G) >= min_feasible
-    if drop_zero_variance:
+    accept = _segment_sum(feasible.to(F64), gi, G) >= o.min_feasible
+    if o.drop_zero_variance:
         accept = accept & s_stats.varies
     return Forward(r, finite, feasible, take, r0, st, a, s, s_stats, s_scale, weff, adv, accept)
 
@@ -354,62 +345,41 @@ def advantages_reference(
     valid: torch.Tensor | None = None,
     reward_gates: torch.Tensor | None = None,
     gates: torch.Tensor | None = None,
-    *,
-    normalize: str = "zscore",
-    std: str = "unbiased",
-    weighting: str = "variance",
-    batch_normalize: bool = False,
-    eps: float = 1e-6,
-    gated_value: float = 0.0,
-    infeasible_advantage: float = 0.0,
-    min_feasible: int = 0,
-    drop_zero_variance: bool = False,
-    positive_scale: float = 1.0,
-    negative_scale: float = 1.0,
-    clip: float | None = None,
-    nan_policy: str = "raise",
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Canonical inputs: rewards [N, K], group_index [N] int64 in [0, G), weights [K],
-    valid [N] bool, reward_gates [N, K] bool, gates [N, M] bool (None means all true).
+    valid [N] bool, reward_gates [N, K] bool, gates [N, M] bool (None means all true); the other options
+    of AdvantageSpec by keyword (their defaults when absent; group_size / group_ids are not read).
 
     Returns float64 (advantages [N], group_mask [G], sample_mask [N], weights [G, K],
     mean [G, K], std [G, K]).
     """
-    f = forward_state(
-        rewards,
-        group_index,
-        num_groups,
-        weights,
-        valid,
-        reward_gates,
-        gates,
-        normalize=normalize,
-        std=std,
-        weighting=weighting,
-        eps=eps,
-        gated_value=gated_value,
-        min_feasible=min_feasible,
-        drop_zero_variance=drop_zero_variance,
-        nan_policy=nan_policy,
-    )
+    o = AdvantageSpec(weights=weights, valid=valid, reward_gates=reward_gates, gates=gates, **options)
+    return reference(rewards, group_index, num_groups, o)
+
+
+def reference(
+    rewards: torch.Tensor, group_index: torch.Tensor, num_groups: int, o: AdvantageSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """advantages_reference with its options as a spec."""
+    f = forward_state(rewards, group_index, num_groups, o, o.nan_policy == "raise")
     gi = group_index.long()
     adv = f.adv
     contrib = f.feasible & f.accept[gi]
 
     # 8. batch whitening over contributing samples
-    if batch_normalize:
-        adv, _ = batch_whiten(adv, contrib, eps, std == "unbiased")
+    if o.batch_normalize:
+        adv, _ = batch_whiten(adv, contrib, o.eps, o.std == "unbiased")
 
     # 9-10. sign shaping and clipping
-    adv = adv * torch.where(adv > 0, torch.full_like(adv, positive_scale), torch.full_like(adv, negative_scale))
-    if clip is not None:
-        adv = adv.clamp(-clip, clip)
+    adv = adv * torch.where(adv > 0, torch.full_like(adv, o.positive_scale), torch.full_like(adv, o.negative_scale))
+    if o.clip is not None:
+        adv = adv.clamp(-o.clip, o.clip)
 
     # 11. infeasible, rejected and invalid samples
-    valid = torch.ones_like(f.feasible) if valid is None else valid != 0
+    valid = torch.ones_like(f.feasible) if o.valid is None else o.valid != 0
     infeasible = valid & ~f.feasible & f.accept[gi]
-    adv = torch.where(
-        contrib, adv, torch.where(infeasible, torch.full_like(adv, infeasible_advantage), torch.zeros_like(adv))
-    )
-    sample_mask = contrib | (infeasible & (infeasible_advantage != 0.0))
+    fixed = o.infeasible_advantage
+    adv = torch.where(contrib, adv, torch.where(infeasible, torch.full_like(adv, fixed), torch.zeros_like(adv)))
+    sample_mask = contrib | (infeasible & (fixed != 0.0))
     return adv, f.accept, sample_mask, f.weights, f.stats.mean, f.stats.std

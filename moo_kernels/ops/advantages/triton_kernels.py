@@ -1,4 +1,4 @@
-"""Triton kernels of the multi-objective advantage step (kernels only; see cuda.py for launchers).
+"""Triton kernels of the multi-objective advantage step (kernels only; see triton_launch.py for launchers).
 
 The algorithm is the reference's (moo_kernels/ops/advantages/reference.py), in float64 tiles: rewards
 of any dtype are converted exactly, the weights and the float options arrive as float64. One program
@@ -18,19 +18,25 @@ the division. For the common GRPO sizes a group fits in one chunk and passes 2 a
 L1/L2, so HBM sees each reward once. batch_normalize needs a batch-wide statistic: pass 3 then writes
 the raw advantage (float64) and a per-program scaled partial (count, mean, M2, min, max, scale) that
 the second kernel combines in a fixed order (deterministic, no float atomics) before finishing.
+
+Parameters named like a field of AdvantageSpec or Derived (moo_kernels/ops/advantages/spec.py) receive it:
+options as the codes of moo_kernels._codes, tensors as themselves with a `<name>_strides` tuple, None for an
+absent tensor or clip (a compile-time branch).
 """
 
 import triton
 import triton.language as tl
 
-# Mode codes (mirrors moo_kernels._options).
-ZSCORE = tl.constexpr(0)
-CENTER = tl.constexpr(1)
-RLOO = tl.constexpr(2)
-NONE = tl.constexpr(3)
-SCALARIZE = tl.constexpr(0)
-VARIANCE = tl.constexpr(2)
-NO_ERROR = tl.constexpr(2**62)
+from moo_kernels import _codes
+
+ZSCORE = tl.constexpr(_codes.NORMALIZE["zscore"])
+RLOO = tl.constexpr(_codes.NORMALIZE["rloo"])
+NONE = tl.constexpr(_codes.NORMALIZE["none"])
+UNBIASED = tl.constexpr(_codes.STD["unbiased"])
+SCALARIZE = tl.constexpr(_codes.WEIGHTING["scalarize"])
+VARIANCE = tl.constexpr(_codes.WEIGHTING["variance"])
+RAISE = tl.constexpr(_codes.NAN_POLICY["raise"])
+NO_ERROR = tl.constexpr(_codes.NO_ERROR)
 PARTIAL = tl.constexpr(6)  # values per program of the batch partials
 MIN_NORMAL = tl.constexpr(2.2250738585072014e-308)  # 2^-1022
 MAX_F64 = tl.constexpr(1.7976931348623157e308)
@@ -104,11 +110,11 @@ def _chan_merge_scaled(n, mean, m2, c, cn, cmean, cm2, cc):
 
 
 @triton.jit
-def _finalize(n, lo, hi, mean, m2, pre, inv, UNBIASED: tl.constexpr):
+def _finalize(n, lo, hi, mean, m2, pre, inv, std: tl.constexpr):
     """Scaled mean and std from merged moments; exact (the common scaled value, std 0) when nothing varies."""
     varies = hi > lo
     mean = tl.where(varies, mean, tl.where(n > 0, (hi * pre) * inv, 0.0))
-    if UNBIASED:
+    if std == UNBIASED:
         denom = n - 1.0
     else:
         denom = n
@@ -117,71 +123,57 @@ def _finalize(n, lo, hi, mean, m2, pre, inv, UNBIASED: tl.constexpr):
 
 
 @triton.jit
-def _finish(a, contrib, infeasible, pos_scale, neg_scale, clip, infeasible_adv, HAS_CLIP: tl.constexpr):
+def _finish(a, contrib, infeasible, positive_scale, negative_scale, clip, infeasible_advantage):
     """Sign shaping, clipping, then the fixed values of infeasible / rejected / invalid samples."""
-    a = a * tl.where(a > 0, pos_scale, neg_scale)
-    if HAS_CLIP:
+    a = a * tl.where(a > 0, positive_scale, negative_scale)
+    if clip is not None:
         a = tl.minimum(tl.maximum(a, -clip), clip)
-    return tl.where(contrib, a, tl.where(infeasible, infeasible_adv, 0.0))
+    return tl.where(contrib, a, tl.where(infeasible, infeasible_advantage, 0.0))
 
 
 @triton.jit
-def _load_chunk(
-    j0,
-    start,
-    count,
-    jj,
-    kk,
-    k_ok,
-    r_ptr,
-    stride_rn,
-    stride_rk,
-    order_ptr,
-    valid_ptr,
-    rg_ptr,
-    stride_rgn,
-    stride_rgk,
-    gates_ptr,
-    stride_gn,
-    stride_gm,
-    M,
-    gated_value,
-    CONTIGUOUS: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    HAS_RGATES: tl.constexpr,
-    HAS_GATES: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+def _load_chunk(j0, tile, source, BLOCK_M: tl.constexpr):
     """Samples j0 + jj of each group: float64 rewards [BG, BJ, BK] after reward gates (0 where not
-    finite), and masks. Any nonzero byte of valid / gates / reward_gates is true."""
+    finite), and masks. Any nonzero byte of valid / gates / reward_gates is true.
+    tile: (start, count) of the groups, the sample and objective lanes jj, kk and k_ok (kk < K);
+    source: the kernel's inputs (rewards, order, valid, reward_gates, gates with their strides, M, gated_value)."""
+    start, count, jj, kk, k_ok = tile
+    (rewards, rewards_strides, order, valid, valid_strides, reward_gates, reward_gates_strides, gates, gates_strides,
+     M, gated_value) = source  # fmt: skip
     j = j0 + jj
     in_group = j[None, :] < count[:, None]
     pos = start[:, None] + j[None, :]
-    if CONTIGUOUS:
+    if order is None:
         row = pos
     else:
-        row = tl.load(order_ptr + pos, mask=in_group, other=0)
-    valid = in_group
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + row, mask=in_group, other=0) != 0)
-    feasible = valid
-    if HAS_GATES:
+        row = tl.load(order + pos, mask=in_group, other=0)
+    is_valid = in_group
+    if valid is not None:
+        is_valid = is_valid & (tl.load(valid + row * valid_strides[0], mask=in_group, other=0) != 0)
+    feasible = is_valid
+    if gates is not None:
         mm = tl.arange(0, BLOCK_M)
         g = tl.load(
-            gates_ptr + row[:, :, None] * stride_gn + mm[None, None, :] * stride_gm,
-            mask=valid[:, :, None] & (mm < M)[None, None, :],
+            gates + row[:, :, None] * gates_strides[0] + mm[None, None, :] * gates_strides[1],
+            mask=is_valid[:, :, None] & (mm < M)[None, None, :],
             other=1,
         )
         feasible = feasible & (tl.min(g.to(tl.int32), axis=2) != 0)
-    m3 = valid[:, :, None] & k_ok[None, None, :]
-    x = tl.load(r_ptr + row[:, :, None] * stride_rn + kk[None, None, :] * stride_rk, mask=m3, other=0.0)
+    m3 = is_valid[:, :, None] & k_ok[None, None, :]
+    x = tl.load(
+        rewards + row[:, :, None] * rewards_strides[0] + kk[None, None, :] * rewards_strides[1], mask=m3, other=0.0
+    )
     x = x.to(tl.float64)
-    if HAS_RGATES:
-        gate = tl.load(rg_ptr + row[:, :, None] * stride_rgn + kk[None, None, :] * stride_rgk, mask=m3, other=1)
+    if reward_gates is not None:
+        gate = tl.load(
+            reward_gates + row[:, :, None] * reward_gates_strides[0] + kk[None, None, :] * reward_gates_strides[1],
+            mask=m3,
+            other=1,
+        )
         x = tl.where(gate != 0, x, gated_value)
     finite = m3 & (tl.abs(x) < float("inf"))
     x = tl.where(finite, x, 0.0)
-    return x, finite, m3, row, in_group, valid, feasible
+    return x, finite, m3, row, in_group, is_valid, feasible
 
 
 @triton.jit
@@ -209,78 +201,78 @@ def _chunk_scaled(v, take, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _advantages_fwd_kernel(
-    r_ptr,
-    stride_rn,
-    stride_rk,
-    order_ptr,
-    offsets_ptr,
+def advantages_fwd_kernel(
+    rewards,
+    rewards_strides,
+    order,
+    offsets,
     group_size,
     num_groups,
     max_count,
-    w_ptr,
-    valid_ptr,
-    rg_ptr,
-    stride_rgn,
-    stride_rgk,
-    gates_ptr,
-    stride_gn,
-    stride_gm,
-    M,
-    adv_ptr,
-    gmask_ptr,
-    smask_ptr,
-    weff_ptr,
-    mean_ptr,
-    std_ptr,
-    raw_ptr,
-    code_ptr,
-    part_ptr,
-    status_ptr,
     K,
+    weights,
+    weights_strides,
+    valid,
+    valid_strides,
+    reward_gates,
+    reward_gates_strides,
+    gates,
+    gates_strides,
+    M,
+    out_advantages,
+    out_group_mask,
+    out_sample_mask,
+    out_weights,
+    out_mean,
+    out_std,
+    raw,
+    code,
+    parts,
+    status,
     eps: tl.float64,
     gated_value: tl.float64,
-    infeasible_adv: tl.float64,
+    infeasible_advantage: tl.float64,
     min_feasible,
-    pos_scale: tl.float64,
-    neg_scale: tl.float64,
+    positive_scale: tl.float64,
+    negative_scale: tl.float64,
     clip: tl.float64,
+    normalize: tl.constexpr,
+    std: tl.constexpr,
+    weighting: tl.constexpr,
+    batch_normalize: tl.constexpr,
+    drop_zero_variance: tl.constexpr,
+    nan_policy: tl.constexpr,
+    check_weights: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    CONTIGUOUS: tl.constexpr,
-    HAS_VALID: tl.constexpr,
-    HAS_RGATES: tl.constexpr,
-    HAS_GATES: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    UNBIASED: tl.constexpr,
-    WEIGHTING: tl.constexpr,
-    DROP_ZERO_VAR: tl.constexpr,
-    BATCH_NORM: tl.constexpr,
-    CHECK_FINITE: tl.constexpr,
-    CHECK_WEIGHTS: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
 ):
-    NEED_COMB: tl.constexpr = (WEIGHTING == SCALARIZE) or DROP_ZERO_VAR
+    """The three passes over the chunks of BLOCK_G groups (module docstring). Scratch of batch_normalize:
+    raw [N] float64, code [N] uint8 and parts [programs * PARTIAL] float64 (None without); status [2] int64:
+    the first non-finite reward (flat index) and the first bad weight (None when nothing is checked)."""
+    NEED_COMB: tl.constexpr = (weighting == SCALARIZE) or drop_zero_variance
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g < num_groups
-    if CONTIGUOUS:
+    if group_size is not None:
         start = g * group_size
         count = tl.where(g_ok, group_size, 0).to(tl.int64)
     else:
-        start = tl.load(offsets_ptr + g, mask=g_ok, other=0)
-        count = tl.load(offsets_ptr + g + 1, mask=g_ok, other=0) - start
+        start = tl.load(offsets + g, mask=g_ok, other=0)
+        count = tl.load(offsets + g + 1, mask=g_ok, other=0) - start
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
     jj = tl.arange(0, BLOCK_J).to(tl.int64)
-    w = tl.load(w_ptr + kk, mask=k_ok, other=0.0)
-    if CHECK_WEIGHTS:
+    w = tl.load(weights + kk * weights_strides[0], mask=k_ok, other=0.0)
+    if check_weights:
         bad_w = tl.min(tl.where(k_ok & ~((w >= 0) & (w < float("inf"))), kk.to(tl.int64), NO_ERROR), axis=0)
-        tl.atomic_min(status_ptr + 1, bad_w, mask=(pid == 0) & (bad_w < NO_ERROR))
+        tl.atomic_min(status + 1, bad_w, mask=(pid == 0) & (bad_w < NO_ERROR))
     cw = _pow2_floor(tl.max(w, axis=0))
     wp = w / cw  # w' (0 in padding lanes)
+    tile = (start, count, jj, kk, k_ok)
+    source = (rewards, rewards_strides, order, valid, valid_strides, reward_gates, reward_gates_strides, gates,
+              gates_strides, M, gated_value)  # fmt: skip
 
     # ---- pass 1: count, lo, hi of every objective, hence the scales ---------------------------------
     zk = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float64)
@@ -288,36 +280,11 @@ def _advantages_fwd_kernel(
     n, lo, hi = zk, zk + float("inf"), zk - float("inf")
     fn = zg  # feasible samples per group
     for j0 in range(0, max_count, BLOCK_J):
-        x, finite, m3, row, in_group, valid, feasible = _load_chunk(
-            j0,
-            start,
-            count,
-            jj,
-            kk,
-            k_ok,
-            r_ptr,
-            stride_rn,
-            stride_rk,
-            order_ptr,
-            valid_ptr,
-            rg_ptr,
-            stride_rgn,
-            stride_rgk,
-            gates_ptr,
-            stride_gn,
-            stride_gm,
-            M,
-            gated_value,
-            CONTIGUOUS,
-            HAS_VALID,
-            HAS_RGATES,
-            HAS_GATES,
-            BLOCK_M,
-        )
-        if CHECK_FINITE:
+        x, finite, m3, row, in_group, is_valid, feasible = _load_chunk(j0, tile, source, BLOCK_M)
+        if nan_policy == RAISE:
             flat = tl.where(m3 & ~finite, row[:, :, None] * K + kk[None, None, :], NO_ERROR)
             first = tl.min(tl.min(tl.min(flat, axis=2), axis=1), axis=0)
-            tl.atomic_min(status_ptr, first, mask=first < NO_ERROR)
+            tl.atomic_min(status, first, mask=first < NO_ERROR)
         take = feasible[:, :, None] & finite
         fn += tl.sum(feasible.to(tl.float64), axis=1)
         n += tl.sum(take.to(tl.float64), axis=1)
@@ -336,32 +303,7 @@ def _advantages_fwd_kernel(
     cnt, mean, m2 = zk, zk, zk
     dn, dmean, dm2, dc, dlo, dhi = zg, zg, zg, zg, zg + float("inf"), zg - float("inf")
     for j0 in range(0, max_count, BLOCK_J):
-        x, finite, m3, row, in_group, valid, feasible = _load_chunk(
-            j0,
-            start,
-            count,
-            jj,
-            kk,
-            k_ok,
-            r_ptr,
-            stride_rn,
-            stride_rk,
-            order_ptr,
-            valid_ptr,
-            rg_ptr,
-            stride_rgn,
-            stride_rgk,
-            gates_ptr,
-            stride_gn,
-            stride_gm,
-            M,
-            gated_value,
-            CONTIGUOUS,
-            HAS_VALID,
-            HAS_RGATES,
-            HAS_GATES,
-            BLOCK_M,
-        )
+        x, finite, m3, row, in_group, is_valid, feasible = _load_chunk(j0, tile, source, BLOCK_M)
         take = feasible[:, :, None] & finite
         u = tl.where(take, (x * pre[:, None, :]) * inv[:, None, :], 0.0)
         cn = tl.sum(take.to(tl.float64), axis=1)
@@ -375,34 +317,34 @@ def _advantages_fwd_kernel(
             dlo = tl.minimum(dlo, clo)
             dhi = tl.maximum(dhi, chi)
 
-    mean_u, sd_u, varies = _finalize(n, lo, hi, mean, m2, pre, inv, UNBIASED)
+    mean_u, sd_u, varies = _finalize(n, lo, hi, mean, m2, pre, inv, std)
     gk = g[:, None] * K + kk[None, :]
     gk_ok = g_ok[:, None] & k_ok[None, :]
-    tl.store(mean_ptr + gk, tl.where(n > 0, tl.minimum(tl.maximum(c * mean_u, lo), hi), 0.0), mask=gk_ok)
-    tl.store(std_ptr + gk, c * sd_u, mask=gk_ok)
+    tl.store(out_mean + gk, tl.where(n > 0, tl.minimum(tl.maximum(c * mean_u, lo), hi), 0.0), mask=gk_ok)
+    tl.store(out_std + gk, c * sd_u, mask=gk_ok)
     if NEED_COMB:
         d_c = tl.where(dc > 0, dc, 1.0)
         d_pre, d_inv = _scale_factors(d_c)
-        d_mean, d_sd, d_varies = _finalize(dn, dlo, dhi, dmean, dm2, d_pre, d_inv, UNBIASED)
+        d_mean, d_sd, d_varies = _finalize(dn, dlo, dhi, dmean, dm2, d_pre, d_inv, std)
 
     # weights of the combination and the per-objective maps (reference.py, step 6)
-    if WEIGHTING == SCALARIZE:
-        tl.store(weff_ptr + gk, zk + w[None, :], mask=gk_ok)
+    if weighting == SCALARIZE:
+        tl.store(out_weights + gk, zk + w[None, :], mask=gk_ok)
         p_scale = (top * cw) * d_c
         eps_d = tl.where(eps > 0, eps / p_scale, 0.0)
         d_shift = d_mean
         d_mul = tl.full([BLOCK_G], 1.0, tl.float64)
         d_scale = p_scale
-        if NORMALIZE == ZSCORE:
+        if normalize == ZSCORE:
             den = d_sd + eps_d
             d_mul = tl.where(d_varies & (den > 0), 1.0 / tl.where(den > 0, den, 1.0), 0.0)
             d_scale = zg + 1.0
-        elif NORMALIZE == RLOO:
+        elif normalize == RLOO:
             d_mul = tl.where(dn > 1, dn / tl.where(dn > 1, dn - 1.0, 1.0), 0.0)
-        elif NORMALIZE == NONE:
+        elif normalize == NONE:
             d_shift = zg
     else:
-        if WEIGHTING == VARIANCE:
+        if weighting == VARIANCE:
             sel = (wp[None, :] > 0) & (sd_u > 0)
             vmax = tl.max(tl.where(sel, c, 0.0), axis=1)
             vmax = tl.where(vmax > 0, vmax, 1.0)
@@ -414,15 +356,15 @@ def _advantages_fwd_kernel(
         else:
             W = zk + wp[None, :]
             factor = cw
-        if WEIGHTING == VARIANCE:
-            tl.store(weff_ptr + gk, W, mask=gk_ok)
+        if weighting == VARIANCE:
+            tl.store(out_weights + gk, W, mask=gk_ok)
         else:
-            tl.store(weff_ptr + gk, zk + w[None, :], mask=gk_ok)
-        if NORMALIZE == NONE:
+            tl.store(out_weights + gk, zk + w[None, :], mask=gk_ok)
+        if normalize == NONE:
             live = big > 0
         else:
             live = varies
-        if NORMALIZE == ZSCORE:
+        if normalize == ZSCORE:
             e = zk + 1.0
         else:
             e = c
@@ -433,51 +375,26 @@ def _advantages_fwd_kernel(
         coef = tl.where(use, W * (e / emax[:, None]), 0.0)
         shift = mean_u
         mul = coef
-        if NORMALIZE == ZSCORE:  # (u - mean_u) / (sd_u + eps / c), 0 when the column does not vary
+        if normalize == ZSCORE:  # (u - mean_u) / (sd_u + eps / c), 0 when the column does not vary
             den = sd_u + eps / c
             mul = tl.where(varies & (den > 0), coef / tl.where(den > 0, den, 1.0), 0.0)
-        elif NORMALIZE == RLOO:  # (u - mean_u) * n / (n - 1), 0 when n < 2
+        elif normalize == RLOO:  # (u - mean_u) * n / (n - 1), 0 when n < 2
             mul = tl.where(n > 1, coef * (n / tl.where(n > 1, n - 1.0, 1.0)), 0.0)
-        elif NORMALIZE == NONE:
+        elif normalize == NONE:
             shift = zk
 
     accept = fn >= min_feasible
-    if DROP_ZERO_VAR:
+    if drop_zero_variance:
         accept = accept & d_varies
-    tl.store(gmask_ptr + g, accept.to(tl.uint8), mask=g_ok)
+    tl.store(out_group_mask + g, accept.to(tl.uint8), mask=g_ok)
 
     # ---- pass 3: normalise, combine, finish (or hand over to the batch kernel) -----------------------
     zero = tl.sum(zg, axis=0)
     bn, bmean, bm2, bc, blo, bhi = zero, zero, zero, zero, zero + float("inf"), zero - float("inf")
     for j0 in range(0, max_count, BLOCK_J):
-        x, finite, m3, row, in_group, valid, feasible = _load_chunk(
-            j0,
-            start,
-            count,
-            jj,
-            kk,
-            k_ok,
-            r_ptr,
-            stride_rn,
-            stride_rk,
-            order_ptr,
-            valid_ptr,
-            rg_ptr,
-            stride_rgn,
-            stride_rgk,
-            gates_ptr,
-            stride_gn,
-            stride_gm,
-            M,
-            gated_value,
-            CONTIGUOUS,
-            HAS_VALID,
-            HAS_RGATES,
-            HAS_GATES,
-            BLOCK_M,
-        )
+        x, finite, m3, row, in_group, is_valid, feasible = _load_chunk(j0, tile, source, BLOCK_M)
         take = feasible[:, :, None] & finite
-        if WEIGHTING == SCALARIZE:
+        if weighting == SCALARIZE:
             d = _combined(x, take, wp, fits, top_pre, top_inv, BLOCK_K)
             ud = (d * d_pre[:, None]) * d_inv[:, None]
             a = tl.where(feasible, (ud - d_shift[:, None]) * d_mul[:, None], 0.0)
@@ -488,47 +405,46 @@ def _advantages_fwd_kernel(
             a = tl.reshape(_sorted_sum(terms, BLOCK_G * BLOCK_J, BLOCK_K), [BLOCK_G, BLOCK_J])
             a = _saturate(a, q_scale[:, None])
         contrib = feasible & accept[:, None]
-        infeasible = valid & ~feasible & accept[:, None]
-        if BATCH_NORM:
-            tl.store(raw_ptr + row, a, mask=in_group)
-            tl.store(code_ptr + row, (contrib.to(tl.uint8) + 2 * infeasible.to(tl.uint8)), mask=in_group)
+        infeasible = is_valid & ~feasible & accept[:, None]
+        if batch_normalize:
+            tl.store(raw + row, a, mask=in_group)
+            tl.store(code + row, (contrib.to(tl.uint8) + 2 * infeasible.to(tl.uint8)), mask=in_group)
             cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(a, [BLOCK_G * BLOCK_J]),
                                                          tl.reshape(contrib, [BLOCK_G * BLOCK_J]), 0)  # fmt: skip
             bn, bmean, bm2, bc = _chan_merge_scaled(bn, bmean, bm2, bc, cn, cmean, cm2, cc)
             blo = tl.minimum(blo, clo)
             bhi = tl.maximum(bhi, chi)
         else:
-            a = _finish(a, contrib, infeasible, pos_scale, neg_scale, clip, infeasible_adv, HAS_CLIP)
-            tl.store(adv_ptr + row, a.to(adv_ptr.dtype.element_ty), mask=in_group)
-            keep = contrib | (infeasible & (infeasible_adv != 0.0))
-            tl.store(smask_ptr + row, keep.to(tl.uint8), mask=in_group)
-    if BATCH_NORM:
-        tl.store(part_ptr + pid * PARTIAL + 0, bn)
-        tl.store(part_ptr + pid * PARTIAL + 1, bmean)
-        tl.store(part_ptr + pid * PARTIAL + 2, bm2)
-        tl.store(part_ptr + pid * PARTIAL + 3, blo)
-        tl.store(part_ptr + pid * PARTIAL + 4, bhi)
-        tl.store(part_ptr + pid * PARTIAL + 5, bc)
+            a = _finish(a, contrib, infeasible, positive_scale, negative_scale, clip, infeasible_advantage)
+            tl.store(out_advantages + row, a.to(out_advantages.dtype.element_ty), mask=in_group)
+            keep = contrib | (infeasible & (infeasible_advantage != 0.0))
+            tl.store(out_sample_mask + row, keep.to(tl.uint8), mask=in_group)
+    if batch_normalize:
+        tl.store(parts + pid * PARTIAL + 0, bn)
+        tl.store(parts + pid * PARTIAL + 1, bmean)
+        tl.store(parts + pid * PARTIAL + 2, bm2)
+        tl.store(parts + pid * PARTIAL + 3, blo)
+        tl.store(parts + pid * PARTIAL + 4, bhi)
+        tl.store(parts + pid * PARTIAL + 5, bc)
 
 
 @triton.jit
-def _advantages_batchnorm_kernel(
-    adv_ptr,
-    raw_ptr,
-    code_ptr,
-    smask_ptr,
-    part_ptr,
+def advantages_batchnorm_kernel(
+    out_advantages,
+    out_sample_mask,
+    raw,
+    code,
+    parts,
     num_parts,
     N,
     eps: tl.float64,
-    infeasible_adv: tl.float64,
-    pos_scale: tl.float64,
-    neg_scale: tl.float64,
+    infeasible_advantage: tl.float64,
+    positive_scale: tl.float64,
+    negative_scale: tl.float64,
     clip: tl.float64,
+    std: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    UNBIASED: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
 ):
     """Whiten the contributing advantages with the batch statistic, then finish every sample.
 
@@ -541,7 +457,7 @@ def _advantages_batchnorm_kernel(
     acc_c = acc_n
     for p0 in range(0, num_parts, BLOCK_P):
         ok = p0 + pp < num_parts
-        base = part_ptr + (p0 + pp) * PARTIAL
+        base = parts + (p0 + pp) * PARTIAL
         acc_n += tl.load(base + 0, mask=ok, other=0.0)
         acc_lo = tl.minimum(acc_lo, tl.load(base + 3, mask=ok, other=float("inf")))
         acc_hi = tl.maximum(acc_hi, tl.load(base + 4, mask=ok, other=float("-inf")))
@@ -552,7 +468,7 @@ def _advantages_batchnorm_kernel(
     acc_s = acc_n * 0.0
     for p0 in range(0, num_parts, BLOCK_P):
         ok = p0 + pp < num_parts
-        base = part_ptr + (p0 + pp) * PARTIAL
+        base = parts + (p0 + pp) * PARTIAL
         pn = tl.load(base + 0, mask=ok, other=0.0)
         pm = tl.load(base + 1, mask=ok, other=0.0) * (tl.load(base + 5, mask=ok, other=0.0) / top)
         acc_s += pn * pm
@@ -560,14 +476,14 @@ def _advantages_batchnorm_kernel(
     acc_m2 = acc_n * 0.0
     for p0 in range(0, num_parts, BLOCK_P):
         ok = p0 + pp < num_parts
-        base = part_ptr + (p0 + pp) * PARTIAL
+        base = parts + (p0 + pp) * PARTIAL
         pn = tl.load(base + 0, mask=ok, other=0.0)
         r = tl.load(base + 5, mask=ok, other=0.0) / top
         pm = tl.load(base + 1, mask=ok, other=0.0) * r
         acc_m2 += tl.load(base + 2, mask=ok, other=0.0) * r * r + pn * (pm - mean) * (pm - mean)
     pre, inv = _scale_factors(top)
     mean_u, sd_u, varies = _finalize(
-        tot, tl.min(acc_lo, axis=0), tl.max(acc_hi, axis=0), mean, tl.sum(acc_m2, axis=0), pre, inv, UNBIASED
+        tot, tl.min(acc_lo, axis=0), tl.max(acc_hi, axis=0), mean, tl.sum(acc_m2, axis=0), pre, inv, std
     )
     den = sd_u + eps / top
     white = varies & (den > 0)
@@ -575,12 +491,12 @@ def _advantages_batchnorm_kernel(
 
     offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
-    a = tl.load(raw_ptr + offs, mask=ok, other=0.0)
-    code = tl.load(code_ptr + offs, mask=ok, other=0)
-    contrib = code == 1
-    infeasible = code == 2
+    a = tl.load(raw + offs, mask=ok, other=0.0)
+    c = tl.load(code + offs, mask=ok, other=0)
+    contrib = c == 1
+    infeasible = c == 2
     a = tl.where(contrib, tl.where(white, ((a * pre) * inv - mean_u) / den, 0.0), a)
-    a = _finish(a, contrib, infeasible, pos_scale, neg_scale, clip, infeasible_adv, HAS_CLIP)
-    tl.store(adv_ptr + offs, a.to(adv_ptr.dtype.element_ty), mask=ok)
-    keep = contrib | (infeasible & (infeasible_adv != 0.0))
-    tl.store(smask_ptr + offs, keep.to(tl.uint8), mask=ok)
+    a = _finish(a, contrib, infeasible, positive_scale, negative_scale, clip, infeasible_advantage)
+    tl.store(out_advantages + offs, a.to(out_advantages.dtype.element_ty), mask=ok)
+    keep = contrib | (infeasible & (infeasible_advantage != 0.0))
+    tl.store(out_sample_mask + offs, keep.to(tl.uint8), mask=ok)

@@ -1,8 +1,8 @@
-"""C++ launchers of token_logprobs (csrc/logits.cpp): allocate the outputs and pass every tensor as a checked
-operand (csrc/args.h), so the logits keep their dtype and row strides (a view such as full[:, :-1] of
-[B, T + 1, V] logits is read in place; only the vocabulary stride must be 1) and nothing is copied. Token ids
-outside [0, V) raise ValueError before anything is computed. The loss from logits on the CPU is these two around
-the C++ policy loss (moo_kernels/ops/logits/op.py)."""
+"""C++ launchers of token_logprobs (csrc/logits.cpp): allocate the outputs and pass the tensors as they are (the
+C++ side reads and checks them, csrc/args.h), so the logits keep their dtype and row strides (a view such as
+full[:, :-1] of [B, T + 1, V] logits is read in place; only the vocabulary stride must be 1) and nothing is copied.
+Token ids outside [0, V) raise ValueError before anything is computed. The loss from logits on the CPU is these two
+around the C++ policy loss (moo_kernels/ops/logits/op.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from torch import Tensor
 
 from moo_kernels._backend import cpp
 from moo_kernels._codes import out_dtype
-from moo_kernels._spec import operand
 
 
 def _check_tokens(tokens: Tensor, V: int, bad: int) -> None:
@@ -30,10 +29,7 @@ def token_logprobs_fwd_cpp(
     dt = out_dtype(logits)
     logp, stats = torch.empty((B, T), dtype=dt), torch.empty((B, T, 2), dtype=dt)
     entropy = torch.empty((B, T), dtype=dt) if want_entropy else None
-    bad = cpp().token_logprobs_fwd(
-        logits=operand(logits), tokens=operand(tokens), temperature=float(temperature), logp=operand(logp),
-        stats=operand(stats), entropy=operand(entropy),
-    )  # fmt: skip
+    bad = cpp().token_logprobs_fwd(logits, tokens, float(temperature), logp, stats, entropy)
     _check_tokens(tokens, V, bad)
     return logp, stats, entropy
 
@@ -51,10 +47,7 @@ def token_logprobs_bwd_cpp(
     """Writes d (sum g_logp logp + sum g_entropy entropy) / d logits into out and returns it (out may be logits
     itself: the gradient is computed element-wise from the saved statistics, each tile read before it is
     overwritten). g_logp / g_entropy: [B, T] with any strides, or None (zero); entropy is needed with g_entropy."""
-    bad = cpp().token_logprobs_bwd(
-        logits=operand(logits), tokens=operand(tokens), stats=operand(stats),
-        entropy=operand(entropy if g_entropy is not None else None), g_logp=operand(g_logp),
-        g_entropy=operand(g_entropy), out=operand(out), temperature=float(temperature),
-    )  # fmt: skip
+    saved_entropy = entropy if g_entropy is not None else None
+    bad = cpp().token_logprobs_bwd(logits, tokens, stats, saved_entropy, g_logp, g_entropy, out, float(temperature))
     _check_tokens(tokens, logits.shape[2], bad)
     return out

@@ -131,10 +131,12 @@ class TokenLogprobs(torch.autograd.Function):
     """The eager path of token_logprobs: the implementation without the dispatcher, with the op's backward."""
 
     @staticmethod
-    def forward(logits, tokens, temperature, want_entropy):
-        return _logprobs_impl(logits, tokens, temperature, want_entropy)
+    def forward(ctx, logits, tokens, temperature, want_entropy):
+        # ctx set up here: a separate setup_context makes apply bind the arguments through inspect on every call
+        out = _logprobs_impl(logits, tokens, temperature, want_entropy)
+        _logprobs_setup_context(ctx, (logits, tokens, temperature, want_entropy), out)
+        return out
 
-    setup_context = staticmethod(_logprobs_setup_context)
     backward = staticmethod(_logprobs_backward)
 
 

@@ -289,11 +289,11 @@ def logprobs_bwd_kernel(
 @triton.jit
 def logits_loss_kernel(
     logits, logits_strides, tokens, tokens_strides, grad, grad_strides, stats, totals, parts, entropy, scratch,
-    flags, B, T, V, inv_temp, chunk_v, n_chunks, timeout_ns,
+    flags, T, V, inv_temp, chunk_v, n_chunks, timeout_ns,
     advantages, advantages_strides, mask, mask_strides, old_logp, old_logp_strides, ref_logp, ref_logp_strides,
     token_advantages, token_advantages_strides, is_weights, is_weights_strides, offpolicy, offpolicy_strides,
     beta, kl: tl.constexpr, clip_low, clip_high, dual_clip, ratio_cap, mode: tl.constexpr, offpolicy_gamma,
-    agg: tl.constexpr, max_len, num_tokens,
+    agg: tl.constexpr,
     COOP: tl.constexpr, SEQUENTIAL: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """The fused loss, grid (row, chunk) (see the top): the loss's partial sums, the entropy when entropy is
@@ -336,7 +336,7 @@ def logits_loss_kernel(
             lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
             offpolicy_gamma, mode, kl,
         )  # fmt: skip
-        wl, wmean = token_weights(m, stats, totals, b, B, agg, max_len, num_tokens)
+        wl, wmean = token_weights(m, stats, totals, b, agg)
         if grad is not None:
             g_row = grad + b * grad_strides[0] + t * grad_strides[1]
             c_lp = tl.where(active, g * wl, 0.0)

@@ -154,7 +154,7 @@ def logits_loss_triton(
         args = spec.kernel_kwargs(
             k, logits=logits, logits_strides=strides2(logits), tokens=tokens, tokens_strides=strides2(tokens),
             grad=grad, grad_strides=strides2(grad), stats=stats, totals=totals, parts=parts, entropy=ent,
-            scratch=scratch, flags=flags, B=B, T=T, V=V, inv_temp=1.0 / temperature, chunk_v=chunk,
+            scratch=scratch, flags=flags, T=T, V=V, inv_temp=1.0 / temperature, chunk_v=chunk,
             n_chunks=n_chunks, timeout_ns=TIMEOUT_NS, COOP=coop, SEQUENTIAL=INTERPRETED,
             CHUNKS_P2=triton.next_power_of_2(n_chunks), BLOCK_V=block,
         )  # fmt: skip

@@ -22,12 +22,15 @@ m = 0), so their loss, metrics and gradient are exactly 0.
 - KL (beta > 0)    l = L + beta k, with u = logp - ref_logp:
                    k1 = u, k2 = u^2 / 2, k3 = exp(-u') + u' - 1 with u' = clamp(u, -LOG_RATIO_MAX, LOG_RATIO_MAX)
 
-Aggregation of l over active tokens:
+Aggregation of l over active tokens (S: the number of sequences with an active token, or num_sequences when
+given, the count over the data-parallel ranks and micro-batches of the step):
 - "token-mean":              sum(l m) / sum(m), or / num_tokens when given (data-parallel ranks and
                              gradient-accumulation micro-batches then agree); 0 unless sum(m) > 0
-- "seq-mean-token-mean":     mean over sequences with an active token of sum_t(l m) / sum_t(m)
-- "seq-mean-token-sum":      mean over sequences with an active token of sum_t(l m)
-- "seq-mean-token-sum-norm": sum(l m) / (B * max_len)   (Dr. GRPO: a constant normaliser)
+- "token-sum":               sum(l m)   (no normaliser)
+- "seq-mean-token-mean":     sum over sequences with an active token of sum_t(l m) / sum_t(m), over S
+- "seq-mean-token-sum":      sum over sequences with an active token of sum_t(l m), over S
+- "seq-mean-token-sum-norm": sum(l m) / (B * max_len)   (Dr. GRPO: a constant normaliser; num_sequences replaces
+                             B when given)
 
 A sequence counts in the seq-mean aggregations when sum_t m > 0.
 
@@ -132,18 +135,28 @@ def aggregate(l: torch.Tensor, m: torch.Tensor, o: LossSpec) -> torch.Tensor:
     """The loss from per-token values l (0 at masked tokens) and mask weights m, by o.agg."""
     agg = o.agg
     total = (l * m).sum()
+    if agg == "token-sum":
+        return total
     if agg == "token-mean":
         den = torch.as_tensor(o.num_tokens, dtype=l.dtype) if o.num_tokens is not None else m.sum()
         return torch.where(den > 0, total / torch.where(den > 0, den, 1.0), torch.zeros_like(total))
     if agg == "seq-mean-token-sum-norm":
-        return total / (l.shape[0] * o.max_len)
+        return total / (_sequences(m, o, active=False) * o.max_len)
     per_seq = (l * m).sum(dim=1)
     n = m.sum(dim=1)
     has = n > 0
     if agg == "seq-mean-token-mean":
         per_seq = torch.where(has, per_seq / torch.where(has, n, torch.ones_like(n)), torch.zeros_like(n))
-    seqs = has.to(l.dtype).sum()
+    seqs = torch.as_tensor(_sequences(m, o, active=True), dtype=l.dtype)
     return torch.where(seqs > 0, per_seq.sum() / seqs.clamp(min=1), torch.zeros_like(total))
+
+
+def _sequences(m: torch.Tensor, o: LossSpec, active: bool) -> float | torch.Tensor:
+    """S of the seq-mean aggregations: num_sequences when given, else the sequences with an active token (active)
+    or all B of them (seq-mean-token-sum-norm)."""
+    if o.num_sequences is not None:
+        return o.num_sequences
+    return (m.sum(dim=1) > 0).to(m.dtype).sum() if active else m.shape[0]
 
 
 def policy_loss_reference(
@@ -303,15 +316,17 @@ def token_scale(m: torch.Tensor, o: LossSpec) -> torch.Tensor:
     """d loss / d (l_bt m_bt) of each aggregation: the per-token normaliser, [B, 1] or a 0-dim tensor."""
     agg, max_len, num_tokens = o.agg, o.max_len, o.num_tokens
     n = m.sum(dim=1, keepdim=True)
-    seqs = (n > 0).to(m.dtype).sum()
 
     def inv(x):
+        x = torch.as_tensor(x, dtype=m.dtype)
         return torch.where(x > 0, 1.0 / torch.where(x > 0, x, torch.ones_like(x)), torch.zeros_like(x))
 
+    if agg == "token-sum":
+        return torch.ones((), dtype=m.dtype)
     if agg == "token-mean":
         return inv(torch.as_tensor(num_tokens, dtype=m.dtype) if num_tokens is not None else m.sum())
     if agg == "seq-mean-token-mean":
-        return inv(seqs * n)
+        return inv(_sequences(m, o, active=True) * n)
     if agg == "seq-mean-token-sum":
-        return inv(seqs)
-    return torch.as_tensor(1.0 / (m.shape[0] * max_len), dtype=m.dtype)
+        return inv(_sequences(m, o, active=True))
+    return inv(_sequences(m, o, active=False) * max_len)

@@ -67,8 +67,10 @@ class LossSpec(Spec):
     )
     agg: str = option(
         "token-mean",
-        '"token-mean" sum(l m) / sum(m) (or / num_tokens), "seq-mean-token-mean", "seq-mean-token-sum", '
-        '"seq-mean-token-sum-norm" sum(l m) / (B max_len) (Dr. GRPO).',
+        '"token-mean" sum(l m) / sum(m) (or / num_tokens); "token-sum" sum(l m); "seq-mean-token-mean" and '
+        '"seq-mean-token-sum": the mean over the sequences with an active token (or the sum over them / '
+        'num_sequences) of sum_t(l m) / sum_t(m), of sum_t(l m); "seq-mean-token-sum-norm" sum(l m) / (B max_len) '
+        "(Dr. GRPO; or / (num_sequences max_len)).",
         "str", choices=AGG,
     )  # fmt: skip
     max_len: int | None = option(None, 'the constant length of "seq-mean-token-sum-norm".', "int", optional=True, low=1)
@@ -76,6 +78,13 @@ class LossSpec(Spec):
         None,
         'the global active-token count for "token-mean" (all micro-batches and ranks of the step), so that '
         "data-parallel ranks and gradient-accumulation micro-batches agree.",
+        "float", optional=True, low=0.0, low_inclusive=False,
+    )  # fmt: skip
+    num_sequences: float | None = option(
+        None,
+        'the global count of sequences with an active token for the seq-mean aggregations (all micro-batches and '
+        "ranks of the step, moo_kernels.distributed.global_sequence_count), as num_tokens is for token-mean; "
+        'it replaces B in "seq-mean-token-sum-norm".',
         "float", optional=True, low=0.0, low_inclusive=False,
     )  # fmt: skip
 
@@ -87,6 +96,11 @@ class LossSpec(Spec):
             raise ValueError(f"ratio_cap must be > 1 + clip_high = {1.0 + clip_high}, got {self.ratio_cap}")
         if self.agg == "seq-mean-token-sum-norm" and self.max_len is None:
             raise ValueError("agg='seq-mean-token-sum-norm' needs max_len (the constant length to divide by)")
+        if self.num_tokens is not None and self.agg != "token-mean":
+            raise ValueError(f"num_tokens is the normaliser of agg='token-mean'; agg={self.agg!r} does not use it")
+        if self.num_sequences is not None and not self.agg.startswith("seq-mean"):
+            raise ValueError(f"num_sequences is the normaliser of the seq-mean aggregations; agg={self.agg!r} does "
+                             "not use it")  # fmt: skip
         self.clip_high = clip_high
         return self
 

@@ -5,14 +5,17 @@ The loss's normaliser depends on the mask only (and for GSPO on the sequence mea
 computes each token's loss and its gradient together:
 
 1. row_stats_kernel       one program per sequence: n_b = sum_t m (and, for GSPO, sum_t d m)
-2. totals_kernel          one program: M = sum_b n_b and S = #{b : n_b > 0}, in a fixed order
+2. totals_kernel          one program: M = sum_b n_b, S = #{b : n_b > 0} (in a fixed order) and the
+                          aggregation's denominator
 3. (the entry point's kernel) per token: token_inputs -> token_terms -> its gradient times token_weights, and
                           one row of partial sums per program (store_partials)
 4. reduce_partials_kernel one program: the loss and the metrics from the partials, in a fixed order
 
-row_scale, the weight of a token's l m in the loss: token-mean 1 / (num_tokens or M); seq-mean-token-mean
-1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len); 0 where the denominator is
-not > 0. No float atomics anywhere: the loss and the gradient have the same bits run after run.
+row_scale, the weight of a token's l m in the loss: token-mean 1 / (num_tokens or M); token-sum 1;
+seq-mean-token-mean 1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len), with
+num_sequences for S and B when given; 0 where the denominator is not > 0. The aggregation's options reach
+totals_kernel alone: the entry points' kernels take only agg.
+No float atomics anywhere: the loss and the gradient have the same bits run after run.
 
 Arguments are named after the loss's spec (moo_kernels.ops.loss.spec.LossSpec); an absent tensor or option is
 None, and the code that reads it is left out at compile time. A tensor's strides travel as a tuple
@@ -36,7 +39,8 @@ GSPO = tl.constexpr(_codes.MODE["gspo"])
 CISPO = tl.constexpr(_codes.MODE["cispo"])
 TOKEN_MEAN = tl.constexpr(_codes.AGG["token-mean"])
 SEQ_MEAN_TOKEN_MEAN = tl.constexpr(_codes.AGG["seq-mean-token-mean"])
-SEQ_MEAN_TOKEN_SUM = tl.constexpr(_codes.AGG["seq-mean-token-sum"])
+SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(_codes.AGG["seq-mean-token-sum-norm"])
+TOKEN_SUM = tl.constexpr(_codes.AGG["token-sum"])
 K1 = tl.constexpr(_codes.KL["k1"])
 K2 = tl.constexpr(_codes.KL["k2"])
 LOG_RATIO_MAX = tl.constexpr(_codes.LOG_RATIO_MAX)
@@ -98,8 +102,13 @@ def row_stats_kernel(
 
 
 @triton.jit
-def totals_kernel(stats, totals, B, BLOCK_B: tl.constexpr):
-    """totals = (M = sum_b n_b, S = number of sequences with n_b > 0)."""
+def totals_kernel(
+    stats, totals, B, agg: tl.constexpr, max_len, num_tokens: tl.float64, num_sequences: tl.float64,
+    BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """totals = (M = sum_b n_b, S = number of sequences with n_b > 0, the aggregation's denominator: M or
+    num_tokens (token-mean), 1 (token-sum), S or num_sequences (seq-mean-token-mean: times n_b per row;
+    seq-mean-token-sum), B or num_sequences times max_len (seq-mean-token-sum-norm))."""
     acc_n = tl.zeros([BLOCK_B], dtype=tl.float64)
     acc_s = tl.zeros([BLOCK_B], dtype=tl.float64)
     for b0 in range(0, B, BLOCK_B):
@@ -107,34 +116,44 @@ def totals_kernel(stats, totals, B, BLOCK_B: tl.constexpr):
         n = tl.load(stats + b * 2, mask=b < B, other=0.0)
         acc_n += n
         acc_s += tl.where(n > 0, 1.0, 0.0)
-    tl.store(totals + 0, tl.sum(acc_n, axis=0))
-    tl.store(totals + 1, tl.sum(acc_s, axis=0))
-
-
-@triton.jit
-def row_scale(stats, totals, b, B, agg: tl.constexpr, max_len, num_tokens):
-    """d loss / d (l m) for the tokens of row b, float64: the aggregation's normaliser, 0 where it is not > 0."""
-    n_row = tl.load(stats + b * 2)
-    total_m = tl.load(totals + 0)
-    seqs = tl.load(totals + 1)
+    total_m = tl.sum(acc_n, axis=0)
+    seqs = tl.sum(acc_s, axis=0)
     if agg == TOKEN_MEAN:
         den = total_m
         if num_tokens is not None:
-            den = tl.cast(num_tokens, tl.float64)
-    elif agg == SEQ_MEAN_TOKEN_MEAN:
-        den = tl.where(n_row > 0, seqs * n_row, 0.0)
-    elif agg == SEQ_MEAN_TOKEN_SUM:
+            den = num_tokens
+    elif agg == TOKEN_SUM:
+        den = tl.full([], 1.0, tl.float64)
+    elif agg == SEQ_MEAN_TOKEN_SUM_NORM:
+        den = tl.cast(B, tl.float64)
+        if num_sequences is not None:
+            den = num_sequences
+        den = den * tl.cast(max_len, tl.float64)
+    else:  # seq-mean-token-mean, seq-mean-token-sum
         den = seqs
-    else:  # seq-mean-token-sum-norm
-        den = tl.cast(B, tl.float64) * tl.cast(max_len, tl.float64)
+        if num_sequences is not None:
+            den = num_sequences
+    tl.store(totals + 0, total_m)
+    tl.store(totals + 1, seqs)
+    tl.store(totals + 2, den)
+
+
+@triton.jit
+def row_scale(stats, totals, b, agg: tl.constexpr):
+    """d loss / d (l m) for the tokens of row b, float64: the aggregation's normaliser (totals_kernel; per row for
+    seq-mean-token-mean), 0 where it is not > 0."""
+    den = tl.load(totals + 2)
+    if agg == SEQ_MEAN_TOKEN_MEAN:
+        n_row = tl.load(stats + b * 2)
+        den = tl.where(n_row > 0, den * n_row, 0.0)
     return tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
 
 
 @triton.jit
-def token_weights(m, stats, totals, b, B, agg: tl.constexpr, max_len, num_tokens):
+def token_weights(m, stats, totals, b, agg: tl.constexpr):
     """(m * scale, m / M) in float32, formed in float64 from the float64 mask weight m: the weight of a token's l
     in the loss and in the metrics' means (0 unless M = sum(m) > 0)."""
-    scale = row_scale(stats, totals, b, B, agg, max_len, num_tokens)
+    scale = row_scale(stats, totals, b, agg)
     total_m = tl.load(totals + 0)
     inv_m = tl.where(total_m > 0, 1.0 / tl.where(total_m > 0, total_m, 1.0), 0.0)
     return (m * scale).to(tl.float32), (m * inv_m).to(tl.float32)

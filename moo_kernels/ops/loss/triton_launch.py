@@ -13,16 +13,18 @@ from moo_kernels.ops.loss.spec import LossSpec
 
 
 def row_statistics(spec: LossSpec, logp: torch.Tensor | None, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stats [B, 2], totals [2]), float64: per row sum(m) (and for GSPO sum(d m), which needs logp), then
-    M = sum(m) and the number of rows with sum(m) > 0."""
+    """(stats [B, 2], totals [3]), float64: per row sum(m) (and for GSPO sum(d m), which needs logp), then
+    M = sum(m), the number of rows with sum(m) > 0 and the aggregation's denominator (totals_kernel)."""
     f64 = dict(dtype=torch.float64, device=spec.mask.device)
-    stats, totals = torch.empty(B, 2, **f64), torch.empty(2, **f64)
+    stats, totals = torch.empty(B, 2, **f64), torch.empty(3, **f64)
     k = lk.row_stats_kernel
     k[(B,)](**spec.kernel_kwargs(
         k, logp=logp, logp_strides=strides2(logp), stats=stats, T=T, BLOCK_T=min(triton.next_power_of_2(T), 2048),
         num_warps=4,
     ))  # fmt: skip
-    lk.totals_kernel[(1,)](stats, totals, B, BLOCK_B=min(triton.next_power_of_2(B), 1024), num_warps=4)
+    k = lk.totals_kernel
+    k[(1,)](**spec.kernel_kwargs(k, stats=stats, totals=totals, B=B, BLOCK_B=min(triton.next_power_of_2(B), 1024),
+                                 num_warps=4))  # fmt: skip
     return stats, totals
 
 

@@ -1,6 +1,6 @@
 """C++ launcher of the policy loss from log-probs: allocates the outputs and calls csrc/policy_loss.cpp with the
-loss's tensors and options by name (every input keeps its dtype and strides; nothing is copied). Returns
-(loss, metrics [11], grad) like the Triton launcher."""
+loss's spec, whose tensors and options it reads by name (every input keeps its dtype and strides; nothing is
+copied). Returns (loss, metrics [11], grad) like the Triton launcher."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 
 from moo_kernels._backend import cpp
 from moo_kernels._codes import METRICS, out_dtype
-from moo_kernels._spec import operand
 from moo_kernels.ops.loss.spec import LossSpec
 
 
@@ -17,8 +16,5 @@ def policy_loss_cpp(logp: torch.Tensor, spec: LossSpec, write_grad: bool):
     loss = torch.empty((), dtype=dt)
     metrics = torch.empty(len(METRICS), dtype=dt)
     grad = torch.empty(logp.shape, dtype=logp.dtype) if write_grad else None
-    cpp().policy_loss(
-        logp=operand(logp), grad=operand(grad), tensors=spec.cpp_tensors(), options=spec.cpp_options(),
-        loss=operand(loss), metrics=operand(metrics),
-    )  # fmt: skip
+    cpp().policy_loss(logp, grad, spec, loss, metrics)
     return loss, metrics, grad

@@ -85,17 +85,16 @@ policy_loss_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 class PolicyLoss(torch.autograd.Function):
     """The eager path: apply(logp, write_grad, spec); the implementation without the dispatcher, with the
-    registered op's backward (the spec travels as one object: an argument list of the spec's length costs the
-    autograd machinery tens of microseconds a call)."""
+    registered op's backward. The spec travels as one object (an argument list of the spec's length costs the
+    autograd machinery tens of microseconds a call) and forward sets ctx up itself (with a separate
+    setup_context, apply binds its arguments to forward's signature through inspect on every call)."""
 
     @staticmethod
-    def forward(logp, write_grad, spec):
+    def forward(ctx, logp, write_grad, spec):
         loss, metrics, grad = run(logp, spec, write_grad)
-        return loss, metrics, grad if grad is not None else logp.new_empty(0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _op_setup_context(ctx, inputs, output)
+        out = loss, metrics, grad if grad is not None else logp.new_empty(0)
+        _op_setup_context(ctx, None, out)
+        return out
 
     @staticmethod
     def backward(ctx, g_loss, g_metrics, g_grad):
@@ -124,7 +123,7 @@ def policy_loss(
     Example:
         >>> logp = torch.randn(4, 16).clamp(max=0).requires_grad_()
         >>> loss, m = policy_loss(logp, torch.randn(4), torch.ones(4, 16, dtype=torch.bool),
-        ...                       old_logp=logp.detach() + 0.01, clip_high=0.28)
+        ...                       old_logp=logp.detach() + 0.01)
         >>> loss.backward()
     """
     O.check_float_tensor("logp", logp)

@@ -20,11 +20,11 @@ from moo_kernels.ops.loss.triton_kernels import (
 
 @triton.jit
 def policy_loss_fwd_kernel(
-    logp, logp_strides, grad, grad_strides, stats, totals, parts, B, T,
+    logp, logp_strides, grad, grad_strides, stats, totals, parts, T,
     advantages, advantages_strides, mask, mask_strides, old_logp, old_logp_strides, ref_logp, ref_logp_strides,
     token_advantages, token_advantages_strides, is_weights, is_weights_strides, offpolicy, offpolicy_strides,
     beta, kl: tl.constexpr, clip_low, clip_high, dual_clip, ratio_cap, mode: tl.constexpr, offpolicy_gamma,
-    agg: tl.constexpr, max_len, num_tokens, BLOCK_T: tl.constexpr,
+    agg: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, T / BLOCK_T): per token the loss l, its gradient d l / d logp and the metrics; writes
     grad = d l / d logp * (m * scale) (when grad is given) and one row of partial sums per program."""
@@ -34,7 +34,7 @@ def policy_loss_fwd_kernel(
     ok = t < T
 
     m, active = mask_weight(mask, mask_strides, b, t, ok)
-    wl, wmean = token_weights(m, stats, totals, b, B, agg, max_len, num_tokens)
+    wl, wmean = token_weights(m, stats, totals, b, agg)
     lp = tl.load(logp + b * logp_strides[0] + t * logp_strides[1], mask=ok, other=0.0).to(tl.float32)
     adv, raw = token_inputs(
         b, t, ok, lp, advantages, advantages_strides, token_advantages, token_advantages_strides, old_logp,

@@ -25,7 +25,7 @@ def policy_loss_triton(logp: torch.Tensor, spec: LossSpec, write_grad: bool):
     k = policy_loss_fwd_kernel
     k[(B, grid_t)](**spec.kernel_kwargs(
         k, logp=logp, logp_strides=strides2(logp), grad=grad, grad_strides=strides2(grad), stats=stats,
-        totals=totals, parts=parts, B=B, T=T, BLOCK_T=BLOCK_T, num_warps=FWD_WARPS,
+        totals=totals, parts=parts, T=T, BLOCK_T=BLOCK_T, num_warps=FWD_WARPS,
     ))  # fmt: skip
     loss, metrics = reduce(parts, totals, logp)
     return loss, metrics, grad

@@ -1,0 +1,263 @@
+"""The arguments of the advantage op after `rewards`, declared once (see moo_kernels._spec).
+
+AdvantageSpec holds the user's arguments in their canonical form: the weights as a float64 [K] tensor (numbers
+and 1-D arrays are converted once and cached per device), gates as [N, M]. Derived holds what a call derives
+from them for the kernels, which is not an option: the grouping by group_ids, the number and largest size of
+the groups, and whether the weights' values still need the kernels' check. AdvantageSpec.prepare gives both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from moo_kernels import _codes
+from moo_kernels import _options as O
+from moo_kernels._spec import FLOATS, Context, Spec, option, spec, tensor
+
+INTEGERS = tuple(
+    d
+    for d in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    + tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+)
+BOOL = (torch.bool,)
+
+
+@spec
+class AdvantageSpec(Spec):
+    group_size: int | None = option(
+        None, "groups are consecutive runs of this many samples (N must be divisible by it).", "int", optional=True,
+        low=1,
+    )  # fmt: skip
+    group_ids: torch.Tensor | None = tensor(
+        "[N] integer group id of each sample, any order, any group sizes; groups are numbered by sorted unique "
+        "id. Exactly one of group_size / group_ids. group_ids costs a host synchronisation (to count groups); "
+        "group_size is sync-free.",
+        dtypes=INTEGERS,
+        shapes=("N",),
+    )
+    weights: torch.Tensor | Sequence[float] | None = tensor(
+        "[K] non-negative objective weights (default 1/K each): numbers, a 1-D array or a tensor (a tensor may "
+        "require grad).",
+        dtypes=FLOATS,
+        shapes=("K",),
+        optional=False,
+    )
+    normalize: str = option(
+        "zscore",
+        'per-objective normalisation inside the group: "zscore" (r - mu) / (sigma + eps), "center" r - mu, '
+        '"rloo" leave-one-out baseline n / (n - 1) (r - mu), "none" r.',
+        "str",
+        choices=_codes.NORMALIZE,
+    )
+    std: str = option(
+        "unbiased", '"unbiased" (n - 1) or "population" (n) standard deviation.', "str", choices=_codes.STD
+    )
+    weighting: str = option(
+        "variance",
+        '"scalarize" (weighted sum, then normalise the sum: the TRL / verl baseline), "fixed" (normalise each '
+        'objective, then weighted sum: GDPO), "variance" (DVAO: per-group weights w_k sigma_gk / sum_l w_l '
+        "sigma_gl).",
+        "str",
+        choices=_codes.WEIGHTING,
+    )
+    batch_normalize: bool = option(
+        False, "whiten the combined advantage over the contributing samples of the batch.", "bool"
+    )
+    eps: float = option(1e-6, 'added to the standard deviation in "zscore".', "float", low=0.0)
+    valid: torch.Tensor | None = tensor(
+        "[N] bool, samples that take part; others get advantage 0. In every bool input any nonzero byte counts "
+        "as true.",
+        dtypes=BOOL,
+        shapes=("N",),
+    )
+    reward_gates: torch.Tensor | None = tensor(
+        "[N, K] bool, a false gate replaces r_jk by gated_value before any statistic (conditional rewards).",
+        dtypes=BOOL,
+        shapes=("NK",),
+    )
+    gated_value: float = option(0.0, "the reward of a closed reward gate.", "float")
+    gates: torch.Tensor | None = tensor(
+        "[N] or [N, M] bool feasibility checks (rubrics as gates): a sample is feasible when all pass; "
+        "statistics use feasible samples only and an infeasible sample gets infeasible_advantage.",
+        dtypes=BOOL,
+        shapes=("NM",),
+    )
+    infeasible_advantage: float = option(0.0, "advantage of a valid, infeasible sample in an accepted group.", "float")
+    min_feasible: int = option(0, "a group with fewer feasible samples is rejected whole (advantage 0).", "int", low=0)
+    drop_zero_variance: bool = option(
+        False,
+        "reject groups whose combined reward sum_k w_k r_jk does not vary (DAPO dynamic sampling). "
+        '"Does not vary" is an exact comparison of the combined rewards, which are computed by the same float64 '
+        "operations (a sorted sum over the objectives) on every backend, so every backend rejects the same "
+        "groups.",
+        "bool",
+    )
+    positive_scale: float = option(1.0, "multiplies positive advantages (W-REINFORCE, NSR).", "float", low=0.0)
+    negative_scale: float = option(1.0, "multiplies negative advantages (W-REINFORCE, NSR).", "float", low=0.0)
+    clip: float | None = option(
+        None, "bound |advantage| by this value (None: no bound).", "float", optional=True, low=0.0,
+        low_inclusive=False,
+    )  # fmt: skip
+    nan_policy: str = option(
+        "raise",
+        '"raise" (ValueError naming the sample and objective of a non-finite reward; one host synchronisation) '
+        'or "ignore" (a non-finite reward is left out of its objective\'s statistics and contributes 0).',
+        "str",
+        choices=_codes.NAN_POLICY,
+    )
+
+    @classmethod
+    def validate(cls, context: Context, **kwargs) -> AdvantageSpec:
+        """The canonical spec of the public function's arguments (see prepare)."""
+        return cls.prepare(context, **kwargs)[0]
+
+    @classmethod
+    def prepare(cls, context: Context, **kwargs) -> tuple[AdvantageSpec, Derived]:
+        """The canonical spec of these arguments (context: the dimensions N and K, the rewards' device) and what
+        the kernels derive from it. Raises a ValueError / TypeError naming the first bad argument."""
+        weights, checked = _weights(kwargs.pop("weights", None), context)
+        for name, x in kwargs.items():  # the tensors' own messages, before their generic checks
+            if not isinstance(x, torch.Tensor):
+                continue
+            if name in _BOOL_TENSORS and x.dtype != torch.bool:
+                raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
+            if name == "group_ids":
+                if x.is_meta:
+                    raise ValueError(
+                        "group_ids on the meta device: the number of groups depends on the ids' values; pass "
+                        "group_size to get output shapes from meta tensors"
+                    )
+                if x.dtype not in INTEGERS:
+                    raise TypeError(f"group_ids must be an integer tensor, got {x.dtype}")
+            if name == "gates":
+                n = context.dims["N"]
+                gates = x.unsqueeze(1) if x.dim() == 1 else x
+                if gates.dim() != 2 or gates.shape[0] != n or gates.shape[1] == 0:
+                    raise ValueError(f"gates must have shape ({n},) or ({n}, M) with M >= 1, got {tuple(x.shape)}")
+                kwargs[name] = gates  # [N] gates are [N, 1] (replacing a value while iterating is allowed)
+                context = context._replace(dims={**context.dims, "M": gates.shape[1]})
+        if checked:  # weights from numbers: already a valid float64 tensor of shape [K] on the device
+            values = cls.values(context, kwargs, checked={"weights": weights})
+        else:
+            values = cls.values(context, dict(kwargs, weights=weights))
+        canonical = cls.make(values).check(context)
+        return canonical, Derived.of(canonical, context.dims["N"], check_weights=not checked)
+
+    def check(self, context: Context) -> AdvantageSpec:
+        """Exactly one grouping, a group size that divides N; the weights as float64 (every backend computes
+        in float64; the conversion is differentiable)."""
+        n = context.dims["N"]
+        if (self.group_size is None) == (self.group_ids is None):
+            raise ValueError("pass exactly one of group_size or group_ids")
+        if self.group_size is not None and n % self.group_size:
+            raise ValueError(f"group_size={self.group_size} does not divide the batch of N={n} samples")
+        if self.weights.dtype != torch.float64:
+            return dataclasses.replace(self, weights=self.weights.to(torch.float64))
+        return self
+
+    def checks_values(self, derived: Derived) -> bool:
+        """Whether the kernels look for bad values (a non-finite reward under nan_policy="raise", a bad value of a
+        weights tensor) and report the first one through a status word, which the host then reads."""
+        return self.nan_policy == "raise" or derived.check_weights
+
+
+_BOOL_TENSORS = tuple(name for name, arg in AdvantageSpec.args() if arg.dtypes == BOOL)
+# The options a trainer configures (every argument but the grouping and the per-sample tensors).
+OPTION_NAMES = tuple(name for name, arg in AdvantageSpec.args() if arg.kind != "tensor" and name != "group_size")
+
+
+@spec
+class Derived(Spec):
+    """What a call derives from its validated arguments for the kernels: not an option of the public function.
+    With group_size nothing here needs the host to wait for the device."""
+
+    group_index: torch.Tensor | None = tensor("[N] int64 group of each sample (group_ids)", dtypes=(torch.int64,),
+                                              shapes=("N",))  # fmt: skip
+    order: torch.Tensor | None = tensor("[N] int64 samples sorted by group (group_ids)", dtypes=(torch.int64,),
+                                        shapes=("N",))  # fmt: skip
+    offsets: torch.Tensor | None = tensor("[G + 1] int64 start of each group in order (group_ids)",
+                                          dtypes=(torch.int64,), shapes=("G",))  # fmt: skip
+    num_groups: int = option(0, "G", "int")
+    max_count: int = option(0, "the size of the largest group", "int")
+    check_weights: bool = option(False, "a weights tensor whose values the kernels check (>= 0 and finite)", "bool")
+
+    @classmethod
+    def of(cls, spec: AdvantageSpec, n: int, check_weights: bool) -> Derived:
+        if spec.group_size is not None:
+            return cls(None, None, None, n // spec.group_size, spec.group_size, check_weights)
+        _, group_index, counts = torch.unique(spec.group_ids, sorted=True, return_inverse=True, return_counts=True)
+        order = torch.argsort(group_index, stable=True)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        max_count = n if torch.compiler.is_compiling() else int(counts.max())
+        return cls(group_index, order, offsets, counts.numel(), max_count, check_weights)
+
+    def sample_groups(self, spec: AdvantageSpec, rewards: torch.Tensor) -> torch.Tensor:
+        """[N] int64 group of every sample."""
+        if self.group_index is not None:
+            return self.group_index
+        return torch.arange(rewards.shape[0], device=rewards.device) // spec.group_size
+
+
+def raise_bad_values(rewards: torch.Tensor, weights: torch.Tensor, bad_reward: int, bad_weight: int) -> None:
+    """Turn the first offending flat reward index / weight index a kernel found into an error naming it."""
+    k_total = rewards.shape[1]
+    if 0 <= bad_weight < weights.numel():
+        raise ValueError(f"weights must be finite and >= 0, got weights[{bad_weight}] = {weights[bad_weight].item()}")
+    if 0 <= bad_reward < rewards.numel():
+        j, k = divmod(bad_reward, k_total)
+        raise ValueError(
+            f"rewards[{j}, {k}] is {rewards[j, k].item()} (sample {j}, objective {k}); "
+            "pass nan_policy='ignore' to leave non-finite rewards out"
+        )
+
+
+# ---- weights -------------------------------------------------------------------------------------------------
+
+_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(key: tuple, make) -> torch.Tensor:
+    """The weights tensor cached under key, made (and cached, outside traced code) when absent."""
+    weights = _CACHE.get(key)
+    if weights is None:
+        weights = make()
+        if not torch.compiler.is_compiling():  # traced code writes no state (it would break the graph)
+            if len(_CACHE) > 64:
+                _CACHE.clear()
+            _CACHE[key] = weights
+    return weights
+
+
+def _weights(weights, context: Context) -> tuple[object, bool]:
+    """The weights as a [K] float64 tensor and whether its values are known to be valid; a tensor is returned as
+    it is (the spec checks its dtype, device and shape, the kernels its values). Weights given as numbers are
+    checked once and cached on the device (no copy per call)."""
+    k, device = context.dims["K"], context.device
+    if weights is None:
+        return _cached(
+            ("uniform", k, device), lambda: torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
+        ), True
+    if isinstance(weights, torch.Tensor):
+        return weights, False
+    if not isinstance(weights, (str, Sequence)) and hasattr(weights, "__array__"):
+        import numpy as np  # a numpy array or another array-like: numpy is there
+
+        array = np.asarray(weights)
+        if array.ndim != 1:
+            raise ValueError(f"weights must be 1-D (one per objective), got shape {array.shape}")
+        weights = array.tolist()
+    if isinstance(weights, Sequence) and not isinstance(weights, str):
+        values = tuple(weights)
+        if len(values) != k:
+            raise ValueError(f"weights must have {k} entries (one per objective), got {len(values)}")
+        key = (values, device)
+        if key not in _CACHE:  # validated when it was cached
+            for i, v in enumerate(values):
+                O.check_number(f"weights[{i}]", v, low=0.0)
+        return _cached(key, lambda: torch.tensor(values, dtype=torch.float64, device=device)), True
+    raise TypeError(
+        f"weights must be None, a sequence or 1-D array of numbers, or a tensor, got {type(weights).__name__}"
+    )
