@@ -44,7 +44,7 @@ test-gpu: build
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS := python_tests/test_advantages.py python_tests/test_advantages_numerics.py \
 	python_tests/test_policy_loss.py python_tests/test_loss_numerics.py python_tests/test_logits.py \
-	python_tests/test_logits_cpu.py python_tests/test_brier.py python_tests/test_interfaces.py
+	python_tests/test_logits_cpu.py python_tests/test_brier.py python_tests/test_interfaces.py python_tests/test_codes.py
 SANITIZE_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	MOO_KERNELS_EXTENSION="$$(ls $(SANITIZE_DIR)/moo_kernels/_C*.so)"

@@ -59,9 +59,6 @@ constexpr int64_t kLanes = 16;                   // independent double accumulat
 constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, threads cost more than they save
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Codes shared with moo_kernels/ops/policy_loss/cpu.py and problem.py (the dtype codes are moo::DType,
-// dtype.h).
-
 // ---- operands -----------------------------------------------------------------------------------------
 
 using moo::exp_poly;

@@ -25,9 +25,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
 from moo_kernels.ops.advantages import triton_launch as adv_launch  # noqa: E402
+from moo_kernels.ops.advantages.spec import AdvantageSpec, Derived  # noqa: E402
 from moo_kernels.ops.logits import triton_kernels as lg_k  # noqa: E402
 from moo_kernels.ops.logits import triton_launch as lg_launch  # noqa: E402
+from moo_kernels.ops.logits.spec import LogitsSpec  # noqa: E402
 from moo_kernels.ops.loss import triton_kernels as loss_k  # noqa: E402
+from moo_kernels.ops.loss.spec import LossSpec  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_kernels as pl_k  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_launch as pl_launch  # noqa: E402
 
@@ -108,35 +111,34 @@ def advantages_configs():
                     out_mean=out, out_std=out, raw="fp64", code="u8", parts="fp64", status="i64")  # fmt: skip
         sets = option_sets if (k, size) == (8, 16) and dtype == torch.float32 else option_sets[:2]
         for options, absent in sets:
-            sig, cx = build(kernel, ptrs, absent, "i32", dict(meta, **options), floats="fp64")
+            sig, cx = build(kernel, ptrs, absent, "i32", dict(meta, **options))
             yield "advantages_fwd", kernel, sig, cx, num_warps, f"shape{i}"
     kernel = adv_k.advantages_batchnorm_kernel
     for out in ("fp32", "fp64"):
         ptrs = dict(out_advantages=out, out_sample_mask="u8", raw="fp64", code="u8", parts="fp64")
         for clip in (False, True):
             constexprs = dict(std=1, BLOCK_N=adv_launch.BATCH_BLOCK, BLOCK_P=1024)
-            sig, cx = build(kernel, ptrs, set() if clip else {"clip"}, "i32", constexprs, floats="fp64")
+            sig, cx = build(kernel, ptrs, set() if clip else {"clip"}, "i32", constexprs)
             yield "advantages_batchnorm", kernel, sig, cx, 4, out
 
 
-# Runtime float arguments of the kernels (fp32 in the loss and logits launches, fp64 in the advantage ones) and
-# int64 ones.
-FLOAT_ARGS = {
-    *("beta", "clip_low", "clip_high", "dual_clip", "ratio_cap", "offpolicy_gamma", "num_tokens", "num_sequences"),
-    *("inv_temp", "eps", "gated_value", "infeasible_advantage", "positive_scale", "negative_scale", "clip"),
-}
+# The kinds of the kernels' parameters named after a spec field (a float option is a float argument), and the
+# parameters of the launchers' own that are floats or 64-bit integers.
+SPEC_ARGS = {**LossSpec._arg, **LogitsSpec._arg, **AdvantageSpec._arg, **Derived._arg}
+FLOAT_ARGS = {"inv_temp"}
 INT64_ARGS = {"timeout_ns"}
-LOSS_TENSORS = ("advantages", "mask", "old_logp", "ref_logp", "token_advantages", "is_weights", "offpolicy")
 
 
-def build(fn, pointers: dict, absent: set, index: str, constexprs: dict, floats: str = "fp32") -> tuple[dict, dict]:
+def build(fn, pointers: dict, absent: set, index: str, constexprs: dict) -> tuple[dict, dict]:
     """(signature, constexprs) of a kernel whose parameters follow the package's conventions: pointers in
     pointers (name -> element type), the absent optional arguments in absent (None: a constexpr; their strides stay
-    runtime integers: the launchers pass (0, 0)), strides tuples `<name>_strides` of type index, floats of type
-    floats, other integers of type index."""
+    runtime integers: the launchers pass (0, 0)), strides tuples `<name>_strides` of type index, a parameter with a
+    type annotation of that type (the advantage kernels' float64 options), the other float options of a spec (and
+    FLOAT_ARGS) fp32 (a Python float reaches a kernel so), other integers of type index."""
     sig, cx = {}, dict(constexprs)
     for p in fn.params:
         n = p.name
+        spec_arg = SPEC_ARGS.get(n)
         if p.is_constexpr:
             sig[n] = "constexpr"
         elif n in absent:
@@ -146,8 +148,10 @@ def build(fn, pointers: dict, absent: set, index: str, constexprs: dict, floats:
             sig[n] = (index, index)
         elif n in pointers:
             sig[n] = f"*{pointers[n]}"
-        elif n in FLOAT_ARGS:
-            sig[n] = floats
+        elif p.annotation:
+            sig[n] = p.annotation
+        elif n in FLOAT_ARGS or (spec_arg is not None and spec_arg.kind == "float"):
+            sig[n] = "fp32"
         elif n in INT64_ARGS:
             sig[n] = "i64"
         else:
@@ -178,7 +182,7 @@ def policy_loss_configs():
         for given in (False, True):
             absent = set() if given else {"num_tokens", "num_sequences"}
             ptrs = dict(stats="fp64", totals="fp64")
-            sig, cx = build(loss_k.totals_kernel, ptrs, absent, "i32", dict(agg=agg, BLOCK_B=1024), floats="fp64")
+            sig, cx = build(loss_k.totals_kernel, ptrs, absent, "i32", dict(agg=agg, BLOCK_B=1024))
             yield "policy_totals", loss_k.totals_kernel, sig, cx, 4, f"agg{agg}"
     ptrs = dict(parts="fp32", totals="fp64", out="fp64")
     sig, cx = build(loss_k.reduce_partials_kernel, ptrs, set(), "i32", dict(BLOCK_P=256))

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from moo_kernels import _codes
@@ -56,3 +57,55 @@ def test_constants_and_metric_layout_agree():
     assert [key_of(k).replace("-", "_") for k, _ in sorted(metrics.items(), key=lambda kv: kv[1])] == list(
         _codes.METRICS
     )
+
+
+# ---- the C++ boundary (csrc/args.h): every tensor checked, errors that name it --------------------------------
+
+
+def _loss_call(**changes):
+    """The C++ policy loss called as its launcher does, with some of the spec's fields or outputs replaced."""
+    from moo_kernels._backend import cpp
+    from moo_kernels.ops.loss.spec import loss_spec
+
+    logp = -torch.rand(2, 3)
+    spec = loss_spec((2, 3), logp.device, "logp", advantages=torch.ones(2), mask=torch.ones(2, 3, dtype=torch.bool))
+    outputs = dict(logp=logp, grad=None, loss=torch.empty(()), metrics=torch.empty(len(_codes.METRICS)))
+    for name, value in changes.items():
+        if name in outputs:
+            outputs[name] = value
+        else:
+            setattr(spec, name, value)  # past the Python checks: only the C++ ones stand
+    cpp().policy_loss(outputs["logp"], outputs["grad"], spec, outputs["loss"], outputs["metrics"])
+    return outputs
+
+
+def test_cpp_boundary_accepts_what_the_launcher_passes():
+    out = _loss_call()
+    assert torch.isfinite(out["loss"]) and out["metrics"][-1] == 6.0  # active_tokens
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(advantages=torch.ones(3)), r"advantages must have shape \(2,\) or \(2, 3\), got \(3,\)"),
+        (dict(mask=torch.ones(2, 3, dtype=torch.int64)), "mask: unsupported dtype code"),
+        (dict(old_logp=torch.zeros(3, 2)), r"old_logp must have shape \(2, 3\)"),
+        (dict(offpolicy=torch.ones(2)), "offpolicy: unsupported dtype code"),
+        (dict(advantages=None), "advantages must be given"),
+        (dict(metrics=torch.empty(3)), r"metrics must have shape \(11,\)"),
+        (dict(loss=torch.empty((), dtype=torch.float64)), "loss: unsupported dtype code"),
+        (dict(grad=torch.empty(2, 4)), r"grad must have shape \(2, 3\)"),
+        (dict(logp=torch.zeros(2, 3, 1, 1, 1)), "logp: a tensor of rank <= 4 expected"),
+        (dict(agg="no-such-agg"), "no code for the option agg"),
+    ],
+)
+def test_cpp_boundary_names_the_bad_tensor(changes, match):
+    with pytest.raises(ValueError, match=match):
+        _loss_call(**changes)
+
+
+def test_cpp_boundary_reads_the_spec_by_name():
+    from moo_kernels._backend import cpp
+
+    with pytest.raises(ValueError, match="the spec has no argument advantages"):
+        cpp().policy_loss(-torch.rand(2, 3), None, object(), torch.empty(()), torch.empty(len(_codes.METRICS)))

@@ -1,4 +1,4 @@
-"""token_logprobs C++ kernels (moo_kernels/ops/logits/cpu.py, csrc/logits.cpp) against the float64 reference:
+"""token_logprobs C++ kernels (moo_kernels/ops/logits/cpp_launch.py, csrc/logits.cpp) against the float64 reference:
 forward (logp, row statistics, entropy) and backward for every logits dtype, int32 / int64 tokens,
 temperatures, strided views, in-place gradients, -inf logits, bad token ids, and bitwise determinism across
 thread counts."""

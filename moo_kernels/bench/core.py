@@ -137,7 +137,7 @@ def cpu_backend(probe: Callable[[], Any], kernel: str) -> tuple[str, str | None]
         return backend, "the backend is forced to 'reference' (MOO_KERNELS_BACKEND or set_backend)"
     try:
         probe()
-    except ImportError as e:  # no moo_kernels._C, or no cpu.py
+    except ImportError as e:  # no moo_kernels._C, or no C++ launcher
         return "reference", f"{type(e).__name__}: {e}"
     except AttributeError as e:
         if kernel in str(e):

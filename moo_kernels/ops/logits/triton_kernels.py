@@ -1,4 +1,4 @@
-"""Triton kernels of the logits ops (kernels only; see cuda.py for the launchers).
+"""Triton kernels of the logits ops (kernels only; see triton_launch.py for the launchers).
 
 A vocabulary row of the logits is split into chunks of chunk_v entries (a multiple of BLOCK_V). Each
 chunk's softmax statistics are taken relative to its maximum m of the raw logits z, on x = (z - m) / tau
