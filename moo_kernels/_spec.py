@@ -84,7 +84,6 @@ def spec(cls):
     cls._arg = dict(cls._args)
     cls._defaults = {name: default for name, _, default in cls._fields}
     cls._required = tuple(name for name, arg, default in cls._fields if default is None and not arg.optional)
-    cls._tensors = tuple(name for name, arg, _ in cls._fields if arg.kind == "tensor")
     cls._options = tuple((name, arg.choices) for name, arg, _ in cls._fields if arg.kind != "tensor" and arg.kernel)
     return cls
 
@@ -97,7 +96,6 @@ class Spec:
     _defaults: dict = {}  # name -> default
     _required: tuple = ()  # the fields without a default
     _args: tuple = ()  # (name, Arg)
-    _tensors: tuple = ()  # the names of the tensor fields
     _options: tuple = ()  # (name, choices or None) of the options the kernels receive
 
     @classmethod
@@ -110,7 +108,7 @@ class Spec:
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {name: default for name, _, default in cls._fields}
+        return dict(cls._defaults)
 
     # -- validation
 

@@ -60,12 +60,13 @@ def brier_reward(correct: torch.Tensor, confidence: torch.Tensor, *, check: bool
     c = correct.to(q.dtype)  # a bool converts to 0 / 1 whatever byte it holds
     if check:
         q_ok = (q >= 0) & (q <= 1)
-        c_ok = (c == 0) | (c == 1)
+        c_ok = None if correct.dtype == torch.bool else (c == 0) | (c == 1)  # a bool is 0 or 1 already
         if tracing(q):
             torch._assert_async(q_ok.all(), "brier_reward: confidence must lie in [0, 1]")
-            torch._assert_async(c_ok.all(), "brier_reward: correct must hold 0 or 1")
+            if c_ok is not None:
+                torch._assert_async(c_ok.all(), "brier_reward: correct must hold 0 or 1")
         else:
-            if not bool(c_ok.all()):
+            if c_ok is not None and not bool(c_ok.all()):
                 i = int((~c_ok).flatten().nonzero()[0])
                 raise ValueError(f"correct must hold 0 or 1, got {c.flatten()[i].item()} at flat index {i}")
             if not bool(q_ok.all()):
