@@ -7,8 +7,13 @@ eager mode, through the dispatcher) and the implementation alone (no validation,
 fixed cost of a call, the benchmarks' main sizes its share of a realistic call. Each entry's outputs are checked
 against the public function's before anything is timed.
 
+--against DIR compares the public functions' per-call time on tiny inputs with another checkout of the package
+(an older commit, say), the two timed alternately in fresh processes, a few rounds: the side-by-side check that a
+change of structure costs no time per call.
+
     python bench/call_overhead.py             # the table, and bench/results/call_overhead_cpu_<date>.json
     python bench/call_overhead.py --no-write  # the table only
+    python bench/call_overhead.py --against /tmp/old-checkout
 """
 
 from __future__ import annotations
@@ -24,15 +29,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+if "--public" not in sys.argv:  # --public runs in another checkout: its moo_kernels comes from PYTHONPATH
+    sys.path.insert(0, str(ROOT))
 import moo_kernels as mk  # noqa: E402
-from moo_kernels._spec import Context  # noqa: E402
-from moo_kernels.bench.report import run_meta  # noqa: E402
-from moo_kernels.ops.advantages import op as adv_op  # noqa: E402
-from moo_kernels.ops.advantages.spec import AdvantageSpec  # noqa: E402
-from moo_kernels.ops.loss.spec import loss_spec  # noqa: E402
-from moo_kernels.ops.policy_loss import op as pl_op  # noqa: E402
 
 ENTRIES = ("public function (eager)", "registered op (dispatcher)", "implementation alone")
 
@@ -56,6 +56,9 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def policy_loss_entries(B: int, T: int, grad: bool) -> tuple[Callable, ...]:
+    from moo_kernels.ops.loss.spec import loss_spec
+    from moo_kernels.ops.policy_loss import op as pl_op
+
     g = torch.Generator().manual_seed(0)
     logp = (-torch.rand(B, T, generator=g)).requires_grad_(grad)
     adv, mask = torch.randn(B, generator=g), torch.rand(B, T, generator=g) > 0.2
@@ -73,6 +76,10 @@ def policy_loss_entries(B: int, T: int, grad: bool) -> tuple[Callable, ...]:
 
 
 def advantages_entries(N: int, K: int, G: int, grad: bool) -> tuple[Callable, ...]:
+    from moo_kernels._spec import Context
+    from moo_kernels.ops.advantages import op as adv_op
+    from moo_kernels.ops.advantages.spec import AdvantageSpec
+
     g = torch.Generator().manual_seed(0)
     rewards = torch.randn(N, K, generator=g).requires_grad_(grad)
     spec, derived = AdvantageSpec.prepare(Context({"N": N, "K": K}, rewards.device, "rewards"), group_size=N // G)
@@ -120,12 +127,71 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def public_calls() -> dict[str, float]:
+    """The public functions on tiny inputs (their API is the same at every commit): us per call."""
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 2, 8, 11
+    logp = (-torch.rand(B, T, generator=g)).requires_grad_()
+    adv, mask = torch.randn(B, generator=g), torch.rand(B, T, generator=g) > 0.2
+    logits = torch.randn(B, T, V, generator=g).requires_grad_()
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    r = torch.randn(16, 2, generator=g)
+    c, q = torch.rand(64, generator=g) > 0.5, torch.rand(64, generator=g)
+    calls = {
+        "policy_loss, gradient": lambda: mk.policy_loss(logp, adv, mask, clip_high=0.28),
+        "policy_loss, no gradient": lambda: mk.policy_loss(logp.detach(), adv, mask, clip_high=0.28),
+        "policy_loss_from_logits, gradient": lambda: mk.policy_loss_from_logits(logits, tokens, adv, mask),
+        "token_logprobs, no gradient": lambda: mk.token_logprobs(logits.detach(), tokens),
+        "multi_objective_advantages, no gradient": lambda: mk.multi_objective_advantages(r, group_size=4),
+        "multi_objective_advantages, gradient": lambda: mk.multi_objective_advantages(
+            r.clone().requires_grad_(), group_size=4
+        ),
+        "brier_reward": lambda: mk.brier_reward(c, q),
+    }
+    with mk.use_backend("cpp"):
+        return {name: best_us(fn, 3000) for name, fn in calls.items()}
+
+
+def against(other: Path, rounds: int) -> int:
+    """This checkout and another, timed alternately in fresh processes; the fastest of the rounds of each."""
+    import os
+    import subprocess
+
+    trees = {"this": ROOT, "other": other.resolve()}
+    best: dict[str, dict[str, float]] = {k: {} for k in trees}
+    for _ in range(rounds):
+        for key, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(tree))
+            out = subprocess.run([sys.executable, __file__, "--public"], env=env, cwd=tree, check=True,
+                                 capture_output=True, text=True).stdout  # fmt: skip
+            for name, us in json.loads(out.splitlines()[-1]).items():
+                best[key][name] = min(us, best[key].get(name, float("inf")))
+    print(f"Public functions, tiny inputs, C++ backend: fastest of {rounds} alternating rounds (us per call)")
+    print(f"this: {ROOT}\nother: {trees['other']}")
+    print(f"{'call':42s} {'other':>8s} {'this':>8s} {'this/other':>11s}")
+    for name, us in best["this"].items():
+        theirs = best["other"].get(name)
+        ratio = f"{us / theirs:11.2f}" if theirs else f"{'-':>11s}"
+        print(f"{name:42s} {theirs or float('nan'):8.1f} {us:8.1f} {ratio}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     ap.add_argument("--calls", type=int, default=3000, help="calls per repeat at the tiny sizes")
+    ap.add_argument("--against", type=Path, help="another checkout: compare the public functions' per-call time")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of --against")
+    ap.add_argument("--public", action="store_true", help=argparse.SUPPRESS)  # one round of --against, as JSON
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.public:
+        print(json.dumps(public_calls()))
+        return 0
+    if args.against is not None:
+        return against(args.against, args.rounds)
+    from moo_kernels.bench.report import run_meta
+
     rows = measure(args.calls, max(20, args.calls // 100))
     print(f"Per-call time on the CPU (C++ backend), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(table(rows))
