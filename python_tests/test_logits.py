@@ -218,6 +218,26 @@ def test_backward_twice_raises(backend, device):
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_registered_op_has_the_same_backward(backend):
+    """The registered op (torch.compile's entry), called in eager mode, hands its gradient over like the public
+    function: the same gradient, and the same error on a second backward through one call."""
+    from moo_kernels.ops.logits.op import policy_loss_from_logits_op
+    from moo_kernels.ops.loss.spec import loss_spec
+
+    logits, tokens, adv, mask, kw = build("clip_token_mean")
+    spec = loss_spec((B, T), logits.device, "logits", advantages=adv, mask=mask, **kw)
+    x = logits.detach().clone().requires_grad_()
+    y = logits.detach().clone().requires_grad_()
+    with mk.use_backend(backend):
+        loss = policy_loss_from_logits_op(x, tokens, 1.0, False, *spec.flat(), True)[0]
+        (loss * 0.5).backward(retain_graph=True)
+        (mk.policy_loss_from_logits(y, tokens, adv, mask, **kw)[0] * 0.5).backward()
+    assert torch.equal(x.grad, y.grad)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("backend,device", TARGETS)
 def test_no_grad_and_all_masked(backend, device):
     logits, tokens, adv, mask, kw = build("clip_higher_dual_cap_k3")

@@ -18,6 +18,8 @@ raises. Under torch.compile the buffer is the op's output and the backward multi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -245,11 +247,29 @@ def _op_setup_context(ctx, inputs, output) -> None:
 
 
 def _op_backward(ctx, g_loss, *unused):
-    (grad,) = ctx.saved_tensors
-    return (grad * g_loss.to(grad.dtype),) + (None,) * (LogitsSpec.count() + LossSpec.count() + 2)
+    grad = hand_over_grad(ctx, lambda: ctx.saved_tensors[0], g_loss)
+    return (grad,) + (None,) * (LogitsSpec.count() + LossSpec.count() + 2)
 
 
 policy_loss_from_logits_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def hand_over_grad(ctx, buffer: Callable[[], Tensor], g_loss: Tensor) -> Tensor:
+    """The one backward of the loss from logits, for both entries: the forward's d loss / d logits buffer (read
+    through `buffer` once the call is known to be the first), rescaled in place by the incoming gradient and handed
+    over, once (a [B, T, V] buffer: no second one is allocated, and on a GPU an incoming 1 is decided on the device);
+    a second backward through the same call raises. Traced (torch.compile), the graph multiplies out of place
+    instead: a traced function keeps no state between runs."""
+    if tracing(g_loss):
+        grad = buffer()
+        return grad * g_loss.to(grad.dtype)
+    if getattr(ctx, "handed_over", False):
+        raise RuntimeError(
+            "policy_loss_from_logits: backward ran twice through the same call (retain_graph); its gradient "
+            "buffer is rescaled in place, so call the loss again instead"
+        )
+    ctx.handed_over = True
+    return scale_grad_(buffer(), g_loss)
 
 
 def scale_grad_(grad: Tensor, g: Tensor) -> Tensor:
@@ -286,13 +306,9 @@ class LogitsLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *unused):
-        if ctx.grad is None:  # handed over by an earlier backward
-            raise RuntimeError(
-                "policy_loss_from_logits: backward ran twice through the same call (retain_graph); its gradient "
-                "buffer is rescaled in place, so call the loss again instead"
-            )
-        grad, ctx.grad = ctx.grad, None
-        return scale_grad_(grad, g_loss), None, None, None, None, None
+        grad = hand_over_grad(ctx, lambda: ctx.grad, g_loss)
+        ctx.grad = None  # autograd holds the buffer now
+        return grad, None, None, None, None, None
 
 
 def may_overlap(x: torch.Tensor) -> bool:
