@@ -98,6 +98,7 @@ struct Inputs {
     int64_t stride_rgn, stride_rgk;
     const uint8_t* gates;         // [N, M] or null
     int64_t stride_gn, stride_gm, m;
+    const double* std_floor;      // [K] floor of each objective's standard deviation in zscore, or null
 };
 
 struct Outputs {
@@ -717,18 +718,18 @@ MOO_INLINE void objective_maps(const Inputs& in, const Options& o, Block& b, dou
         emax[l] = emax[l] > 0 ? emax[l] : 1.0;
         q[l] = emax[l] * (variance ? 1.0 : in.cw);
     }
-    const double eps = o.eps;
     for (int64_t k = 0; k < K; ++k) {
         const Column& s = b.stats[k];
         double* shift = b.shift.data() + k * kLanes;
         double* mul = b.mul.data() + k * kLanes;
+        const double eps = in.std_floor ? o.eps + in.std_floor[k] : o.eps;  // eps + floor_k, in reward units
         MOO_OMP(omp simd)
         for (int64_t l = 0; l < kLanes; ++l) {
             const double w = W[k * kLanes + l];
             const bool live = none ? s.big[l] > 0 : s.varies[l] > 0;
             const double e = zscore ? 1.0 : s.c[l];
             const double coef = w > 0 && live ? w * (e / emax[l]) : 0.0;
-            const double den = s.sd_u[l] + eps / s.c[l];  // zscore: (u - mean_u) / (sd_u + eps / c)
+            const double den = s.sd_u[l] + eps / s.c[l];  // zscore: (u - mean_u) / (sd_u + (eps + floor) / c)
             const double n = s.count[l];                   // rloo: (u - mean_u) * n / (n - 1), 0 when n < 2
             const double z = s.varies[l] > 0 && den > 0 ? coef / den : 0.0;
             const double r = n > 1 ? coef * (n / (n - 1)) : 0.0;
@@ -1131,15 +1132,20 @@ void register_advantages(py::module_& m) {
                 moo::output<void>(mean_out, "mean", {{g, k}}, {out}),
                 moo::output<void>(std_out, "std", {{g, k}}, {out})};
 
-            std::vector<double> weights(k);  // [K] w, read with its stride
+            std::vector<double> weights(k), floor;  // [K] w and the std floor, read with their strides
             const double* wp = static_cast<const double*>(w.ptr);
             for (int64_t i = 0; i < k; ++i) weights[i] = wp[i * w.sb];
+            const moo::TensorArg f = tensor_arg(spec, "std_floor", {{k}}, {moo::kFloat64});
+            if (f.ptr != nullptr) {
+                floor.resize(k);
+                for (int64_t i = 0; i < k; ++i) floor[i] = static_cast<const double*>(f.ptr)[i * f.sb];
+            }
             const Inputs in{r.ptr, n, k, r.sb, r.st, group_size.value_or(0), g,
                             static_cast<const int64_t*>(order.ptr), static_cast<const int64_t*>(offsets.ptr),
                             weights.data(), nullptr, 1.0, static_cast<const uint8_t*>(valid.ptr), valid.sb,
                             static_cast<const uint8_t*>(rg.ptr), rg.sb, rg.st,
                             static_cast<const uint8_t*>(gates.ptr), gates.sb, gates.st,
-                            gates.ptr ? gates.sizes[1] : 0};
+                            gates.ptr ? gates.sizes[1] : 0, floor.empty() ? nullptr : floor.data()};
             const std::optional<double> clip = moo::optional_option<double>(spec, "clip");
             const Options o{option<int>(spec, "normalize"),
                             option<int>(spec, "std") == moo::kUnbiased,

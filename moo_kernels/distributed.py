@@ -50,6 +50,9 @@ _OPTION_DEFAULTS = {
 }
 
 
+_TENSOR_OPTIONS = ("weights", "std_floor")  # options that may be tensors: their values are fingerprinted
+
+
 def _checked_option(name: str, value: object) -> object:
     """Numbers as Python numbers (so that 4, 4.0 and numpy's 4.0 fingerprint alike); others unchanged."""
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, O.np_bool)):
@@ -220,11 +223,14 @@ def multi_objective_advantages_distributed(
             value = _checked_option(name, value)
         names.append(name)
         info.append(_fingerprint(value) if not isinstance(value, torch.Tensor) else 0)
-    names += ["weights (tensor values)", "weights.requires_grad"]
-    mine = torch.tensor(info + [0, 0], dtype=torch.int64, device=rewards.device)
+    given = {name: options.get(name) for name in _TENSOR_OPTIONS}  # per-objective options a tensor may hold
+    names += [f"{name} (tensor values)" for name in given] + ["weights.requires_grad"]
+    mine = torch.tensor(info + [0] * (len(given) + 1), dtype=torch.int64, device=rewards.device)
+    for i, (name, x) in enumerate(given.items()):
+        if isinstance(x, torch.Tensor):
+            O.check_same_device(name, x, rewards.device)
+            mine[len(info) + i] = _tensor_fingerprint(x)
     if isinstance(weights, torch.Tensor):
-        O.check_same_device("weights", weights, rewards.device)
-        mine[-2] = _tensor_fingerprint(weights)
         mine[-1] = int(weights.requires_grad)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=process_group)

@@ -92,7 +92,7 @@ def advantages_configs():
     # (options, absent tensors): the plain call; everything on, grouped by ids; each normalize x weighting
     plain = dict(normalize=0, std=1, weighting=0, drop_zero_variance=False, batch_normalize=False, nan_policy=1,
                  check_weights=False)  # fmt: skip
-    plain_absent = {"order", "offsets", "valid", "reward_gates", "gates", "raw", "code", "parts", "clip"}
+    plain_absent = {"order", "offsets", "valid", "reward_gates", "gates", "raw", "code", "parts", "clip", "std_floor"}
     every = dict(normalize=2, std=0, weighting=2, drop_zero_variance=True, batch_normalize=True, nan_policy=0,
                  check_weights=True)  # fmt: skip
     option_sets = [(plain, plain_absent), (every, {"group_size"})]
@@ -106,9 +106,10 @@ def advantages_configs():
         meta = adv_launch.block_sizes(groups, size, k, m)
         num_warps = meta.pop("num_warps")
         out = "fp64" if dtype == torch.float64 else "fp32"  # the output dtype; the kernel computes in float64
-        ptrs = dict(rewards=TYPE[dtype], order="i64", offsets="i64", weights="fp64", valid="u8", reward_gates="u8",
-                    gates="u8", out_advantages=out, out_group_mask="u8", out_sample_mask="u8", out_weights=out,
-                    out_mean=out, out_std=out, raw="fp64", code="u8", parts="fp64", status="i64")  # fmt: skip
+        ptrs = dict(rewards=TYPE[dtype], order="i64", offsets="i64", weights="fp64", std_floor="fp64", valid="u8",
+                    reward_gates="u8", gates="u8", out_advantages=out, out_group_mask="u8", out_sample_mask="u8",
+                    out_weights=out, out_mean=out, out_std=out, raw="fp64", code="u8", parts="fp64",
+                    status="i64")  # fmt: skip
         sets = option_sets if (k, size) == (8, 16) and dtype == torch.float32 else option_sets[:2]
         for options, absent in sets:
             sig, cx = build(kernel, ptrs, absent, "i32", dict(meta, **options))

@@ -92,6 +92,15 @@ OPTION_CASES = {
     "sign_shaping": {"positive_scale": 0.0, "negative_scale": 1.5},
     "clip": {"clip": 0.75, "weighting": "fixed"},
     "eps_zero": {"eps": 0.0, "normalize": "zscore"},
+    "std_floor_fixed": {"weighting": "fixed", "std_floor": [0.0, 0.05, 0.5, 0.02]},
+    "std_floor_variance_number": {
+        "weighting": "variance",
+        "std_floor": 0.1,
+        "gates": "g2",
+        "nan_policy": "ignore",
+        "nan": True,
+    },  # fmt: skip
+    "std_floor_tensor_eps_zero": {"weighting": "fixed", "std_floor": "floor", "eps": 0.0, "batch_normalize": True},
     "nan_ignore": {"nan_policy": "ignore", "nan": True},
     "everything": {
         "reward_gates": "rg",
@@ -122,6 +131,7 @@ def build_case(case, n, k, seed=5):
         "g1": torch.rand(n, generator=g) > 0.2,
         "g2": torch.rand(n, 3, generator=g) > 0.1,
         "v": torch.rand(n, generator=g) > 0.1,
+        "floor": torch.tensor([0.3, 0.0, 0.01, 1e-4], dtype=torch.float32)[:k],
     }
     kw = {key: tensors[v] if isinstance(v, str) and v in tensors else v for key, v in kw.items()}
     return rewards, kw
@@ -287,6 +297,17 @@ BAD_INPUTS = [
     (dict(reward_gates=torch.ones(8, 3, dtype=torch.bool)), ValueError, r"reward_gates must have shape \(8, 2\)"),
     (dict(gates=torch.ones(8, 0, dtype=torch.bool)), ValueError, "gates must have shape"),
     (dict(gates=torch.ones(8, 2)), TypeError, "gates must be a bool tensor"),
+    (dict(std_floor=-0.1, weighting="fixed"), ValueError, "std_floor must be >= 0"),
+    (dict(std_floor=float("nan"), weighting="fixed"), ValueError, "std_floor must be finite"),
+    (dict(std_floor=[0.1], weighting="fixed"), ValueError, "std_floor must have 2 entries"),
+    (dict(std_floor=[0.1, -0.2], weighting="fixed"), ValueError, r"std_floor\[1\] must be >= 0"),
+    (dict(std_floor=torch.ones(3), weighting="fixed"), ValueError, r"std_floor must have shape \(2,\)"),
+    (dict(std_floor=torch.tensor([0.1, -1.0]), weighting="fixed"), ValueError, r"std_floor\[1\] = -1.0"),
+    (dict(std_floor=torch.tensor([0.1, float("inf")]), weighting="fixed"), ValueError, "finite and >= 0"),
+    (dict(std_floor=torch.ones(2, dtype=torch.long), weighting="fixed"), TypeError, "std_floor must be float16"),
+    (dict(std_floor="0.1", weighting="fixed"), TypeError, "std_floor must be a number"),
+    (dict(std_floor=0.1, weighting="scalarize"), ValueError, "std_floor floors the standard deviation"),
+    (dict(std_floor=0.1, weighting="fixed", normalize="center"), ValueError, 'needs normalize="zscore"'),
 ]
 
 
@@ -318,6 +339,8 @@ GRAD_CASES = [
     dict(weighting="variance", batch_normalize=True, positive_scale=0.5, negative_scale=2.0, clip=1.0),
     dict(weighting="fixed", normalize="none", gates="g", infeasible_advantage=-1.0),
     dict(weighting="variance", reward_gates="rg", gated_value=0.3, valid="v", drop_zero_variance=True),
+    dict(weighting="fixed", std_floor=[0.0, 0.3, 0.05]),
+    dict(weighting="variance", std_floor=0.2, batch_normalize=True),
 ]
 
 
@@ -487,3 +510,51 @@ def test_torch_compile_fullgraph_group_ids():
 
     for a, b in zip(torch.compile(f, fullgraph=True)(r, ids), f(r, ids), strict=True):
         assert torch.equal(a, b)
+
+
+# ---- std_floor --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_std_floor_is_the_formula(backend, device):
+    """weighting="fixed", zscore: A_j = sum_k w_k (r_jk - mu_gk) / (sigma_gk + floor_k + eps), written out here in
+    float64 from the definition (unbiased sigma), independent of the reference's scaled arithmetic."""
+    g = torch.Generator().manual_seed(4)
+    r = torch.randn(24, 3, dtype=torch.float64, generator=g)
+    r[:, 2] *= 1e-3  # a tiny objective: the floor keeps it from being blown up to unit scale
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    floor = torch.tensor([0.0, 0.2, 0.01], dtype=torch.float64)
+    out = run(backend, device, r, group_size=6, weights=w, weighting="fixed", std_floor=floor, eps=1e-6)
+    x = r.view(4, 6, 3)
+    z = (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + floor + 1e-6)
+    expected = (z * w).sum(dim=-1).flatten()
+    torch.testing.assert_close(out.advantages.cpu(), expected, atol=1e-12, rtol=1e-10)
+    # the floor of the tiny objective shrinks its share: without it, it weighs as much as the others
+    plain = run(backend, device, r, group_size=6, weights=w, weighting="fixed")
+    assert (out.advantages.cpu() - expected).abs().max() < 1e-10
+    assert (plain.advantages.cpu() - expected).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_std_floor_zero_is_no_floor(backend, device):
+    """0, zeros or an all-zero list are no floor: the same bits as without the option."""
+    r = make_rewards(20, 3, seed=8)
+    base = run(backend, device, r, group_size=5, weighting="fixed")
+    for floor in (0.0, 0, [0.0, 0.0, 0.0]):
+        out = run(backend, device, r, group_size=5, weighting="fixed", std_floor=floor)
+        for name, a, b in zip(FIELDS, out, base, strict=True):
+            assert torch.equal(a, b), (floor, name)
+
+
+def test_std_floor_forms_agree():
+    """A number, K numbers, a numpy array and a tensor of any float dtype give the same bits; the floor gets no
+    gradient (a constant)."""
+    np = pytest.importorskip("numpy")
+    r = make_rewards(12, 2, seed=9)
+    forms = [0.25, [0.25, 0.25], np.array([0.25, 0.25]), torch.tensor([0.25, 0.25]), torch.full((2,), 0.25).double()]
+    outs = [mk.multi_objective_advantages(r, group_size=4, weighting="fixed", std_floor=f).advantages for f in forms]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    floor = torch.full((2,), 0.25, requires_grad=True)
+    rg = r.clone().requires_grad_()
+    mk.multi_objective_advantages(rg, group_size=4, weighting="fixed", std_floor=floor).advantages.sum().backward()
+    assert floor.grad is None and rg.grad is not None

@@ -125,6 +125,7 @@ ADV_CASES = {
         clip=2.0,
     ),
     "variance_rloo_reward_gates": dict(weighting="variance", normalize="rloo", reward_gates=True, gated_value=-1.0),
+    "fixed_std_floor": dict(weighting="fixed", std_floor=[0.0, 0.1, 0.02]),
 }
 
 

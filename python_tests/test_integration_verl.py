@@ -56,13 +56,18 @@ def test_single_objective_matches_verl_grpo(norm_by_std):
     torch.testing.assert_close(returns, ours)
 
 
-def test_estimator_through_verl_equals_direct_call():
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(weights=[1.0, 0.5, 0.25], weighting="variance", drop_zero_variance=True, negative_scale=0.5, clip=2.0),
+        dict(weights=[1.0, 1.0, 1.0], weighting="fixed", std_floor=[0.0, 0.05, 0.2]),
+        dict(weighting="fixed", std_floor=0.1),
+    ],
+)
+def test_estimator_through_verl_equals_direct_call(options):
     rewards, mask, index, scores, g = batch(1)
     extra = torch.rand(scores.shape[0], 2, generator=g)
     ok = torch.rand(scores.shape[0], generator=g) > 0.2
-    options = dict(
-        weights=[1.0, 0.5, 0.25], weighting="variance", drop_zero_variance=True, negative_scale=0.5, clip=2.0
-    )
     config = OmegaConf.create({"moo": {**options, "infeasible_advantage": -0.3}})
     ours, _ = core_algos.get_adv_estimator_fn("moo")(
         token_level_rewards=rewards, response_mask=mask, index=index, config=config, objective_rewards=extra, gates=ok

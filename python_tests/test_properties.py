@@ -177,6 +177,9 @@ def advantage_problems(draw):
         gated_value=draw(st.sampled_from([0.0, 1.0])),
         nan_policy=nan_policy,
     )
+    if options["normalize"] == "zscore" and options["weighting"] != "scalarize":
+        floors = [None, 0.05, [0.0] * (k - 1) + [2.0]]  # none, one for all, a large one on the last objective
+        options["std_floor"] = draw(st.sampled_from(floors))
     tensors = dict(rewards=r, weights=weights, valid=valid, reward_gates=reward_gates, gates=gates, **group)
     return tensors, options
 

@@ -28,7 +28,7 @@ estimator is single-objective; a custom trainer (or a call like the one in the t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from moo_kernels.ops.advantages.spec import OPTION_NAMES
 
 ADV_ESTIMATOR = "moo"
 POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo"}
-_OP_OPTIONS = ("weights", *OPTION_NAMES)  # the keyword options of multi_objective_advantages
+_OP_OPTIONS = ("weights", "std_floor", *OPTION_NAMES)  # the keyword options of multi_objective_advantages
 _LAYOUT_OPTIONS = ("reward_keys", "gate_keys", "gate_threshold")
 
 
@@ -51,8 +51,9 @@ def _moo_options(config) -> dict[str, Any]:
         moo = {}
     if not isinstance(moo, Mapping):
         raise TypeError(f"algorithm.moo must be a mapping of options, got {type(moo).__name__}")
+    lists = ("weights", "std_floor", "reward_keys", "gate_keys")  # omegaconf lists as lists (std_floor: or a number)
     moo = {
-        k: (list(v) if k in ("weights", "reward_keys", "gate_keys") and v is not None else v) for k, v in moo.items()
+        k: (list(v) if k in lists and isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in moo.items()
     }
     unknown = set(moo) - set(_OP_OPTIONS) - set(_LAYOUT_OPTIONS)
     if unknown:

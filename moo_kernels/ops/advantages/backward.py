@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moo_kernels.ops.advantages.reference import F64, Stats, _segment_sum, batch_whiten, forward_state
+from moo_kernels.ops.advantages.reference import F64, Stats, _segment_sum, batch_whiten, forward_state, objective_eps
 from moo_kernels.ops.advantages.spec import AdvantageSpec, Derived
 
 
@@ -139,7 +139,8 @@ def advantages_backward(
 
     grad_r = grad_w = None
     if needs_rewards:
-        g_r = normalize_backward(r0, take, gi, G, stats, o.normalize, o.eps, unbiased, g_a_k, g_mean, g_sd_total)
+        eps = objective_eps(o, r.device)  # eps + std_floor per objective (the floor is a constant)
+        g_r = normalize_backward(r0, take, gi, G, stats, o.normalize, eps, unbiased, g_a_k, g_mean, g_sd_total)
         if g_s is not None:
             g_r = g_r + torch.where(finite, g_s[:, None] * w, torch.zeros_like(r0))
         g_r = torch.where(is_open & finite, g_r, torch.zeros_like(g_r))

@@ -127,11 +127,20 @@ def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
-def _eps_over(eps: float, scale: torch.Tensor) -> torch.Tensor:
+def _eps_over(eps: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """eps / scale, correctly rounded (a number divided by a tensor is computed as a reciprocal times the
-    number, which overflows for a subnormal scale); 0 when eps == 0 (also when the scale underflowed)."""
-    num = torch.full_like(scale, eps)
+    number, which overflows for a subnormal scale); 0 when eps == 0 (also when the scale underflowed). eps may be
+    a tensor that broadcasts against scale (eps + std_floor per objective)."""
+    num = torch.full_like(scale, eps) if not isinstance(eps, torch.Tensor) else eps.to(scale.dtype).expand_as(scale)
     return torch.where(num > 0, num / scale, torch.zeros_like(scale))
+
+
+def objective_eps(o: AdvantageSpec, device: torch.device) -> float | torch.Tensor:
+    """What the z-score of each objective adds to its standard deviation: eps, plus std_floor when given (a number,
+    K numbers or a [K] tensor: a constant, detached)."""
+    if o.std_floor is None:
+        return o.eps
+    return o.eps + torch.as_tensor(o.std_floor, dtype=F64, device=device).detach()
 
 
 def _apply_scale(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -292,7 +301,7 @@ def forward_state(
         adv = out if o.normalize == "zscore" else _apply_scale(out, s_scale[gi])
         weff = w.expand(G, -1)
     else:
-        eps_c = _eps_over(o.eps, st.scale)
+        eps_c = _eps_over(objective_eps(o, r.device), st.scale)
         a_u = normalize_scaled(
             u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_c[gi], o.normalize
         )

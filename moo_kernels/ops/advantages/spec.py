@@ -67,6 +67,16 @@ class AdvantageSpec(Spec):
         False, "whiten the combined advantage over the contributing samples of the batch.", "bool"
     )
     eps: float = option(1e-6, 'added to the standard deviation in "zscore".', "float", low=0.0)
+    std_floor: torch.Tensor | float | Sequence[float] | None = tensor(
+        'a floor on each objective\'s standard deviation in "zscore", in reward units: z = (r - mu) / (sigma + '
+        "std_floor_k + eps), so an objective whose rewards barely vary inside a group (a tiny tie-breaker) is not "
+        "blown up to unit scale. A number (every objective), K numbers or a [K] tensor (a constant: no gradient; "
+        'a tensor\'s values are checked with one host synchronisation), >= 0. For weighting "fixed" and '
+        '"variance" (where each objective is divided by its own sigma); not for "scalarize" nor the batch '
+        "whitening of batch_normalize, which divide combined rewards. Default 0.",
+        dtypes=FLOATS,
+        shapes=("K",),
+    )
     valid: torch.Tensor | None = tensor(
         "[N] bool, samples that take part; others get advantage 0. In every bool input any nonzero byte counts "
         "as true.",
@@ -119,6 +129,7 @@ class AdvantageSpec(Spec):
         """The canonical spec of these arguments (context: the dimensions N and K, the rewards' device) and what
         the kernels derive from it. Raises a ValueError / TypeError naming the first bad argument."""
         weights, checked = _weights(kwargs.pop("weights", None), context)
+        floor, floor_checked = _std_floor(kwargs.pop("std_floor", None), context)
         for name, x in kwargs.items():  # the tensors' own messages, before their generic checks
             if not isinstance(x, torch.Tensor):
                 continue
@@ -139,10 +150,15 @@ class AdvantageSpec(Spec):
                     raise ValueError(f"gates must have shape ({n},) or ({n}, M) with M >= 1, got {tuple(x.shape)}")
                 kwargs[name] = gates  # [N] gates are [N, 1] (replacing a value while iterating is allowed)
                 context = context._replace(dims={**context.dims, "M": gates.shape[1]})
-        if checked:  # weights from numbers: already a valid float64 tensor of shape [K] on the device
-            values = cls.values(context, kwargs, checked={"weights": weights})
-        else:
-            values = cls.values(context, dict(kwargs, weights=weights))
+        # weights (std_floor) from numbers: already a valid float64 tensor of shape [K] on the device
+        known = {name: x for name, x, ok in (("weights", weights, checked), ("std_floor", floor, floor_checked)) if ok}
+        given = {
+            name: x for name, x, ok in (("weights", weights, checked), ("std_floor", floor, floor_checked)) if not ok
+        }
+        values = cls.values(context, dict(kwargs, **given), checked=known)
+        if not floor_checked:  # a std_floor tensor: its dtype, shape and device are checked, now its values
+            check_std_floor(values["std_floor"])
+            values["std_floor"] = values["std_floor"].detach().to(torch.float64)
         canonical = cls.make(values).check(context)
         return canonical, Derived.of(canonical, context.dims["N"], check_weights=not checked)
 
@@ -154,6 +170,13 @@ class AdvantageSpec(Spec):
             raise ValueError("pass exactly one of group_size or group_ids")
         if self.group_size is not None and n % self.group_size:
             raise ValueError(f"group_size={self.group_size} does not divide the batch of N={n} samples")
+        if self.std_floor is not None:
+            if self.normalize != "zscore" or self.weighting == "scalarize":
+                raise ValueError(
+                    'std_floor floors the standard deviation of each objective\'s z-score: it needs normalize="zscore" '
+                    f'and weighting "fixed" or "variance", got normalize={self.normalize!r}, '
+                    f"weighting={self.weighting!r}"
+                )
         if self.weights.dtype != torch.float64:
             return dataclasses.replace(self, weights=self.weights.to(torch.float64))
         return self
@@ -242,22 +265,65 @@ def _weights(weights, context: Context) -> tuple[object, bool]:
         ), True
     if isinstance(weights, torch.Tensor):
         return weights, False
-    if not isinstance(weights, (str, Sequence)) and hasattr(weights, "__array__"):
+    values = _numbers("weights", weights, k, allow_scalar=False)
+    return _from_numbers("weights", values, device), True
+
+
+def _std_floor(floor, context: Context) -> tuple[object, bool]:
+    """std_floor as a [K] float64 tensor (None for no floor: absent, 0, or all zeros) and whether its values are
+    known to be valid. Numbers are checked once and cached on the device; a tensor is returned as it is (the spec
+    checks its dtype, device and shape, check_std_floor its values)."""
+    if floor is None or isinstance(floor, torch.Tensor):
+        return floor, floor is None
+    values = _numbers("std_floor", floor, context.dims["K"], allow_scalar=True)
+    if not any(values):
+        return None, True
+    return _from_numbers("std_floor", values, context.device), True
+
+
+def _numbers(name: str, value, k: int, allow_scalar: bool) -> tuple:
+    """value as a tuple of K numbers: a sequence or 1-D array of K of them, or (allow_scalar) one for every
+    objective."""
+    if allow_scalar and not isinstance(value, (str, Sequence)) and not hasattr(value, "__array__"):
+        O.check_number(name, value, low=0.0)  # a number (a bool or anything else is refused here)
+        return (float(value),) * k
+    if not isinstance(value, (str, Sequence)) and hasattr(value, "__array__"):
         import numpy as np  # a numpy array or another array-like: numpy is there
 
-        array = np.asarray(weights)
+        array = np.asarray(value)
+        if allow_scalar and array.ndim == 0:
+            return _numbers(name, array.item(), k, allow_scalar)
         if array.ndim != 1:
-            raise ValueError(f"weights must be 1-D (one per objective), got shape {array.shape}")
-        weights = array.tolist()
-    if isinstance(weights, Sequence) and not isinstance(weights, str):
-        values = tuple(weights)
+            raise ValueError(f"{name} must be 1-D (one per objective), got shape {array.shape}")
+        value = array.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = tuple(value)
         if len(values) != k:
-            raise ValueError(f"weights must have {k} entries (one per objective), got {len(values)}")
-        key = (values, device)
-        if key not in _CACHE:  # validated when it was cached
-            for i, v in enumerate(values):
-                O.check_number(f"weights[{i}]", v, low=0.0)
-        return _cached(key, lambda: torch.tensor(values, dtype=torch.float64, device=device)), True
-    raise TypeError(
-        f"weights must be None, a sequence or 1-D array of numbers, or a tensor, got {type(weights).__name__}"
-    )
+            raise ValueError(f"{name} must have {k} entries (one per objective), got {len(values)}")
+        return values
+    what = "a number, " if allow_scalar else "None, "
+    raise TypeError(f"{name} must be {what}a sequence or 1-D array of numbers, or a tensor, got {type(value).__name__}")
+
+
+def _from_numbers(name: str, values: tuple, device: torch.device) -> torch.Tensor:
+    """The [K] float64 tensor of these numbers on the device, cached (each number checked: finite, >= 0)."""
+    if not all(type(v) is float for v in values):  # ints, numpy numbers: checked, and keyed as Python floats
+        values = tuple(O.check_number(f"{name}[{i}]", v, low=0.0) for i, v in enumerate(values))
+    key = (name, values, device)
+    if key not in _CACHE:  # validated when it was cached
+        for i, v in enumerate(values):
+            O.check_number(f"{name}[{i}]", v, low=0.0)
+    return _cached(key, lambda: torch.tensor(values, dtype=torch.float64, device=device))
+
+
+def check_std_floor(floor: torch.Tensor) -> None:
+    """The values of a std_floor tensor: finite and >= 0 (one host synchronisation; an asynchronous assertion when
+    traced)."""
+    ok = ((floor >= 0) & torch.isfinite(floor)).all()
+    if torch.compiler.is_compiling() or floor.is_meta:
+        if not floor.is_meta:
+            torch._assert_async(ok, "std_floor must be finite and >= 0")
+        return
+    if not bool(ok):
+        i = int((~((floor >= 0) & torch.isfinite(floor))).nonzero()[0])
+        raise ValueError(f"std_floor must be finite and >= 0, got std_floor[{i}] = {floor[i].item()}")

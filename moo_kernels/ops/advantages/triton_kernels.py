@@ -219,6 +219,8 @@ def advantages_fwd_kernel(
     gates,
     gates_strides,
     M,
+    std_floor,
+    std_floor_strides,
     out_advantages,
     out_group_mask,
     out_sample_mask,
@@ -375,8 +377,11 @@ def advantages_fwd_kernel(
         coef = tl.where(use, W * (e / emax[:, None]), 0.0)
         shift = mean_u
         mul = coef
-        if normalize == ZSCORE:  # (u - mean_u) / (sd_u + eps / c), 0 when the column does not vary
-            den = sd_u + eps / c
+        if normalize == ZSCORE:  # (u - mean_u) / (sd_u + (eps + floor_k) / c), 0 when the column does not vary
+            eps_k = zk + eps
+            if std_floor is not None:
+                eps_k = eps_k + tl.load(std_floor + kk * std_floor_strides[0], mask=k_ok, other=0.0)[None, :]
+            den = sd_u + eps_k / c
             mul = tl.where(varies & (den > 0), coef / tl.where(den > 0, den, 1.0), 0.0)
         elif normalize == RLOO:  # (u - mean_u) * n / (n - 1), 0 when n < 2
             mul = tl.where(n > 1, coef * (n / tl.where(n > 1, n - 1.0, 1.0)), 0.0)
