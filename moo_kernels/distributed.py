@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from moo_kernels import _options as O
 from moo_kernels.ops.advantages.op import AdvantageResult, multi_objective_advantages
+from moo_kernels.ops.advantages.spec import PER_OBJECTIVE
 from moo_kernels.ops.loss.spec import PolicyLossMetrics
 
 __all__ = [
@@ -48,9 +49,6 @@ _OPTION_DEFAULTS = {
     if p.kind is inspect.Parameter.KEYWORD_ONLY
     and name not in ("group_size", "group_ids", "valid", "reward_gates", "gates")
 }
-
-
-_TENSOR_OPTIONS = ("weights", "std_floor")  # options that may be tensors: their values are fingerprinted
 
 
 def _checked_option(name: str, value: object) -> object:
@@ -223,7 +221,7 @@ def multi_objective_advantages_distributed(
             value = _checked_option(name, value)
         names.append(name)
         info.append(_fingerprint(value) if not isinstance(value, torch.Tensor) else 0)
-    given = {name: options.get(name) for name in _TENSOR_OPTIONS}  # per-objective options a tensor may hold
+    given = {name: options.get(name) for name in PER_OBJECTIVE}  # options a tensor may hold: values fingerprinted
     names += [f"{name} (tensor values)" for name in given] + ["weights.requires_grad"]
     mine = torch.tensor(info + [0] * (len(given) + 1), dtype=torch.int64, device=rewards.device)
     for i, (name, x) in enumerate(given.items()):

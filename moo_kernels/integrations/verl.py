@@ -36,11 +36,11 @@ import torch
 from verl.trainer.ppo import core_algos
 
 import moo_kernels as mk
-from moo_kernels.ops.advantages.spec import OPTION_NAMES
+from moo_kernels.ops.advantages.spec import OPTION_NAMES, PER_OBJECTIVE
 
 ADV_ESTIMATOR = "moo"
 POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo"}
-_OP_OPTIONS = ("weights", "std_floor", *OPTION_NAMES)  # the keyword options of multi_objective_advantages
+_OP_OPTIONS = (*PER_OBJECTIVE, *OPTION_NAMES)  # the keyword options of multi_objective_advantages
 _LAYOUT_OPTIONS = ("reward_keys", "gate_keys", "gate_threshold")
 
 
@@ -51,7 +51,7 @@ def _moo_options(config) -> dict[str, Any]:
         moo = {}
     if not isinstance(moo, Mapping):
         raise TypeError(f"algorithm.moo must be a mapping of options, got {type(moo).__name__}")
-    lists = ("weights", "std_floor", "reward_keys", "gate_keys")  # omegaconf lists as lists (std_floor: or a number)
+    lists = (*PER_OBJECTIVE, "reward_keys", "gate_keys")  # omegaconf lists as lists (std_floor may be a number)
     moo = {
         k: (list(v) if k in lists and isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in moo.items()
     }

@@ -188,7 +188,9 @@ class AdvantageSpec(Spec):
 
 
 _BOOL_TENSORS = tuple(name for name, arg in AdvantageSpec.args() if arg.dtypes == BOOL)
-# The options a trainer configures (every argument but the grouping and the per-sample tensors).
+# The options a trainer configures (every argument but the grouping and the per-sample tensors), and among them
+# the per-objective ones that may be given as tensors ([K]: weights, std_floor).
+PER_OBJECTIVE = tuple(name for name, arg in AdvantageSpec.args() if arg.kind == "tensor" and arg.shapes == ("K",))
 OPTION_NAMES = tuple(name for name, arg in AdvantageSpec.args() if arg.kind != "tensor" and name != "group_size")
 
 
