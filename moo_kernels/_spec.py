@@ -203,9 +203,29 @@ class Spec:
                 if f"{name}_strides" in params:
                     out[f"{name}_strides"] = strides2(x)
             elif name in params:
-                out[name] = codes[name]
+                value = codes[name]
+                if value is None and name in typed_floats(kernel):
+                    value = ABSENT_FLOAT  # a typed float parameter cannot take None on a GPU
+                out[name] = value
         out.update(extra)
         return out
+
+
+# An absent float option passed to a float parameter with a type annotation (x: tl.float64, for exact float64
+# options): Triton gives such a parameter its annotated type whatever the value, and cannot pass None as a float on a
+# GPU (the interpreter would), so an absent option arrives as NaN, which no option may hold (validation refuses it),
+# and the kernel tests x == x.
+ABSENT_FLOAT = float("nan")
+
+
+def typed_floats(kernel) -> frozenset[str]:
+    """The parameters of a Triton kernel declared with a float type annotation (x: tl.float64)."""
+    found = getattr(kernel, "_moo_typed_floats", None)
+    if found is None:  # the Python function's annotations: a JITFunction and the interpreter's wrapper both have it
+        params = inspect.signature(kernel.fn).parameters.values()
+        found = frozenset(p.name for p in params if str(p.annotation).startswith(("fp", "bf")))
+        kernel._moo_typed_floats = found
+    return found
 
 
 def strides2(x: torch.Tensor | None) -> tuple[int, int]:

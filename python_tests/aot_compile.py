@@ -142,7 +142,7 @@ def build(fn, pointers: dict, absent: set, index: str, constexprs: dict) -> tupl
         spec_arg = SPEC_ARGS.get(n)
         if p.is_constexpr:
             sig[n] = "constexpr"
-        elif n in absent:
+        elif n in absent and not p.annotation:  # a typed float stays a runtime value (NaN when absent)
             sig[n] = "constexpr"
             cx[n] = None
         elif n.endswith("_strides"):

@@ -109,3 +109,29 @@ def test_cpp_boundary_reads_the_spec_by_name():
 
     with pytest.raises(ValueError, match="the spec has no argument advantages"):
         cpp().policy_loss(-torch.rand(2, 3), None, object(), torch.empty(()), torch.empty(len(_codes.METRICS)))
+
+
+def test_absent_typed_floats_reach_triton_as_nan():
+    """Triton types an annotated float parameter (x: tl.float64) whatever the value, and a GPU launch cannot pass
+    None as a float (the interpreter can): every such parameter gets a float from the spec, NaN when absent."""
+    import math
+
+    from moo_kernels._spec import Context, typed_floats
+    from moo_kernels.ops.advantages import triton_kernels as ak
+    from moo_kernels.ops.advantages.spec import AdvantageSpec
+    from moo_kernels.ops.loss import triton_kernels as lk
+    from moo_kernels.ops.loss.spec import loss_spec
+
+    loss = loss_spec((2, 3), torch.device("cpu"), "logp", advantages=torch.ones(2), mask=torch.ones(2, 3).bool())
+    adv, _ = AdvantageSpec.prepare(Context({"N": 4, "K": 2}, torch.device("cpu"), "rewards"), group_size=2)
+    for spec, kernel in (
+        (loss, lk.totals_kernel),
+        (adv, ak.advantages_fwd_kernel),
+        (adv, ak.advantages_batchnorm_kernel),
+    ):
+        kwargs = spec.kernel_kwargs(kernel)
+        typed = typed_floats(kernel) & set(kwargs)
+        assert typed, kernel
+        assert all(isinstance(kwargs[name], float) for name in typed), kwargs
+    assert math.isnan(loss.kernel_kwargs(lk.totals_kernel)["num_tokens"])
+    assert math.isnan(adv.kernel_kwargs(ak.advantages_fwd_kernel)["clip"])

@@ -21,7 +21,7 @@ the second kernel combines in a fixed order (deterministic, no float atomics) be
 
 Parameters named like a field of AdvantageSpec or Derived (moo_kernels/ops/advantages/spec.py) receive it:
 options as the codes of moo_kernels._codes, tensors as themselves with a `<name>_strides` tuple, None for an
-absent tensor or clip (a compile-time branch).
+absent tensor (a compile-time branch); the float64 options are typed parameters, and an absent clip is NaN.
 """
 
 import triton
@@ -124,10 +124,10 @@ def _finalize(n, lo, hi, mean, m2, pre, inv, std: tl.constexpr):
 
 @triton.jit
 def _finish(a, contrib, infeasible, positive_scale, negative_scale, clip, infeasible_advantage):
-    """Sign shaping, clipping, then the fixed values of infeasible / rejected / invalid samples."""
+    """Sign shaping, clipping (clip is NaN without one: moo_kernels._spec.ABSENT_FLOAT), then the fixed values of
+    infeasible / rejected / invalid samples."""
     a = a * tl.where(a > 0, positive_scale, negative_scale)
-    if clip is not None:
-        a = tl.minimum(tl.maximum(a, -clip), clip)
+    a = tl.where(clip == clip, tl.minimum(tl.maximum(a, -clip), clip), a)
     return tl.where(contrib, a, tl.where(infeasible, infeasible_advantage, 0.0))
 
 

@@ -118,21 +118,16 @@ def totals_kernel(
         acc_s += tl.where(n > 0, 1.0, 0.0)
     total_m = tl.sum(acc_n, axis=0)
     seqs = tl.sum(acc_s, axis=0)
+    # num_tokens / num_sequences are NaN when absent (typed float64 parameters: moo_kernels._spec.ABSENT_FLOAT)
     if agg == TOKEN_MEAN:
-        den = total_m
-        if num_tokens is not None:
-            den = num_tokens
+        den = tl.where(num_tokens == num_tokens, num_tokens, total_m)
     elif agg == TOKEN_SUM:
         den = tl.full([], 1.0, tl.float64)
     elif agg == SEQ_MEAN_TOKEN_SUM_NORM:
-        den = tl.cast(B, tl.float64)
-        if num_sequences is not None:
-            den = num_sequences
+        den = tl.where(num_sequences == num_sequences, num_sequences, tl.cast(B, tl.float64))
         den = den * tl.cast(max_len, tl.float64)
     else:  # seq-mean-token-mean, seq-mean-token-sum
-        den = seqs
-        if num_sequences is not None:
-            den = num_sequences
+        den = tl.where(num_sequences == num_sequences, num_sequences, seqs)
     tl.store(totals + 0, total_m)
     tl.store(totals + 1, seqs)
     tl.store(totals + 2, den)
