@@ -137,6 +137,8 @@ def public_calls() -> dict[str, float]:
     tokens = torch.randint(0, V, (B, T), generator=g)
     r = torch.randn(16, 2, generator=g)
     c, q = torch.rand(64, generator=g) > 0.5, torch.rand(64, generator=g)
+    c1k, q1k = torch.rand(1024, generator=g) > 0.5, torch.rand(1024, generator=g)
+    c256k, q256k = torch.rand(262144, generator=g) > 0.5, torch.rand(262144, generator=g)
     calls = {
         "policy_loss, gradient": lambda: mk.policy_loss(logp, adv, mask, clip_high=0.28),
         "policy_loss, no gradient": lambda: mk.policy_loss(logp.detach(), adv, mask, clip_high=0.28),
@@ -146,10 +148,12 @@ def public_calls() -> dict[str, float]:
         "multi_objective_advantages, gradient": lambda: mk.multi_objective_advantages(
             r.clone().requires_grad_(), group_size=4
         ),
-        "brier_reward": lambda: mk.brier_reward(c, q),
+        "brier_reward, 64": lambda: mk.brier_reward(c, q),
+        "brier_reward, 1024": lambda: mk.brier_reward(c1k, q1k),
+        "brier_reward, 262144": lambda: mk.brier_reward(c256k, q256k),
     }
     with mk.use_backend("cpp"):
-        return {name: best_us(fn, 3000) for name, fn in calls.items()}
+        return {name: best_us(fn, 300 if name.endswith("262144") else 3000) for name, fn in calls.items()}
 
 
 def against(other: Path, rounds: int) -> int:
@@ -173,6 +177,17 @@ def against(other: Path, rounds: int) -> int:
         theirs = best["other"].get(name)
         ratio = f"{us / theirs:11.2f}" if theirs else f"{'-':>11s}"
         print(f"{name:42s} {theirs or float('nan'):8.1f} {us:8.1f} {ratio}")
+    from moo_kernels.bench.report import git_commit, run_meta
+
+    meta = run_meta("call_overhead_against", "cpu", quick=False)
+    meta["command"] = f"python bench/call_overhead.py --against <checkout> --rounds {rounds}"
+    meta["other"] = git_commit(trees["other"])
+    day = datetime.date.today().strftime("%Y%m%d")
+    path = ROOT / "bench" / "results" / f"call_overhead_against_cpu_{day}.json"
+    path.write_text(
+        json.dumps({"format": "call_overhead_against-1", "device": "cpu", "meta": meta, "us": best}, indent=1)
+    )
+    print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 
