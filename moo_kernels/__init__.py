@@ -6,7 +6,7 @@ from moo_kernels.ops.brier import brier_reward
 from moo_kernels.ops.logits import policy_loss_from_logits, token_logprobs
 from moo_kernels.ops.policy_loss import PolicyLossMetrics, policy_loss
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 def __getattr__(name: str):

@@ -183,7 +183,7 @@ def multi_objective_advantages_distributed(
 
     Example (every rank):
         >>> out = multi_objective_advantages_distributed(local_rewards, group_ids=local_prompt_ids,
-        ...                                              gates=local_rubric_ok, weighting="variance")
+        ...                                              gates=local_rubric_ok, std_floor=0.01)
         >>> loss, metrics = policy_loss(logp, out.advantages, mask, num_tokens=global_token_count(mask))
     """
     O.check_float_tensor("rewards", rewards)

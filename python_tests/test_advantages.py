@@ -229,6 +229,17 @@ def test_one_objective_is_plain_grpo(backend, device, weighting):
     assert_close(out.advantages, expected.reshape(-1), torch.float64)
 
 
+def test_default_weighting_is_fixed():
+    # GDPO is the default: each objective z-scored, then the weighted sum (0.4.0; "variance" before)
+    r = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
+    w = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    default = mk.multi_objective_advantages(r, group_size=4, weights=w).advantages
+    z = (r - r.mean(0)) / (r.std(0) + 1e-6)
+    torch.testing.assert_close(default, (z * w).sum(1), rtol=1e-12, atol=1e-12)
+    variance = mk.multi_objective_advantages(r, group_size=4, weights=w, weighting="variance").advantages
+    assert (default - variance).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("backend,device", TARGETS)
 def test_deterministic(backend, device):
     rewards, kw = build_case("everything", 64, 4)

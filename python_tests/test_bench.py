@@ -66,13 +66,13 @@ def test_wrong_implementation_stops_the_suite(tmp_path, monkeypatch):
     from moo_kernels.bench import __main__ as cli
     from moo_kernels.bench import advantages
 
-    make = advantages.make_eager_variance
+    make = advantages.make_eager
 
-    def wrong(group_size):
-        right = make(group_size)
-        return lambda *args: right(*args) + 1e-3
+    def wrong(weighting, group_size):
+        right = make(weighting, group_size)
+        return (lambda *args: right(*args) + 1e-3) if weighting == "fixed" else right
 
-    monkeypatch.setattr(advantages, "make_eager_variance", wrong)
+    monkeypatch.setattr(advantages, "make_eager", wrong)
     args = ["--quick", "--device", "cpu", "--no-compile", "--no-plot", "--no-progress", "--suites", "advantages"]
     assert cli.main([*args, "--out", str(tmp_path)]) == 1
     (path,) = tmp_path.glob("advantages_cpu_*.json")

@@ -14,6 +14,7 @@ from trl import GRPOTrainer
 
 import moo_kernels as mk
 from moo_kernels.integrations.trl import MooGRPOConfig, MooGRPOTrainer
+from moo_kernels.ops.advantages.spec import OPTION_NAMES, AdvantageSpec
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "yes", "no"]
 GROUP = 4
@@ -110,13 +111,24 @@ def trl_default_advantages(rewards, weights):
 def test_trl_two_objectives(tmp_path):
     weights = [1.0, 0.5]
     generated, trained, moved = run_trainer(
-        tmp_path, [share_of_a, length], reward_weights=weights, moo_weighting="variance", moo_negative_scale=0.5
+        tmp_path,
+        [share_of_a, length],
+        reward_weights=weights,
+        moo_weighting="variance",
+        moo_std_floor=[0.05],
+        moo_negative_scale=0.5,
     )
     assert len(generated) == 2 and len(trained) == 2
     for (rewards, used), in_loss in zip(generated, trained, strict=True):
         assert rewards.shape == (8, 2)
         expected = mk.multi_objective_advantages(
-            rewards, group_size=GROUP, weights=weights, weighting="variance", negative_scale=0.5, nan_policy="ignore"
+            rewards,
+            group_size=GROUP,
+            weights=weights,
+            weighting="variance",
+            std_floor=0.05,
+            negative_scale=0.5,
+            nan_policy="ignore",
         ).advantages
         torch.testing.assert_close(used, expected)
         # The loss saw the same advantages (TRL shuffles the generation batch before splitting it).
@@ -136,7 +148,6 @@ def test_trl_gate_and_conditional_reward(tmp_path, moo_policy_loss):
         moo_reward_gates={"length": "says_yes"},
         moo_gated_value=-1.0,
         moo_infeasible_advantage=-0.25,
-        moo_weighting="fixed",
         moo_policy_loss=moo_policy_loss,
         max_steps=1,
     )
@@ -145,7 +156,7 @@ def test_trl_gate_and_conditional_reward(tmp_path, moo_policy_loss):
     expected = mk.multi_objective_advantages(
         rewards[:, :2],
         group_size=GROUP,
-        weighting="fixed",
+        weighting="fixed",  # the default of the op and of the config
         gates=passes,
         reward_gates=torch.stack([torch.ones_like(passes), passes], dim=1),
         gated_value=-1.0,
@@ -155,6 +166,16 @@ def test_trl_gate_and_conditional_reward(tmp_path, moo_policy_loss):
     torch.testing.assert_close(used, expected)
     torch.testing.assert_close(trained[0].sort().values, expected.sort().values)
     assert moved > 0
+
+
+def test_trl_config_has_every_advantage_option(tmp_path):
+    # Every option of the op is a moo_ field with the op's default (nan_policy: "ignore", TRL's None rewards).
+    config = MooGRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    defaults = AdvantageSpec.defaults()
+    assert config.moo_weighting == "fixed"
+    for name in OPTION_NAMES:
+        expected = "ignore" if name == "nan_policy" else defaults[name]
+        assert getattr(config, f"moo_{name}") == expected, name
 
 
 def test_trl_config_rejects_unknown_options(tmp_path):

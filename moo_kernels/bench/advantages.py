@@ -1,13 +1,14 @@
 """Suite "advantages": the multi-objective advantage step (moo_kernels.multi_objective_advantages).
 
 Compared on the same random inputs:
-- moo_kernels: weighting="variance" (DVAO), zscore per objective, unbiased std, feasibility gates [N, 2].
-  CPU: the C++ kernel; CUDA: the Triton kernel with nan_policy="raise" (one host synchronisation) and
-  "ignore" (fully asynchronous).
+- moo_kernels with the op's default weighting="fixed" (GDPO: z-score each objective, then the weighted sum),
+  unbiased std, feasibility gates [N, 2]. CPU: the C++ kernel; CUDA: the Triton kernel with
+  nan_policy="raise" (one host synchronisation) and "ignore" (fully asynchronous).
 - eager PyTorch: the same computation vectorised in float32 (groups are contiguous: a reshape to
   [N / G, G, K]); with torch.compile of it where compiling is on.
-- per-sample loop (CPU): verl's default GRPO outcome-advantage estimator's style (a dict of per-prompt
-  score lists, torch.mean / torch.std per group, a loop normalising each sample), for K objectives.
+- per-sample loop (CPU): verl's GRPO outcome-advantage estimator's style (a dict of per-prompt score lists,
+  torch.mean / torch.std per group, a loop normalising each sample), for K objectives.
+- the DVAO row: moo_kernels with weighting="variance" against the same computation in eager PyTorch.
 - scalarize baseline: what TRL's GRPOTrainer and verl compute (weighted sum of the objectives, then the
   group z-score, vectorised), eager and compiled, against moo_kernels with weighting="scalarize".
 
@@ -66,7 +67,7 @@ def make_inputs(n: int, k: int, group_size: int, device: str, seed: int = 0) -> 
 
 
 def reference(inp: dict[str, Any], weighting: str) -> Tensor:
-    """float64 advantages of moo_kernels' reference, on the CPU (gates with "variance", none with "scalarize")."""
+    """float64 advantages of moo_kernels' reference, on the CPU (gates but with "scalarize")."""
     rewards = inp["rewards"].cpu().double()
     n = rewards.shape[0]
     out = advantages_reference(
@@ -74,37 +75,38 @@ def reference(inp: dict[str, Any], weighting: str) -> Tensor:
         torch.arange(n) // inp["group_size"],
         n // inp["group_size"],
         torch.tensor(inp["weights"], dtype=torch.float64),
-        gates=inp["gates"].cpu() if weighting == "variance" else None,
+        gates=inp["gates"].cpu() if weighting != "scalarize" else None,
         weighting=weighting,
         eps=EPS,
     )
     return out[0]
 
 
-def moo_advantages(inp: dict[str, Any], nan_policy: str = "raise", weighting: str = "variance") -> Tensor:
-    """The public op, called as a trainer would."""
+def moo_advantages(inp: dict[str, Any], nan_policy: str = "raise", weighting: str | None = None) -> Tensor:
+    """The public op, called as a trainer would (weighting None: the op's default, "fixed")."""
+    options = {} if weighting is None else {"weighting": weighting}
     out = moo_kernels.multi_objective_advantages(
         inp["rewards"],
         group_size=inp["group_size"],
         weights=inp["weights"],
-        weighting=weighting,
         gates=inp["gates"] if weighting != "scalarize" else None,
         eps=EPS,
         nan_policy=nan_policy,
+        **options,
     )
     return out.advantages
 
 
-def make_eager_variance(group_size: int, eps: float = EPS) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """Vectorised float32 PyTorch of the variance-weighted (DVAO) advantage with feasibility gates.
+def make_eager(weighting: str, group_size: int, eps: float = EPS) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Vectorised float32 PyTorch of the "fixed" (GDPO) or "variance" (DVAO) advantage with feasibility gates.
 
     Same semantics as the reference for these options: statistics over the feasible samples of the
     group, unbiased std, an objective that does not vary in the group (max == min over its feasible
-    samples) has std 0 and z-score 0, w~_gk = w_k sigma_gk / sum_l w_l sigma_gl (0 when the sum is
-    0), infeasible samples get 0.
+    samples) has std 0 and z-score 0; "fixed" sums w_k z_jk, "variance" sums w~_gk z_jk with w~_gk =
+    w_k sigma_gk / sum_l w_l sigma_gl (0 when the sum is 0); infeasible samples get 0.
     """
 
-    def eager_variance(rewards: Tensor, gates: Tensor, weights: Tensor) -> Tensor:
+    def eager(rewards: Tensor, gates: Tensor, weights: Tensor) -> Tensor:
         n, k = rewards.shape
         r = rewards.view(-1, group_size, k)  # [B, G, K]
         feasible = gates.all(dim=1).view(-1, group_size, 1)  # [B, G, 1]
@@ -118,12 +120,14 @@ def make_eager_variance(group_size: int, eps: float = EPS) -> Callable[[Tensor, 
         varies = hi > lo  # false for groups of fewer than two feasible samples, too
         std = torch.where(varies, var.sqrt(), 0.0)
         z = torch.where(varies, dev / (std + eps), 0.0)  # [B, G, K]
+        if weighting == "fixed":
+            return (z * weights).sum(dim=2).reshape(n)
         ws = weights * std  # [B, 1, K]
         total = ws.sum(dim=2, keepdim=True)
         w_eff = ws / torch.where(total > 0, total, torch.ones_like(total))
         return (z * w_eff).sum(dim=2).reshape(n)
 
-    return eager_variance
+    return eager
 
 
 def make_eager_scalarize(group_size: int, eps: float = EPS) -> Callable[[Tensor, Tensor], Tensor]:
@@ -139,11 +143,11 @@ def make_eager_scalarize(group_size: int, eps: float = EPS) -> Callable[[Tensor,
     return eager_scalarize
 
 
-def loop_variance(rewards: Tensor, gates: Tensor, weights: Tensor, uids: list[str], eps: float = EPS) -> Tensor:
+def loop_fixed(rewards: Tensor, gates: Tensor, weights: Tensor, uids: list[str], eps: float = EPS) -> Tensor:
     """Per-sample Python loop in the style of verl's GRPO outcome-advantage estimator, for K objectives.
 
-    Collect each feasible sample's reward row under its prompt uid, compute per-group mean / std /
-    variance weights with torch ops, then normalise sample by sample.
+    Collect each feasible sample's reward row under its prompt uid, compute per-group mean / std with torch
+    ops, then normalise sample by sample and sum the weighted z-scores ("fixed").
     """
     n, k = rewards.shape
     feasible = gates.all(dim=1)
@@ -162,16 +166,13 @@ def loop_variance(rewards: Tensor, gates: Tensor, weights: Tensor, uids: list[st
         else:
             varies = torch.zeros(k, dtype=torch.bool)
             std = zeros
-        ws = weights * std
-        total = ws.sum()
-        w_eff = ws / total if total > 0 else zeros
-        id2stats[uid] = (mean, std, w_eff, varies)
+        id2stats[uid] = (mean, std, varies)
     scores = torch.zeros(n, dtype=rewards.dtype)
     for i in range(n):
         if feasible[i]:
-            mean, std, w_eff, varies = id2stats[uids[i]]
+            mean, std, varies = id2stats[uids[i]]
             z = torch.where(varies, (rewards[i] - mean) / (std + eps), 0.0)
-            scores[i] = (w_eff * z).sum()
+            scores[i] = (weights * z).sum()
     return scores
 
 
@@ -184,7 +185,7 @@ def moo_bytes(n: int, k: int, group_size: int) -> int:
 
 class AdvantagesSuite(Suite):
     name = "advantages"
-    title = "advantage step (DVAO, gates)"
+    title = "advantage step (GDPO, gates)"
     x_label = "N (samples)"
     dims = ("n", "k", "group_size")
     presets = {
@@ -227,11 +228,16 @@ class AdvantagesSuite(Suite):
             self.names["compiled"] = "torch.compile(eager)"
         if not cuda:
             self.names["loop"] = "per-sample loop (verl style)"
+        self.names |= {"moo_variance": f"{moo}, variance (DVAO)", "variance": "variance (DVAO), eager"}
         self.names |= {"moo_scalarize": f"{moo}, scalarize", "scalarize": "scalarize baseline (TRL/verl, eager)"}
         if ctx.use_compile:
             self.names["scalarize_compiled"] = "scalarize baseline, torch.compile"
-        baselines = [k for k in ("eager", "compiled", "loop", "scalarize", "scalarize_compiled") if k in self.names]
-        self.speedup_of = {"moo": baselines, "moo_scalarize": [k for k in baselines if k.startswith("scalarize")]}
+        baselines = [k for k in ("eager", "compiled", "loop") if k in self.names]
+        self.speedup_of = {
+            "moo": baselines,
+            "moo_variance": ["variance"],
+            "moo_scalarize": [k for k in ("scalarize", "scalarize_compiled") if k in self.names],
+        }
         if cuda:
             self.speedup_of["moo_raise"] = baselines
         self.compiled = {}
@@ -240,8 +246,8 @@ class AdvantagesSuite(Suite):
         """torch.compile of the eager function, once per group size (it recompiles per N itself)."""
         key = (kind, group_size)
         if key not in self.compiled:
-            make = make_eager_variance if kind == "variance" else make_eager_scalarize
-            self.compiled[key] = torch.compile(make(group_size), dynamic=False)
+            fn = make_eager_scalarize(group_size) if kind == "scalarize" else make_eager(kind, group_size)
+            self.compiled[key] = torch.compile(fn, dynamic=False)
         return self.compiled[key]
 
     def make_case(self, size: dict[str, int], seed: int, main: bool) -> Case:
@@ -250,23 +256,29 @@ class AdvantagesSuite(Suite):
             raise ValueError(f"N={n} is not a multiple of the group size {gs}")
         inp = make_inputs(n, k, gs, self.ctx.device, seed=seed)
         r, gates, w = inp["rewards"], inp["gates"], inp["weights_t"]
-        refs = {"variance": reference(inp, "variance"), "scalarize": reference(inp, "scalarize")}
-        eager_variance, eager_scalarize = make_eager_variance(gs), make_eager_scalarize(gs)
+        refs = {kind: reference(inp, kind) for kind in ("fixed", "variance", "scalarize")}
+        eager_fixed, eager_variance = make_eager("fixed", gs), make_eager("variance", gs)
+        eager_scalarize = make_eager_scalarize(gs)
         cuda = self.ctx.device == "cuda"
+        nan_policy = "ignore" if cuda else "raise"
         impls = [
-            Impl("moo", lambda: moo_advantages(inp, "ignore" if cuda else "raise"), "variance"),
-            Impl("eager", lambda: eager_variance(r, gates, w), "variance"),
+            Impl("moo", lambda: moo_advantages(inp, nan_policy), "fixed"),
+            Impl("eager", lambda: eager_fixed(r, gates, w), "fixed"),
         ]
         if cuda:
-            impls.insert(0, Impl("moo_raise", lambda: moo_advantages(inp, "raise"), "variance", graph=False))
+            impls.insert(0, Impl("moo_raise", lambda: moo_advantages(inp, "raise"), "fixed", graph=False))
         if "compiled" in self.names:
-            cv = self._compiled("variance", gs)
-            impls.append(Impl("compiled", lambda: cv(r, gates, w), "variance", optional=True))
+            cf = self._compiled("fixed", gs)
+            impls.append(Impl("compiled", lambda: cf(r, gates, w), "fixed", optional=True))
         if "loop" in self.names:
             uids = [f"prompt-{i // gs}" for i in range(n)]
-            impls.append(Impl("loop", lambda: loop_variance(r, gates, w, uids), "variance", slow=True))
+            impls.append(Impl("loop", lambda: loop_fixed(r, gates, w, uids), "fixed", slow=True))
         impls += [
-            Impl("moo_scalarize", lambda: moo_advantages(inp, "ignore" if cuda else "raise", "scalarize"), "scalarize"),
+            Impl("moo_variance", lambda: moo_advantages(inp, nan_policy, "variance"), "variance"),
+            Impl("variance", lambda: eager_variance(r, gates, w), "variance"),
+        ]
+        impls += [
+            Impl("moo_scalarize", lambda: moo_advantages(inp, nan_policy, "scalarize"), "scalarize"),
             Impl("scalarize", lambda: eager_scalarize(r, w), "scalarize"),
         ]
         if "scalarize_compiled" in self.names and (main or not cuda):  # a compile per size costs seconds
@@ -294,7 +306,7 @@ class AdvantagesSuite(Suite):
 
     def config(self) -> dict[str, Any]:
         return {
-            "weighting": "variance",
+            "weighting": "fixed",
             "normalize": "zscore",
             "std": "unbiased",
             "eps": EPS,
@@ -307,6 +319,7 @@ class AdvantagesSuite(Suite):
     def config_line(self, main: dict[str, Any] | None) -> str:
         feasible = f" (feasible {main['feasible_fraction']:.1%})" if main else ""
         return (
-            f'weighting="variance" (DVAO), zscore, unbiased std, gates [N, {CHECKS}]{feasible}; scalarize rows: '
-            f"weighted sum then group z-score, no gates; atol {ATOL}"
+            f'weighting="fixed" (GDPO, the default), zscore, unbiased std, gates [N, {CHECKS}]{feasible}; variance '
+            f"rows: the same with DVAO's weights; scalarize rows: weighted sum then group z-score, no gates; "
+            f"atol {ATOL}"
         )

@@ -2,7 +2,7 @@
 
     from moo_kernels.integrations.trl import MooGRPOConfig, MooGRPOTrainer
 
-    args = MooGRPOConfig(output_dir="out", num_generations=8, moo_weighting="variance",
+    args = MooGRPOConfig(output_dir="out", num_generations=8, moo_std_floor=[0.0, 0.01],
                          moo_gate_funcs=["format_ok"], moo_infeasible_advantage=-1.0)
     trainer = MooGRPOTrainer(model, reward_funcs=[correct, concise, format_ok], args=args, train_dataset=ds)
     trainer.train()
@@ -37,6 +37,9 @@ from trl import GRPOConfig, GRPOTrainer
 import moo_kernels as mk
 from moo_kernels import _options as O
 from moo_kernels._codes import AGG, KL, MODE
+from moo_kernels.ops.advantages.spec import OPTION_NAMES, AdvantageSpec
+
+_DEFAULT = AdvantageSpec.defaults()  # the op's defaults are the config's (one declaration)
 
 # TRL loss_type -> the policy_loss aggregation of the same normalisation.
 _AGG_OF_LOSS_TYPE = {
@@ -64,17 +67,30 @@ _FORWARD_KEYS = (
 class MooGRPOConfig(GRPOConfig):
     """GRPOConfig plus the options of moo_kernels' advantage op and policy loss (fields `moo_*`).
 
-    Every `moo_*` advantage option defaults to the op's default except `moo_nan_policy` ("ignore", as
-    TRL treats a None reward). See `moo_kernels.multi_objective_advantages` for their meaning.
+    Every `moo_<name>` advantage option is the op's option `<name>` (`moo_kernels.multi_objective_advantages`
+    documents their meaning) with the op's default, except `moo_nan_policy` ("ignore", as TRL treats a None
+    reward). The weights are TRL's `reward_weights`.
     """
 
-    moo_normalize: str = field(default="zscore", metadata={"help": "zscore, center, rloo or none (per objective)."})
-    moo_std: str = field(default="unbiased", metadata={"help": "unbiased or population standard deviation."})
-    moo_weighting: str = field(
-        default="variance", metadata={"help": "scalarize (TRL's default), fixed (GDPO) or variance (DVAO)."}
+    moo_normalize: str = field(
+        default=_DEFAULT["normalize"], metadata={"help": "zscore, center, rloo or none (per objective)."}
     )
-    moo_batch_normalize: bool = field(default=False, metadata={"help": "Whiten the advantages over the batch."})
-    moo_eps: float = field(default=1e-6, metadata={"help": "Added to the std in zscore."})
+    moo_std: str = field(default=_DEFAULT["std"], metadata={"help": "unbiased or population standard deviation."})
+    moo_weighting: str = field(
+        default=_DEFAULT["weighting"],
+        metadata={"help": "fixed (GDPO, the default), scalarize (TRL's sum_then_normalize) or variance (DVAO)."},
+    )
+    moo_batch_normalize: bool = field(
+        default=_DEFAULT["batch_normalize"], metadata={"help": "Whiten the advantages over the batch."}
+    )
+    moo_eps: float = field(default=_DEFAULT["eps"], metadata={"help": "Added to the std in zscore."})
+    moo_std_floor: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Floor on each objective's std in zscore (reward units): one number for every objective, or "
+            "one per objective (reward function that is not a gate)."
+        },
+    )
     moo_gate_funcs: list[str] | None = field(
         default=None,
         metadata={
@@ -91,13 +107,25 @@ class MooGRPOConfig(GRPOConfig):
             "not an objective."
         },
     )
-    moo_gated_value: float = field(default=0.0, metadata={"help": "Reward of an objective whose gate failed."})
-    moo_infeasible_advantage: float = field(default=0.0, metadata={"help": "Advantage of an infeasible sample."})
-    moo_min_feasible: int = field(default=0, metadata={"help": "Reject groups with fewer feasible samples."})
-    moo_drop_zero_variance: bool = field(default=False, metadata={"help": "Reject groups with constant reward."})
-    moo_positive_scale: float = field(default=1.0, metadata={"help": "Multiplies positive advantages."})
-    moo_negative_scale: float = field(default=1.0, metadata={"help": "Multiplies negative advantages."})
-    moo_clip: float | None = field(default=None, metadata={"help": "Bound on |advantage|."})
+    moo_gated_value: float = field(
+        default=_DEFAULT["gated_value"], metadata={"help": "Reward of an objective whose gate failed."}
+    )
+    moo_infeasible_advantage: float = field(
+        default=_DEFAULT["infeasible_advantage"], metadata={"help": "Advantage of an infeasible sample."}
+    )
+    moo_min_feasible: int = field(
+        default=_DEFAULT["min_feasible"], metadata={"help": "Reject groups with fewer feasible samples."}
+    )
+    moo_drop_zero_variance: bool = field(
+        default=_DEFAULT["drop_zero_variance"], metadata={"help": "Reject groups with constant reward."}
+    )
+    moo_positive_scale: float = field(
+        default=_DEFAULT["positive_scale"], metadata={"help": "Multiplies positive advantages."}
+    )
+    moo_negative_scale: float = field(
+        default=_DEFAULT["negative_scale"], metadata={"help": "Multiplies negative advantages."}
+    )
+    moo_clip: float | None = field(default=_DEFAULT["clip"], metadata={"help": "Bound on |advantage|."})
     moo_nan_policy: str = field(default="ignore", metadata={"help": "ignore (None rewards) or raise."})
 
     moo_policy_loss: bool = field(
@@ -203,26 +231,18 @@ class MooGRPOTrainer(GRPOTrainer):
             reward_gates = torch.ones_like(objectives, dtype=torch.bool)
             for k, col in self._moo_reward_gate_cols:
                 reward_gates[:, k] = passes(col)
+        floor = a.moo_std_floor
+        if floor is not None and len(floor) == 1:  # one number for every objective
+            floor = floor[0]
         return mk.multi_objective_advantages(
             objectives,
             group_size=group_size,
             weights=self._moo_weights,
-            normalize=a.moo_normalize,
-            std=a.moo_std,
-            weighting=a.moo_weighting,
-            batch_normalize=a.moo_batch_normalize,
-            eps=a.moo_eps,
+            std_floor=floor,
             valid=valid,
             reward_gates=reward_gates,
-            gated_value=a.moo_gated_value,
             gates=gates,
-            infeasible_advantage=a.moo_infeasible_advantage,
-            min_feasible=a.moo_min_feasible,
-            drop_zero_variance=a.moo_drop_zero_variance,
-            positive_scale=a.moo_positive_scale,
-            negative_scale=a.moo_negative_scale,
-            clip=a.moo_clip,
-            nan_policy=a.moo_nan_policy,
+            **{name: getattr(a, f"moo_{name}") for name in OPTION_NAMES},
         )
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

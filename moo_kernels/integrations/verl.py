@@ -2,7 +2,7 @@
 
     from moo_kernels.integrations import verl as moo_verl
     moo_verl.register()     # idempotent; then in the Hydra config:
-    #   algorithm.adv_estimator=moo  +algorithm.moo.weighting=variance  +algorithm.moo.drop_zero_variance=true
+    #   algorithm.adv_estimator=moo  +algorithm.moo.std_floor=0.01  +algorithm.moo.drop_zero_variance=true
     #   actor_rollout_ref.actor.policy_loss.loss_mode=moo        (or moo_gspo / moo_cispo)
 
 Registered (tested with the verl version pinned in pyproject.toml):

@@ -56,10 +56,12 @@ class AdvantageSpec(Spec):
         "unbiased", '"unbiased" (n - 1) or "population" (n) standard deviation.', "str", choices=_codes.STD
     )
     weighting: str = option(
-        "variance",
-        '"scalarize" (weighted sum, then normalise the sum: the TRL / verl baseline), "fixed" (normalise each '
-        'objective, then weighted sum: GDPO), "variance" (DVAO: per-group weights w_k sigma_gk / sum_l w_l '
-        "sigma_gl).",
+        "fixed",
+        '"fixed" (the default, GDPO: normalise each objective, then weighted sum, so each objective keeps its '
+        'weight\'s share whatever its scale or noise), "scalarize" (weighted sum, then normalise the sum: the TRL / '
+        'verl baseline), "variance" (DVAO: per-group weights w_k sigma_gk / sum_l w_l sigma_gl; with "zscore" '
+        "this is scalarize's centred weighted sum times one factor per group <= 1: it ranks and signs completions "
+        "inside a group exactly as scalarize, and cannot discount a noisy objective).",
         "str",
         choices=_codes.WEIGHTING,
     )
