@@ -12,6 +12,18 @@ enum Normalize { kZScore = 0, kCenter = 1, kRloo = 2, kNoNormalize = 3 };
 enum Std { kPopulation = 0, kUnbiased = 1 };
 enum Weighting { kScalarize = 0, kFixed = 1, kVariance = 2 };
 enum NanPolicy { kIgnoreNan = 0, kRaiseNan = 1 };
+// what the kernels apply to each column (the normalize codes, then the estimators' own), and the batch-wide step
+enum Column {
+    kColZScore = 0,
+    kColCenter = 1,
+    kColRloo = 2,
+    kColNone = 3,
+    kColPassk = 4,
+    kColPasskUnscaled = 5,
+    kColOpo = 6,
+    kColLooStd = 7
+};
+enum Batch { kBatchNone = 0, kBatchWhiten = 1, kBatchScale = 2, kBatchGpg = 3 };
 
 // ---- options of the policy loss
 enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3 };

@@ -13,6 +13,15 @@ NORMALIZE = {"zscore": 0, "center": 1, "rloo": 2, "none": 3}
 STD = {"population": 0, "unbiased": 1}
 WEIGHTING = {"scalarize": 0, "fixed": 1, "variance": 2}
 NAN_POLICY = {"ignore": 0, "raise": 1}
+# The advantage estimators by verl's names, and TRL's scale_rewards (Python-side options: they resolve to the two
+# codes below, which the kernels receive; see moo_kernels/ops/advantages/spec.py).
+ESTIMATOR = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "grpo_passk": 3, "opo": 4, "gpg": 5,
+             "reinforce_plus_plus_baseline": 6, "loo_std": 7}  # fmt: skip
+SCALE = {"group": 0, "batch": 1, "none": 2}
+# What the kernels apply to each column (an objective, or the combined reward under "scalarize"): the normalize
+# options first (same codes), then the estimators' own; and the batch-wide step after the combination.
+COLUMN = {**NORMALIZE, "passk": 4, "passk_unscaled": 5, "opo": 6, "loo_std": 7}
+BATCH = {"none": 0, "whiten": 1, "scale": 2, "gpg": 3}
 
 # ---- options of the policy loss -------------------------------------------------------------------------
 MODE = {"clip": 0, "gspo": 1, "cispo": 2, "reinforce": 3}
@@ -27,7 +36,7 @@ KL = {"k1": 1, "k2": 2, "k3": 3}
 
 # every string option by its name in the specs (the C++ kernels read a spec's string options through this)
 OPTIONS = {"normalize": NORMALIZE, "std": STD, "weighting": WEIGHTING, "nan_policy": NAN_POLICY, "mode": MODE,
-           "agg": AGG, "kl": KL}  # fmt: skip
+           "agg": AGG, "kl": KL, "estimator": ESTIMATOR, "scale": SCALE, "column": COLUMN, "batch": BATCH}  # fmt: skip
 
 # ---- tensors as the C++ kernels see them -----------------------------------------------------------------
 DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.bool: 4, torch.int32: 5,

@@ -24,10 +24,25 @@ float64: rewards of any dtype are converted exactly, weights are read as float64
    A column that does not vary has mean_u = hi / c exactly and sd_u = 0, so its values sit exactly on
    the mean. Reported mean = clamp(c * mean_u, lo, hi) (0 without entries), std = c * sd_u (may
    overflow only where the true std does).
-3. Per-objective normalisation in scaled units, a_jk and its scale e_gk:
+3. Per-column normalisation in scaled units, a_jk and its scale e_gk (the column's code, resolved from
+   normalize / estimator / scale by spec.resolve):
    "zscore" a = (u - mean_u) / (sd_u + eps / c), e = 1, and a = 0 when the column does not vary or the
    denominator is 0; "center" a = u - mean_u, e = c; "rloo" a = (u - mean_u) * n / (n - 1) (0 when
-   n < 2), e = c; "none" a = u, e = c. The value is a * e; a = 0 where the entry does not take part.
+   n < 2), e = c; "none" a = u, e = c.
+   "passk" (grpo_passk): the one entry equal to the column's maximum hi, when exactly one entry is (and
+   n >= 2), gets a = (hi / c - second / c) / (sd_u + eps / c), second the largest entry below hi; every
+   other entry 0 (a tie at the top gives every entry 0: the margin is 0); e = 1. "passk_unscaled": the same
+   margin without the denominator, e = c. The gradient of the second best goes in equal parts to the entries
+   holding it.
+   "opo": a = u - b, b = sum(L u) / sum(L) over the entries that take part (L: lengths; the plain mean when
+   the lengths sum to 0), 0 when the column does not vary; e = c.
+   "loo_std": with D_j = (u_j - mean_u) n / (n - 1) (u_j minus the mean of the others) and M2_j = M2 -
+   (u_j - mean_u)^2 n / (n - 1) (the others' sum of squared deviations: 0 when the others are all equal,
+   decided exactly from lo / hi and how many entries equal them, or when M2_j <= M2 * 2^-40; clamped to
+   >= 0), sd_j = sqrt(M2_j / D') (D' = n - 2 unbiased, n - 1 population; 0 when D' <= 0): a = D_j / (sd_j
+   + eps / c) where sd_j > 0, else D_j * c (NeMo-RL: the unnormalised difference, in reward units,
+   saturated); 0 when n < 2 or the column does not vary; e = 1.
+   The value is a * e; a = 0 where the entry does not take part.
 4. SORTEDSUM_k(t_k): the K terms sorted ascending, then added one after another from +0.0, left to
    right (not a tree). Rows holding the same multiset of terms get bitwise the same sum (where equal
    terms or zeros of either sign end up does not matter, nor do extra zero terms), so permuting
@@ -57,8 +72,15 @@ float64: rewards of any dtype are converted exactly, weights are read as float64
    exact comparisons of bitwise-identical values give identical decisions on every backend, invariant
    to permuting samples or objectives. A sample *contributes* when it is feasible and its group is
    accepted.
-8. batch_normalize: A <- (A / c - mean_u) / (sd_u + eps / c) with the scaled statistics (2.) of the
-   contributing samples as one group (0 when they do not vary).
+8. The batch step (spec.resolve), over the contributing samples as one group, weighted by lengths L when
+   given (count = sum L, mean = sum L u / sum L, M2 = sum L (u - mean)^2, D = count - 1 or count: the
+   statistics of the batch's tokens; samples with L = 0 are not part of the statistic):
+   "whiten" (batch_normalize, reinforce_plus_plus_baseline): A <- (A / c - mean_u) / (sd_u + eps / c) with
+   the scaled statistics (2.) of A (0 when they do not vary);
+   "scale" (scale="batch"): A <- (A / c) / (sd_u + eps / c) with the statistics of the combined reward s
+   (saturated to the finite range), A unchanged when the denominator is 0;
+   "gpg": A <- A * n_c / max(m, 1), n_c the number of contributing samples and m the number of them with a
+   nonzero combined reward (d_j != 0); a constant (no gradient).
 9. Sign shaping: A <- positive_scale * A where A > 0, negative_scale * A where A < 0.
 10. clip: A <- clamp(A, -clip, clip).
 11. Valid but infeasible samples of accepted groups take infeasible_advantage; samples of rejected
@@ -72,7 +94,7 @@ from typing import NamedTuple
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from moo_kernels.ops.advantages.spec import AdvantageSpec
+from moo_kernels.ops.advantages.spec import AdvantageSpec, resolve
 
 F64 = torch.float64
 MAX_F64 = torch.finfo(F64).max
@@ -162,15 +184,26 @@ class Stats(NamedTuple):
     std_u: torch.Tensor
     mean: torch.Tensor  # clamp(c * mean_u, lo, hi)
     std: torch.Tensor  # c * std_u
+    m2: torch.Tensor  # M2 of u
 
 
 def group_stats(
-    x: torch.Tensor, take: torch.Tensor, index: torch.Tensor, num_groups: int, unbiased: bool
+    x: torch.Tensor,
+    take: torch.Tensor,
+    index: torch.Tensor,
+    num_groups: int,
+    unbiased: bool,
+    weight: torch.Tensor | None = None,
 ) -> tuple[Stats, torch.Tensor]:
     """Scaled two-pass statistics of x over the entries where take is true, and u = x / c (0 where take
-    is false). x and take are [N] or [N, K]; x is finite where take holds."""
+    is false). x and take are [N] or [N, K]; x is finite where take holds. weight ([N], >= 0): weighted
+    statistics (count = sum of the weights; entries of weight 0 do not take part)."""
     zeros_g = torch.zeros((num_groups,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    n = _segment_sum(take.to(x.dtype), index, num_groups)
+    if weight is not None:
+        weight = weight.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+        take = take & (weight > 0)
+    wt = take.to(x.dtype) if weight is None else torch.where(take, weight, torch.zeros_like(x))
+    n = _segment_sum(wt, index, num_groups)
     lo = _segment_extreme(x, take, index, num_groups, "amin")
     hi = _segment_extreme(x, take, index, num_groups, "amax")
     some = n > 0
@@ -179,19 +212,19 @@ def group_stats(
     c = pow2_floor(big)
     cj = c[index]
     u = torch.where(take, x / cj, torch.zeros_like(x))
-    mean_u = _segment_sum(u, index, num_groups) / n.clamp(min=1)
+    mean_u = _segment_sum(u * wt, index, num_groups) / torch.where(n > 0, n, torch.ones_like(n))
     # Value exactly the common (scaled) value when nothing varies; gradient still that of the mean.
     exact = torch.where(some, hi / c, zeros_g)
     mean_u = torch.where(varies, mean_u, mean_u + (exact - mean_u).detach())
     dev = torch.where(take, u - mean_u[index], torch.zeros_like(u))
-    m2 = _segment_sum(dev * dev, index, num_groups)
+    m2 = _segment_sum(dev * dev * wt, index, num_groups)
     denom = n - 1 if unbiased else n
-    var_u = torch.where(varies & (denom > 0), m2 / denom.clamp(min=1), zeros_g)
+    var_u = torch.where(varies & (denom > 0), m2 / torch.where(denom > 0, denom, torch.ones_like(denom)), zeros_g)
     std_u = _safe_sqrt(var_u)
     mean = c * mean_u
     clamped = torch.where(some, torch.minimum(torch.maximum(mean, lo), hi), mean)
     mean = mean + (clamped - mean).detach()
-    return Stats(n, lo, hi, varies, big, c, mean_u, std_u, mean, c * std_u), u
+    return Stats(n, lo, hi, varies, big, c, mean_u, std_u, mean, c * std_u, m2), u
 
 
 def normalize_scaled(
@@ -225,6 +258,101 @@ def normalize_scaled(
     return torch.where(take, out, zero)
 
 
+UNITLESS = ("zscore", "passk", "loo_std")  # columns whose value a is a pure number (e = 1)
+LOO_TINY = 2.0**-40  # loo_std: a leave-one-out M2 at most this fraction of the group's M2 counts as 0
+
+
+def _count_equal(x, take, edge, gi, num_groups):
+    """Which entries equal their group's edge value (lo or hi), and how many per group."""
+    at = take & (x == edge[gi])
+    return at, _segment_sum(at.to(F64), gi, num_groups)
+
+
+def column_scaled(
+    column: str,
+    x: torch.Tensor,
+    u: torch.Tensor,
+    take: torch.Tensor,
+    gi: torch.Tensor,
+    num_groups: int,
+    st: Stats,
+    eps_u: torch.Tensor,
+    unit: torch.Tensor,
+    lengths: torch.Tensor | None,
+    unbiased: bool,
+) -> torch.Tensor:
+    """The scaled value a of 3. for a column ([N] or [N, K]): x the values (finite where take), u = x / c,
+    st their group statistics, eps_u the z-score's eps over the scale per group, unit the column's scale per
+    group (loo_std's unnormalised values are in its units). 0 where take is false."""
+    if column in ("zscore", "center", "rloo", "none"):
+        return normalize_scaled(
+            u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_u[gi], column
+        )
+    zero = torch.zeros_like(u)
+    n = st.count[gi]
+    if column in ("passk", "passk_unscaled"):
+        winner, _, _, margin = passk_parts(x, u, take, gi, num_groups, st)
+        if column == "passk_unscaled":
+            return torch.where(winner, margin, zero)
+        den = st.std_u[gi] + eps_u[gi]
+        ok = winner & (den > 0)
+        return torch.where(ok, margin / torch.where(ok, den, torch.ones_like(den)), zero)
+    if column == "opo":
+        length = lengths.to(F64).view((-1,) + (1,) * (u.dim() - 1))
+        lw = torch.where(take, length, zero)
+        total = _segment_sum(lw, gi, num_groups)
+        some = total > 0
+        base = torch.where(
+            some, _segment_sum(lw * u, gi, num_groups) / torch.where(some, total, torch.ones_like(total)), st.mean_u
+        )
+        base = torch.where(st.varies, base, base + (st.mean_u - base).detach())  # exactly the common value
+        return torch.where(take, u - base[gi], zero)
+    if column == "loo_std":
+        diff, sd, live = loo_parts(x, u, take, gi, num_groups, st, unbiased)
+        den = sd + eps_u[gi]
+        norm = sd > 0
+        raw = (diff * unit[gi]).clamp(-MAX_F64, MAX_F64)
+        value = torch.where(norm, diff / torch.where(norm, den, torch.ones_like(den)), raw)
+        return torch.where(live, value, zero)
+    raise ValueError(f"unknown column {column!r}")
+
+
+def passk_parts(x, u, take, gi, num_groups, st):
+    """grpo_passk: (winner: the one entry at the top of its group, at_second: the entries holding the second best,
+    how many per group, the scaled margin u - second / c)."""
+    zero = torch.zeros_like(u)
+    at_hi, n_hi = _count_equal(x, take, st.hi, gi, num_groups)
+    below = take & ~at_hi
+    second = _segment_extreme(x, below, gi, num_groups, "amax")  # -inf without an entry below hi
+    at_second, n_second = _count_equal(x, below, second, gi, num_groups)
+    # the second best: its exact scaled value, with the gradient of the mean of the entries holding it
+    held = _segment_sum(torch.where(at_second, u, zero), gi, num_groups) / n_second.clamp(min=1)
+    exact = torch.where(n_second > 0, second / st.scale, torch.zeros_like(second))
+    second_u = held + (exact - held).detach()
+    winner = at_hi & (n_hi[gi] == 1) & (st.count[gi] >= 2)
+    return winner, at_second, n_second, u - second_u[gi]
+
+
+def loo_parts(x, u, take, gi, num_groups, st, unbiased):
+    """loo_std, scaled: (D_j = u_j minus the mean of the others, sd_j = the others' std, the entries with a
+    value: taking part, n >= 2, the column varies)."""
+    zero = torch.zeros_like(u)
+    n = st.count[gi]
+    many = n >= 2
+    f = torch.where(many, n / torch.where(many, n - 1, torch.ones_like(n)), zero)
+    dev = u - st.mean_u[gi]
+    at_lo, n_lo = _count_equal(x, take, st.lo, gi, num_groups)
+    at_hi, n_hi = _count_equal(x, take, st.hi, gi, num_groups)
+    n_lo, n_hi = n_lo[gi], n_hi[gi]
+    others_equal = (at_lo & (n_lo == 1) & (n_hi == n - 1)) | (at_hi & (n_hi == 1) & (n_lo == n - 1))
+    m2 = st.m2[gi]
+    m2_loo = (m2 - f * dev * dev).clamp(min=0)
+    m2_loo = torch.where(others_equal | (m2_loo <= m2 * LOO_TINY), zero, m2_loo)
+    d = n - 2 if unbiased else n - 1
+    sd = _safe_sqrt(torch.where(d > 0, m2_loo / torch.where(d > 0, d, torch.ones_like(d)), zero))
+    return dev * f, sd, take & many & st.varies[gi]
+
+
 class Forward(NamedTuple):
     """Forward intermediates up to the combined advantage (before batch_normalize), shared with the
     analytic backward so that both take the same decisions."""
@@ -236,7 +364,8 @@ class Forward(NamedTuple):
     r0: torch.Tensor  # [N, K] r with non-finite entries as 0
     stats: Stats  # per objective, [G, K]
     a: torch.Tensor | None  # [N, K] per-objective normalised values a * e (not for scalarize)
-    s: torch.Tensor | None  # [N] combined reward s = d * C_g * cw (scalarize, drop_zero_variance)
+    s: torch.Tensor | None  # [N] combined reward s = d * C_g * cw (scalarize, drop_zero_variance, batch steps)
+    d: torch.Tensor | None  # [N] its scaled form d
     s_stats: Stats | None  # statistics of d, with mean / std of s
     s_scale: torch.Tensor | None  # [G] P_g = (C_g * cw) * c_d
     weights: torch.Tensor  # [G, K] weights of the combination (w~ for "variance", w otherwise)
@@ -248,6 +377,7 @@ def forward_state(
     rewards: torch.Tensor, group_index: torch.Tensor, num_groups: int, o: AdvantageSpec, check_finite: bool
 ) -> Forward:
     """Steps 0-7 of the module docstring (o: the options; check_finite: raise on a non-finite reward)."""
+    column, batch = resolve(o)
     r = rewards.to(F64)
     w = o.weights.to(F64)
     n_samples, k = r.shape
@@ -279,8 +409,8 @@ def forward_state(
     wp = w / cw
 
     # 5. combined reward
-    s = s_stats = s_scale = None
-    if o.weighting == "scalarize" or o.drop_zero_variance:
+    s = d = s_stats = s_scale = None
+    if o.weighting == "scalarize" or o.drop_zero_variance or batch in ("scale", "gpg"):
         col_c = _masked_max(st.scale, (wp.detach() > 0) & (st.big > 0))  # C_g
         fits = st.scale <= col_c[:, None]
         q = torch.where(fits[gi], x / col_c[gi][:, None], torch.zeros_like(x))
@@ -294,19 +424,14 @@ def forward_state(
     a = None
     if o.weighting == "scalarize":
         eps_u = _eps_over(o.eps, s_scale)
-        g = s_stats
-        out = normalize_scaled(
-            u_d, feasible, g.count[gi], g.mean_u[gi], g.std_u[gi], g.varies[gi], eps_u[gi], o.normalize
-        )
-        adv = out if o.normalize == "zscore" else _apply_scale(out, s_scale[gi])
+        out = column_scaled(column, d, u_d, feasible, gi, G, s_stats, eps_u, s_scale, o.lengths, unbiased)
+        adv = out if column in UNITLESS else _apply_scale(out, s_scale[gi])
         weff = w.expand(G, -1)
     else:
         eps_c = _eps_over(objective_eps(o, r.device), st.scale)
-        a_u = normalize_scaled(
-            u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_c[gi], o.normalize
-        )
-        e = torch.ones_like(st.scale) if o.normalize == "zscore" else st.scale
-        live = st.big > 0 if o.normalize == "none" else st.varies
+        a_u = column_scaled(column, x, u, take, gi, G, st, eps_c, st.scale, o.lengths, unbiased)
+        e = torch.ones_like(st.scale) if column in UNITLESS else st.scale
+        live = st.big > 0 if column == "none" else st.varies
         if o.weighting == "fixed":
             W = wp.expand(G, -1)
             factor = cw
@@ -333,17 +458,50 @@ def forward_state(
     accept = _segment_sum(feasible.to(F64), gi, G) >= o.min_feasible
     if o.drop_zero_variance:
         accept = accept & s_stats.varies
-    return Forward(r, finite, feasible, take, r0, st, a, s, s_stats, s_scale, weff, adv, accept)
+    return Forward(r, finite, feasible, take, r0, st, a, s, d, s_stats, s_scale, weff, adv, accept)
 
 
-def batch_whiten(adv: torch.Tensor, contrib: torch.Tensor, eps: float, unbiased: bool) -> tuple[torch.Tensor, Stats]:
-    """8.: whitened advantages of the contributing samples (others unchanged) and the batch statistics."""
+def batch_whiten(
+    adv: torch.Tensor, contrib: torch.Tensor, eps: float, unbiased: bool, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Stats]:
+    """8. "whiten": whitened advantages of the contributing samples (others unchanged) and the batch statistics
+    (weighted by lengths when given)."""
     zeros = torch.zeros(adv.shape[0], dtype=torch.long, device=adv.device)
-    st, u = group_stats(adv, contrib, zeros, 1, unbiased)
+    st, _ = group_stats(adv, contrib, zeros, 1, unbiased, weight)
+    u = torch.where(contrib, adv / st.scale[zeros], torch.zeros_like(adv))  # also samples of length 0
     eps_u = _eps_over(eps, st.scale)
     white = normalize_scaled(u, contrib, st.count[zeros], st.mean_u[zeros], st.std_u[zeros], st.varies[zeros],
                              eps_u[zeros], "zscore")  # fmt: skip
     return torch.where(contrib, white, adv), st
+
+
+def batch_scale_stats(f: Forward, contrib: torch.Tensor, o: AdvantageSpec) -> Stats:
+    """The batch statistics of the combined reward (saturated) over the contributing samples, for scale="batch"."""
+    zeros = torch.zeros(contrib.shape[0], dtype=torch.long, device=contrib.device)
+    s = f.s.clamp(-MAX_F64, MAX_F64)
+    return group_stats(s, contrib, zeros, 1, o.std == "unbiased", o.lengths)[0]
+
+
+def gpg_factor(f: Forward, contrib: torch.Tensor) -> torch.Tensor:
+    """GPG's n_c / max(m, 1): contributing samples over those with a nonzero combined reward (a constant)."""
+    n_c = contrib.sum().to(F64)
+    m = (contrib & (f.d != 0)).sum().to(F64)
+    return n_c / m.clamp(min=1)
+
+
+def batch_step(adv: torch.Tensor, f: Forward, contrib: torch.Tensor, o: AdvantageSpec) -> torch.Tensor:
+    """8. of the module docstring."""
+    batch = resolve(o)[1]
+    if batch == "whiten":
+        return batch_whiten(adv, contrib, o.eps, o.std == "unbiased", o.lengths)[0]
+    if batch == "scale":
+        st = batch_scale_stats(f, contrib, o)
+        den = st.std_u + _eps_over(o.eps, st.scale)
+        ok = den > 0
+        return torch.where(ok, (adv / st.scale) / torch.where(ok, den, torch.ones_like(den)), adv)
+    if batch == "gpg":
+        return (adv * gpg_factor(f, contrib)).clamp(-MAX_F64, MAX_F64)
+    return adv
 
 
 def advantages_reference(
@@ -376,9 +534,8 @@ def reference(
     adv = f.adv
     contrib = f.feasible & f.accept[gi]
 
-    # 8. batch whitening over contributing samples
-    if o.batch_normalize:
-        adv, _ = batch_whiten(adv, contrib, o.eps, o.std == "unbiased")
+    # 8. the batch step over the contributing samples
+    adv = batch_step(adv, f, contrib, o)
 
     # 9-10. sign shaping and clipping
     adv = adv * torch.where(adv > 0, torch.full_like(adv, o.positive_scale), torch.full_like(adv, o.negative_scale))

@@ -23,6 +23,7 @@ INTEGERS = tuple(
     + tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
 )
 BOOL = (torch.bool,)
+LENGTHS = (torch.int32, torch.int64, torch.float32, torch.float64)
 
 
 @spec
@@ -51,6 +52,31 @@ class AdvantageSpec(Spec):
         '"rloo" leave-one-out baseline n / (n - 1) (r - mu), "none" r.',
         "str",
         choices=_codes.NORMALIZE,
+    )
+    estimator: str | None = option(
+        None,
+        "the advantage estimator by its verl name, applied to each objective (to the combined reward under "
+        '"scalarize"), instead of normalize: "grpo" (the z-score), "dr_grpo" (r - mu), "rloo" (n / (n - 1) '
+        '(r - mu)), "grpo_passk" (only the best sample of a group gets (r_max - r_second) / (sigma + eps); a tie at '
+        'the top gives every sample 0), "opo" (r minus the length-weighted mean sum(L r) / sum(L); needs lengths), '
+        '"gpg" (r - mu, times N / (samples with a nonzero combined reward) over the contributing samples), '
+        '"reinforce_plus_plus_baseline" (r - mu, then whitened over the batch, token-weighted with lengths), '
+        '"loo_std" (NeMo-RL: (r - b_j) / (s_j + eps) with the mean b_j and the std s_j of the other samples of '
+        "the group; r - b_j where s_j is 0). A group of one gives 0 under every estimator (verl gives it the raw "
+        "reward). Passing both estimator and normalize is a ValueError.",
+        "str",
+        optional=True,
+        choices=_codes.ESTIMATOR,
+    )
+    scale: str | None = option(
+        None,
+        "what divides the group-centred rewards of the z-score (TRL's scale_rewards; for normalize=\"zscore\" and "
+        'the estimators "grpo" and "grpo_passk"): "group" (the group\'s std: the default), "batch" (the std of the '
+        'combined reward over the batch\'s contributing samples: weighting "scalarize" only, as TRL), "none" '
+        "(nothing: Dr. GRPO).",
+        "str",
+        optional=True,
+        choices=_codes.SCALE,
     )
     std: str = option(
         "unbiased", '"unbiased" (n - 1) or "population" (n) standard deviation.', "str", choices=_codes.STD
@@ -83,6 +109,13 @@ class AdvantageSpec(Spec):
         "[N] bool, samples that take part; others get advantage 0. In every bool input any nonzero byte counts "
         "as true.",
         dtypes=BOOL,
+        shapes=("N",),
+    )
+    lengths: torch.Tensor | None = tensor(
+        '[N] response lengths (tokens), >= 0: the weights of "opo"\'s baseline, and of the batch statistic of '
+        'batch_normalize, "reinforce_plus_plus_baseline" and scale="batch" (token-weighted, as verl whitens over '
+        "tokens). Its values are checked with one host synchronisation. Refused where nothing reads it.",
+        dtypes=LENGTHS,
         shapes=("N",),
     )
     reward_gates: torch.Tensor | None = tensor(
@@ -157,9 +190,16 @@ class AdvantageSpec(Spec):
         given = {
             name: x for name, x, ok in (("weights", weights, checked), ("std_floor", floor, floor_checked)) if not ok
         }
+        if kwargs.get("estimator") is not None and "normalize" in kwargs:
+            raise ValueError(
+                f"pass estimator or normalize, not both (estimator={kwargs['estimator']!r}, "
+                f"normalize={kwargs['normalize']!r})"
+            )
         values = cls.values(context, dict(kwargs, **given), checked=known)
+        if values["lengths"] is not None:
+            check_values("lengths", values["lengths"])
         if not floor_checked:  # a std_floor tensor: its dtype, shape and device are checked, now its values
-            check_std_floor(values["std_floor"])
+            check_values("std_floor", values["std_floor"])
             values["std_floor"] = values["std_floor"].detach().to(torch.float64)
         canonical = cls.make(values).check(context)
         return canonical, Derived.of(canonical, context.dims["N"], check_weights=not checked)
@@ -172,11 +212,34 @@ class AdvantageSpec(Spec):
             raise ValueError("pass exactly one of group_size or group_ids")
         if self.group_size is not None and n % self.group_size:
             raise ValueError(f"group_size={self.group_size} does not divide the batch of N={n} samples")
+        column, batch = resolve(self)
+        if self.scale is not None and column not in ("zscore", "center", "passk", "passk_unscaled"):
+            raise ValueError(
+                'scale divides the group-centred rewards of the z-score: it needs normalize="zscore" or estimator '
+                f'"grpo" / "grpo_passk", got {_method(self)}'
+            )
+        if self.scale == "batch" and self.weighting != "scalarize":
+            raise ValueError(
+                'scale="batch" divides by the std of the combined reward over the batch (TRL\'s scale_rewards="batch" '
+                f'with sum_then_normalize): it needs weighting="scalarize", got weighting={self.weighting!r}'
+            )
+        if self.batch_normalize and self.estimator in ("gpg", "reinforce_plus_plus_baseline"):
+            raise ValueError(f"batch_normalize cannot be combined with estimator={self.estimator!r}, which has its "
+                             "own batch step")  # fmt: skip
+        if self.batch_normalize and self.scale == "batch":
+            raise ValueError('batch_normalize cannot be combined with scale="batch"')
+        if column == "opo" and self.lengths is None:
+            raise ValueError('estimator="opo" weights its baseline by the response lengths: pass lengths')
+        if self.lengths is not None and column != "opo" and batch not in ("whiten", "scale"):
+            raise ValueError(
+                'lengths is read by estimator "opo" and by the batch statistic of batch_normalize, '
+                f'"reinforce_plus_plus_baseline" and scale="batch"; nothing reads it with {_method(self)}'
+            )
         if self.std_floor is not None:
-            if self.normalize != "zscore" or self.weighting == "scalarize":
+            if column != "zscore" or self.weighting == "scalarize":
                 raise ValueError(
                     'std_floor floors the standard deviation of each objective\'s z-score: it needs normalize="zscore" '
-                    f'and weighting "fixed" or "variance", got normalize={self.normalize!r}, '
+                    f'(or estimator "grpo", scale "group") and weighting "fixed" or "variance", got {_method(self)}, '
                     f"weighting={self.weighting!r}"
                 )
         if self.weights.dtype != torch.float64:
@@ -190,6 +253,36 @@ class AdvantageSpec(Spec):
 
 
 _BOOL_TENSORS = tuple(name for name, arg in AdvantageSpec.args() if arg.dtypes == BOOL)
+
+# estimator -> (what the kernels apply to each column, the batch step after the combination): moo_kernels._codes
+_ESTIMATORS = {
+    "grpo": ("zscore", "none"),
+    "dr_grpo": ("center", "none"),
+    "rloo": ("rloo", "none"),
+    "grpo_passk": ("passk", "none"),
+    "opo": ("opo", "none"),
+    "gpg": ("center", "gpg"),
+    "reinforce_plus_plus_baseline": ("center", "whiten"),
+    "loo_std": ("loo_std", "none"),
+}
+_UNSCALED = {"zscore": "center", "passk": "passk_unscaled"}
+
+
+def resolve(o: AdvantageSpec) -> tuple[str, str]:
+    """(column, batch): the normalisation the kernels apply to each column (moo_kernels._codes.COLUMN) and the
+    batch step after the combination (BATCH), from normalize / estimator, scale and batch_normalize."""
+    column, batch = (o.normalize, "none") if o.estimator is None else _ESTIMATORS[o.estimator]
+    if o.scale in ("batch", "none"):
+        column = _UNSCALED.get(column, column)
+        if o.scale == "batch":
+            batch = "scale"
+    if o.batch_normalize:
+        batch = "whiten"
+    return column, batch
+
+
+def _method(o: AdvantageSpec) -> str:
+    return f"estimator={o.estimator!r}" if o.estimator is not None else f"normalize={o.normalize!r}"
 # The options a trainer configures (every argument but the grouping and the per-sample tensors), and among them
 # the per-objective ones that may be given as tensors ([K]: weights, std_floor).
 PER_OBJECTIVE = tuple(name for name, arg in AdvantageSpec.args() if arg.kind == "tensor" and arg.shapes == ("K",))
@@ -210,16 +303,19 @@ class Derived(Spec):
     num_groups: int = option(0, "G", "int")
     max_count: int = option(0, "the size of the largest group", "int")
     check_weights: bool = option(False, "a weights tensor whose values the kernels check (>= 0 and finite)", "bool")
+    column: str = option("zscore", "what the kernels apply to each column (resolve)", "str", choices=_codes.COLUMN)
+    batch: str = option("none", "the batch step after the combination (resolve)", "str", choices=_codes.BATCH)
 
     @classmethod
     def of(cls, spec: AdvantageSpec, n: int, check_weights: bool) -> Derived:
+        column, batch = resolve(spec)
         if spec.group_size is not None:
-            return cls(None, None, None, n // spec.group_size, spec.group_size, check_weights)
+            return cls(None, None, None, n // spec.group_size, spec.group_size, check_weights, column, batch)
         _, group_index, counts = torch.unique(spec.group_ids, sorted=True, return_inverse=True, return_counts=True)
         order = torch.argsort(group_index, stable=True)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         max_count = n if torch.compiler.is_compiling() else int(counts.max())
-        return cls(group_index, order, offsets, counts.numel(), max_count, check_weights)
+        return cls(group_index, order, offsets, counts.numel(), max_count, check_weights, column, batch)
 
     def sample_groups(self, spec: AdvantageSpec, rewards: torch.Tensor) -> torch.Tensor:
         """[N] int64 group of every sample."""
@@ -276,7 +372,7 @@ def _weights(weights, context: Context) -> tuple[object, bool]:
 def _std_floor(floor, context: Context) -> tuple[object, bool]:
     """std_floor as a [K] float64 tensor (None for no floor: absent, 0, or all zeros) and whether its values are
     known to be valid. Numbers are checked once and cached on the device; a tensor is returned as it is (the spec
-    checks its dtype, device and shape, check_std_floor its values)."""
+    checks its dtype, device and shape, check_values its values)."""
     if floor is None or isinstance(floor, torch.Tensor):
         return floor, floor is None
     values = _numbers("std_floor", floor, context.dims["K"], allow_scalar=True)
@@ -320,14 +416,14 @@ def _from_numbers(name: str, values: tuple, device: torch.device) -> torch.Tenso
     return _cached(key, lambda: torch.tensor(values, dtype=torch.float64, device=device))
 
 
-def check_std_floor(floor: torch.Tensor) -> None:
-    """The values of a std_floor tensor: finite and >= 0 (one host synchronisation; an asynchronous assertion when
-    traced)."""
-    ok = ((floor >= 0) & torch.isfinite(floor)).all()
-    if torch.compiler.is_compiling() or floor.is_meta:
-        if not floor.is_meta:
-            torch._assert_async(ok, "std_floor must be finite and >= 0")
+def check_values(name: str, x: torch.Tensor) -> None:
+    """The values of a std_floor or lengths tensor: finite and >= 0 (one host synchronisation; an asynchronous
+    assertion when traced)."""
+    bad = ~((x >= 0) & torch.isfinite(x)) if x.is_floating_point() else x < 0
+    if torch.compiler.is_compiling() or x.is_meta:
+        if not x.is_meta:
+            torch._assert_async(~bad.any(), f"{name} must be finite and >= 0")
         return
-    if not bool(ok):
-        i = int((~((floor >= 0) & torch.isfinite(floor))).nonzero()[0])
-        raise ValueError(f"std_floor must be finite and >= 0, got std_floor[{i}] = {floor[i].item()}")
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite and >= 0, got {name}[{i}] = {x[i].item()}")
