@@ -23,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from moo_kernels import _codes  # noqa: E402
 from moo_kernels.ops.advantages import triton_kernels as adv_k  # noqa: E402
 from moo_kernels.ops.advantages import triton_launch as adv_launch  # noqa: E402
 from moo_kernels.ops.advantages.spec import AdvantageSpec, Derived  # noqa: E402
@@ -89,18 +90,25 @@ def advantages_configs():
         (torch.float64, 4, 16, 2, 64),
         (torch.float64, 8, 1024, 2, 2),
     ]
-    # (options, absent tensors): the plain call; everything on, grouped by ids; each normalize x weighting
-    plain = dict(normalize=0, std=1, weighting=0, drop_zero_variance=False, batch_normalize=False, nan_policy=1,
-                 check_weights=False)  # fmt: skip
-    plain_absent = {"order", "offsets", "valid", "reward_gates", "gates", "raw", "code", "parts", "clip", "std_floor"}
-    every = dict(normalize=2, std=0, weighting=2, drop_zero_variance=True, batch_normalize=True, nan_policy=0,
-                 check_weights=True)  # fmt: skip
-    option_sets = [(plain, plain_absent), (every, {"group_size"})]
-    for normalize in range(4):
-        for weighting in range(3):
-            option_sets.append(
-                (dict(plain, normalize=normalize, weighting=weighting), plain_absent - {"valid", "gates"})
-            )
+    # (options, absent tensors): the plain call; everything on, grouped by ids; each column x weighting, and each
+    # batch step (with lengths where it reads them)
+    plain = dict(column=0, std=1, weighting=0, drop_zero_variance=False, batch=0, nan_policy=1, check_weights=False)
+    plain_absent = {"order", "offsets", "valid", "reward_gates", "gates", "raw", "code", "parts", "clip", "std_floor",
+                    "lengths"}  # fmt: skip
+    every = dict(column=2, std=0, weighting=2, drop_zero_variance=True, batch=1, nan_policy=0, check_weights=True)
+    option_sets = [(plain, plain_absent), (every, {"group_size", "lengths"})]
+    # (the column's code differs between "scalarize" (on the combined reward) and the per-objective weightings,
+    # whose "fixed" and "variance" differ only in the weights; a batch step is the same code under each weighting
+    # but for the combined reward that "scale" and "gpg" read)
+    scalarize, fixed = _codes.WEIGHTING["scalarize"], _codes.WEIGHTING["fixed"]
+    for column in _codes.COLUMN.values():
+        for weighting in (scalarize, fixed, _codes.WEIGHTING["variance"]) if column < 4 else (scalarize, fixed):
+            absent = plain_absent - {"valid", "gates"} - ({"lengths"} if column == _codes.COLUMN["opo"] else set())
+            option_sets.append((dict(plain, column=column, weighting=weighting), absent))
+    for batch, weighting in ((1, scalarize), (1, fixed), (2, scalarize), (3, scalarize), (3, fixed)):
+        lengths = {"lengths"} if batch in (_codes.BATCH["whiten"], _codes.BATCH["scale"]) else set()
+        absent = plain_absent - {"raw", "code", "parts"} - lengths
+        option_sets.append((dict(plain, batch=batch, weighting=weighting), absent))
     kernel = adv_k.advantages_fwd_kernel
     for i, (dtype, k, size, m, groups) in enumerate(shapes):
         meta = adv_launch.block_sizes(groups, size, k, m)
@@ -109,7 +117,7 @@ def advantages_configs():
         ptrs = dict(rewards=TYPE[dtype], order="i64", offsets="i64", weights="fp64", std_floor="fp64", valid="u8",
                     reward_gates="u8", gates="u8", out_advantages=out, out_group_mask="u8", out_sample_mask="u8",
                     out_weights=out, out_mean=out, out_std=out, raw="fp64", code="u8", parts="fp64",
-                    status="i64")  # fmt: skip
+                    status="i64", lengths="i64")  # fmt: skip
         sets = option_sets if (k, size) == (8, 16) and dtype == torch.float32 else option_sets[:2]
         for options, absent in sets:
             sig, cx = build(kernel, ptrs, absent, "i32", dict(meta, **options))
@@ -118,9 +126,10 @@ def advantages_configs():
     for out in ("fp32", "fp64"):
         ptrs = dict(out_advantages=out, out_sample_mask="u8", raw="fp64", code="u8", parts="fp64")
         for clip in (False, True):
-            constexprs = dict(std=1, BLOCK_N=adv_launch.BATCH_BLOCK, BLOCK_P=1024)
-            sig, cx = build(kernel, ptrs, set() if clip else {"clip"}, "i32", constexprs)
-            yield "advantages_batchnorm", kernel, sig, cx, 4, out
+            for batch in (1, 2, 3):
+                constexprs = dict(std=1, batch=batch, BLOCK_N=adv_launch.BATCH_BLOCK, BLOCK_P=1024)
+                sig, cx = build(kernel, ptrs, set() if clip else {"clip"}, "i32", constexprs)
+                yield "advantages_batchnorm", kernel, sig, cx, 4, out
 
 
 # The kinds of the kernels' parameters named after a spec field (a float option is a float argument), and the

@@ -13,7 +13,19 @@ from __future__ import annotations
 
 import torch
 
-from moo_kernels.ops.advantages.reference import F64, Stats, _segment_sum, batch_whiten, forward_state, objective_eps
+from moo_kernels.ops.advantages.reference import (
+    F64,
+    Stats,
+    _segment_sum,
+    batch_scale_stats,
+    batch_step,
+    batch_whiten,
+    forward_state,
+    gpg_factor,
+    loo_parts,
+    objective_eps,
+    passk_parts,
+)
 from moo_kernels.ops.advantages.spec import AdvantageSpec, Derived
 
 
@@ -26,8 +38,9 @@ def _recip(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, 1.0 / torch.where(ok, x, torch.ones_like(x)), torch.zeros_like(x))
 
 
-def normalize_backward(x, take, gi, num_groups, stats, normalize, eps, unbiased, g_a, g_mu, g_sd):
-    """Gradient w.r.t. x of sum(g_a * A) + sum(g_mu * mu) + sum(g_sd * sigma), A = normalize(x)."""
+def normalize_backward(x, take, gi, num_groups, stats, normalize, eps, unbiased, g_a, g_mu, g_sd, weight=None):
+    """Gradient w.r.t. x of sum(g_a * A) + sum(g_mu * mu) + sum(g_sd * sigma), A = normalize(x); weight: the
+    statistics' weights of the entries ([N], the batch whitening with lengths)."""
     count, mu, sd, varies = stats
     dev = torch.where(take, x - mu[gi], torch.zeros_like(x))
     g_a = torch.where(take, g_a, torch.zeros_like(g_a))
@@ -47,8 +60,58 @@ def normalize_backward(x, take, gi, num_groups, stats, normalize, eps, unbiased,
     denom = count - 1 if unbiased else count
     has_sd = varies & (denom > 0) & (sd > 0)
     coef_sd = g_sd * _recip(denom * sd, has_sd)
-    g_x = c[gi] * g_a + (g_mu / count.clamp(min=1))[gi] + coef_sd[gi] * dev
+    per_stat = (g_mu * _recip(count, count > 0))[gi] + coef_sd[gi] * dev
+    if weight is not None:  # the statistics' part, in proportion to each entry's weight
+        per_stat = per_stat * weight.to(F64)
+    g_x = c[gi] * g_a + per_stat
     return torch.where(take, g_x, torch.zeros_like(g_x))
+
+
+def column_backward(column, x, take, gi, num_groups, st, plain, unit, eps, unbiased, g_a, g_mu, g_sd, lengths):
+    """normalize_backward for every column code (reference.column_scaled). x: the column's values as the parts
+    read them (r0, or d under scalarize) with st their scaled statistics; plain: (values in the column's own
+    units, their (count, mean, std, varies)) and unit the scale per group between the two; eps in plain units."""
+    xp, pst = plain
+    if column in ("zscore", "center", "rloo", "none"):
+        return normalize_backward(xp, take, gi, num_groups, pst, column, eps, unbiased, g_a, g_mu, g_sd)
+    count, mu, sd, _ = pst
+    zero = torch.zeros_like(xp)
+    u = torch.where(take, x / st.scale[gi], zero)
+    g_a = torch.where(take, g_a, zero)
+    if column in ("passk", "passk_unscaled"):
+        winner, at_second, n_second, margin_u = passk_parts(x, u, take, gi, num_groups, st)
+        den = (sd + eps) if column == "passk" else torch.ones_like(sd)
+        coef = torch.where(winner, g_a * _recip(den, den > 0)[gi], zero)
+        g_x = coef - torch.where(at_second, (_segment_sum(coef, gi, num_groups) * _recip(n_second, n_second > 0))[gi],
+                                 zero)  # fmt: skip
+        if column == "passk":
+            margin = margin_u * unit[gi]
+            g_sd = g_sd - _segment_sum(coef * margin, gi, num_groups) * _recip(den, den > 0)
+    elif column == "opo":
+        length = lengths.to(F64).view((-1,) + (1,) * (xp.dim() - 1))
+        lw = torch.where(take, length, zero)
+        total = _segment_sum(lw, gi, num_groups)
+        share = torch.where((total > 0)[gi], lw * _recip(total, total > 0)[gi], take * _recip(count, count > 0)[gi])
+        g_x = g_a - share * _segment_sum(g_a, gi, num_groups)[gi]
+    elif column == "loo_std":
+        diff_u, sd_u, live = loo_parts(x, u, take, gi, num_groups, st, unbiased)
+        n = count[gi]
+        s_j = sd_u * unit[gi]
+        diff = diff_u * unit[gi]
+        norm = live & (sd_u > 0)
+        q = torch.where(norm, g_a * _recip(s_j + eps, norm), torch.where(live, g_a, zero))
+        many = n >= 2
+        g_x = torch.where(many, (n * q - _segment_sum(q, gi, num_groups)[gi]) * _recip(n - 1, many), zero)
+        d_prime = n - 2 if unbiased else n - 1
+        h = torch.where(norm, -q * diff * _recip((s_j + eps) * d_prime * s_j, norm), zero)
+        mu_loo = (n * mu[gi] - xp) * _recip(n - 1, many)
+        hh = _segment_sum(h, gi, num_groups)[gi]
+        pp = _segment_sum(h * mu_loo, gi, num_groups)[gi]
+        g_x = g_x + torch.where(take, xp * (hh - h) - (pp - h * mu_loo), zero)
+    else:
+        raise ValueError(f"unknown column {column!r}")
+    g_x = g_x + normalize_backward(xp, take, gi, num_groups, pst, "none", eps, unbiased, zero, g_mu, g_sd)
+    return torch.where(take, g_x, zero)
 
 
 def advantages_backward(
@@ -95,15 +158,12 @@ def advantages_backward(
     contrib = feasible & gmask[gi]
 
     # forward recompute of the combined advantage
+    column, batch = derived.column, derived.batch
     adv = f.adv
     a_k = f.a
     weights_eff = f.weights
-    if o.batch_normalize:
-        z = torch.zeros(n_samples, dtype=torch.long, device=r.device)
-        adv_bn, b_st = batch_whiten(adv, contrib, o.eps, unbiased)
-        b_stats = _plain(b_st)
-    else:
-        adv_bn = adv
+    adv_bn = batch_step(adv, f, contrib, o)
+    z = torch.zeros(n_samples, dtype=torch.long, device=r.device)
     scale = torch.where(
         adv_bn > 0, torch.full_like(adv_bn, o.positive_scale), torch.full_like(adv_bn, o.negative_scale)
     )
@@ -114,16 +174,31 @@ def advantages_backward(
         signed = adv_bn * scale
         g = torch.where((signed >= -o.clip) & (signed <= o.clip), g, torch.zeros_like(g))
     g = g * scale
-    if o.batch_normalize:
-        zg = torch.zeros(1, dtype=F64, device=r.device)
-        g = normalize_backward(adv, contrib, z, 1, b_stats, "zscore", o.eps, unbiased, g, zg, zg)
+    zg = torch.zeros(1, dtype=F64, device=r.device)
+    g_s_batch = None  # the gradient reaching the combined reward through the batch step
+    if batch == "whiten":
+        b_st = batch_whiten(adv, contrib, o.eps, unbiased, o.lengths)[1]
+        g = normalize_backward(adv, contrib, z, 1, _plain(b_st), "zscore", o.eps, unbiased, g, zg, zg, o.lengths)
+    elif batch == "scale":
+        b_st = batch_scale_stats(f, contrib, o)
+        den = b_st.std + o.eps
+        ok = den > 0
+        g_in = torch.where(contrib & ok, g, torch.zeros_like(g))
+        g_den = -(g_in * adv).sum() * _recip(den * den, ok)
+        g = torch.where(ok, g * _recip(den, ok), g)
+        s_sat = f.s.clamp(-torch.finfo(F64).max, torch.finfo(F64).max)
+        g_s_batch = normalize_backward(s_sat, contrib, z, 1, _plain(b_st), "none", o.eps, unbiased,
+                                       torch.zeros_like(g), zg, g_den.reshape(1), o.lengths)  # fmt: skip
+    elif batch == "gpg":
+        g = g * gpg_factor(f, contrib)
 
     # combination
     g_w = g_weff.sum(dim=0) if o.weighting != "variance" else torch.zeros_like(w)
     g_sd_total = g_std
     if o.weighting == "scalarize":
-        zg = torch.zeros(G, dtype=F64, device=r.device)
-        g_s = normalize_backward(s, feasible, gi, G, s_stats, o.normalize, o.eps, unbiased, g, zg, zg)
+        zG = torch.zeros(G, dtype=F64, device=r.device)
+        g_s = column_backward(column, f.d, feasible, gi, G, f.s_stats, (s, s_stats), f.s_scale, o.eps, unbiased, g,
+                              zG, zG, o.lengths)  # fmt: skip
         g_a_k = torch.zeros_like(r0)
     else:
         g_a_k = g[:, None] * weights_eff[gi]
@@ -136,11 +211,15 @@ def advantages_backward(
             g_u = (g_wt - (g_wt * weights_eff).sum(dim=1, keepdim=True)) * _recip(tot, tot > 0)
             g_w = g_w + (g_u * sd).sum(dim=0)
             g_sd_total = g_sd_total + g_u * w
+    if g_s_batch is not None:
+        g_s = g_s_batch if g_s is None else g_s + g_s_batch
 
     grad_r = grad_w = None
     if needs_rewards:
         eps = objective_eps(o, r.device)  # eps + std_floor per objective (the floor is a constant)
-        g_r = normalize_backward(r0, take, gi, G, stats, o.normalize, eps, unbiased, g_a_k, g_mean, g_sd_total)
+        x = torch.where(take, r0, torch.zeros_like(r0))
+        g_r = column_backward(column, x, take, gi, G, f.stats, (r0, stats), f.stats.scale, eps, unbiased, g_a_k,
+                              g_mean, g_sd_total, o.lengths)  # fmt: skip
         if g_s is not None:
             g_r = g_r + torch.where(finite, g_s[:, None] * w, torch.zeros_like(r0))
         g_r = torch.where(is_open & finite, g_r, torch.zeros_like(g_r))

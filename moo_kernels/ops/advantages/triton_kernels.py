@@ -29,9 +29,17 @@ import triton.language as tl
 
 from moo_kernels import _codes
 
-ZSCORE = tl.constexpr(_codes.NORMALIZE["zscore"])
-RLOO = tl.constexpr(_codes.NORMALIZE["rloo"])
-NONE = tl.constexpr(_codes.NORMALIZE["none"])
+ZSCORE = tl.constexpr(_codes.COLUMN["zscore"])
+RLOO = tl.constexpr(_codes.COLUMN["rloo"])
+NONE = tl.constexpr(_codes.COLUMN["none"])
+PASSK = tl.constexpr(_codes.COLUMN["passk"])
+PASSK_UNSCALED = tl.constexpr(_codes.COLUMN["passk_unscaled"])
+OPO = tl.constexpr(_codes.COLUMN["opo"])
+LOO_STD = tl.constexpr(_codes.COLUMN["loo_std"])
+WHITEN = tl.constexpr(_codes.BATCH["whiten"])
+BATCH_SCALE = tl.constexpr(_codes.BATCH["scale"])
+GPG = tl.constexpr(_codes.BATCH["gpg"])
+LOO_TINY = tl.constexpr(2.0**-40)
 UNBIASED = tl.constexpr(_codes.STD["unbiased"])
 SCALARIZE = tl.constexpr(_codes.WEIGHTING["scalarize"])
 VARIANCE = tl.constexpr(_codes.WEIGHTING["variance"])
@@ -186,18 +194,58 @@ def _combined(x, take, wp, fits, top_pre, top_inv, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _chunk_scaled(v, take, AXIS: tl.constexpr):
-    """Count, lo, hi, scale (0 when no nonzero value) and moments of v / scale over `take` along AXIS."""
-    cn = tl.sum(take.to(tl.float64), axis=AXIS)
+def _chunk_scaled(v, take, AXIS: tl.constexpr, weight):
+    """Count (the sum of the weights with weight), lo, hi, scale (0 when no nonzero value) and moments of
+    v / scale over `take` along AXIS (take: entries of weight > 0 when weighted)."""
+    if weight is None:
+        wt = take.to(tl.float64)
+    else:
+        wt = tl.where(take, weight, 0.0)
+    cn = tl.sum(wt, axis=AXIS)
     lo = tl.min(tl.where(take, v, float("inf")), axis=AXIS)
     hi = tl.max(tl.where(take, v, float("-inf")), axis=AXIS)
-    big = tl.where(cn > 0, tl.maximum(tl.abs(lo), tl.abs(hi)), 0.0)
+    some = tl.sum(take.to(tl.float64), axis=AXIS) > 0
+    big = tl.where(some, tl.maximum(tl.abs(lo), tl.abs(hi)), 0.0)
     cc = tl.where(big > 0, _pow2_floor(big), 0.0)
     pre, inv = _scale_factors(tl.where(cc > 0, cc, 1.0))
     u = tl.where(take, (v * tl.expand_dims(pre, AXIS)) * tl.expand_dims(inv, AXIS), 0.0)
-    cmean = tl.sum(u, axis=AXIS) / tl.maximum(cn, 1.0)
+    cmean = tl.sum(u * wt, axis=AXIS) / tl.where(cn > 0, cn, 1.0)
     d = tl.where(take, u - tl.expand_dims(cmean, AXIS), 0.0)
-    return cn, lo, hi, cc, cmean, tl.sum(d * d, axis=AXIS)
+    return cn, lo, hi, cc, cmean, tl.sum(d * d * wt, axis=AXIS)
+
+
+@triton.jit
+def _top_merge(hi, n_hi, second, v, take, AXIS: tl.constexpr):
+    """Merge a chunk of v (entries where take) into the running maximum, the number of entries equal to it
+    and the largest entry below it (-inf for none), along AXIS."""
+    chi = tl.max(tl.where(take, v, float("-inf")), axis=AXIS)
+    at = take & (v == tl.expand_dims(chi, AXIS))
+    cn = tl.sum(at.to(tl.float64), axis=AXIS)
+    csec = tl.max(tl.where(take & ~at, v, float("-inf")), axis=AXIS)
+    top = tl.maximum(hi, chi)
+    n = tl.where(hi == top, n_hi, 0.0) + tl.where(chi == top, cn, 0.0)
+    below = tl.maximum(tl.where(hi < top, hi, float("-inf")), tl.where(chi < top, chi, float("-inf")))
+    return top, n, tl.maximum(tl.maximum(second, csec), below)
+
+
+@triton.jit
+def _loo_value(u, x, take, n, lo, hi, n_lo, n_hi, mean_u, m2, eps_u, unit, varies, std: tl.constexpr):
+    """loo_std's value of each entry (reference.loo_parts / column_scaled); the statistics broadcast against u."""
+    many = n >= 2
+    f = tl.where(many, n / tl.where(many, n - 1.0, 1.0), 0.0)
+    dev = u - mean_u
+    diff = dev * f
+    others_equal = ((x == lo) & (n_lo == 1) & (n_hi == n - 1)) | ((x == hi) & (n_hi == 1) & (n_lo == n - 1))
+    m2_loo = tl.maximum(m2 - f * dev * dev, 0.0)
+    m2_loo = tl.where(others_equal | (m2_loo <= m2 * LOO_TINY), 0.0, m2_loo)
+    if std == UNBIASED:
+        dp = n - 2.0
+    else:
+        dp = n - 1.0
+    sd = tl.sqrt(tl.where(dp > 0, m2_loo / tl.where(dp > 0, dp, 1.0), 0.0))
+    raw = tl.minimum(tl.maximum(diff * unit, -MAX_F64), MAX_F64)
+    value = tl.where(sd > 0, diff / (sd + eps_u), raw)
+    return tl.where(take & many & varies, value, 0.0)
 
 
 @triton.jit
@@ -221,6 +269,8 @@ def advantages_fwd_kernel(
     M,
     std_floor,
     std_floor_strides,
+    lengths,
+    lengths_strides,
     out_advantages,
     out_group_mask,
     out_sample_mask,
@@ -238,10 +288,10 @@ def advantages_fwd_kernel(
     positive_scale: tl.float64,
     negative_scale: tl.float64,
     clip: tl.float64,
-    normalize: tl.constexpr,
+    column: tl.constexpr,
     std: tl.constexpr,
     weighting: tl.constexpr,
-    batch_normalize: tl.constexpr,
+    batch: tl.constexpr,
     drop_zero_variance: tl.constexpr,
     nan_policy: tl.constexpr,
     check_weights: tl.constexpr,
@@ -250,10 +300,15 @@ def advantages_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """The three passes over the chunks of BLOCK_G groups (module docstring). Scratch of batch_normalize:
+    """The three passes over the chunks of BLOCK_G groups (module docstring). Scratch of the batch step:
     raw [N] float64, code [N] uint8 and parts [programs * PARTIAL] float64 (None without); status [2] int64:
     the first non-finite reward (flat index) and the first bad weight (None when nothing is checked)."""
-    NEED_COMB: tl.constexpr = (weighting == SCALARIZE) or drop_zero_variance
+    NEED_COMB: tl.constexpr = (weighting == SCALARIZE) or drop_zero_variance or (batch == BATCH_SCALE) or (batch == GPG)
+    # the columns that need the top of each column (passk) or both ends with their counts (loo_std)
+    TOP: tl.constexpr = (column == PASSK) or (column == PASSK_UNSCALED) or (column == LOO_STD)
+    UNITLESS: tl.constexpr = (column == ZSCORE) or (column == PASSK) or (column == LOO_STD)
+    D_TOP: tl.constexpr = TOP and (weighting == SCALARIZE)
+    K_TOP: tl.constexpr = TOP and (weighting != SCALARIZE)
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g < num_groups
@@ -280,6 +335,8 @@ def advantages_fwd_kernel(
     zk = tl.zeros([BLOCK_G, BLOCK_K], dtype=tl.float64)
     zg = tl.sum(zk, axis=1)
     n, lo, hi = zk, zk + float("inf"), zk - float("inf")
+    # with TOP: the entries equal to hi and lo, and the largest entry below hi (_top_merge; lo through -x)
+    t_hi, n_hi, second, t_nlo, n_lo, unused = zk - float("inf"), zk, zk - float("inf"), zk - float("inf"), zk, zk
     fn = zg  # feasible samples per group
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, is_valid, feasible = _load_chunk(j0, tile, source, BLOCK_M)
@@ -292,6 +349,9 @@ def advantages_fwd_kernel(
         n += tl.sum(take.to(tl.float64), axis=1)
         lo = tl.minimum(lo, tl.min(tl.where(take, x, float("inf")), axis=1))
         hi = tl.maximum(hi, tl.max(tl.where(take, x, float("-inf")), axis=1))
+        if K_TOP:
+            t_hi, n_hi, second = _top_merge(t_hi, n_hi, second, x, take, 1)
+            t_nlo, n_lo, unused = _top_merge(t_nlo, n_lo, unused, -x, take, 1)
     big = tl.where(n > 0, tl.maximum(tl.abs(lo), tl.abs(hi)), 0.0)
     c = _pow2_floor(big)
     pre, inv = _scale_factors(c)
@@ -304,6 +364,10 @@ def advantages_fwd_kernel(
     # ---- pass 2: scaled moments of the objectives and of the combined reward --------------------------
     cnt, mean, m2 = zk, zk, zk
     dn, dmean, dm2, dc, dlo, dhi = zg, zg, zg, zg, zg + float("inf"), zg - float("inf")
+    # opo: sum(L) and sum(L u) of each objective (of d: in units of dc, rescaled as dc grows)
+    k_sl, k_slu, d_sl, d_slu = zk, zk, zg, zg
+    # D_TOP: as t_hi, n_hi, ... of pass 1, for d
+    dt_hi, dn_hi, d_second, dt_nlo, dn_lo, d_unused = zg - float("inf"), zg, zg - float("inf"), zg - float("inf"), zg, zg
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, is_valid, feasible = _load_chunk(j0, tile, source, BLOCK_M)
         take = feasible[:, :, None] & finite
@@ -312,12 +376,28 @@ def advantages_fwd_kernel(
         cmean = tl.sum(u, axis=1) / tl.maximum(cn, 1.0)
         dev = tl.where(take, u - cmean[:, None, :], 0.0)
         cnt, mean, m2 = _chan_merge(cnt, mean, m2, cn, cmean, tl.sum(dev * dev, axis=1))
+        if column == OPO:
+            lw = tl.load(lengths + row * lengths_strides[0], mask=in_group, other=0).to(tl.float64)
+            if weighting != SCALARIZE:
+                k_sl += tl.sum(tl.where(take, lw[:, :, None], 0.0), axis=1)
+                k_slu += tl.sum(tl.where(take, lw[:, :, None] * u, 0.0), axis=1)
         if NEED_COMB:
             d = _combined(x, take, wp, fits, top_pre, top_inv, BLOCK_K)
-            cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(d, feasible, 1)
+            cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(d, feasible, 1, None)
+            if column == OPO:
+                if weighting == SCALARIZE:
+                    c_pre, c_inv = _scale_factors(tl.where(cc > 0, cc, 1.0))
+                    d_top = tl.maximum(dc, cc)
+                    d_top_s = tl.where(d_top > 0, d_top, 1.0)
+                    c_u = tl.where(feasible, (d * c_pre[:, None]) * c_inv[:, None], 0.0)
+                    d_sl += tl.sum(tl.where(feasible, lw, 0.0), axis=1)
+                    d_slu = d_slu * (dc / d_top_s) + tl.sum(lw * c_u, axis=1) * (cc / d_top_s)
             dn, dmean, dm2, dc = _chan_merge_scaled(dn, dmean, dm2, dc, cn, cmean, cm2, cc)
             dlo = tl.minimum(dlo, clo)
             dhi = tl.maximum(dhi, chi)
+            if D_TOP:
+                dt_hi, dn_hi, d_second = _top_merge(dt_hi, dn_hi, d_second, d, feasible, 1)
+                dt_nlo, dn_lo, d_unused = _top_merge(dt_nlo, dn_lo, d_unused, -d, feasible, 1)
 
     mean_u, sd_u, varies = _finalize(n, lo, hi, mean, m2, pre, inv, std)
     gk = g[:, None] * K + kk[None, :]
@@ -337,14 +417,20 @@ def advantages_fwd_kernel(
         d_shift = d_mean
         d_mul = tl.full([BLOCK_G], 1.0, tl.float64)
         d_scale = p_scale
-        if normalize == ZSCORE:
+        if column == ZSCORE or column == PASSK:
             den = d_sd + eps_d
             d_mul = tl.where(d_varies & (den > 0), 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-            d_scale = zg + 1.0
-        elif normalize == RLOO:
+        elif column == RLOO:
             d_mul = tl.where(dn > 1, dn / tl.where(dn > 1, dn - 1.0, 1.0), 0.0)
-        elif normalize == NONE:
+        elif column == NONE:
             d_shift = zg
+        elif column == OPO:
+            base = tl.where(d_sl > 0, d_slu / tl.where(d_sl > 0, d_sl, 1.0), d_mean)
+            d_shift = tl.where(d_varies, base, d_mean)
+        if column == PASSK or column == PASSK_UNSCALED:
+            d_shift = tl.where(d_second > float("-inf"), (d_second * d_pre) * d_inv, 0.0)
+        if UNITLESS:
+            d_scale = zg + 1.0
     else:
         if weighting == VARIANCE:
             sel = (wp[None, :] > 0) & (sd_u > 0)
@@ -362,11 +448,11 @@ def advantages_fwd_kernel(
             tl.store(out_weights + gk, W, mask=gk_ok)
         else:
             tl.store(out_weights + gk, zk + w[None, :], mask=gk_ok)
-        if normalize == NONE:
+        if column == NONE:
             live = big > 0
         else:
             live = varies
-        if normalize == ZSCORE:
+        if UNITLESS:
             e = zk + 1.0
         else:
             e = c
@@ -377,16 +463,22 @@ def advantages_fwd_kernel(
         coef = tl.where(use, W * (e / emax[:, None]), 0.0)
         shift = mean_u
         mul = coef
-        if normalize == ZSCORE:  # (u - mean_u) / (sd_u + (eps + floor_k) / c), 0 when the column does not vary
-            eps_k = zk + eps
-            if std_floor is not None:
-                eps_k = eps_k + tl.load(std_floor + kk * std_floor_strides[0], mask=k_ok, other=0.0)[None, :]
-            den = sd_u + eps_k / c
+        eps_k = zk + eps
+        if std_floor is not None:
+            eps_k = eps_k + tl.load(std_floor + kk * std_floor_strides[0], mask=k_ok, other=0.0)[None, :]
+        eps_c = eps_k / c
+        if column == ZSCORE or column == PASSK:  # (u - mean_u) / (sd_u + (eps + floor_k) / c), 0 when constant
+            den = sd_u + eps_c
             mul = tl.where(varies & (den > 0), coef / tl.where(den > 0, den, 1.0), 0.0)
-        elif normalize == RLOO:  # (u - mean_u) * n / (n - 1), 0 when n < 2
+        elif column == RLOO:  # (u - mean_u) * n / (n - 1), 0 when n < 2
             mul = tl.where(n > 1, coef * (n / tl.where(n > 1, n - 1.0, 1.0)), 0.0)
-        elif normalize == NONE:
+        elif column == NONE:
             shift = zk
+        elif column == OPO:  # u - sum(L u) / sum(L), the plain mean when the lengths sum to 0
+            base = tl.where(k_sl > 0, k_slu / tl.where(k_sl > 0, k_sl, 1.0), mean_u)
+            shift = tl.where(varies, base, mean_u)
+        if column == PASSK or column == PASSK_UNSCALED:  # the margin over the second best
+            shift = tl.where(second > float("-inf"), (second * pre) * inv, 0.0)
 
     accept = fn >= min_feasible
     if drop_zero_variance:
@@ -399,32 +491,65 @@ def advantages_fwd_kernel(
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, is_valid, feasible = _load_chunk(j0, tile, source, BLOCK_M)
         take = feasible[:, :, None] & finite
-        if weighting == SCALARIZE:
+        if NEED_COMB:
             d = _combined(x, take, wp, fits, top_pre, top_inv, BLOCK_K)
+        if weighting == SCALARIZE:
             ud = (d * d_pre[:, None]) * d_inv[:, None]
-            a = tl.where(feasible, (ud - d_shift[:, None]) * d_mul[:, None], 0.0)
+            if column == LOO_STD:
+                a = _loo_value(ud, d, feasible, dn[:, None], dlo[:, None], dhi[:, None], dn_lo[:, None],
+                               dn_hi[:, None], d_mean[:, None], dm2[:, None], eps_d[:, None], p_scale[:, None],
+                               d_varies[:, None], std)  # fmt: skip
+            else:
+                pick = feasible
+                if column == PASSK or column == PASSK_UNSCALED:  # the one sample at the top of its group
+                    pick = pick & (d == dhi[:, None]) & (dn_hi == 1)[:, None] & (dn >= 2)[:, None]
+                a = tl.where(pick, (ud - d_shift[:, None]) * d_mul[:, None], 0.0)
             a = _saturate(a, d_scale[:, None])
         else:
             u = (x * pre[:, None, :]) * inv[:, None, :]
-            terms = tl.where(take, (u - shift[:, None, :]) * mul[:, None, :], 0.0)
+            if column == LOO_STD:
+                loo = _loo_value(u, x, take, n[:, None, :], lo[:, None, :], hi[:, None, :], n_lo[:, None, :],
+                               n_hi[:, None, :], mean_u[:, None, :], m2[:, None, :], eps_c[:, None, :],
+                               c[:, None, :], varies[:, None, :], std)  # fmt: skip
+                terms = loo * coef[:, None, :]
+            else:
+                pick = take
+                if column == PASSK or column == PASSK_UNSCALED:  # the one entry at the top of its group
+                    pick = pick & (x == hi[:, None, :]) & (n_hi == 1)[:, None, :] & (n >= 2)[:, None, :]
+                terms = tl.where(pick, (u - shift[:, None, :]) * mul[:, None, :], 0.0)
             a = tl.reshape(_sorted_sum(terms, BLOCK_G * BLOCK_J, BLOCK_K), [BLOCK_G, BLOCK_J])
             a = _saturate(a, q_scale[:, None])
         contrib = feasible & accept[:, None]
         infeasible = is_valid & ~feasible & accept[:, None]
-        if batch_normalize:
+        if batch != 0:
             tl.store(raw + row, a, mask=in_group)
             tl.store(code + row, (contrib.to(tl.uint8) + 2 * infeasible.to(tl.uint8)), mask=in_group)
-            cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(a, [BLOCK_G * BLOCK_J]),
-                                                         tl.reshape(contrib, [BLOCK_G * BLOCK_J]), 0)  # fmt: skip
-            bn, bmean, bm2, bc = _chan_merge_scaled(bn, bmean, bm2, bc, cn, cmean, cm2, cc)
-            blo = tl.minimum(blo, clo)
-            bhi = tl.maximum(bhi, chi)
+            if batch == GPG:  # contributing samples, and those with a nonzero combined reward
+                bn += tl.sum(tl.sum(contrib.to(tl.float64), axis=1), axis=0)
+                bmean += tl.sum(tl.sum((contrib & (d != 0)).to(tl.float64), axis=1), axis=0)
+            else:
+                if batch == WHITEN:
+                    stat_v = a
+                else:  # the combined reward s = d * C_g * cw, saturated
+                    stat_v = tl.minimum(tl.maximum(d * (top * cw)[:, None], -MAX_F64), MAX_F64)
+                stat_take = contrib
+                if lengths is not None:
+                    stat_l = tl.load(lengths + row * lengths_strides[0], mask=in_group, other=0).to(tl.float64)
+                    stat_take = stat_take & (stat_l > 0)
+                    stat_w = tl.reshape(stat_l, [BLOCK_G * BLOCK_J])
+                else:
+                    stat_w = None
+                cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(stat_v, [BLOCK_G * BLOCK_J]),
+                                                             tl.reshape(stat_take, [BLOCK_G * BLOCK_J]), 0, stat_w)  # fmt: skip
+                bn, bmean, bm2, bc = _chan_merge_scaled(bn, bmean, bm2, bc, cn, cmean, cm2, cc)
+                blo = tl.minimum(blo, clo)
+                bhi = tl.maximum(bhi, chi)
         else:
             a = _finish(a, contrib, infeasible, positive_scale, negative_scale, clip, infeasible_advantage)
             tl.store(out_advantages + row, a.to(out_advantages.dtype.element_ty), mask=in_group)
             keep = contrib | (infeasible & (infeasible_advantage != 0.0))
             tl.store(out_sample_mask + row, keep.to(tl.uint8), mask=in_group)
-    if batch_normalize:
+    if batch != 0:
         tl.store(parts + pid * PARTIAL + 0, bn)
         tl.store(parts + pid * PARTIAL + 1, bmean)
         tl.store(parts + pid * PARTIAL + 2, bm2)
@@ -448,13 +573,56 @@ def advantages_batchnorm_kernel(
     negative_scale: tl.float64,
     clip: tl.float64,
     std: tl.constexpr,
+    batch: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Whiten the contributing advantages with the batch statistic, then finish every sample.
+    """The batch step on the contributing advantages (whiten with their batch statistic, divide by the batch std
+    of the combined reward, or GPG's factor), then finish every sample.
 
     The partials are scaled moments (each of u = a / c_p); they are rescaled exactly to the largest scale
-    and merged in a fixed order."""
+    and merged in a fixed order (for "gpg": two counts)."""
+    # the batch statistic first (scalars), then the samples: their tiles are not live across the merge
+    if batch == GPG:
+        factor = _gpg_factor(parts, num_parts, BLOCK_P)
+    else:
+        pre, inv, shift, den, apply = _batch_statistic(parts, num_parts, eps, std, batch, BLOCK_P)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < N
+    a = tl.load(raw + offs, mask=ok, other=0.0)
+    c = tl.load(code + offs, mask=ok, other=0)
+    contrib = c == 1
+    infeasible = c == 2
+    if batch == GPG:
+        a = tl.where(contrib, tl.minimum(tl.maximum(a * factor, -MAX_F64), MAX_F64), a)
+    elif batch == WHITEN:  # (a / c - mean_u) / (sd_u + eps / c), 0 when the batch does not vary
+        a = tl.where(contrib, tl.where(apply, ((a * pre) * inv - shift) / den, 0.0), a)
+    else:  # (a / c) / (sd_u + eps / c), unchanged when that is 0
+        a = tl.where(contrib, tl.where(apply, ((a * pre) * inv) / den, a), a)
+    a = _finish(a, contrib, infeasible, positive_scale, negative_scale, clip, infeasible_advantage)
+    tl.store(out_advantages + offs, a.to(out_advantages.dtype.element_ty), mask=ok)
+    keep = contrib | (infeasible & (infeasible_advantage != 0.0))
+    tl.store(out_sample_mask + offs, keep.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _gpg_factor(parts, num_parts, BLOCK_P: tl.constexpr):
+    """n_c / max(m, 1) from the per-program counts."""
+    pp = tl.arange(0, BLOCK_P)
+    acc_n = tl.zeros([BLOCK_P], dtype=tl.float64)
+    acc_m = acc_n
+    for p0 in range(0, num_parts, BLOCK_P):
+        ok = p0 + pp < num_parts
+        base = parts + (p0 + pp) * PARTIAL
+        acc_n += tl.load(base + 0, mask=ok, other=0.0)
+        acc_m += tl.load(base + 1, mask=ok, other=0.0)
+    return tl.sum(acc_n, axis=0) / tl.maximum(tl.sum(acc_m, axis=0), 1.0)
+
+
+@triton.jit
+def _batch_statistic(parts, num_parts, eps, std: tl.constexpr, batch: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The merged batch statistic as (pre, inv: a / c == (a * pre) * inv, the shift mean_u (WHITEN; 0 for
+    BATCH_SCALE), the denominator sd_u + eps / c (1 where not applied), whether to apply it)."""
     pp = tl.arange(0, BLOCK_P)
     acc_n = tl.zeros([BLOCK_P], dtype=tl.float64)
     acc_lo = acc_n + float("inf")
@@ -490,18 +658,11 @@ def advantages_batchnorm_kernel(
     mean_u, sd_u, varies = _finalize(
         tot, tl.min(acc_lo, axis=0), tl.max(acc_hi, axis=0), mean, tl.sum(acc_m2, axis=0), pre, inv, std
     )
-    den = sd_u + eps / top
-    white = varies & (den > 0)
-    den = tl.where(white, den, 1.0)
-
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = offs < N
-    a = tl.load(raw + offs, mask=ok, other=0.0)
-    c = tl.load(code + offs, mask=ok, other=0)
-    contrib = c == 1
-    infeasible = c == 2
-    a = tl.where(contrib, tl.where(white, ((a * pre) * inv - mean_u) / den, 0.0), a)
-    a = _finish(a, contrib, infeasible, positive_scale, negative_scale, clip, infeasible_advantage)
-    tl.store(out_advantages + offs, a.to(out_advantages.dtype.element_ty), mask=ok)
-    keep = contrib | (infeasible & (infeasible_advantage != 0.0))
-    tl.store(out_sample_mask + offs, keep.to(tl.uint8), mask=ok)
+    den = sd_u + tl.where(eps > 0, eps / top, 0.0)
+    if batch == WHITEN:
+        apply = varies & (den > 0)
+        shift = mean_u
+    else:
+        apply = den > 0
+        shift = mean_u * 0.0
+    return pre, inv, shift, tl.where(apply, den, 1.0), apply

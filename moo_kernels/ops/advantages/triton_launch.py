@@ -58,7 +58,7 @@ def advantages_triton(rewards: torch.Tensor, o: AdvantageSpec, derived: Derived)
     meta = block_sizes(g, derived.max_count, k, m)
     num_parts = triton.cdiv(g, meta["BLOCK_G"])
     scratch = dict(raw=None, code=None, parts=None)
-    if o.batch_normalize:
+    if derived.batch != "none":
         # the raw float64 advantages between the kernels (in place for float64 outputs)
         raw = adv if cdt == torch.float64 else torch.empty(n, dtype=torch.float64, device=device)
         code = torch.empty(n, dtype=torch.uint8, device=device)
@@ -84,11 +84,12 @@ def advantages_triton(rewards: torch.Tensor, o: AdvantageSpec, derived: Derived)
             **({} if INTERPRETED else {"maxnreg": FWD_MAXNREG}),
         )
     )
-    if o.batch_normalize:
+    if derived.batch != "none":
         kernel = tk.advantages_batchnorm_kernel
         kernel[(triton.cdiv(n, BATCH_BLOCK),)](
             **o.kernel_kwargs(
                 kernel,
+                **derived.kernel_kwargs(kernel),
                 **outputs,
                 raw=scratch["raw"],
                 code=scratch["code"],
