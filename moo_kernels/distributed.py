@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from moo_kernels import _options as O
 from moo_kernels.ops.advantages.op import AdvantageResult, multi_objective_advantages
-from moo_kernels.ops.advantages.spec import PER_OBJECTIVE
+from moo_kernels.ops.advantages.spec import PER_OBJECTIVE, PER_SAMPLE
 from moo_kernels.ops.loss.spec import PolicyLossMetrics
 
 __all__ = [
@@ -46,8 +46,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.in
 _OPTION_DEFAULTS = {
     name: p.default
     for name, p in inspect.signature(multi_objective_advantages).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-    and name not in ("group_size", "group_ids", "valid", "reward_gates", "gates")
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("group_size", "group_ids", *PER_SAMPLE)
 }
 
 
@@ -144,7 +143,7 @@ def multi_objective_advantages_distributed(
     Each rank passes its own samples. The batch is their concatenation in rank order (rank 0's samples
     first), so a group may span ranks: with group_size, groups are consecutive runs of the
     concatenated batch (its length must be divisible by group_size); with group_ids, equal ids on
-    different ranks are one group. The per-sample tensors (rewards, group_ids, valid, reward_gates,
+    different ranks are one group. The per-sample tensors (rewards, group_ids, valid, lengths, reward_gates,
     gates) are all_gather'ed (ranks may hold different numbers of samples, zero included: the sizes
     are exchanged first, then the tensors are padded, gathered and unpadded), the op runs once on the
     whole batch on every rank, and each rank keeps its slice. The result is bitwise what
@@ -168,7 +167,8 @@ def multi_objective_advantages_distributed(
         rewards: [n] or [n, K] float rewards of this rank's n samples (n may be 0 on some ranks).
         group_size, group_ids ([n] integer): the grouping of the concatenated batch, as in
             multi_objective_advantages (exactly one of the two).
-        valid ([n] bool), reward_gates ([n, K] bool), gates ([n] or [n, M] bool): this rank's rows.
+        valid ([n] bool), reward_gates ([n, K] bool), gates ([n] or [n, M] bool), and lengths ([n], in
+            **options): this rank's rows.
         process_group: the group to gather over (None: the default group; without an initialised
             default group the call is multi_objective_advantages on the local batch).
         **options: every other argument of multi_objective_advantages (weights, normalize, weighting,
@@ -188,6 +188,7 @@ def multi_objective_advantages_distributed(
     """
     O.check_float_tensor("rewards", rewards)
     per_sample = {"valid": valid, "reward_gates": reward_gates, "gates": gates}
+    per_sample |= {name: options.pop(name, None) for name in PER_SAMPLE if name not in per_sample}  # lengths
     world, rank = _group_and_rank(process_group)
     if world == 1:
         return multi_objective_advantages(rewards, group_size=group_size, group_ids=group_ids, **per_sample, **options)

@@ -16,11 +16,23 @@ ENUMS = {
     "Std": (_codes.STD, {}),
     "Weighting": (_codes.WEIGHTING, {}),
     "NanPolicy": (_codes.NAN_POLICY, {"kIgnoreNan": "ignore", "kRaiseNan": "raise"}),
-    "Column": (_codes.COLUMN, {"kColZScore": "zscore", "kColCenter": "center", "kColRloo": "rloo",
-                               "kColNone": "none", "kColPassk": "passk", "kColPasskUnscaled": "passk_unscaled",
-                               "kColOpo": "opo", "kColLooStd": "loo_std"}),  # fmt: skip
-    "Batch": (_codes.BATCH, {"kBatchNone": "none", "kBatchWhiten": "whiten", "kBatchScale": "scale",
-                             "kBatchGpg": "gpg"}),  # fmt: skip
+    "Column": (
+        _codes.COLUMN,
+        {
+            "kColZScore": "zscore",
+            "kColCenter": "center",
+            "kColRloo": "rloo",
+            "kColNone": "none",
+            "kColPassk": "passk",
+            "kColPasskUnscaled": "passk_unscaled",
+            "kColOpo": "opo",
+            "kColLooStd": "loo_std",
+        },
+    ),  # fmt: skip
+    "Batch": (
+        _codes.BATCH,
+        {"kBatchNone": "none", "kBatchWhiten": "whiten", "kBatchScale": "scale", "kBatchGpg": "gpg"},
+    ),  # fmt: skip
     "Mode": (_codes.MODE, {}),
     "Agg": (_codes.AGG, {}),
     "Kl": (_codes.KL, {}),

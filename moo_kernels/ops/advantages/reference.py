@@ -285,9 +285,7 @@ def column_scaled(
     st their group statistics, eps_u the z-score's eps over the scale per group, unit the column's scale per
     group (loo_std's unnormalised values are in its units). 0 where take is false."""
     if column in ("zscore", "center", "rloo", "none"):
-        return normalize_scaled(
-            u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_u[gi], column
-        )
+        return normalize_scaled(u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_u[gi], column)
     zero = torch.zeros_like(u)
     n = st.count[gi]
     if column in ("passk", "passk_unscaled"):

@@ -70,7 +70,7 @@ class AdvantageSpec(Spec):
     )
     scale: str | None = option(
         None,
-        "what divides the group-centred rewards of the z-score (TRL's scale_rewards; for normalize=\"zscore\" and "
+        'what divides the group-centred rewards of the z-score (TRL\'s scale_rewards; for normalize="zscore" and '
         'the estimators "grpo" and "grpo_passk"): "group" (the group\'s std: the default), "batch" (the std of the '
         'combined reward over the batch\'s contributing samples: weighting "scalarize" only, as TRL), "none" '
         "(nothing: Dr. GRPO).",
@@ -213,7 +213,11 @@ class AdvantageSpec(Spec):
         if self.group_size is not None and n % self.group_size:
             raise ValueError(f"group_size={self.group_size} does not divide the batch of N={n} samples")
         column, batch = resolve(self)
-        if self.scale is not None and column not in ("zscore", "center", "passk", "passk_unscaled"):
+        if self.scale is not None and (self.normalize if self.estimator is None else self.estimator) not in (
+            "zscore",
+            "grpo",
+            "grpo_passk",
+        ):
             raise ValueError(
                 'scale divides the group-centred rewards of the z-score: it needs normalize="zscore" or estimator '
                 f'"grpo" / "grpo_passk", got {_method(self)}'
@@ -283,9 +287,17 @@ def resolve(o: AdvantageSpec) -> tuple[str, str]:
 
 def _method(o: AdvantageSpec) -> str:
     return f"estimator={o.estimator!r}" if o.estimator is not None else f"normalize={o.normalize!r}"
+
+
 # The options a trainer configures (every argument but the grouping and the per-sample tensors), and among them
 # the per-objective ones that may be given as tensors ([K]: weights, std_floor).
 PER_OBJECTIVE = tuple(name for name, arg in AdvantageSpec.args() if arg.kind == "tensor" and arg.shapes == ("K",))
+# the per-sample tensors besides the grouping ([N] or [N, ...]: valid, lengths, reward_gates, gates)
+PER_SAMPLE = tuple(
+    name
+    for name, arg in AdvantageSpec.args()
+    if arg.kind == "tensor" and arg.shapes[0].startswith("N") and name != "group_ids"
+)
 OPTION_NAMES = tuple(name for name, arg in AdvantageSpec.args() if arg.kind != "tensor" and name != "group_size")
 
 

@@ -367,7 +367,14 @@ def advantages_fwd_kernel(
     # opo: sum(L) and sum(L u) of each objective (of d: in units of dc, rescaled as dc grows)
     k_sl, k_slu, d_sl, d_slu = zk, zk, zg, zg
     # D_TOP: as t_hi, n_hi, ... of pass 1, for d
-    dt_hi, dn_hi, d_second, dt_nlo, dn_lo, d_unused = zg - float("inf"), zg, zg - float("inf"), zg - float("inf"), zg, zg
+    dt_hi, dn_hi, d_second, dt_nlo, dn_lo, d_unused = (
+        zg - float("inf"),
+        zg,
+        zg - float("inf"),
+        zg - float("inf"),
+        zg,
+        zg,
+    )
     for j0 in range(0, max_count, BLOCK_J):
         x, finite, m3, row, in_group, is_valid, feasible = _load_chunk(j0, tile, source, BLOCK_M)
         take = feasible[:, :, None] & finite
