@@ -287,7 +287,6 @@ def column_scaled(
     if column in ("zscore", "center", "rloo", "none"):
         return normalize_scaled(u, take, st.count[gi], st.mean_u[gi], st.std_u[gi], st.varies[gi], eps_u[gi], column)
     zero = torch.zeros_like(u)
-    n = st.count[gi]
     if column in ("passk", "passk_unscaled"):
         winner, _, _, margin = passk_parts(x, u, take, gi, num_groups, st)
         if column == "passk_unscaled":

@@ -546,8 +546,9 @@ def advantages_fwd_kernel(
                     stat_w = tl.reshape(stat_l, [BLOCK_G * BLOCK_J])
                 else:
                     stat_w = None
-                cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(stat_v, [BLOCK_G * BLOCK_J]),
-                                                             tl.reshape(stat_take, [BLOCK_G * BLOCK_J]), 0, stat_w)  # fmt: skip
+                flat = [BLOCK_G * BLOCK_J]
+                cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(stat_v, flat), tl.reshape(stat_take, flat), 0,
+                                                             stat_w)  # fmt: skip
                 bn, bmean, bm2, bc = _chan_merge_scaled(bn, bmean, bm2, bc, cn, cmean, cm2, cc)
                 blo = tl.minimum(blo, clo)
                 bhi = tl.maximum(bhi, chi)
