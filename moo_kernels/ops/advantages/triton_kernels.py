@@ -309,6 +309,7 @@ def advantages_fwd_kernel(
     UNITLESS: tl.constexpr = (column == ZSCORE) or (column == PASSK) or (column == LOO_STD)
     D_TOP: tl.constexpr = TOP and (weighting == SCALARIZE)
     K_TOP: tl.constexpr = TOP and (weighting != SCALARIZE)
+    BGJ: tl.constexpr = BLOCK_G * BLOCK_J  # samples of a chunk
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g < num_groups
@@ -543,12 +544,11 @@ def advantages_fwd_kernel(
                 if lengths is not None:
                     stat_l = tl.load(lengths + row * lengths_strides[0], mask=in_group, other=0).to(tl.float64)
                     stat_take = stat_take & (stat_l > 0)
-                    stat_w = tl.reshape(stat_l, [BLOCK_G * BLOCK_J])
+                    stat_w = tl.reshape(stat_l, [BGJ])
                 else:
                     stat_w = None
-                flat = [BLOCK_G * BLOCK_J]
-                cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(stat_v, flat), tl.reshape(stat_take, flat), 0,
-                                                             stat_w)  # fmt: skip
+                cn, clo, chi, cc, cmean, cm2 = _chunk_scaled(tl.reshape(stat_v, [BGJ]), tl.reshape(stat_take, [BGJ]),
+                                                             0, stat_w)  # fmt: skip
                 bn, bmean, bm2, bc = _chan_merge_scaled(bn, bmean, bm2, bc, cn, cmean, cm2, cc)
                 blo = tl.minimum(blo, clo)
                 bhi = tl.maximum(bhi, chi)
