@@ -178,6 +178,46 @@ def test_trl_config_has_every_advantage_option(tmp_path):
         assert getattr(config, f"moo_{name}") == expected, name
 
 
+@pytest.mark.parametrize(
+    "trl,moo,op",
+    [
+        (dict(scale_rewards="batch"), dict(moo_weighting="scalarize"), dict(weighting="scalarize", scale="batch",
+                                                                             lengths=True)),
+        (dict(scale_rewards="none"), {}, dict(scale="none")),
+        (dict(multi_objective_aggregation="normalize_then_sum"), {}, dict(batch_normalize=True, lengths=True)),
+        ({}, dict(moo_estimator="opo"), dict(estimator="opo", lengths=True)),
+        ({}, dict(moo_estimator="grpo_passk"), dict(estimator="grpo_passk")),
+    ],
+)  # fmt: skip
+def test_trl_maps_scale_rewards_and_estimators(tmp_path, trl, moo, op):
+    """TRL's scale_rewards / multi_objective_aggregation and the estimators reach the op; the completion lengths
+    too where the options read them."""
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, max_steps=1, **trl, **moo)
+    rewards, result, lengths = trainer.last_moo_rewards, trainer.last_moo_result, trainer.last_moo_lengths
+    op = dict(op)
+    if op.pop("lengths", False):
+        # one process: the whole batch's completion lengths (the loss's batch is the same, shuffled)
+        mask = trainer.last_inputs["completion_mask"]
+        assert torch.equal(lengths.sort().values, mask.sum(dim=1).sort().values)
+        op["lengths"] = lengths
+    else:
+        assert lengths is None
+    expected = mk.multi_objective_advantages(rewards, group_size=GROUP, nan_policy="ignore", **op)
+    torch.testing.assert_close(result.advantages, expected.advantages)
+
+
+def test_trl_config_refuses_contradictions(tmp_path):
+    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="moo_weighting='scalarize'"):
+        MooGRPOConfig(**common, scale_rewards="batch")
+    with pytest.raises(ValueError, match="not both"):
+        MooGRPOConfig(**common, moo_estimator="rloo", moo_normalize="center")
+    with pytest.raises(ValueError, match="divides the z-score"):
+        MooGRPOConfig(**common, moo_estimator="rloo", scale_rewards="none")
+    with pytest.raises(ValueError, match="normalize_then_sum"):
+        MooGRPOConfig(**common, multi_objective_aggregation="normalize_then_sum", moo_weighting="variance")
+
+
 def test_trl_config_rejects_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="moo_weighting"):
         MooGRPOConfig(output_dir=str(tmp_path), moo_weighting="softmax", report_to="none", use_cpu=True)

@@ -57,6 +57,27 @@ def test_single_objective_matches_verl_grpo(norm_by_std):
 
 
 @pytest.mark.parametrize(
+    "estimator,norm_by_std",
+    [("grpo", True), ("grpo", False), ("rloo", True), ("grpo_passk", True), ("grpo_passk", False), ("opo", True),
+     ("gpg", True), ("reinforce_plus_plus_baseline", True)],
+)  # fmt: skip
+def test_verl_estimators_through_moo(estimator, norm_by_std):
+    """algorithm.moo.estimator=<verl's name> through the "moo" estimator equals verl's own estimator (the response
+    lengths reach opo and the token-weighted whitening; verl's dr_grpo switch reaches grpo and grpo_passk)."""
+    rewards, mask, index, _, _ = batch(2)
+    config = OmegaConf.create({"norm_adv_by_std_in_grpo": norm_by_std, "moo": {"estimator": estimator}})
+    ours, _ = core_algos.get_adv_estimator_fn("moo")(
+        token_level_rewards=rewards, response_mask=mask, index=index, config=config
+    )
+    extra = {"norm_adv_by_std_in_grpo": norm_by_std} if estimator == "grpo" else {}  # verl's trainer passes it so
+    theirs, _ = core_algos.get_adv_estimator_fn(estimator)(
+        token_level_rewards=rewards, response_mask=mask, index=index, config=config, **extra
+    )
+    tol = 2e-5 if estimator == "reinforce_plus_plus_baseline" else 1e-5  # verl whitens with rsqrt(var + 1e-8)
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
     "options",
     [
         dict(weights=[1.0, 0.5, 0.25], weighting="variance", drop_zero_variance=True, negative_scale=0.5, clip=2.0),

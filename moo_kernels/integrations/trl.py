@@ -11,9 +11,14 @@ What changes against TRL's GRPOTrainer (tested with the TRL version pinned in py
 - the advantages: every reward function is one objective column (or a gate, see `moo_gate_funcs` and
   `moo_reward_gates`), and `moo_kernels.multi_objective_advantages` turns the gathered [N, K] rewards into
   the advantages, with every option of the op set from the config (`moo_*` fields). TRL's
-  `reward_weights` are the objective weights; `scale_rewards` and `multi_objective_aggregation` are not
-  used. A reward function returning None gives NaN (as in TRL), left out of that objective's statistics
-  (`moo_nan_policy="ignore"`); a completion with no objective reward at all gets advantage 0.
+  `reward_weights` are the objective weights; TRL's `scale_rewards` "batch" / "none" become the op's `scale`
+  (unless `moo_scale` is set; "group" is the z-score itself), and `multi_objective_aggregation=
+  "normalize_then_sum"` is `moo_weighting="fixed"` with `moo_batch_normalize` (TRL's default sum_then_normalize
+  is `moo_weighting="scalarize"`; the moo default is "fixed"). The completion lengths reach the op where its
+  options read them (`moo_estimator="opo"`, and the batch statistics of batch_normalize, scale="batch" and
+  reinforce_plus_plus_baseline, token-weighted). A reward function returning None gives NaN (as in TRL), left out
+  of that objective's statistics (`moo_nan_policy="ignore"`); a completion with no objective reward at all gets
+  advantage 0.
 - the loss (unless `moo_policy_loss=False`): `moo_kernels.policy_loss` on TRL's per-token log-probs,
   with TRL's `epsilon` / `epsilon_high` (clip_low / clip_high), `delta` (ratio_cap), `beta` (k3 KL to the
   reference model TRL loads) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
@@ -36,7 +41,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import moo_kernels as mk
 from moo_kernels import _options as O
-from moo_kernels._codes import AGG, KL, MODE
+from moo_kernels._codes import AGG, ESTIMATOR, KL, MODE, SCALE
 from moo_kernels.ops.advantages.spec import OPTION_NAMES, AdvantageSpec
 
 _DEFAULT = AdvantageSpec.defaults()  # the op's defaults are the config's (one declaration)
@@ -79,6 +84,16 @@ class MooGRPOConfig(GRPOConfig):
     moo_weighting: str = field(
         default=_DEFAULT["weighting"],
         metadata={"help": "fixed (GDPO, the default), scalarize (TRL's sum_then_normalize) or variance (DVAO)."},
+    )
+    moo_estimator: str | None = field(
+        default=_DEFAULT["estimator"],
+        metadata={"help": "verl's estimator names (grpo, dr_grpo, rloo, grpo_passk, opo, gpg, "
+                  "reinforce_plus_plus_baseline, loo_std) instead of moo_normalize; opo and the token-weighted "
+                  "batch statistics read the completion lengths."},
+    )  # fmt: skip
+    moo_scale: str | None = field(
+        default=_DEFAULT["scale"],
+        metadata={"help": "group, batch or none (None: from TRL's scale_rewards)."},
     )
     moo_batch_normalize: bool = field(
         default=_DEFAULT["batch_normalize"], metadata={"help": "Whiten the advantages over the batch."}
@@ -149,6 +164,34 @@ class MooGRPOConfig(GRPOConfig):
         O.choice("moo_std", self.moo_std, O.STD)
         O.choice("moo_weighting", self.moo_weighting, O.WEIGHTING)
         O.choice("moo_nan_policy", self.moo_nan_policy, O.NAN_POLICY)
+        if self.moo_estimator is not None:
+            O.choice("moo_estimator", self.moo_estimator, ESTIMATOR)
+            if self.moo_normalize != _DEFAULT["normalize"]:
+                raise ValueError("pass moo_estimator or moo_normalize, not both")
+        # TRL's scale_rewards: "group" is the z-score itself; "batch" and "none" are the op's scale
+        if self.moo_scale is None and self.scale_rewards != "group":
+            self.moo_scale = self.scale_rewards
+        if self.moo_scale is not None:
+            O.choice("moo_scale", self.moo_scale, SCALE)
+            method = self.moo_estimator if self.moo_estimator is not None else self.moo_normalize
+            if method not in ("zscore", "grpo", "grpo_passk"):
+                raise ValueError(
+                    f"scale_rewards / moo_scale={self.moo_scale!r} divides the z-score's group-centred rewards: it "
+                    f"needs moo_normalize='zscore' or moo_estimator 'grpo' / 'grpo_passk', got {method!r}"
+                )
+            if self.moo_scale == "batch" and self.moo_weighting != "scalarize":
+                raise ValueError(
+                    "scale_rewards / moo_scale='batch' divides by the std of the summed reward over the batch "
+                    f"(TRL's sum_then_normalize): it needs moo_weighting='scalarize', got {self.moo_weighting!r}"
+                )
+        # TRL's normalize_then_sum: every objective z-scored in its group, the weighted sum whitened over the batch
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            if self.moo_weighting != "fixed":
+                raise ValueError(
+                    "multi_objective_aggregation='normalize_then_sum' is moo_weighting='fixed' with the batch "
+                    f"whitening, got moo_weighting={self.moo_weighting!r}"
+                )
+            self.moo_batch_normalize = True
         O.choice("moo_kl", self.moo_kl, KL)
         if self.moo_loss_mode is not None:
             O.choice("moo_loss_mode", self.moo_loss_mode, MODE)
@@ -185,7 +228,12 @@ class MooGRPOTrainer(GRPOTrainer):
         self._moo_reward_gate_cols = [(self.moo_objectives.index(o), names.index(g)) for o, g in gates.items()]
         self._moo_weights = None if a.reward_weights is None else self.reward_weights[self._moo_obj_cols].tolist()
         self.last_moo_rewards = None
+        self.last_moo_lengths = None  # [N] completion lengths, when the options read them
         self.last_moo_result = None
+        # opo's baseline and the batch statistics (token-weighted, as verl whitens over tokens) read the lengths
+        self._moo_reads_lengths = a.moo_estimator == "opo" or (
+            a.moo_batch_normalize or a.moo_scale == "batch" or a.moo_estimator == "reinforce_plus_plus_baseline"
+        )
 
         if a.moo_policy_loss:
             unsupported = {
@@ -214,8 +262,11 @@ class MooGRPOTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------- advantages
 
-    def moo_advantages(self, rewards_per_func: torch.Tensor, group_size: int) -> mk.AdvantageResult:
-        """The op's AdvantageResult for the [N, F] reward matrix (one column per reward function)."""
+    def moo_advantages(
+        self, rewards_per_func: torch.Tensor, group_size: int, lengths: torch.Tensor | None = None
+    ) -> mk.AdvantageResult:
+        """The op's AdvantageResult for the [N, F] reward matrix (one column per reward function); lengths: the
+        [N] completion lengths, passed on where the options read them (opo, token-weighted batch statistics)."""
         a = self.args
         objectives = rewards_per_func[:, self._moo_obj_cols]
         # A completion without any objective reward (every function returned None) takes no part (TRL: 0).
@@ -234,15 +285,19 @@ class MooGRPOTrainer(GRPOTrainer):
         floor = a.moo_std_floor
         if floor is not None and len(floor) == 1:  # one number for every objective
             floor = floor[0]
+        options = {name: getattr(a, f"moo_{name}") for name in OPTION_NAMES}
+        if options["estimator"] is not None:
+            del options["normalize"]  # the estimator replaces it (the config refused both)
         return mk.multi_objective_advantages(
             objectives,
             group_size=group_size,
             weights=self._moo_weights,
             std_floor=floor,
             valid=valid,
+            lengths=lengths if self._moo_reads_lengths else None,
             reward_gates=reward_gates,
             gates=gates,
-            **{name: getattr(a, f"moo_{name}") for name in OPTION_NAMES},
+            **options,
         )
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -254,7 +309,11 @@ class MooGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        result = self.moo_advantages(self.last_moo_rewards, group_size)
+        lengths = None
+        if self._moo_reads_lengths:  # the whole (gathered) batch's completion lengths, as the rewards
+            lengths = self.accelerator.gather(output["completion_mask"].sum(dim=1))
+        self.last_moo_lengths = lengths
+        result = self.moo_advantages(self.last_moo_rewards, group_size, lengths)
         self.last_moo_result = result
 
         local = output["advantages"]

@@ -8,9 +8,12 @@
 Registered (tested with the verl version pinned in pyproject.toml):
 - advantage estimator "moo" (`compute_moo_advantage`): `moo_kernels.multi_objective_advantages` with the
   options of the mapping `algorithm.moo` (every keyword of the op except rewards / group_size / group_ids /
-  valid / gates / reward_gates; `normalize` defaults to "zscore", or "center" when
-  `algorithm.norm_adv_by_std_in_grpo` is false). Groups are verl's `uid` index. Returns the advantage
-  broadcast over the response tokens, as verl's GRPO does.
+  valid / lengths / gates / reward_gates; `normalize` defaults to "zscore", or "center" when
+  `algorithm.norm_adv_by_std_in_grpo` is false, which also gives the estimators "grpo" and "grpo_passk"
+  `scale="none"`). `algorithm.moo.estimator` takes verl's own estimator names ("grpo", "dr_grpo", "rloo",
+  "grpo_passk", "opo", "gpg", "reinforce_plus_plus_baseline", plus NeMo-RL's "loo_std"), per objective and with
+  every other option; the response lengths (response_mask summed) go to the op where its options read them.
+  Groups are verl's `uid` index. Returns the advantage broadcast over the response tokens, as verl's GRPO does.
 - policy losses "moo" (mode "clip" with verl's dual clip `clip_ratio_c`: verl's "vanilla"), "moo_gspo" and
   "moo_cispo": `moo_kernels.policy_loss` with `clip_ratio_low` / `clip_ratio_high`, rollout importance
   weights and verl's loss aggregation (`loss_agg_mode` with the global batch info verl sets).
@@ -98,8 +101,11 @@ def compute_moo_advantage(
     moo = _moo_options(config)
     reward_keys, gate_keys = moo.pop("reward_keys", None), moo.pop("gate_keys", None)
     threshold = moo.pop("gate_threshold", 0.5)
-    if "normalize" not in moo and config is not None and not config.get("norm_adv_by_std_in_grpo", True):
-        moo["normalize"] = "center"
+    if config is not None and not config.get("norm_adv_by_std_in_grpo", True):  # verl's Dr. GRPO switch
+        if moo.get("estimator") is None and "normalize" not in moo:
+            moo["normalize"] = "center"
+        elif moo.get("estimator") in ("grpo", "grpo_passk") and "scale" not in moo:
+            moo["scale"] = "none"
     device = token_level_rewards.device
     if (reward_keys or gate_keys) and non_tensor_batch is None:
         raise ValueError("algorithm.moo.reward_keys / gate_keys need the non_tensor_batch keyword")
@@ -117,6 +123,11 @@ def compute_moo_advantage(
 
     _, group_ids = np.unique(np.asarray(index), return_inverse=True)
     group_ids = torch.as_tensor(group_ids.reshape(-1), device=device)
+    # the response lengths, where the options read them: opo's baseline, and the batch statistics (token-weighted,
+    # as verl whitens over the response tokens)
+    batch = moo.get("batch_normalize") or moo.get("scale") == "batch"
+    if moo.get("estimator") in ("opo", "reinforce_plus_plus_baseline") or batch:
+        moo["lengths"] = response_mask.sum(dim=-1)
     with torch.no_grad():
         result = mk.multi_objective_advantages(rewards, group_ids=group_ids, gates=gates, **moo)
     advantages = result.advantages.to(token_level_rewards.dtype).unsqueeze(-1) * response_mask
