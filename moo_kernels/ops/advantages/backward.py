@@ -60,10 +60,11 @@ def normalize_backward(x, take, gi, num_groups, stats, normalize, eps, unbiased,
     denom = count - 1 if unbiased else count
     has_sd = varies & (denom > 0) & (sd > 0)
     coef_sd = g_sd * _recip(denom * sd, has_sd)
-    per_stat = (g_mu * _recip(count, count > 0))[gi] + coef_sd[gi] * dev
-    if weight is not None:  # the statistics' part, in proportion to each entry's weight
-        per_stat = per_stat * weight.to(F64)
-    g_x = c[gi] * g_a + per_stat
+    mu_term = (g_mu / torch.where(count > 0, count, torch.ones_like(count)))[gi]
+    if weight is None:
+        g_x = c[gi] * g_a + mu_term + coef_sd[gi] * dev
+    else:  # the statistics' part in proportion to each entry's weight
+        g_x = c[gi] * g_a + (mu_term + coef_sd[gi] * dev) * weight.to(F64)
     return torch.where(take, g_x, torch.zeros_like(g_x))
 
 
