@@ -14,7 +14,8 @@
 //      c = 2^floor(log2 max|x|), the sum of u = x / c, then the sum of squared deviations of u from its
 //      mean. No square over- or underflows for any finite input. lo == hi marks a column that does not
 //      vary: its mean is then exactly the common value and its std exactly 0.
-//   3. Column K, when needed (scalarize, drop_zero_variance), holds the combined reward
+//   3. Column K, when needed (scalarize, drop_zero_variance, the batch steps "scale" and "gpg"), holds the
+//      combined reward
 //      d_j = SORTEDSUM_k(w'_k * (x_jk / C_g)): per sample the K terms are sorted ascending (a sorting
 //      network over the lanes for K <= 4, an insertion sort otherwise) and added from +0.0 left to right.
 //      These are the reference's IEEE operations in the reference's order, so d has the same bits on
@@ -23,11 +24,30 @@
 //      exactly as the division.
 //   4. Weights (w, or w~_gk from the scaled stds), acceptance, normalisation and combination (a sorted
 //      sum over the objectives again, so permuting objectives changes no bit), then sign scaling,
-//      clipping and the fixed values of infeasible / rejected / invalid samples.
-//   5. batch_normalize: step 4 stops after the combination and keeps the raw advantage (as double) and a
-//      sample code (in the sample-mask bytes). The scaled batch statistics over the contributing samples
-//      are reduced over fixed blocks of samples combined in block order; a last parallel pass whitens
-//      and finishes every sample.
+//      clipping and the fixed values of infeasible / rejected / invalid samples. What is applied to each
+//      column (each objective, or d under "scalarize") is the column code the Python side resolved
+//      (Derived.column: normalize, estimator, scale). "zscore", "center", "rloo" and "none" are affine maps
+//      of u = x / c, folded into the terms of the sorted sum. The estimators' columns are computed per entry
+//      first (estimator_column), after one more pass over the cells for what they need beyond 2.:
+//        passk: the one entry equal to hi (when exactly one is, n >= 2) gets (hi / c - second / c) /
+//          (sd_u + eps / c), second the largest entry below hi, every other entry 0 (e = 1);
+//          passk_unscaled: the same margin, undivided (e = c);
+//        opo: u - sum(L u) / sum(L) over the entries that take part (L: the lengths; the mean when they sum
+//          to 0), 0 when the column does not vary (e = c);
+//        loo_std: D_j = (u - mean_u) n / (n - 1) over sd_j + eps / c, sd_j the std of the others from their
+//          M2_j = M2 - (u - mean_u)^2 n / (n - 1) (0 when the others are all equal, decided exactly from lo,
+//          hi and how many entries equal them, or when M2_j <= M2 2^-40); D_j times the column's unit (c, or
+//          P_g for d) where sd_j is 0; 0 when n < 2 or the column does not vary (e = 1).
+//      The unitless columns (zscore, passk, loo_std) of d are the advantage; the others times P_g.
+//   5. The batch step (Derived.batch): step 4 stops after the combination and keeps the raw advantage (as
+//      double) and a sample code (in the sample-mask bytes), and for "scale" / "gpg" the combined reward.
+//      Over the contributing samples: "whiten" (batch_normalize, reinforce_plus_plus_baseline) whitens
+//      the advantages with their scaled statistics; "scale" (scale="batch") divides them by c (sd_u +
+//      eps / c) of the combined reward s = d C_g cw (saturated); both statistics weighted by the lengths
+//      when given (count sum L, mean sum L u / sum L, M2 sum L (u - mean)^2; samples of length 0 are not
+//      part of them, yet are whitened or scaled). The statistics are reduced over fixed blocks of samples
+//      combined in block order. "gpg" multiplies by n_c / max(m, 1), n_c the contributing samples, m those
+//      with d != 0. A last parallel pass applies the step and finishes every sample.
 // The reductions run in an order fixed by the code, so results are deterministic: the same bits whatever
 // the thread count or instruction set. Outputs are float32 (float64 for float64 rewards). The first
 // non-finite reward (nan_policy="raise") and the first bad weight are returned as indices, and the Python
@@ -70,11 +90,19 @@ constexpr int64_t kBatchRows = 1024;               // rows of kLanes samples per
 constexpr int64_t kSpreadMin = 256;                // a group this large fills a block alone, over all lanes
 
 // The option codes of codes.h (shared with moo_kernels/_codes.py).
-using moo::kNoNormalize;
-using moo::kRloo;
+using moo::kBatchGpg;
+using moo::kBatchNone;
+using moo::kBatchScale;
+using moo::kBatchWhiten;
+using moo::kColLooStd;
+using moo::kColNone;
+using moo::kColOpo;
+using moo::kColPassk;
+using moo::kColPasskUnscaled;
+using moo::kColRloo;
+using moo::kColZScore;
 using moo::kScalarize;
 using moo::kVariance;
-using moo::kZScore;
 // Sample codes kept in the sample-mask bytes between the group pass and the batch pass.
 enum SampleCode : uint8_t { kDropped = 0, kContributes = 1, kInfeasible = 2 };
 
@@ -99,6 +127,7 @@ struct Inputs {
     const uint8_t* gates;         // [N, M] or null
     int64_t stride_gn, stride_gm, m;
     const double* std_floor;      // [K] floor of each objective's standard deviation in zscore, or null
+    const double* lengths;        // [N] response lengths (as double), or null
 };
 
 struct Outputs {
@@ -111,10 +140,10 @@ struct Outputs {
 };
 
 struct Options {
-    int normalize;
+    int column;  // what is applied to each column: moo::Column (Derived.column)
     bool unbiased;
     int weighting;
-    bool batch_normalize;
+    int batch;   // the batch step after the combination: moo::Batch (Derived.batch)
     double eps, gated_value, infeasible_advantage;
     int64_t min_feasible;
     bool drop_zero_variance;
@@ -170,6 +199,7 @@ struct Slot {
     double feasible[kLanes];  // 1.0 for a feasible sample
     double adv[kLanes];       // combined advantage, then the finished one
     double code[kLanes];      // SampleCode, or the sample-mask bit once finished
+    double len[kLanes];       // response length (0 without lengths, and for padding)
 };
 
 // Scaled statistics of one column of a block, lane by lane (reference.py, step 2).
@@ -178,6 +208,7 @@ struct Column {
     double big[kLanes];                          // max |x|, 0 without entries
     double c[kLanes], pre[kLanes], inv[kLanes];  // the scale c, and x / c = (x * pre) * inv
     double mean_u[kLanes], sd_u[kLanes];
+    double m2[kLanes];                           // sum of squared deviations of u from mean_u
     double varies[kLanes];                       // 1.0 when lo < hi
 
     double mean(int64_t l) const { return count[l] > 0 ? std::min(std::max(c[l] * mean_u[l], lo[l]), hi[l]) : 0.0; }
@@ -226,21 +257,26 @@ inline bool unit_pre(const double* pre) {
     return unit;
 }
 
-// Pass 2: per-lane sums of u = x / c (0 where the value does not take part).
-template <bool kPre>
+// Pass 2: per-lane sums of u = x / c (0 where the value does not take part). kWeighted: the mask holds a
+// weight (> 0 where the value takes part), and the sums are of u * weight.
+template <bool kPre, bool kWeighted = false>
 MOO_INLINE void lane_scaled_sums(const Cell* cells, int64_t rows, const double* pre, const double* inv,
                                  double* out) {
     double sum[kLanes] = {};
     for (int64_t i = 0; i < rows; ++i) {
         const Cell& c = cells[i];
         MOO_OMP(omp simd)
-        for (int64_t l = 0; l < kLanes; ++l) sum[l] += scaled<kPre>(c.value[l], pre[l], inv[l]);
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double u = scaled<kPre>(c.value[l], pre[l], inv[l]);
+            sum[l] += kWeighted ? u * c.take[l] : u;
+        }
     }
     std::copy(sum, sum + kLanes, out);
 }
 
-// Pass 3: per-lane sums of squared deviations of u from mean[lane] over the values that take part.
-template <bool kPre>
+// Pass 3: per-lane sums of squared deviations of u from mean[lane] over the values that take part (kWeighted:
+// each times its weight).
+template <bool kPre, bool kWeighted = false>
 MOO_INLINE void lane_scaled_squares(const Cell* cells, int64_t rows, const double* pre, const double* inv,
                                     const double* mean, double* out) {
     double m2[kLanes] = {};
@@ -248,8 +284,14 @@ MOO_INLINE void lane_scaled_squares(const Cell* cells, int64_t rows, const doubl
         const Cell& c = cells[i];
         MOO_OMP(omp simd)
         for (int64_t l = 0; l < kLanes; ++l) {
-            const double d = (scaled<kPre>(c.value[l], pre[l], inv[l]) - mean[l]) * c.take[l];  // 0 unless take
-            m2[l] += d * d;
+            if constexpr (kWeighted) {
+                const double t = c.take[l], v = scaled<kPre>(c.value[l], pre[l], inv[l]) - mean[l];
+                const double d = t > 0 ? v : 0.0;
+                m2[l] += (d * d) * t;
+            } else {
+                const double d = (scaled<kPre>(c.value[l], pre[l], inv[l]) - mean[l]) * c.take[l];  // 0 unless take
+                m2[l] += d * d;
+            }
         }
     }
     std::copy(m2, m2 + kLanes, out);
@@ -298,6 +340,7 @@ MOO_INLINE void column_stats(const Cell* cells, int64_t rows, Extremes e, bool s
         const double n = s.count[l], exact = n > 0 ? (s.hi[l] * s.pre[l]) * s.inv[l] : 0.0;
         s.mean_u[l] = s.varies[l] > 0 ? sums[l] / n : exact;
         s.sd_u[l] = 0;
+        s.m2[l] = 0;
     }
     if (any_varies > 0) {
         if (unit) {
@@ -307,6 +350,7 @@ MOO_INLINE void column_stats(const Cell* cells, int64_t rows, Extremes e, bool s
         }
         if (spread) merge_lanes(sums);
         for (int64_t l = 0; l < kLanes; ++l) {
+            s.m2[l] = sums[l];
             const double denom = unbiased ? s.count[l] - 1 : s.count[l];
             const double var = s.varies[l] > 0 && denom > 0 ? sums[l] / denom : 0.0;
             s.sd_u[l] = var > 0 ? std::sqrt(var) : 0.0;
@@ -495,11 +539,12 @@ MOO_INLINE int64_t load_block(const Inputs& in, const Options& o, const BlockPla
             const uint8_t* gate = m > 0 ? in.gates + row * in.stride_gn : nullptr;
             for (int64_t c = 0; c < m && pass; ++c) pass = gate[c * in.stride_gm] != 0;
             s.row[l] = row, s.valid[l] = valid, s.feasible[l] = pass;
+            s.len[l] = in.lengths ? in.lengths[row] : 0.0;
             feasible_count += pass;
         }
         for (int64_t i = b.count[l]; i < b.rows; ++i) {  // padding
             Slot& s = b.slots[i];
-            s.row[l] = 0, s.valid[l] = s.feasible[l] = 0.0;
+            s.row[l] = 0, s.valid[l] = s.feasible[l] = s.len[l] = 0.0;
         }
         b.feasible_count[l] = feasible_count;
     }
@@ -657,9 +702,135 @@ MOO_INLINE void combined_column(const Inputs& in, Block& b) {
     b.extremes[K] = e;
 }
 
+// ---- the estimators' columns ----------------------------------------------------------------------
+
+// Columns whose value a is a pure number (e = 1); the others are in the column's units (e = c).
+inline bool unitless(int column) { return column == kColZScore || column == kColPassk || column == kColLooStd; }
+
+// Columns that are not an affine map of u (step 3: passk, passk_unscaled, opo, loo_std): their values are
+// computed per entry by estimator_column, then combined as they are.
+inline bool estimator(int column) { return column >= kColPassk; }
+
+constexpr double kLooTiny = 1.0 / 1099511627776.0;  // 2^-40: a leave-one-out M2 at most this fraction of M2 is 0
+
+inline double clamp_finite(double v) { return v < -kMaxFinite ? -kMaxFinite : (v > kMaxFinite ? kMaxFinite : v); }
+
+// Step 3 for the estimators' columns, one column of a block (its cells, statistics s and the rows' slots for the
+// lengths): the scaled value a of every row and lane, handed to put(i, l, a) once the column's extra statistics
+// are gathered (so put may overwrite the cells); a = 0 where the entry does not take part. eps_u: the z-score's
+// eps over the column's scale, per lane; unit: the column's scale (loo_std's unnormalised differences are in its
+// units). The extra statistics, per lane (merged over the lanes when spread): how many entries equal lo and hi,
+// the largest entry below hi (passk's second best), the sums of the lengths and of lengths * u (opo).
+template <bool kPre, typename Put>
+MOO_INLINE void estimator_column(int column, const Cell* cells, const Slot* slots, int64_t rows, const Column& s,
+                                 bool spread, bool unbiased, const double* eps_u, const double* unit, Put put) {
+    const double* pre = s.pre;
+    const double* inv = s.inv;
+    double n_lo[kLanes] = {}, n_hi[kLanes] = {}, second[kLanes], len[kLanes] = {}, len_u[kLanes] = {};
+    std::fill(second, second + kLanes, -kInf);
+    for (int64_t i = 0; i < rows; ++i) {
+        const Cell& c = cells[i];
+        const double* length = slots[i].len;
+        MOO_OMP(omp simd)
+        for (int64_t l = 0; l < kLanes; ++l) {
+            const double x = c.value[l], t = c.take[l] > 0 ? 1.0 : 0.0, L = length[l];
+            const double at_lo = x == s.lo[l] ? t : 0.0, at_hi = x == s.hi[l] ? t : 0.0;
+            const double below = t > 0 && at_hi == 0 ? x : -kInf, lw = t > 0 ? L : 0.0;
+            n_lo[l] += at_lo;
+            n_hi[l] += at_hi;
+            second[l] = below > second[l] ? below : second[l];
+            len[l] += lw;
+            len_u[l] += lw * scaled<kPre>(t > 0 ? x : 0.0, pre[l], inv[l]);
+        }
+    }
+    if (spread) {
+        merge_lanes(n_lo);
+        merge_lanes(n_hi);
+        merge_lanes(len);
+        merge_lanes(len_u);
+        std::fill(second, second + kLanes, *std::max_element(second, second + kLanes));
+    }
+    if (column == kColPassk || column == kColPasskUnscaled) {
+        // the one entry at hi (n >= 2): (hi / c - second / c), over (sd_u + eps / c) for passk; 0 elsewhere
+        const bool divide = column == kColPassk;
+        double second_u[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l)
+            second_u[l] = second[l] > -kInf ? scaled<kPre>(second[l], pre[l], inv[l]) : 0.0;
+        for (int64_t i = 0; i < rows; ++i) {
+            const Cell& c = cells[i];
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const double x = c.value[l];
+                const bool winner = c.take[l] > 0 && x == s.hi[l] && n_hi[l] == 1 && s.count[l] >= 2;
+                const double margin = scaled<kPre>(x, pre[l], inv[l]) - second_u[l];
+                const double den = s.sd_u[l] + eps_u[l];
+                const double a = divide ? (den > 0 ? margin / den : 0.0) : margin;
+                put(i, l, winner ? a : 0.0);
+            }
+        }
+    } else if (column == kColOpo) {
+        // u - sum(L u) / sum(L) (the mean when the lengths sum to 0); exactly 0 when the column does not vary
+        double base[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l)
+            base[l] = s.varies[l] > 0 && len[l] > 0 ? len_u[l] / len[l] : s.mean_u[l];
+        for (int64_t i = 0; i < rows; ++i) {
+            const Cell& c = cells[i];
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const double a = scaled<kPre>(c.value[l], pre[l], inv[l]) - base[l];
+                put(i, l, c.take[l] > 0 ? a : 0.0);
+            }
+        }
+    } else {
+        // loo_std: D_j = (u - mean_u) f, f = n / (n - 1); M2_j = M2 - (u - mean_u)^2 f, 0 when the others are all
+        // equal (exactly: from lo, hi and their counts) or M2_j <= M2 2^-40; sd_j = sqrt(M2_j / D')
+        for (int64_t i = 0; i < rows; ++i) {
+            const Cell& c = cells[i];
+            for (int64_t l = 0; l < kLanes; ++l) {
+                const double x = c.value[l], n = s.count[l], m2 = s.m2[l];
+                const bool take = c.take[l] > 0, many = n >= 2;
+                const double f = many ? n / (n - 1) : 0.0;
+                const double dev = scaled<kPre>(x, pre[l], inv[l]) - s.mean_u[l];
+                const bool others_equal = take && ((x == s.lo[l] && n_lo[l] == 1 && n_hi[l] == n - 1) ||
+                                                   (x == s.hi[l] && n_hi[l] == 1 && n_lo[l] == n - 1));
+                double m2_loo = m2 - (f * dev) * dev;
+                m2_loo = m2_loo > 0 ? m2_loo : 0.0;
+                if (others_equal || m2_loo <= m2 * kLooTiny) m2_loo = 0.0;
+                const double d = unbiased ? n - 2 : n - 1;
+                const double var = d > 0 ? m2_loo / d : 0.0;
+                const double sd = var > 0 ? std::sqrt(var) : 0.0;
+                const double diff = dev * f;
+                const double a = sd > 0 ? diff / (sd + eps_u[l]) : clamp_finite(diff * unit[l]);
+                put(i, l, take && many && s.varies[l] > 0 ? a : 0.0);
+            }
+        }
+    }
+}
+
+// The estimators' columns of the objectives (fixed / variance): each objective's cells get their values a in
+// place of x, and the column's scale maps become 1 (x / c is then a itself, in combine_block).
+template <int KC>
+MOO_INLINE void estimator_objectives(const Inputs& in, const Options& o, Block& b) {
+    const int64_t K = KC > 0 ? KC : in.k;
+    for (int64_t k = 0; k < K; ++k) {
+        Column& s = b.stats[k];
+        Cell* cells = b.column(k);
+        const double eps = in.std_floor ? o.eps + in.std_floor[k] : o.eps;
+        double eps_u[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) eps_u[l] = eps > 0 ? eps / s.c[l] : 0.0;
+        const auto put = [cells](int64_t i, int64_t l, double a) { cells[i].value[l] = a; };
+        if (unit_pre(s.pre)) {
+            estimator_column<false>(o.column, cells, b.slots.data(), b.rows, s, b.spread, o.unbiased, eps_u, s.c, put);
+        } else {
+            estimator_column<true>(o.column, cells, b.slots.data(), b.rows, s, b.spread, o.unbiased, eps_u, s.c, put);
+        }
+        std::fill(s.pre, s.pre + kLanes, 1.0);
+        std::fill(s.inv, s.inv + kLanes, 1.0);
+    }
+}
+
 // Step 4, all lanes: the combination weights W into b.weff and, per objective, the map of a sample's value
 // x to its term of the sorted sum, ((x * pre) * inv - shift) * take * mul; the factor Q = E_g * F that
-// multiplies the sum into q.
+// multiplies the sum into q. For the estimators' columns the cells hold a (estimator_objectives): shift 0 and
+// mul = W (e / E_g).
 template <int KC>
 MOO_INLINE void objective_maps(const Inputs& in, const Options& o, Block& b, double* q) {
     const int64_t K = KC > 0 ? KC : in.k;
@@ -702,15 +873,17 @@ MOO_INLINE void objective_maps(const Inputs& in, const Options& o, Block& b, dou
     } else {
         for (int64_t k = 0; k < K; ++k) std::fill(W + k * kLanes, W + (k + 1) * kLanes, in.wprime[k]);
     }
-    // E_g over the live objectives with W > 0 (zscore: e = 1; live: varies, or for "none" a nonzero entry)
-    const bool zscore = o.normalize == kZScore, none = o.normalize == kNoNormalize;
+    // E_g over the live objectives with W > 0 (e = 1 for the unitless columns, else c; live: varies, or for
+    // "none" a nonzero entry)
+    const bool zscore = o.column == kColZScore, none = o.column == kColNone, rloo = o.column == kColRloo;
+    const bool pure = unitless(o.column), mapped = estimator(o.column);  // mapped: the cells hold a (no shift)
     double emax[kLanes] = {};
     for (int64_t k = 0; k < K; ++k) {
         const Column& s = b.stats[k];
         MOO_OMP(omp simd)
         for (int64_t l = 0; l < kLanes; ++l) {
             const bool live = none ? s.big[l] > 0 : s.varies[l] > 0;
-            const double e = zscore ? 1.0 : s.c[l];
+            const double e = pure ? 1.0 : s.c[l];
             emax[l] = W[k * kLanes + l] > 0 && live && e > emax[l] ? e : emax[l];
         }
     }
@@ -727,14 +900,14 @@ MOO_INLINE void objective_maps(const Inputs& in, const Options& o, Block& b, dou
         for (int64_t l = 0; l < kLanes; ++l) {
             const double w = W[k * kLanes + l];
             const bool live = none ? s.big[l] > 0 : s.varies[l] > 0;
-            const double e = zscore ? 1.0 : s.c[l];
+            const double e = pure ? 1.0 : s.c[l];
             const double coef = w > 0 && live ? w * (e / emax[l]) : 0.0;
             const double den = s.sd_u[l] + eps / s.c[l];  // zscore: (u - mean_u) / (sd_u + (eps + floor) / c)
             const double n = s.count[l];                   // rloo: (u - mean_u) * n / (n - 1), 0 when n < 2
             const double z = s.varies[l] > 0 && den > 0 ? coef / den : 0.0;
             const double r = n > 1 ? coef * (n / (n - 1)) : 0.0;
-            shift[l] = none ? 0.0 : s.mean_u[l];
-            mul[l] = zscore ? z : (o.normalize == kRloo ? r : coef);
+            shift[l] = none || mapped ? 0.0 : s.mean_u[l];
+            mul[l] = zscore ? z : (rloo ? r : coef);
         }
     }
 }
@@ -770,7 +943,7 @@ MOO_INLINE void combine_rows(const double* q, Block& b) {
 
 // Step 4 for every sample of the block: the combined advantage (before sign scaling) into its slot, 0 for
 // an infeasible sample. Fixed / variance: SORTEDSUM_k of the objective terms, times Q_g; scalarize: the
-// normalised combined reward (times P_g unless zscore). Saturates at the largest finite double.
+// normalised combined reward (times P_g unless unitless). Saturates at the largest finite double.
 template <int KC>
 MOO_INLINE void combine_block(const Inputs& in, const Options& o, const double* q, const double* p, Block& b) {
     const int64_t K = KC > 0 ? KC : in.k;
@@ -778,20 +951,37 @@ MOO_INLINE void combine_block(const Inputs& in, const Options& o, const double* 
         const Column& s = b.stats[K];
         const double* pre = s.pre;
         const double* inv = s.inv;
+        if (estimator(o.column)) {  // a of the combined reward (eps over P_g, in units of P_g), times P_g or not
+            double eps_u[kLanes], scale[kLanes];
+            for (int64_t l = 0; l < kLanes; ++l) {
+                eps_u[l] = o.eps > 0 ? o.eps / p[l] : 0.0;
+                scale[l] = unitless(o.column) ? 1.0 : p[l];
+            }
+            Slot* slots = b.slots.data();
+            const auto put = [slots, &scale](int64_t i, int64_t l, double a) {
+                slots[i].adv[l] = saturate(a, scale[l]);
+            };
+            if (unit_pre(pre)) {
+                estimator_column<false>(o.column, b.column(K), slots, b.rows, s, b.spread, o.unbiased, eps_u, p, put);
+            } else {
+                estimator_column<true>(o.column, b.column(K), slots, b.rows, s, b.spread, o.unbiased, eps_u, p, put);
+            }
+            return;
+        }
         double shift[kLanes], mul[kLanes], scale[kLanes];
         for (int64_t l = 0; l < kLanes; ++l) {
             shift[l] = s.mean_u[l], mul[l] = 1.0, scale[l] = p[l];
-            switch (o.normalize) {
-                case kZScore: {
+            switch (o.column) {
+                case kColZScore: {
                     const double den = s.sd_u[l] + (o.eps > 0 ? o.eps / p[l] : 0.0);
                     mul[l] = s.varies[l] > 0 && den > 0 ? 1.0 / den : 0.0;
                     scale[l] = 1.0;
                     break;
                 }
-                case kRloo:
+                case kColRloo:
                     mul[l] = s.count[l] > 1 ? s.count[l] / (s.count[l] - 1) : 0.0;
                     break;
-                case kNoNormalize:
+                case kColNone:
                     shift[l] = 0;
                     break;
                 default:
@@ -808,6 +998,7 @@ MOO_INLINE void combine_block(const Inputs& in, const Options& o, const double* 
         }
         return;
     }
+    if (estimator(o.column)) estimator_objectives<KC>(in, o, b);
     if constexpr (KC > 0) {
         bool unit = true;
         for (int k = 0; k < KC; ++k) unit &= unit_pre(b.stats[k].pre);
@@ -861,13 +1052,15 @@ MOO_INLINE void code_block(const Options& o, const double* accept, bool finish, 
     }
 }
 
-// Steps 1-4 for a block: writes the group outputs and, per sample, either the finished advantage or
-// (batch_normalize) the raw advantage and the sample code. Returns the bad reward index of load_block.
+// Steps 1-4 for a block: writes the group outputs and, per sample, either the finished advantage or (a batch
+// step) the raw advantage and the sample code, and for the batch steps "scale" / "gpg" into aux the combined
+// reward s (saturated) / d. Returns the bad reward index of load_block.
 template <typename In, typename Out, int KC>
 MOO_SIMD_CLONES_TEMPLATE int64_t process_block(const Inputs& in, const Options& o, const Outputs& out, double* raw,
-                                               const BlockPlan& plan, Block& b) {
+                                               double* aux, const BlockPlan& plan, Block& b) {
     const int64_t K = KC > 0 ? KC : in.k;
-    const bool with_combined = o.weighting == kScalarize || o.drop_zero_variance;
+    const bool with_combined = o.weighting == kScalarize || o.drop_zero_variance || o.batch == kBatchScale ||
+                               o.batch == kBatchGpg;
     const int64_t bad = load_block<In, KC>(in, o, plan, b);
     for (int64_t c = 0; c < K; ++c) column_stats(b.column(c), b.rows, b.extremes[c], b.spread, o.unbiased, b.stats[c]);
     if (with_combined) {
@@ -902,15 +1095,19 @@ MOO_SIMD_CLONES_TEMPLATE int64_t process_block(const Inputs& in, const Options& 
     }
 
     combine_block<KC>(in, o, q, p, b);
-    code_block(o, accept, !o.batch_normalize, b);
+    code_block(o, accept, o.batch == kBatchNone, b);
     Out* adv = static_cast<Out*>(out.adv);
     for (int64_t l = 0; l < kLanes; ++l) {
-        if (o.batch_normalize) {
+        if (o.batch != kBatchNone) {
             for (int64_t i = 0; i < b.count[l]; ++i) {
                 const Slot& s = b.slots[i];
                 out.sample_mask[s.row[l]] = static_cast<uint8_t>(s.code[l]);
                 raw[s.row[l]] = s.adv[l];
             }
+            if (aux == nullptr) continue;
+            const Cell* d = b.column(K);
+            const double factor = o.batch == kBatchScale ? b.top[l] * in.cw : 1.0;  // s = d (C_g cw), or d
+            for (int64_t i = 0; i < b.count[l]; ++i) aux[b.slots[i].row[l]] = clamp_finite(d[i].value[l] * factor);
         } else {
             for (int64_t i = 0; i < b.count[l]; ++i) {
                 const Slot& s = b.slots[i];
@@ -922,7 +1119,7 @@ MOO_SIMD_CLONES_TEMPLATE int64_t process_block(const Inputs& in, const Options& 
     return bad;
 }
 
-// ---- batch whitening -----------------------------------------------------------------------------
+// ---- the batch step ------------------------------------------------------------------------------
 
 MOO_SIMD_CLONES void batch_extremes(const Cell* cells, int64_t rows, Extremes* out) {
     *out = lane_extremes(cells, rows);
@@ -937,16 +1134,29 @@ MOO_SIMD_CLONES void batch_squares(const Cell* cells, int64_t rows, const double
     lane_scaled_squares<true>(cells, rows, pre, inv, mean, out);
 }
 
+MOO_SIMD_CLONES void batch_weighted_sums(const Cell* cells, int64_t rows, const double* pre, const double* inv,
+                                         double* out) {
+    lane_scaled_sums<true, true>(cells, rows, pre, inv, out);
+}
+
+MOO_SIMD_CLONES void batch_weighted_squares(const Cell* cells, int64_t rows, const double* pre, const double* inv,
+                                            const double* mean, double* out) {
+    lane_scaled_squares<true, true>(cells, rows, pre, inv, mean, out);
+}
+
 // Scaled statistics of the batch (one group).
 struct BatchStats {
     double count = 0, lo = kInf, hi = -kInf, c = 1, pre = 1, inv = 1, mean_u = 0, sd_u = 0;
     bool varies = false;
 };
 
-// Scaled statistics of the raw advantages of the contributing samples, as cells of kLanes samples. The parts
-// of kBatchRows rows are reduced in parallel and combined in part order: the same bits whatever the thread
-// count.
-BatchStats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_unused]] bool parallel) {
+// Scaled statistics of the values of the contributing samples, as cells of kLanes samples whose mask is 1.0, or
+// (weighted) the sample's length (a weight: count = sum L, mean = sum L u / sum L, M2 = sum L (u - mean)^2; the
+// samples of length 0 are not part of them). The parts of kBatchRows rows are reduced in parallel and combined
+// in part order: the same bits whatever the thread count. When the values do not vary only the count, lo and hi
+// are gathered, and the scale c too when with_scale.
+BatchStats batch_stats(const std::vector<Cell>& cells, bool unbiased, bool weighted, bool with_scale,
+                       [[maybe_unused]] bool parallel) {
     const int64_t rows = static_cast<int64_t>(cells.size());
     const int64_t parts = (rows + kBatchRows - 1) / kBatchRows;
     std::vector<Extremes> ext(parts);
@@ -965,17 +1175,24 @@ BatchStats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_un
         }
     }
     st.varies = st.hi > st.lo;
-    if (!st.varies) return st;  // whitening gives 0: nothing else is needed
-    st.c = pow2_floor(std::max(std::abs(st.lo), std::abs(st.hi)));
-    st.pre = st.c < kMinNormal ? kTwo52 : 1.0;
-    st.inv = 1.0 / (st.c * st.pre);
+    if (!st.varies && !with_scale) return st;  // whitening gives 0: nothing else is needed
+    if (st.count > 0) {
+        st.c = pow2_floor(std::max(std::abs(st.lo), std::abs(st.hi)));
+        st.pre = st.c < kMinNormal ? kTwo52 : 1.0;
+        st.inv = 1.0 / (st.c * st.pre);
+    }
+    if (!st.varies) return st;  // std 0
     double pre[kLanes], inv[kLanes], mean[kLanes];
     std::fill(pre, pre + kLanes, st.pre);
     std::fill(inv, inv + kLanes, st.inv);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t p = 0; p < parts; ++p) {
         const int64_t i = p * kBatchRows, n = std::min(kBatchRows, rows - i);
-        batch_sums(&cells[i], n, pre, inv, &a[p * kLanes]);
+        if (weighted) {
+            batch_weighted_sums(&cells[i], n, pre, inv, &a[p * kLanes]);
+        } else {
+            batch_sums(&cells[i], n, pre, inv, &a[p * kLanes]);
+        }
     }
     double sum = 0;
     for (double v : a) sum += v;
@@ -984,7 +1201,11 @@ BatchStats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_un
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t p = 0; p < parts; ++p) {
         const int64_t i = p * kBatchRows, n = std::min(kBatchRows, rows - i);
-        batch_squares(&cells[i], n, pre, inv, mean, &a[p * kLanes]);
+        if (weighted) {
+            batch_weighted_squares(&cells[i], n, pre, inv, mean, &a[p * kLanes]);
+        } else {
+            batch_squares(&cells[i], n, pre, inv, mean, &a[p * kLanes]);
+        }
     }
     double m2 = 0;
     for (double v : a) m2 += v;
@@ -994,21 +1215,52 @@ BatchStats batch_stats(const std::vector<Cell>& cells, bool unbiased, [[maybe_un
     return st;
 }
 
-// raw [n]: the raw advantages; the sample codes are in the sample-mask bytes.
+// Step 8 over the contributing samples, then every sample finished. raw [n]: the raw advantages; aux [n]: the
+// combined reward s ("scale") or d ("gpg"); the sample codes are in the sample-mask bytes.
+//   whiten: A <- (A / c - mean_u) / (sd_u + eps / c), the scaled statistics of A (0 when A does not vary);
+//   scale:  A <- (A / c) / (sd_u + eps / c), the scaled statistics of s (A unchanged when that is 0);
+//   gpg:    A <- A * n_c / max(m, 1), n_c contributing samples, m of them with d != 0 (saturated).
+// The statistics are weighted by the lengths when given.
 template <typename Out>
-void batch_normalize(const double* raw, int64_t n, const Options& o, const Outputs& out,
-                     [[maybe_unused]] bool parallel) {
+void batch_step(const double* raw, const double* aux, const Inputs& in, const Options& o, const Outputs& out,
+                [[maybe_unused]] bool parallel) {
+    const int64_t n = in.n;
+    Out* adv = static_cast<Out*>(out.adv);
+    if (o.batch == kBatchGpg) {
+        double contributing = 0, nonzero = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const bool contributes = out.sample_mask[j] == kContributes;
+            contributing += contributes;
+            nonzero += contributes && aux[j] != 0;
+        }
+        const double factor = contributing / std::max(nonzero, 1.0);
+        MOO_OMP(omp parallel for schedule(static) if (parallel))
+        for (int64_t j = 0; j < n; ++j)
+            finish_sample(clamp_finite(raw[j] * factor), out.sample_mask[j], o, adv + j, out.sample_mask + j);
+        return;
+    }
+    const bool scale = o.batch == kBatchScale;
+    const double* x = scale ? aux : raw;
     std::vector<Cell> cells((n + kLanes - 1) / kLanes, Cell{});
     for (int64_t j = 0; j < n; ++j) {
         const bool contributes = out.sample_mask[j] == kContributes;
-        cells[j / kLanes].value[j % kLanes] = contributes ? raw[j] : 0.0;
-        cells[j / kLanes].take[j % kLanes] = contributes;
+        const double w = contributes ? (in.lengths ? in.lengths[j] : 1.0) : 0.0;
+        cells[j / kLanes].value[j % kLanes] = w > 0 ? x[j] : 0.0;
+        cells[j / kLanes].take[j % kLanes] = w;
     }
-    const BatchStats st = batch_stats(cells, o.unbiased, parallel);
-    const double den = st.sd_u + o.eps / st.c;
+    const BatchStats st = batch_stats(cells, o.unbiased, in.lengths != nullptr, scale, parallel);
+    const double den = st.sd_u + o.eps / st.c, pre = st.pre, inv = st.inv;
+    if (scale) {
+        const bool divide = den > 0;
+        MOO_OMP(omp parallel for schedule(static) if (parallel))
+        for (int64_t j = 0; j < n; ++j) {
+            const double a = divide ? ((raw[j] * pre) * inv) / den : raw[j];
+            finish_sample(a, out.sample_mask[j], o, adv + j, out.sample_mask + j);
+        }
+        return;
+    }
     const bool white = st.varies && den > 0;
-    const double mul = white ? 1.0 / den : 0.0, shift = st.mean_u, pre = st.pre, inv = st.inv;
-    Out* adv = static_cast<Out*>(out.adv);
+    const double mul = white ? 1.0 / den : 0.0, shift = st.mean_u;
     MOO_OMP(omp parallel for schedule(static) if (parallel))
     for (int64_t j = 0; j < n; ++j)
         finish_sample(((raw[j] * pre) * inv - shift) * mul, out.sample_mask[j], o, adv + j, out.sample_mask + j);
@@ -1021,16 +1273,18 @@ int64_t run_blocks(const Inputs& in, const Options& o, const Outputs& out) {
     const std::vector<BlockPlan> plans = plan_blocks(in);
     const int64_t blocks = static_cast<int64_t>(plans.size());
     const bool parallel = in.n * in.k >= kParallelMinElements && blocks > 1;
-    std::vector<double> raw(o.batch_normalize ? in.n : 0);
+    std::vector<double> raw(o.batch != kBatchNone ? in.n : 0);
+    std::vector<double> aux(o.batch == kBatchScale || o.batch == kBatchGpg ? in.n : 0);
+    double* aux_data = aux.empty() ? nullptr : aux.data();
     int64_t bad = kNone;
     MOO_OMP(omp parallel if (parallel) reduction(min : bad))
     {
         Block block(in.k);
         MOO_OMP(omp for schedule(dynamic, kBlocksPerTask))
         for (int64_t p = 0; p < blocks; ++p)
-            bad = std::min(bad, process_block<In, Out, KC>(in, o, out, raw.data(), plans[p], block));
+            bad = std::min(bad, process_block<In, Out, KC>(in, o, out, raw.data(), aux_data, plans[p], block));
     }
-    if (o.batch_normalize) batch_normalize<Out>(raw.data(), in.n, o, out, parallel);
+    if (o.batch != kBatchNone) batch_step<Out>(raw.data(), aux_data, in, o, out, parallel);
     return bad;
 }
 
@@ -1092,6 +1346,31 @@ std::tuple<int64_t, int64_t> advantages(Inputs in, int dtype, const Options& o, 
     return {bad == kNone ? -1 : bad, -1};
 }
 
+// The [n] lengths tensor (int32, int64, float32 or float64, any stride) as doubles; empty when absent.
+std::vector<double> read_lengths(const moo::TensorArg& t, int64_t n) {
+    std::vector<double> out;
+    if (t.ptr == nullptr) return out;
+    out.resize(n);
+    const auto read = [&](const auto* x) {
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<double>(x[j * t.sb]);
+    };
+    switch (t.dtype) {
+        case moo::kInt32:
+            read(static_cast<const int32_t*>(t.ptr));
+            break;
+        case moo::kInt64:
+            read(static_cast<const int64_t*>(t.ptr));
+            break;
+        case moo::kFloat32:
+            read(static_cast<const float*>(t.ptr));
+            break;
+        default:
+            read(static_cast<const double*>(t.ptr));
+            break;
+    }
+    return out;
+}
+
 }  // namespace
 
 // The entry point: the rewards, the op's spec (its tensors and options by name, see csrc/args.h), what the call
@@ -1140,17 +1419,21 @@ void register_advantages(py::module_& m) {
                 floor.resize(k);
                 for (int64_t i = 0; i < k; ++i) floor[i] = static_cast<const double*>(f.ptr)[i * f.sb];
             }
+            const moo::TensorArg len =
+                tensor_arg(spec, "lengths", {{n}}, {moo::kInt32, moo::kInt64, moo::kFloat32, moo::kFloat64});
+            const std::vector<double> lengths = read_lengths(len, n);  // [N] as double, empty when absent
             const Inputs in{r.ptr, n, k, r.sb, r.st, group_size.value_or(0), g,
                             static_cast<const int64_t*>(order.ptr), static_cast<const int64_t*>(offsets.ptr),
                             weights.data(), nullptr, 1.0, static_cast<const uint8_t*>(valid.ptr), valid.sb,
                             static_cast<const uint8_t*>(rg.ptr), rg.sb, rg.st,
                             static_cast<const uint8_t*>(gates.ptr), gates.sb, gates.st,
-                            gates.ptr ? gates.sizes[1] : 0, floor.empty() ? nullptr : floor.data()};
+                            gates.ptr ? gates.sizes[1] : 0, floor.empty() ? nullptr : floor.data(),
+                            lengths.empty() ? nullptr : lengths.data()};
             const std::optional<double> clip = moo::optional_option<double>(spec, "clip");
-            const Options o{option<int>(spec, "normalize"),
+            const Options o{option<int>(derived, "column"),
                             option<int>(spec, "std") == moo::kUnbiased,
                             option<int>(spec, "weighting"),
-                            option<bool>(spec, "batch_normalize"),
+                            option<int>(derived, "batch"),
                             option<double>(spec, "eps"),
                             option<double>(spec, "gated_value"),
                             option<double>(spec, "infeasible_advantage"),
