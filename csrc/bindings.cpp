@@ -12,6 +12,7 @@ namespace py = pybind11;
 void register_advantages(py::module_& m);   // csrc/advantages.cpp
 void register_logits(py::module_& m);       // csrc/logits.cpp
 void register_policy_loss(py::module_& m);  // csrc/policy_loss.cpp
+void register_rollout(py::module_& m);      // csrc/rollout.cpp
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "moo_kernels C++ CPU kernels (OpenMP)";
@@ -21,4 +22,5 @@ PYBIND11_MODULE(_C, m) {
     register_advantages(m);
     register_logits(m);
     register_policy_loss(m);
+    register_rollout(m);
 }

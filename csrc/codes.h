@@ -25,6 +25,10 @@ enum Column {
 };
 enum Batch { kBatchNone = 0, kBatchWhiten = 1, kBatchScale = 2, kBatchGpg = 3 };
 
+// ---- options of rollout_correction (its "mode" strings are disjoint from the loss's: one Python table serves both)
+enum IsLevel { kIsToken = 0, kIsSequence = 1 };
+enum IsMode { kIsTruncate = 0, kIsMask = 1 };
+
 // ---- options of the policy loss
 enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3 };
 enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3, kTokenSum = 4 };
@@ -54,5 +58,25 @@ enum Metric {
     kActiveTokens = 10,
     kNumMetrics = 11
 };
+
+// ---- rollout_correction's metrics, in the order of its metrics tensor (a namespace of their own: some names are
+// the loss's too)
+namespace rollout {
+enum RolloutMetric {
+    kWeightMean = 0,
+    kWeightMax = 1,
+    kWeightMin = 2,
+    kEss = 3,
+    kTruncatedFrac = 4,
+    kMaskedFrac = 5,
+    kBatchNormFactor = 6,
+    kRejectedTokenFrac = 7,
+    kRejectedSeqFrac = 8,
+    kKlK1 = 9,
+    kKlK3 = 10,
+    kActiveTokens = 11,
+    kNumMetrics = 12
+};
+}  // namespace rollout
 
 }  // namespace moo

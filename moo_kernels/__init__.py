@@ -5,6 +5,7 @@ from moo_kernels.ops.advantages import AdvantageResult, multi_objective_advantag
 from moo_kernels.ops.brier import brier_reward
 from moo_kernels.ops.logits import policy_loss_from_logits, token_logprobs
 from moo_kernels.ops.policy_loss import PolicyLossMetrics, policy_loss
+from moo_kernels.ops.rollout import RolloutCorrection, RolloutMetrics, rollout_correction
 
 __version__ = "0.4.0"
 
@@ -26,6 +27,9 @@ __all__ = [
     "multi_objective_advantages",
     "policy_loss",
     "policy_loss_from_logits",
+    "RolloutCorrection",
+    "RolloutMetrics",
+    "rollout_correction",
     "set_backend",
     "token_logprobs",
     "use_backend",

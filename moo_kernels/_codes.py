@@ -23,6 +23,13 @@ SCALE = {"group": 0, "batch": 1, "none": 2}
 COLUMN = {**NORMALIZE, "passk": 4, "passk_unscaled": 5, "opo": 6, "loo_std": 7}
 BATCH = {"none": 0, "whiten": 1, "scale": 2, "gpg": 3}
 
+# ---- options of rollout_correction ------------------------------------------------------------------------
+IS_LEVEL = {"token": 0, "sequence": 1}
+IS_MODE = {"truncate": 0, "mask": 1}
+ROLLOUT_METRICS = ("weight_mean", "weight_max", "weight_min", "ess", "truncated_frac", "masked_frac",
+                   "batch_norm_factor", "rejected_token_frac", "rejected_seq_frac", "kl_k1", "kl_k3",
+                   "active_tokens")  # fmt: skip
+
 # ---- options of the policy loss -------------------------------------------------------------------------
 MODE = {"clip": 0, "gspo": 1, "cispo": 2, "reinforce": 3}
 AGG = {
@@ -34,9 +41,12 @@ AGG = {
 }
 KL = {"k1": 1, "k2": 2, "k3": 3}
 
-# every string option by its name in the specs (the C++ kernels read a spec's string options through this)
-OPTIONS = {"normalize": NORMALIZE, "std": STD, "weighting": WEIGHTING, "nan_policy": NAN_POLICY, "mode": MODE,
-           "agg": AGG, "kl": KL, "estimator": ESTIMATOR, "scale": SCALE, "column": COLUMN, "batch": BATCH}  # fmt: skip
+# every string option by its name in the specs (the C++ kernels read a spec's string options through this). Two
+# specs name an option "mode" (the loss's and rollout_correction's): their strings differ, so one table serves both.
+assert not set(MODE) & set(IS_MODE)
+OPTIONS = {"normalize": NORMALIZE, "std": STD, "weighting": WEIGHTING, "nan_policy": NAN_POLICY,
+           "mode": {**MODE, **IS_MODE}, "agg": AGG, "kl": KL, "estimator": ESTIMATOR, "scale": SCALE,
+           "column": COLUMN, "batch": BATCH, "level": IS_LEVEL}  # fmt: skip
 
 # ---- tensors as the C++ kernels see them -----------------------------------------------------------------
 DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.bool: 4, torch.int32: 5,

@@ -9,6 +9,7 @@ The configurations are the block sizes the launchers pick for representative pro
 options that change the compiled code (constexpr options, absent tensors).
 """
 
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,9 @@ from moo_kernels.ops.loss import triton_kernels as loss_k  # noqa: E402
 from moo_kernels.ops.loss.spec import LossSpec  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_kernels as pl_k  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_launch as pl_launch  # noqa: E402
+from moo_kernels.ops.rollout import triton_kernels as ro_k  # noqa: E402
+from moo_kernels.ops.rollout import triton_launch as ro_launch  # noqa: E402
+from moo_kernels.ops.rollout.spec import RolloutSpec  # noqa: E402
 
 ARCHS = (80, 90)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -134,7 +138,7 @@ def advantages_configs():
 
 # The kinds of the kernels' parameters named after a spec field (a float option is a float argument), and the
 # parameters of the launchers' own that are floats or 64-bit integers.
-SPEC_ARGS = {**LossSpec._arg, **LogitsSpec._arg, **AdvantageSpec._arg, **Derived._arg}
+SPEC_ARGS = {**LossSpec._arg, **LogitsSpec._arg, **AdvantageSpec._arg, **Derived._arg, **RolloutSpec._arg}
 FLOAT_ARGS = {"inv_temp"}
 INT64_ARGS = {"timeout_ns"}
 
@@ -211,6 +215,19 @@ def policy_loss_configs():
                         yield "policy_loss_fwd", pl_k.policy_loss_fwd_kernel, sig, cx, pl_launch.FWD_WARPS, lp
 
 
+def rollout_configs():
+    """(name, kernel, signature, constexprs, num_warps, label) of the rollout-correction kernel: each level x mode,
+    with and without the rejection criteria and the bounds."""
+    kernel = ro_k.rollout_kernel
+    for lp in ("fp32", "bf16"):
+        for level, mode, reject in itertools.product((0, 1), (0, 1), (False, True)):
+            ptrs = dict(old_logp=lp, rollout_logp=lp, mask="u8", reject="fp64", out_weights="fp32", out_mask="u8",
+                        parts="fp64")  # fmt: skip
+            absent = set() if reject else {"reject"}
+            sig, cx = build(kernel, ptrs, absent, "i32", dict(level=level, mode=mode, BLOCK_T=ro_launch.BLOCK_T))
+            yield "rollout", kernel, sig, cx, 4, lp
+
+
 def logits_configs():
     """(name, kernel, signature, constexprs, num_warps, label) of the logits kernels, at the tile size of
     the launcher, for 16/32-bit logits and 32/64-bit strides ("i64" is what the launcher passes once an
@@ -247,6 +264,7 @@ def main() -> int:
         *advantages_configs(),
         *policy_loss_configs(),
         *logits_configs(),
+        *rollout_configs(),
     ]:
         for arch in ARCHS:
             maxnreg = {"logits_loss": lg_launch.LOSS_MAXNREG, "advantages_fwd": adv_launch.FWD_MAXNREG}.get(name)

@@ -33,6 +33,7 @@ def test_kernels_compile_without_spills():
         "logprobs_bwd",
         "logits_loss",
         "logits_scale",
+        "rollout",
     ):
         assert {(name, 80), (name, 90)} <= kernels, f"{name} was not compiled for both archs"
     spilled = [r for r in reports if r["spill_stores"] or r["spill_loads"]]

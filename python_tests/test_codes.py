@@ -33,6 +33,8 @@ ENUMS = {
         _codes.BATCH,
         {"kBatchNone": "none", "kBatchWhiten": "whiten", "kBatchScale": "scale", "kBatchGpg": "gpg"},
     ),  # fmt: skip
+    "IsLevel": (_codes.IS_LEVEL, {"kIsToken": "token", "kIsSequence": "sequence"}),
+    "IsMode": (_codes.IS_MODE, {"kIsTruncate": "truncate", "kIsMask": "mask"}),
     "Mode": (_codes.MODE, {}),
     "Agg": (_codes.AGG, {}),
     "Kl": (_codes.KL, {}),
@@ -73,6 +75,11 @@ def test_constants_and_metric_layout_agree():
     assert metrics.pop("kNumMetrics") == len(_codes.METRICS)
     assert [key_of(k).replace("-", "_") for k, _ in sorted(metrics.items(), key=lambda kv: kv[1])] == list(
         _codes.METRICS
+    )
+    rollout = enum("RolloutMetric")
+    assert rollout.pop("kNumMetrics") == len(_codes.ROLLOUT_METRICS)
+    assert [key_of(k).replace("-", "_") for k, _ in sorted(rollout.items(), key=lambda kv: kv[1])] == list(
+        _codes.ROLLOUT_METRICS
     )
 
 
