@@ -58,6 +58,7 @@ constexpr int64_t kChunk = 2048;                 // tokens of one work item (a m
 constexpr int64_t kLanes = 16;                   // independent double accumulators of every sum
 constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, threads cost more than they save
 constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kLowVarKlMax = 10.0;  // low_var_kl: k3 clamped to at most this (verl)
 
 // ---- operands -----------------------------------------------------------------------------------------
 
@@ -136,6 +137,7 @@ struct Problem {
     Operand logp, old, ref, mask, adv, tadv, isw, grad;  // ptr null: absent (grad: not written)
     Operand offpolicy;                                    // [B] bool
     int mode = moo::kClip, agg = moo::kTokenMean, kl = moo::kK3;
+    bool kl_bias = false;  // kl_bias_correction
     double beta = 0, clip_low = 0.2, clip_high = 0.2, gamma = 0.1;
     std::optional<double> dual_clip, ratio_cap, num_tokens, num_sequences;
     std::optional<int64_t> max_len;
@@ -160,6 +162,7 @@ template <typename R>
 struct Coeffs {
     R lo, hi, cap, dual, gamma, beta;
     bool has_old, has_ref, has_tadv, has_isw, with_kl, write_grad;
+    bool kl_bias;   // kl_bias_correction: the KL term times the policy term's ratio
     bool weighted;  // a float mask: products with m (in double); a bool mask's m is 0 or 1
     int mode, kl;
 };
@@ -313,24 +316,42 @@ MOO_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
     for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, R(0));
 }
 
-// KL estimate k of u = logp - ref; with beta > 0 (WITH_KL) also the loss l = pg + beta k and
-// g += beta dk / dlogp.
+// KL estimate k of u = logp - ref (the estimator KL: moo::Kl); with beta > 0 (WITH_KL) also the loss
+// l = pg + beta k and g += beta dk / dlogp. A straight-through form ("k1+", ...) keeps its estimator's value and
+// takes k2's gradient u; kl_bias_correction multiplies k by the ratio rho: d (rho k) = rho dk + k d rho.
 template <typename R, int KL, bool WITH_KL>
 MOO_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     const R zero = 0, one = 1, lim = static_cast<R>(moo::kLogRatioMax), beta = c.beta;
+    const R low_var_max = static_cast<R>(kLowVarKlMax);
+    constexpr bool kStraight = KL == moo::kK1St || KL == moo::kK3St || KL == moo::kLowVarKlSt || KL == moo::kAbsSt;
     for (int64_t i = 0; i < np; ++i) {
         const R u = k.lp[i] - k.ref[i];
         R kl, dk;
-        if constexpr (KL == moo::kK1) {
+        if constexpr (KL == moo::kK1 || KL == moo::kK1St) {
             kl = u;
             dk = one;
         } else if constexpr (KL == moo::kK2) {
             kl = static_cast<R>(0.5) * u * u;
             dk = u;
+        } else if constexpr (KL == moo::kAbs || KL == moo::kAbsSt) {
+            kl = std::abs(u);
+            dk = u > zero ? one : (u < zero ? -one : zero);
         } else {  // k3 of the clamped log-ratio; no gradient where the clamp is active
             const R uc = clamp_log_ratio<R>(u), e = exp_poly(-uc);
             kl = e + uc - one;
             dk = std::abs(u) <= lim ? one - e : zero;
+            if constexpr (KL == moo::kLowVarKl || KL == moo::kLowVarKlSt) {  // at most 10, no gradient beyond
+                if (!(kl <= low_var_max)) {
+                    kl = low_var_max;
+                    dk = zero;
+                }
+            }
+        }
+        if constexpr (kStraight) dk = u;
+        if (c.kl_bias) {
+            const R slope = c.mode == moo::kGspo ? k.rho[i] : k.rho[i] * k.rho_ok[i];
+            dk = dk * k.rho[i] + kl * slope;
+            kl = kl * k.rho[i];
         }
         k.v[kKl][i] = kl;
         if (WITH_KL) {
@@ -412,6 +433,12 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         switch (c.kl) {
             case moo::kK1: kl_terms<R, moo::kK1>(c, np, k); break;
             case moo::kK2: kl_terms<R, moo::kK2>(c, np, k); break;
+            case moo::kAbs: kl_terms<R, moo::kAbs>(c, np, k); break;
+            case moo::kLowVarKl: kl_terms<R, moo::kLowVarKl>(c, np, k); break;
+            case moo::kK1St: kl_terms<R, moo::kK1St>(c, np, k); break;
+            case moo::kK3St: kl_terms<R, moo::kK3St>(c, np, k); break;
+            case moo::kLowVarKlSt: kl_terms<R, moo::kLowVarKlSt>(c, np, k); break;
+            case moo::kAbsSt: kl_terms<R, moo::kAbsSt>(c, np, k); break;
             default: kl_terms<R, moo::kK3>(c, np, k); break;
         }
     } else {
@@ -557,6 +584,7 @@ void run(const Problem& p, double* out) {
     c.weighted = p.mask.dtype != moo::kBool;
     c.mode = p.mode;
     c.kl = p.kl;
+    c.kl_bias = p.kl_bias;
     const int64_t chunks = (T + kChunk - 1) / kChunk, items = B * chunks;
     std::vector<Partials> parts(items);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
@@ -635,6 +663,7 @@ void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const p
     p.mode = option<int>(spec, "mode");
     p.agg = option<int>(spec, "agg");
     p.kl = option<int>(spec, "kl");
+    p.kl_bias = option<bool>(spec, "kl_bias_correction");
     p.beta = option<double>(spec, "beta");
     p.clip_low = option<double>(spec, "clip_low");
     p.clip_high = option<double>(spec, "clip_high");

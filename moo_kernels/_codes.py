@@ -39,7 +39,9 @@ AGG = {
     "seq-mean-token-sum-norm": 3,
     "token-sum": 4,
 }
-KL = {"k1": 1, "k2": 2, "k3": 3}
+# KL estimators of u = logp - ref (verl's kl_penalty names): "abs" |u|, "low_var_kl" k3 clamped to at most 10; a "+"
+# form has the value of the estimator it names and the gradient of k2 (straight-through)
+KL = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5, "k1+": 6, "k3+": 7, "low_var_kl+": 8, "abs+": 9}
 
 # every string option by its name in the specs (the C++ kernels read a spec's string options through this). Two
 # specs name an option "mode" (the loss's and rollout_correction's): their strings differ, so one table serves both.

@@ -37,7 +37,17 @@ ENUMS = {
     "IsMode": (_codes.IS_MODE, {"kIsTruncate": "truncate", "kIsMask": "mask"}),
     "Mode": (_codes.MODE, {}),
     "Agg": (_codes.AGG, {}),
-    "Kl": (_codes.KL, {}),
+    "Kl": (
+        _codes.KL,
+        {
+            "kAbs": "abs",
+            "kLowVarKl": "low_var_kl",
+            "kK1St": "k1+",
+            "kK3St": "k3+",
+            "kLowVarKlSt": "low_var_kl+",
+            "kAbsSt": "abs+",
+        },
+    ),  # fmt: skip
 }
 
 

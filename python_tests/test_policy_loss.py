@@ -55,6 +55,15 @@ CASES = {
     "is_weights_token": dict(is_weights="isw_bt", beta=0.02, ref=True),
     "offpolicy": dict(offpolicy="off", offpolicy_gamma=0.1, clip_high=0.3),
     "float_mask": dict(mask="fmask", agg="seq-mean-token-mean"),
+    "kl_abs": dict(kl="abs", beta=0.1, ref=True),
+    "kl_low_var": dict(kl="low_var_kl", beta=0.1, ref=True, agg="seq-mean-token-mean"),
+    "kl_k1_straight": dict(kl="k1+", beta=0.1, ref=True),
+    "kl_k3_straight_bias": dict(kl="k3+", beta=0.1, ref=True, kl_bias_correction=True),
+    "kl_low_var_straight": dict(kl="low_var_kl+", beta=0.05, ref=True, mode="cispo"),
+    "kl_abs_straight_on_policy_bias": dict(kl="abs+", beta=0.1, ref=True, old=False, kl_bias_correction=True),
+    "kl_bias_k3": dict(beta=0.04, ref=True, kl_bias_correction=True, clip_high=0.28),
+    "kl_bias_gspo": dict(mode="gspo", beta=0.04, ref=True, kl_bias_correction=True, agg="seq-mean-token-mean"),
+    "kl_bias_reinforce_low_var": dict(mode="reinforce", kl="low_var_kl", beta=0.1, ref=True, kl_bias_correction=True),
 }
 
 

@@ -21,6 +21,10 @@ m = 0), so their loss, metrics and gradient are exactly 0.
 - is_weights       L <- is_weights * L (behaviour-policy correction, not differentiated)
 - KL (beta > 0)    l = L + beta k, with u = logp - ref_logp:
                    k1 = u, k2 = u^2 / 2, k3 = exp(-u') + u' - 1 with u' = clamp(u, -LOG_RATIO_MAX, LOG_RATIO_MAX)
+                   (no gradient where the clamp is active), abs = |u| (gradient sign(u), 0 at 0), low_var_kl =
+                   min(k3, 10) (no gradient where k3 > 10); "k1+", "k3+", "low_var_kl+", "abs+": the value of the
+                   named estimator, the gradient of k2 (u). kl_bias_correction: k <- rho k with the policy term's
+                   ratio rho (d rho / d logp = rho, s for gspo, 1 on-policy; 0 where the log-ratio clamps)
 
 Aggregation of l over active tokens (S: the number of sequences with an active token, or num_sequences when
 given, the count over the data-parallel ranks and micro-batches of the step):
@@ -121,14 +125,44 @@ def offpolicy_shape(lp: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch
     return f, f * (1.0 - f)
 
 
+LOW_VAR_KL_MAX = 10.0  # verl clamps low_var_kl (its k3) to [-10, 10]; k3 >= 0
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kl: str) -> torch.Tensor:
+    """The KL estimate of each token (differentiable by autograd with the gradients of the module docstring)."""
     u = logp - ref_logp
-    if kl == "k1":
+    base = kl.rstrip("+")
+    if base == "k1":
+        k = u
+    elif base == "k2":
+        k = 0.5 * u * u
+    elif base == "abs":
+        k = u.abs()
+    else:
+        uc = u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+        k = torch.exp(-uc) + uc - 1.0
+        if base == "low_var_kl":
+            k = torch.where(k <= LOW_VAR_KL_MAX, k, torch.full_like(k, LOW_VAR_KL_MAX))
+    if kl.endswith("+"):  # straight-through: this value, the gradient of k2
+        k2 = 0.5 * u * u
+        k = k.detach() + (k2 - k2.detach())
+    return k
+
+
+def kl_gradient(u: torch.Tensor, kl: str) -> torch.Tensor:
+    """d k / d logp of kl_estimate, in closed form."""
+    if kl.endswith("+") or kl == "k2":
         return u
-    if kl == "k2":
-        return 0.5 * u * u
-    u = u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
-    return torch.exp(-u) + u - 1.0
+    if kl == "k1":
+        return torch.ones_like(u)
+    if kl == "abs":
+        return torch.sign(u)
+    e = torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX))
+    g = torch.where(u.abs() <= LOG_RATIO_MAX, 1.0 - e, torch.zeros_like(u))
+    if kl == "low_var_kl":
+        uc = u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+        g = torch.where(e + uc - 1.0 <= LOW_VAR_KL_MAX, g, torch.zeros_like(u))
+    return g
 
 
 def aggregate(l: torch.Tensor, m: torch.Tensor, o: LossSpec) -> torch.Tensor:
@@ -220,6 +254,8 @@ def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[
     pg = torch.where(active, pg, zero)
 
     k = kl_estimate(lp, x.ref, o.kl) if x.ref is not None else zero
+    if x.ref is not None and o.kl_bias_correction:
+        k = k * rho
     k = torch.where(active, k, zero)
     loss_tok = pg + o.beta * k if o.beta > 0 else pg
     loss = aggregate(loss_tok, m, o)
@@ -301,12 +337,16 @@ def loss_grad_reference(logp: torch.Tensor, o: LossSpec) -> torch.Tensor:
         g = g * x.isw
     if x.ref is not None and o.beta > 0:
         u = lp - x.ref
-        if o.kl == "k1":
-            gk = torch.ones_like(u)
-        elif o.kl == "k2":
-            gk = u
-        else:
-            gk = torch.where(u.abs() <= LOG_RATIO_MAX, 1.0 - torch.exp(-u.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)), zero)
+        gk = kl_gradient(u, o.kl)
+        if o.kl_bias_correction:  # d (rho k) = rho dk + k d rho
+            if mode == "gspo":
+                rho_k = d_rho_k = rho
+            elif x.old is None:
+                rho_k = d_rho_k = torch.ones_like(u)
+            else:
+                rho_k = torch.exp(d)
+                d_rho_k = torch.where(inside, rho_k, zero)
+            gk = gk * rho_k + kl_estimate(lp, x.ref, o.kl).detach() * d_rho_k
         g = g + o.beta * gk
     wm = m * token_scale(m, o)
     return torch.where(active, g * wm, zero)

@@ -42,7 +42,20 @@ class LossSpec(Spec):
     )  # fmt: skip
     beta: float = option(0.0, "weight of the KL term (> 0 needs ref_logp).", "float", low=0.0)
     kl: str = option(
-        "k3", '"k1" logp - ref, "k2" (logp - ref)^2 / 2, "k3" exp(ref - logp) - (ref - logp) - 1.', "str", choices=KL
+        "k3",
+        'the KL estimator of u = logp - ref (verl\'s kl_penalty names): "k1" u, "k2" u^2 / 2, "k3" exp(-u) + u - 1 '
+        '(u clamped to +-20), "abs" |u|, "low_var_kl" k3 clamped to at most 10 (no gradient where clamped); '
+        '"k1+", "k3+", "low_var_kl+", "abs+": the value of that estimator with the gradient of k2 (straight-'
+        "through).",
+        "str",
+        choices=KL,
+    )
+    kl_bias_correction: bool = option(
+        False,
+        "multiply the KL term by the token's importance ratio to old_logp (differentiable; the GSPO sequence "
+        "ratio in mode gspo; 1 with gradient 1 on-policy), as TRL's use_bias_correction_kl; kl_mean reports the "
+        "corrected term.",
+        "bool",
     )
     clip_low: float = option(0.2, "the ratio is clipped to [1 - clip_low, 1 + clip_high].", "float", low=0.0, below=1.0)
     clip_high: float | None = option(

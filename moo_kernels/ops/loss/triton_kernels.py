@@ -43,6 +43,13 @@ SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(_codes.AGG["seq-mean-token-sum-norm"])
 TOKEN_SUM = tl.constexpr(_codes.AGG["token-sum"])
 K1 = tl.constexpr(_codes.KL["k1"])
 K2 = tl.constexpr(_codes.KL["k2"])
+ABS = tl.constexpr(_codes.KL["abs"])
+LOW_VAR_KL = tl.constexpr(_codes.KL["low_var_kl"])
+K1_ST = tl.constexpr(_codes.KL["k1+"])
+K3_ST = tl.constexpr(_codes.KL["k3+"])
+LOW_VAR_KL_ST = tl.constexpr(_codes.KL["low_var_kl+"])
+ABS_ST = tl.constexpr(_codes.KL["abs+"])
+LOW_VAR_KL_MAX = tl.constexpr(10.0)
 LOG_RATIO_MAX = tl.constexpr(_codes.LOG_RATIO_MAX)
 # the columns of a row of partial sums: loss, pg, kl, clip, low, high, dual, ratio sum, ratio min, ratio max, ppo_kl
 NUM_PARTIALS = tl.constexpr(11)
@@ -182,7 +189,7 @@ def token_inputs(
 @triton.jit
 def token_terms(
     lp, raw, adv, active, seq_rho, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap, offpolicy_gamma,
-    mode: tl.constexpr, kl: tl.constexpr,
+    mode: tl.constexpr, kl: tl.constexpr, kl_bias_correction: tl.constexpr,
 ):  # fmt: skip
     """Loss of tokens and its derivative in logp, elementwise (blocks of tokens or a single token).
 
@@ -252,17 +259,32 @@ def token_terms(
     loss = pg
     if ref is not None:
         u = lp - ref
-        if kl == K1:
+        if kl == K1 or kl == K1_ST:
             k = u
             gk = tl.full(lp.shape, 1.0, tl.float32)
         elif kl == K2:
             k = 0.5 * u * u
             gk = u
-        else:
+        elif kl == ABS or kl == ABS_ST:
+            k = tl.abs(u)
+            gk = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+        else:  # k3, low_var_kl (k3 at most 10, no gradient beyond) and their straight-through forms
             uc = tl.minimum(tl.maximum(u, -LOG_RATIO_MAX), LOG_RATIO_MAX)
             e = tl.exp(-uc)
             k = e + uc - 1.0
             gk = tl.where(tl.abs(u) <= LOG_RATIO_MAX, 1.0 - e, 0.0)
+            if kl == LOW_VAR_KL or kl == LOW_VAR_KL_ST:
+                gk = tl.where(k <= LOW_VAR_KL_MAX, gk, 0.0)
+                k = tl.where(k <= LOW_VAR_KL_MAX, k, LOW_VAR_KL_MAX)
+        if kl == K1_ST or kl == K3_ST or kl == LOW_VAR_KL_ST or kl == ABS_ST:
+            gk = u  # straight-through: the gradient of k2
+        if kl_bias_correction:  # rho k: d = rho dk + k d rho (the policy term's ratio and its slope)
+            if mode == GSPO:
+                d_rho_k = rho
+            else:
+                d_rho_k = tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
+            gk = gk * rho + k * d_rho_k
+            k = k * rho
         k = tl.where(active, k, 0.0)
         # beta = 0 reports the estimate without adding it (a select: 0 * inf would be NaN)
         with_kl = beta > 0

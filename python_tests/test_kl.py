@@ -1,0 +1,109 @@
+"""The KL estimators of the policy loss against verl's own kl_penalty (value and gradient, every backend), and
+kl_bias_correction against TRL's use_bias_correction_kl formula."""
+
+import pytest
+import torch
+from conftest import targets
+
+import moo_kernels as mk
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+
+TARGETS = targets()
+
+# ours -> verl's kl_penalty name. verl's "k3" is clamped to at most 10 (its "low_var_kl"): ours is not, so our
+# "k3" / "k3+" are compared where k3 <= 10 only.
+VERL_NAMES = {
+    "k1": "k1",
+    "k2": "k2",
+    "abs": "abs",
+    "low_var_kl": "low_var_kl",
+    "k1+": "k1+",
+    "low_var_kl+": "low_var_kl+",
+    "abs+": "abs+",
+    "k3": "k3",
+    "k3+": "k3+",
+}
+
+
+def batch(seed=0, b=5, t=24, spread=6.0):
+    """log-probs and reference log-probs with u = logp - ref over [-spread, spread] (k3 past 10 for u < -2.5)."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -3 * torch.rand(b, t, generator=g, dtype=torch.float64)
+    ref = logp - spread * (2 * torch.rand(b, t, generator=g, dtype=torch.float64) - 1)
+    ref[0, :3] = logp[0, :3]  # u = 0 exactly: abs's gradient is 0 there
+    mask = torch.rand(b, t, generator=g) > 0.2
+    return logp, ref, mask
+
+
+def kl_loss(backend, device, logp, ref, mask, **kw):
+    """sum over active tokens of the KL term alone (A = 0: no policy term), and its gradient."""
+    x = logp.to(device).requires_grad_()
+    adv = torch.zeros(logp.shape[0], dtype=logp.dtype, device=device)
+    with mk.use_backend(backend):
+        loss, metrics = mk.policy_loss(x, adv, mask.to(device), ref_logp=ref.to(device), beta=1.0,
+                                       agg="token-sum", **kw)  # fmt: skip
+    loss.backward()
+    return loss.detach().cpu(), x.grad.cpu(), metrics
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("kl", sorted(VERL_NAMES))
+def test_matches_verl_kl_penalty(backend, device, kl):
+    logp, ref, mask = batch()
+    x = logp.clone().requires_grad_()
+    verl = core_algos.kl_penalty(x, ref, VERL_NAMES[kl])
+    if kl in ("k3", "k3+"):  # verl's k3 is clamped to 10: compare where it is not
+        u = (logp - ref).clamp(-20, 20)
+        mask = mask & (torch.exp(-u) + u - 1 <= 10)
+    torch.where(mask, verl, torch.zeros_like(verl)).sum().backward()
+    loss, grad, metrics = kl_loss(backend, device, logp, ref, mask, mode="reinforce", kl=kl)
+    expected = torch.where(mask, verl, torch.zeros_like(verl)).sum().detach()
+    tol = 1e-10 if device == "cpu" and backend == "cpp" and logp.dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(loss, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad, torch.where(mask, x.grad, torch.zeros_like(grad)), rtol=tol, atol=tol)
+    assert metrics.kl_mean.item() == pytest.approx(expected.item() / mask.sum().item(), rel=1e-5)
+
+
+def test_low_var_kl_clamps_and_stops_the_gradient():
+    logp = torch.tensor([[0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[0.5, 4.0]], dtype=torch.float64)  # k3 = 0.149 and e^4 - 5 = 49.6
+    loss, m = mk.policy_loss(logp, torch.zeros(1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool),
+                             ref_logp=ref, beta=1.0, kl="low_var_kl", agg="token-sum", mode="reinforce")  # fmt: skip
+    loss.backward()
+    k3 = torch.exp(torch.tensor(0.5)) - 0.5 - 1
+    assert loss.item() == pytest.approx(k3.item() + 10.0)
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 0] == pytest.approx(1 - torch.exp(torch.tensor(0.5)).item())
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("mode", ["clip", "gspo"])
+def test_bias_correction_is_trl_formula(backend, device, mode):
+    """TRL's use_bias_correction_kl: per_token_kl * coef_1, coef_1 the importance ratio of the policy term
+    (exp(logp - old) per token; exp of the sequence's mean log-ratio for GSPO, in its token form)."""
+    logp, ref, mask = batch(1, spread=1.0)
+    old = logp + 0.2 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = logp.clone().requires_grad_()
+    k3 = torch.exp(ref - x) - (ref - x) - 1
+    if mode == "gspo":
+        d = torch.where(mask, x - old, torch.zeros_like(x))
+        s = torch.exp((d.sum(1, keepdim=True) / mask.sum(1, keepdim=True)).detach())
+        coef = s * torch.exp(x - x.detach())  # value s, gradient s
+    else:
+        coef = torch.exp(x - old)
+    expected = torch.where(mask, k3 * coef, torch.zeros_like(k3)).sum()
+    expected.backward()
+    loss, grad, _ = kl_loss(backend, device, logp, ref, mask, mode=mode, old_logp=old.to(device),
+                            kl_bias_correction=True)  # fmt: skip
+    torch.testing.assert_close(loss, expected.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad, torch.where(mask, x.grad, torch.zeros_like(grad)), rtol=2e-5, atol=2e-5)
+
+
+def test_bias_correction_on_policy_is_k_plus_its_gradient():
+    """On-policy the ratio is 1 with gradient 1: the term is k, its gradient dk + k."""
+    logp, ref, mask = batch(3, spread=1.0)
+    loss, grad, _ = kl_loss("reference", "cpu", logp, ref, mask, kl="k2", kl_bias_correction=True)
+    u = logp - ref
+    expected = torch.where(mask, u + 0.5 * u * u, torch.zeros_like(u))
+    torch.testing.assert_close(grad, expected)
+    torch.testing.assert_close(loss, torch.where(mask, 0.5 * u * u, torch.zeros_like(u)).sum())
