@@ -348,8 +348,8 @@ MOO_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
             }
         }
         if constexpr (kStraight) dk = u;
-        if (c.kl_bias) {
-            const R slope = c.mode == moo::kGspo ? k.rho[i] : k.rho[i] * k.rho_ok[i];
+        if (c.kl_bias) {  // the token ratio (the spec refuses gspo)
+            const R slope = k.rho[i] * k.rho_ok[i];
             dk = dk * k.rho[i] + kl * slope;
             kl = kl * k.rho[i];
         }

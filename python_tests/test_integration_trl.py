@@ -61,6 +61,9 @@ def says_yes(completions, **kwargs):
 def run_trainer(tmp_path, reward_funcs, return_trainer=False, **moo):
     tokenizer = make_tokenizer()
     model = make_model(tokenizer)
+    if moo.get("beta", 0.0) != 0.0:  # TRL loads the reference model by name: give it a saved copy
+        model.save_pretrained(tmp_path / "model")
+        model = LlamaForCausalLM.from_pretrained(tmp_path / "model")
     dataset = Dataset.from_dict({"prompt": ["a b", "c d", "e f", "g h"] * 2})
     options = dict(
         output_dir=str(tmp_path),
@@ -229,6 +232,21 @@ def test_trl_moo_loss_matches_trl_loss(tmp_path, loss_type):
     trainer = run_trainer(
         tmp_path, [share_of_a, length], return_trainer=True, loss_type=loss_type, epsilon_high=0.28, max_steps=1
     )
+    check_same_loss(trainer)
+
+
+def test_trl_bias_corrected_kl_matches_trl_loss(tmp_path):
+    """beta > 0 with use_bias_correction_kl (refused before 0.4.0): the k3 term times the importance ratio."""
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, loss_type="dapo", beta=0.1,
+                          use_bias_correction_kl=True, max_steps=1, num_iterations=2)  # fmt: skip
+    assert "ref_per_token_logps" in trainer.last_inputs and "old_per_token_logps" in trainer.last_inputs
+    check_same_loss(trainer)
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence'"):
+        run_trainer(tmp_path, [share_of_a, length], loss_type="grpo", beta=0.1, use_bias_correction_kl=True,
+                    importance_sampling_level="sequence", max_steps=1)  # fmt: skip
+
+
+def check_same_loss(trainer):
     model, inputs = trainer.model, trainer.last_inputs
     model.train()
     losses, grads = [], []

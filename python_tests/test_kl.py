@@ -77,26 +77,26 @@ def test_low_var_kl_clamps_and_stops_the_gradient():
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
-@pytest.mark.parametrize("mode", ["clip", "gspo"])
+@pytest.mark.parametrize("mode", ["clip", "cispo"])
 def test_bias_correction_is_trl_formula(backend, device, mode):
-    """TRL's use_bias_correction_kl: per_token_kl * coef_1, coef_1 the importance ratio of the policy term
-    (exp(logp - old) per token; exp of the sequence's mean log-ratio for GSPO, in its token form)."""
+    """TRL's use_bias_correction_kl at token level: per_token_kl * coef_1, coef_1 = exp(logp - old)."""
     logp, ref, mask = batch(1, spread=1.0)
     old = logp + 0.2 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x = logp.clone().requires_grad_()
     k3 = torch.exp(ref - x) - (ref - x) - 1
-    if mode == "gspo":
-        d = torch.where(mask, x - old, torch.zeros_like(x))
-        s = torch.exp((d.sum(1, keepdim=True) / mask.sum(1, keepdim=True)).detach())
-        coef = s * torch.exp(x - x.detach())  # value s, gradient s
-    else:
-        coef = torch.exp(x - old)
-    expected = torch.where(mask, k3 * coef, torch.zeros_like(k3)).sum()
+    expected = torch.where(mask, k3 * torch.exp(x - old), torch.zeros_like(k3)).sum()
     expected.backward()
     loss, grad, _ = kl_loss(backend, device, logp, ref, mask, mode=mode, old_logp=old.to(device),
                             kl_bias_correction=True)  # fmt: skip
     torch.testing.assert_close(loss, expected.detach(), rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(grad, torch.where(mask, x.grad, torch.zeros_like(grad)), rtol=2e-5, atol=2e-5)
+
+
+def test_bias_correction_refuses_gspo():
+    logp, ref, mask = batch(1)
+    with pytest.raises(ValueError, match='kl_bias_correction is not supported with mode="gspo"'):
+        mk.policy_loss(logp, torch.zeros(5, dtype=torch.float64), mask, ref_logp=ref, beta=0.1, mode="gspo",
+                       kl_bias_correction=True)  # fmt: skip
 
 
 def test_bias_correction_on_policy_is_k_plus_its_gradient():

@@ -62,7 +62,6 @@ CASES = {
     "kl_low_var_straight": dict(kl="low_var_kl+", beta=0.05, ref=True, mode="cispo"),
     "kl_abs_straight_on_policy_bias": dict(kl="abs+", beta=0.1, ref=True, old=False, kl_bias_correction=True),
     "kl_bias_k3": dict(beta=0.04, ref=True, kl_bias_correction=True, clip_high=0.28),
-    "kl_bias_gspo": dict(mode="gspo", beta=0.04, ref=True, kl_bias_correction=True, agg="seq-mean-token-mean"),
     "kl_bias_reinforce_low_var": dict(mode="reinforce", kl="low_var_kl", beta=0.1, ref=True, kl_bias_correction=True),
 }
 

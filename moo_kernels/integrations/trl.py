@@ -21,7 +21,8 @@ What changes against TRL's GRPOTrainer (tested with the TRL version pinned in py
   advantage 0.
 - the loss (unless `moo_policy_loss=False`): `moo_kernels.policy_loss` on TRL's per-token log-probs,
   with TRL's `epsilon` / `epsilon_high` (clip_low / clip_high), `delta` (ratio_cap), `beta` (k3 KL to the
-  reference model TRL loads) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
+  reference model TRL loads; `moo_kl` picks another estimator), `use_bias_correction_kl` (kl_bias_correction;
+  token-level importance sampling only) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
   aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local token-mean, "dr_grpo" ->
   seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the global token count.
 
@@ -238,8 +239,10 @@ class MooGRPOTrainer(GRPOTrainer):
         if a.moo_policy_loss:
             unsupported = {
                 "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
+                "use_bias_correction_kl with importance_sampling_level='sequence'": (
+                    a.use_bias_correction_kl and self.beta != 0.0 and a.importance_sampling_level == "sequence"
+                ),
                 "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-                "use_bias_correction_kl with beta > 0": a.use_bias_correction_kl and self.beta != 0.0,
                 "entropy_coef / use_adaptive_entropy": self._entropy_bonus_enabled,
                 "router_aux_loss_coef (MoE aux loss)": self.aux_loss_enabled,
             }
@@ -373,6 +376,7 @@ class MooGRPOTrainer(GRPOTrainer):
             ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             beta=self.beta,
             kl=self.args.moo_kl,
+            kl_bias_correction=bool(self.args.use_bias_correction_kl),
             clip_low=self.epsilon_low,
             clip_high=self.epsilon_high,
             dual_clip=self.args.moo_dual_clip,

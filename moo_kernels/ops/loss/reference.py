@@ -24,7 +24,7 @@ m = 0), so their loss, metrics and gradient are exactly 0.
                    (no gradient where the clamp is active), abs = |u| (gradient sign(u), 0 at 0), low_var_kl =
                    min(k3, 10) (no gradient where k3 > 10); "k1+", "k3+", "low_var_kl+", "abs+": the value of the
                    named estimator, the gradient of k2 (u). kl_bias_correction: k <- rho k with the policy term's
-                   ratio rho (d rho / d logp = rho, s for gspo, 1 on-policy; 0 where the log-ratio clamps)
+                   ratio rho (d rho / d logp = rho, 1 on-policy; 0 where the log-ratio clamps; not with gspo)
 
 Aggregation of l over active tokens (S: the number of sequences with an active token, or num_sequences when
 given, the count over the data-parallel ranks and micro-batches of the step):
@@ -338,10 +338,8 @@ def loss_grad_reference(logp: torch.Tensor, o: LossSpec) -> torch.Tensor:
     if x.ref is not None and o.beta > 0:
         u = lp - x.ref
         gk = kl_gradient(u, o.kl)
-        if o.kl_bias_correction:  # d (rho k) = rho dk + k d rho
-            if mode == "gspo":
-                rho_k = d_rho_k = rho
-            elif x.old is None:
+        if o.kl_bias_correction:  # d (rho k) = rho dk + k d rho, the token ratio (the spec refuses gspo)
+            if x.old is None:
                 rho_k = d_rho_k = torch.ones_like(u)
             else:
                 rho_k = torch.exp(d)

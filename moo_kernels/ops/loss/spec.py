@@ -52,9 +52,10 @@ class LossSpec(Spec):
     )
     kl_bias_correction: bool = option(
         False,
-        "multiply the KL term by the token's importance ratio to old_logp (differentiable; the GSPO sequence "
-        "ratio in mode gspo; 1 with gradient 1 on-policy), as TRL's use_bias_correction_kl; kl_mean reports the "
-        "corrected term.",
+        "multiply the KL term by the token's importance ratio to old_logp (differentiable; 1 with gradient 1 "
+        "on-policy), as TRL's use_bias_correction_kl; kl_mean reports the corrected term. Not with mode "
+        '"gspo" (a ValueError: TRL differentiates the sequence ratio through every token of the sequence, which '
+        "needs a per-sequence sum of the KL terms the kernels do not have yet).",
         "bool",
     )
     clip_low: float = option(0.2, "the ratio is clipped to [1 - clip_low, 1 + clip_high].", "float", low=0.0, below=1.0)
@@ -102,6 +103,11 @@ class LossSpec(Spec):
     )  # fmt: skip
 
     def check(self, context: Context) -> LossSpec:
+        if self.kl_bias_correction and self.mode == "gspo":
+            raise ValueError(
+                'kl_bias_correction is not supported with mode="gspo" (TRL differentiates the sequence ratio '
+                "through every token); use it with the token-level modes"
+            )
         if self.beta > 0 and self.ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
         clip_high = self.clip_low if self.clip_high is None else self.clip_high

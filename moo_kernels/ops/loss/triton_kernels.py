@@ -278,12 +278,8 @@ def token_terms(
                 k = tl.where(k <= LOW_VAR_KL_MAX, k, LOW_VAR_KL_MAX)
         if kl == K1_ST or kl == K3_ST or kl == LOW_VAR_KL_ST or kl == ABS_ST:
             gk = u  # straight-through: the gradient of k2
-        if kl_bias_correction:  # rho k: d = rho dk + k d rho (the policy term's ratio and its slope)
-            if mode == GSPO:
-                d_rho_k = rho
-            else:
-                d_rho_k = tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
-            gk = gk * rho + k * d_rho_k
+        if kl_bias_correction:  # rho k: d = rho dk + k d rho (the token ratio; the spec refuses gspo)
+            gk = gk * rho + k * tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
             k = k * rho
         k = tl.where(active, k, 0.0)
         # beta = 0 reports the estimate without adding it (a select: 0 * inf would be NaN)
