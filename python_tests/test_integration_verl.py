@@ -187,3 +187,31 @@ def test_policy_loss_matches_verl(ours, theirs, agg, info, with_is_weights):
     assert m0["actor/ppo_kl"] == pytest.approx(m1["actor/ppo_kl"], abs=1e-5)
     if theirs == "vanilla":
         assert m0["actor/pg_clipfrac_lower"] == pytest.approx(m1["actor/pg_clipfrac_lower"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rollout_is="token", rollout_is_threshold=2.0),
+        dict(rollout_is="sequence", rollout_is_threshold="0.5_2.0", rollout_is_batch_normalize=True),
+        dict(rollout_is=None, rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.7_1.4,0.05"),
+        dict(rollout_is="token", rollout_is_threshold=3.0, rollout_rs="seq_max_k2", rollout_rs_threshold=0.2),
+    ],
+)
+def test_rollout_correction_is_a_drop_in_for_verls(kw):
+    from verl.trainer.ppo import rollout_corr_helper
+
+    g = torch.Generator().manual_seed(0)
+    old = -2 * torch.rand(6, 11, generator=g)
+    roll = old + 0.3 * torch.randn(6, 11, generator=g)
+    mask = (torch.arange(11)[None] < torch.randint(1, 12, (6,), generator=g)[:, None]).float()
+    ours = moo_verl.compute_rollout_correction_and_rejection_mask(old, roll, mask, **kw)
+    theirs = rollout_corr_helper.compute_rollout_correction_and_rejection_mask(old, roll, mask, **kw)
+    assert (ours[0] is None) == (theirs[0] is None)
+    if ours[0] is not None:
+        torch.testing.assert_close(ours[0].batch["rollout_is_weights"] * mask,
+                                   theirs[0].batch["rollout_is_weights"] * mask, rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert torch.equal(ours[1], theirs[1]) and ours[1].dtype == mask.dtype
+    assert ours[2] and set(ours[2]) <= set(theirs[2])
+    for key, value in ours[2].items():
+        assert value == pytest.approx(theirs[2][key], rel=1e-5, abs=1e-6), key

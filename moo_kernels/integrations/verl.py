@@ -18,6 +18,11 @@ Registered (tested with the verl version pinned in pyproject.toml):
   "moo_cispo": `moo_kernels.policy_loss` with `clip_ratio_low` / `clip_ratio_high`, rollout importance
   weights and verl's loss aggregation (`loss_agg_mode` with the global batch info verl sets).
 
+Rollout correction: `compute_rollout_correction_and_rejection_mask` takes verl's function's arguments and returns
+what it returns (weights, rejected mask, the metrics both compute), by `moo_kernels.rollout_correction`; call it
+where verl's is called (its trainer imports verl's by name: a custom trainer, or a patch of
+`verl.trainer.ppo.rollout_corr_helper`).
+
 Objectives. verl's trainers (0.9) hand a registered estimator one scalar reward per response
 (`token_level_rewards` summed over tokens): that is objective 0. More objectives come as keyword arguments
 when the caller has them: `objective_rewards` ([B, K'] tensor), or, as verl's legacy trainer passes to
@@ -208,6 +213,89 @@ def _make_policy_loss(mode: str):
 
 
 _POLICY_LOSS_FNS = {name: _make_policy_loss(mode) for name, mode in POLICY_LOSSES.items()}
+
+
+# our RolloutMetrics -> verl's metric names (those with the same meaning; see the README's rollout correction)
+_ROLLOUT_METRICS = {
+    "weight_mean": "rollout_is_mean",
+    "ess": "rollout_is_eff_sample_size",
+    "kl_k1": "kl",
+    "kl_k3": "k3_kl",
+}
+
+
+def _verl_pair(spec: str | float, name: str) -> tuple[float | None, float]:
+    """verl's threshold "lower_upper" or a single upper bound, as (lower or None, upper)."""
+    if isinstance(spec, str) and "_" in spec:
+        low, high = spec.split("_", 1)
+        return float(low), float(high)
+    if isinstance(spec, bool) or not isinstance(spec, (str, int, float)):
+        raise TypeError(f"{name} must be a number or a 'lower_upper' string, got {spec!r}")
+    return None, float(spec)
+
+
+def compute_rollout_correction_and_rejection_mask(
+    old_log_prob: torch.Tensor,
+    rollout_log_prob: torch.Tensor,
+    response_mask: torch.Tensor,
+    rollout_is: str | None = None,
+    rollout_is_threshold: str | float | None = 2.0,
+    rollout_is_batch_normalize: bool = False,
+    rollout_rs: str | None = None,
+    rollout_rs_threshold: str | float | None = None,
+):
+    """verl's function of this name (verl.trainer.ppo.rollout_corr_helper), same arguments and returns, computed
+    by moo_kernels.rollout_correction in one pass: (DataProto with "rollout_is_weights", or None without
+    rollout_is; the response mask with the rejected tokens removed, in response_mask's dtype; metrics under
+    "rollout_corr/": the IS mean, ESS, batch-norm factor, IcePop's out-of-bounds ratio, the rejection fractions
+    and both mismatch KLs, as verl names them)."""
+    from verl.protocol import DataProto
+
+    reject = None
+    if rollout_rs is not None:
+        if rollout_rs_threshold is None:
+            raise ValueError("rollout_rs_threshold must be given with rollout_rs")
+        names = list(dict.fromkeys(o.strip() for o in rollout_rs.split(",") if o.strip()))
+        specs = [p.strip() for p in str(rollout_rs_threshold).split(",") if p.strip()]
+        if len(specs) == 1:
+            specs = specs * len(names)
+        if len(specs) != len(names):
+            raise ValueError(f"rollout_rs_threshold needs one threshold or one per option ({len(names)})")
+        reject = {}
+        for name, spec in zip(names, specs, strict=True):
+            low, high = _verl_pair(spec, "rollout_rs_threshold")
+            reject[name] = (low, high) if low is not None else high
+    low = None
+    high = 2.0
+    mode = "truncate"
+    if rollout_is is not None and rollout_is_threshold is not None:
+        low, high = _verl_pair(rollout_is_threshold, "rollout_is_threshold")
+        mode = "mask" if low is not None else "truncate"
+    rc = mk.rollout_correction(
+        old_log_prob.detach(),
+        rollout_log_prob,
+        response_mask,
+        level=rollout_is if rollout_is is not None else "token",
+        mode=mode,
+        low=low,
+        high=high,
+        batch_normalize=bool(rollout_is_batch_normalize) and rollout_is is not None,
+        reject=reject,
+    )
+    m = rc.metrics
+    shared = _ROLLOUT_METRICS if rollout_is is not None else {"kl_k1": "kl", "kl_k3": "k3_kl"}
+    metrics = {f"rollout_corr/{verl}": getattr(m, ours).item() for ours, verl in shared.items()}
+    if rollout_is is not None and rollout_is_batch_normalize:
+        metrics["rollout_corr/rollout_is_batch_norm_factor"] = m.batch_norm_factor.item()
+    if mode == "mask":
+        metrics["rollout_corr/rollout_is_oob_ratio"] = m.masked_frac.item()
+    if reject is not None:
+        metrics["rollout_corr/rollout_rs_masked_fraction"] = m.rejected_token_frac.item()
+        metrics["rollout_corr/rollout_rs_seq_masked_fraction"] = m.rejected_seq_frac.item()
+    weights = None
+    if rollout_is is not None and rollout_is_threshold is not None:
+        weights = DataProto.from_dict(tensors={"rollout_is_weights": rc.is_weights.to(old_log_prob.dtype)})
+    return weights, rc.mask.to(response_mask.dtype), metrics
 
 
 def register() -> None:
