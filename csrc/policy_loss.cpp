@@ -139,6 +139,7 @@ struct Problem {
     int mode = moo::kClip, agg = moo::kTokenMean, kl = moo::kK3;
     bool kl_bias = false;  // kl_bias_correction
     double beta = 0, clip_low = 0.2, clip_high = 0.2, gamma = 0.1;
+    double tau_pos = 1.0, tau_neg = 1.05;  // SAPO
     std::optional<double> dual_clip, ratio_cap, num_tokens, num_sequences;
     std::optional<int64_t> max_len;
 };
@@ -161,6 +162,7 @@ double denominator(const Problem& p, double total_m, double seqs) {
 template <typename R>
 struct Coeffs {
     R lo, hi, cap, dual, gamma, beta;
+    R tau_pos, tau_neg;  // SAPO's gate temperatures
     bool has_old, has_ref, has_tadv, has_isw, with_kl, write_grad;
     bool kl_bias;   // kl_bias_correction: the KL term times the policy term's ratio
     bool weighted;  // a float mask: products with m (in double); a bool mask's m is 0 or 1
@@ -307,6 +309,20 @@ MOO_INLINE void cispo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     low_high_flags(c, np, k);
 }
 
+// SAPO: pg = -A sigmoid(tau (rho - 1)) 4 / tau, tau by the sign of A; g = -A 4 s (1 - s) d rho / d logp (rho_ok:
+// 0 where the log-ratio clamps; on-policy 1). No clip flags.
+template <typename R>
+MOO_INLINE void sapo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
+    const R zero = 0, one = 1, four = 4;
+    for (int64_t i = 0; i < np; ++i) {
+        const R A = k.adv[i], rho = k.rho[i], tau = A > zero ? c.tau_pos : c.tau_neg;
+        const R s = one / (one + std::exp(-tau * (rho - one)));
+        k.v[kPg][i] = -A * s * (four / tau);
+        k.g[i] = -A * (four * s * (one - s)) * (rho * k.rho_ok[i]);
+    }
+    for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, zero);
+}
+
 template <typename R>
 MOO_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
     for (int64_t i = 0; i < np; ++i) {
@@ -408,6 +424,7 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         case moo::kClip: clip_terms<R, false>(c, np, k); break;
         case moo::kGspo: clip_terms<R, true>(c, np, k); break;
         case moo::kCispo: cispo_terms(c, np, k); break;
+        case moo::kSapo: sapo_terms(c, np, k); break;
         default: reinforce_terms(np, k); break;
     }
     if (row.off) {  // off-policy sequence: -A f, f = p / (p + gamma) = 1 / (1 + gamma / p); no ratio, no clip
@@ -574,6 +591,8 @@ void run(const Problem& p, double* out) {
     c.cap = static_cast<R>(p.ratio_cap.value_or(kInf));
     c.dual = static_cast<R>(p.dual_clip.value_or(kInf));
     c.gamma = static_cast<R>(p.gamma);
+    c.tau_pos = static_cast<R>(p.tau_pos);
+    c.tau_neg = static_cast<R>(p.tau_neg);
     c.beta = static_cast<R>(p.beta);
     c.has_old = p.old.ptr != nullptr;
     c.has_ref = p.ref.ptr != nullptr;
@@ -670,6 +689,8 @@ void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const p
     p.dual_clip = optional_option<double>(spec, "dual_clip");
     p.ratio_cap = optional_option<double>(spec, "ratio_cap");
     p.gamma = option<double>(spec, "offpolicy_gamma");
+    p.tau_pos = option<double>(spec, "sapo_tau_pos");
+    p.tau_neg = option<double>(spec, "sapo_tau_neg");
     p.num_tokens = optional_option<double>(spec, "num_tokens");
     p.num_sequences = optional_option<double>(spec, "num_sequences");
     p.max_len = optional_option<int64_t>(spec, "max_len");

@@ -31,7 +31,7 @@ ROLLOUT_METRICS = ("weight_mean", "weight_max", "weight_min", "ess", "truncated_
                    "active_tokens")  # fmt: skip
 
 # ---- options of the policy loss -------------------------------------------------------------------------
-MODE = {"clip": 0, "gspo": 1, "cispo": 2, "reinforce": 3}
+MODE = {"clip": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "sapo": 4}
 AGG = {
     "token-mean": 0,
     "seq-mean-token-mean": 1,

@@ -202,15 +202,16 @@ def policy_loss_configs():
     sig, cx = build(loss_k.reduce_partials_kernel, ptrs, set(), "i32", dict(BLOCK_P=256))
     yield "policy_reduce", loss_k.reduce_partials_kernel, sig, cx, 4, ""
     for lp in ("fp32", "bf16", "fp16"):
-        for mode in range(4):
+        for mode in _codes.MODE.values():
             for agg in range(5):
-                for kl in (1, 2, 3):
-                    if (agg, kl) != (0, 3) and (mode, lp) != (0, "fp32"):
-                        continue  # every mode x dtype at (token-mean, k3); every agg x kl for clip fp32
+                for kl in _codes.KL.values():
+                    if (agg, kl) != (0, 3) and ((mode, lp) != (0, "fp32") or (agg > 0 and kl > 3)):
+                        continue  # every mode x dtype at (token-mean, k3); for clip fp32 every agg, every kl
                     for off in (ALL_ON, PLAIN):
                         absent = set(off)
                         ptrs = dict(loss_pointers(lp), logp=lp, grad=lp)
-                        cx = dict(mode=mode, agg=agg, kl=kl, BLOCK_T=pl_launch.BLOCK_T)
+                        cx = dict(mode=mode, agg=agg, kl=kl, kl_bias_correction=off is ALL_ON and mode != 1,
+                                  BLOCK_T=pl_launch.BLOCK_T)  # fmt: skip
                         sig, cx = build(pl_k.policy_loss_fwd_kernel, ptrs, absent, "i32", cx)
                         yield "policy_loss_fwd", pl_k.policy_loss_fwd_kernel, sig, cx, pl_launch.FWD_WARPS, lp
 
@@ -247,14 +248,15 @@ def logits_configs():
                 yield "logprobs_bwd", lg_k.logprobs_bwd_kernel, sig, cx, 8, label
             sig, cx = build(lg_k.scale_kernel, base, set(), index, dict(BLOCK_V=block))
             yield "logits_scale", lg_k.scale_kernel, sig, cx, 4, label
-            for mode in range(4):
-                if mode == 1:
+            for mode in _codes.MODE.values():
+                if mode == _codes.MODE["gspo"]:
                     continue  # gspo takes the two-kernel path
                 for coop in (False, True):
                     all_on = mode == 0
                     absent = set() if all_on else PLAIN | {"entropy"}
                     ptrs = dict(base, **loss_pointers(z), scratch="fp32", flags="i32")
-                    cx = dict(mode=mode, agg=0, kl=3, COOP=coop, SEQUENTIAL=False, CHUNKS_P2=16, BLOCK_V=block)
+                    cx = dict(mode=mode, agg=0, kl=3, kl_bias_correction=all_on, COOP=coop, SEQUENTIAL=False,
+                              CHUNKS_P2=16, BLOCK_V=block)  # fmt: skip
                     sig, cx = build(lg_k.logits_loss_kernel, ptrs, absent, index, cx)
                     yield "logits_loss", lg_k.logits_loss_kernel, sig, cx, lg_launch.NUM_WARPS, label
 

@@ -14,8 +14,9 @@ Registered (tested with the verl version pinned in pyproject.toml):
   "grpo_passk", "opo", "gpg", "reinforce_plus_plus_baseline", plus NeMo-RL's "loo_std"), per objective and with
   every other option; the response lengths (response_mask summed) go to the op where its options read them.
   Groups are verl's `uid` index. Returns the advantage broadcast over the response tokens, as verl's GRPO does.
-- policy losses "moo" (mode "clip" with verl's dual clip `clip_ratio_c`: verl's "vanilla"), "moo_gspo" and
-  "moo_cispo": `moo_kernels.policy_loss` with `clip_ratio_low` / `clip_ratio_high`, rollout importance
+- policy losses "moo" (mode "clip" with verl's dual clip `clip_ratio_c`: verl's "vanilla"), "moo_gspo",
+  "moo_cispo" and "moo_sapo" (verl's "sapo": `tau_pos` / `tau_neg`, seq-mean-token-mean): `moo_kernels.policy_loss`
+  with `clip_ratio_low` / `clip_ratio_high`, rollout importance
   weights and verl's loss aggregation (`loss_agg_mode` with the global batch info verl sets).
 
 Rollout correction: `compute_rollout_correction_and_rejection_mask` takes verl's function's arguments and returns
@@ -47,7 +48,7 @@ import moo_kernels as mk
 from moo_kernels.ops.advantages.spec import OPTION_NAMES, PER_OBJECTIVE
 
 ADV_ESTIMATOR = "moo"
-POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo"}
+POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo", "moo_sapo": "sapo"}
 _OP_OPTIONS = (*PER_OBJECTIVE, *OPTION_NAMES)  # the keyword options of multi_objective_advantages
 _LAYOUT_OPTIONS = ("reward_keys", "gate_keys", "gate_threshold")
 
@@ -152,6 +153,8 @@ def _make_policy_loss(mode: str):
         """verl policy loss backed by moo_kernels.policy_loss (see the module docstring)."""
         if config is None:
             raise ValueError("the moo policy losses need verl's actor config")
+        if mode == "sapo":  # verl's SAPO aggregates by seq-mean-token-mean whatever loss_agg_mode says
+            loss_agg_mode = "seq-mean-token-mean"
         clip = config.clip_ratio
         clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
         clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
@@ -193,6 +196,7 @@ def _make_policy_loss(mode: str):
             clip_high=clip_high,
             dual_clip=config.get("clip_ratio_c", 3.0) if mode == "clip" else None,
             mode=mode,
+            **({"sapo_tau_pos": config.tau_pos, "sapo_tau_neg": config.tau_neg} if mode == "sapo" else {}),
             is_weights=rollout_is_weights,
             agg=agg,
             max_len=max_len,
@@ -299,7 +303,7 @@ def compute_rollout_correction_and_rejection_mask(
 
 
 def register() -> None:
-    """Registers the "moo" advantage estimator and the "moo", "moo_gspo", "moo_cispo" policy losses with
+    """Registers the "moo" advantage estimator and the "moo", "moo_gspo", "moo_cispo", "moo_sapo" policy losses with
     verl.trainer.ppo.core_algos. Idempotent: registering again is a no-op."""
     core_algos.register_adv_est(ADV_ESTIMATOR)(compute_moo_advantage)
     for name, fn in _POLICY_LOSS_FNS.items():

@@ -293,7 +293,7 @@ def logits_loss_kernel(
     advantages, advantages_strides, mask, mask_strides, old_logp, old_logp_strides, ref_logp, ref_logp_strides,
     token_advantages, token_advantages_strides, is_weights, is_weights_strides, offpolicy, offpolicy_strides,
     beta, kl: tl.constexpr, kl_bias_correction: tl.constexpr, clip_low, clip_high, dual_clip, ratio_cap,
-    mode: tl.constexpr, offpolicy_gamma,
+    mode: tl.constexpr, offpolicy_gamma, sapo_tau_pos, sapo_tau_neg,
     agg: tl.constexpr,
     COOP: tl.constexpr, SEQUENTIAL: tl.constexpr, CHUNKS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
@@ -335,7 +335,7 @@ def logits_loss_kernel(
         ref = at(ref_logp, ref_logp_strides, b, t, t < T)
         loss_tok, pg, g, k, rho, d, clipped, low, high, dual = token_terms(
             lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
-            offpolicy_gamma, mode, kl, kl_bias_correction,
+            offpolicy_gamma, mode, kl, kl_bias_correction, sapo_tau_pos, sapo_tau_neg,
         )  # fmt: skip
         wl, wmean = token_weights(m, stats, totals, b, agg)
         if grad is not None:

@@ -16,6 +16,8 @@ m = 0), so their loss, metrics and gradient are exactly 0.
                    sg(s_b) exp(logp - sg(logp)): value s_b, d rho / d logp_bt = s_b
 - mode "cispo"     L = -sg(clamp(rho, 1 - clip_low, 1 + clip_high)) A logp
 - mode "reinforce" L = -A logp
+- mode "sapo"      L = -A sigmoid(tau (rho - 1)) 4 / tau, tau = sapo_tau_pos where A > 0, else sapo_tau_neg
+                   (d L / d logp = -A 4 s (1 - s) d rho / d logp, s the sigmoid); no clip
 - offpolicy[b]     L = -A f(p), p = exp(logp), f(p) = p / (p + offpolicy_gamma): no ratio, no clip;
                    computed as f = 1 / (1 + gamma exp(-logp)), df / dlogp = f (1 - f) (finite for any logp)
 - is_weights       L <- is_weights * L (behaviour-policy correction, not differentiated)
@@ -242,6 +244,9 @@ def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[
         high = (rho.detach() > hi) & (A > 0)
     elif o.mode == "reinforce":
         pg = -A * lp
+    elif o.mode == "sapo":
+        tau = torch.where(A > 0, torch.full_like(A, o.sapo_tau_pos), torch.full_like(A, o.sapo_tau_neg))
+        pg = -A * torch.sigmoid(tau * (rho - 1.0)) * (4.0 / tau)
     else:
         raise ValueError(f"unknown mode {o.mode!r}")
 
@@ -328,6 +333,12 @@ def loss_grad_reference(logp: torch.Tensor, o: LossSpec) -> torch.Tensor:
             g = torch.where((A < 0) & (pg > -A * o.dual_clip), zero, g)
     elif mode == "cispo":
         g = -torch.exp(d).clamp(lo, hi) * A
+    elif mode == "sapo":
+        rho = torch.exp(d)
+        d_rho = torch.where(inside, rho, zero) if x.old is not None else torch.ones_like(rho)
+        tau = torch.where(A > 0, torch.full_like(A, o.sapo_tau_pos), torch.full_like(A, o.sapo_tau_neg))
+        s = torch.sigmoid(tau * (rho - 1.0))
+        g = -A * 4.0 * s * (1.0 - s) * d_rho
     else:
         g = -A
     if x.off is not None:

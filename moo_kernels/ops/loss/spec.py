@@ -73,9 +73,14 @@ class LossSpec(Spec):
     mode: str = option(
         "clip",
         '"clip" (PPO / GRPO), "cispo" (-sg(clamp(ratio)) A logp), "gspo" (sequence-level ratio exp(mean of '
-        'logp - old_logp over the sequence\'s active tokens)), "reinforce" (-A logp).',
+        'logp - old_logp over the sequence\'s active tokens)), "reinforce" (-A logp), "sapo" (-A sigmoid(tau '
+        "(ratio - 1)) 4 / tau, tau = sapo_tau_pos where A > 0, else sapo_tau_neg: SAPO's soft gate, no clip).",
         "str", choices=MODE,
     )  # fmt: skip
+    sapo_tau_pos: float = option(1.0, 'the gate\'s temperature of mode "sapo" where A > 0.', "float", low=0.0,
+                                 low_inclusive=False)  # fmt: skip
+    sapo_tau_neg: float = option(1.05, 'the gate\'s temperature of mode "sapo" where A <= 0.', "float", low=0.0,
+                                 low_inclusive=False)  # fmt: skip
     offpolicy_gamma: float = option(
         0.1, "gamma of the off-policy shaping f(p) = p / (p + gamma).", "float", low=0.0, low_inclusive=False
     )

@@ -37,6 +37,7 @@ from moo_kernels import _codes
 CLIP = tl.constexpr(_codes.MODE["clip"])
 GSPO = tl.constexpr(_codes.MODE["gspo"])
 CISPO = tl.constexpr(_codes.MODE["cispo"])
+SAPO = tl.constexpr(_codes.MODE["sapo"])
 TOKEN_MEAN = tl.constexpr(_codes.AGG["token-mean"])
 SEQ_MEAN_TOKEN_MEAN = tl.constexpr(_codes.AGG["seq-mean-token-mean"])
 SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(_codes.AGG["seq-mean-token-sum-norm"])
@@ -189,7 +190,7 @@ def token_inputs(
 @triton.jit
 def token_terms(
     lp, raw, adv, active, seq_rho, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap, offpolicy_gamma,
-    mode: tl.constexpr, kl: tl.constexpr, kl_bias_correction: tl.constexpr,
+    mode: tl.constexpr, kl: tl.constexpr, kl_bias_correction: tl.constexpr, sapo_tau_pos, sapo_tau_neg,
 ):  # fmt: skip
     """Loss of tokens and its derivative in logp, elementwise (blocks of tokens or a single token).
 
@@ -237,6 +238,13 @@ def token_terms(
         clipped = w != rho
         low = (rho < lo) & (adv < 0)
         high = (rho > hi) & (adv > 0)
+    elif mode == SAPO:  # the soft gate sigmoid(tau (rho - 1)) 4 / tau
+        rho = tl.exp(d)
+        d_rho = tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
+        tau = tl.where(adv > 0, sapo_tau_pos, sapo_tau_neg)
+        s = tl.sigmoid(tau * (rho - 1.0))
+        pg = -adv * s * (4.0 / tau)
+        g = -adv * (4.0 * s * (1.0 - s)) * d_rho
     else:  # reinforce
         rho = tl.exp(d)
         pg = -adv * lp
