@@ -226,7 +226,7 @@ def test_trl_config_rejects_unknown_options(tmp_path):
         MooGRPOConfig(output_dir=str(tmp_path), moo_weighting="softmax", report_to="none", use_cpu=True)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "sapo"])
 def test_trl_moo_loss_matches_trl_loss(tmp_path, loss_type):
     # On the same batch (same advantages), moo_kernels.policy_loss gives TRL's own loss and gradient.
     trainer = run_trainer(

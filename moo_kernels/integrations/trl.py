@@ -24,7 +24,8 @@ What changes against TRL's GRPOTrainer (tested with the TRL version pinned in py
   reference model TRL loads; `moo_kl` picks another estimator), `use_bias_correction_kl` (kl_bias_correction;
   token-level importance sampling only) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
   aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local token-mean, "dr_grpo" ->
-  seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the global token count.
+  seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the global token count; "sapo"
+  -> mode "sapo" (sapo_temperature_pos / neg) with seq-mean-token-mean (token-level importance sampling).
 
 Overridden: `_calculate_rewards` (keeps the gathered reward matrix), `_generate_and_score_completions`
 (replaces the advantages TRL computed, and their logged copy) and `_compute_loss`. Generation, reward
@@ -53,6 +54,7 @@ _AGG_OF_LOSS_TYPE = {
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
+    "sapo": "seq-mean-token-mean",
 }
 # Inputs of TRL's _get_per_token_logps_and_entropies that _generate_and_score_completions may provide.
 _FORWARD_KEYS = (
@@ -261,7 +263,12 @@ class MooGRPOTrainer(GRPOTrainer):
                 a.moo_loss_agg is None and self.loss_type == "dapo"
             )
             sequence = self.importance_sampling_level == "sequence"
-            self._moo_mode = a.moo_loss_mode or ("gspo" if sequence else "clip")
+            if self.loss_type == "sapo" and sequence:
+                raise ValueError(
+                    "moo_policy_loss supports loss_type='sapo' with importance_sampling_level='token' only; set "
+                    "moo_policy_loss=False to keep TRL's loss"
+                )
+            self._moo_mode = a.moo_loss_mode or ("sapo" if self.loss_type == "sapo" else "gspo" if sequence else "clip")
 
     # ---------------------------------------------------------------- advantages
 
@@ -382,6 +389,8 @@ class MooGRPOTrainer(GRPOTrainer):
             dual_clip=self.args.moo_dual_clip,
             ratio_cap=self.args.delta,
             mode=self._moo_mode,
+            sapo_tau_pos=self.args.sapo_temperature_pos,
+            sapo_tau_neg=self.args.sapo_temperature_neg,
             is_weights=is_weights,
             agg=self._moo_agg,
             max_len=self.max_completion_length if self._moo_agg == "seq-mean-token-sum-norm" else None,
