@@ -136,6 +136,8 @@ struct Problem {
     int64_t B = 0, T = 0;
     Operand logp, old, ref, mask, adv, tadv, isw, grad;  // ptr null: absent (grad: not written)
     Operand offpolicy;                                    // [B] bool
+    Operand sampling;                                     // [B, T] the sampler's log-probs (off-policy mask)
+    std::optional<double> offp_threshold;                 // offpolicy_mask_threshold
     int mode = moo::kClip, agg = moo::kTokenMean, kl = moo::kK3;
     bool kl_bias = false;  // kl_bias_correction
     double beta = 0, clip_low = 0.2, clip_high = 0.2, gamma = 0.1;
@@ -175,6 +177,7 @@ struct Row {
     double scale;  // aggregation weight of each token's l m in the loss
     R seq;         // GSPO sequence ratio
     bool off;
+    bool drop_negative;  // off-policy mask: the sequence drifted past the threshold, tokens with A < 0 lose pg
 };
 
 // The per-token values that are summed (times m, 0 where inactive), then the ratio min / max (+-inf where
@@ -210,6 +213,7 @@ struct Block {
 struct RowStats {
     double n = 0;       // sum_t m
     double sd = 0;      // sum_t d m over active tokens (GSPO)
+    double skl = 0;     // sum_t (sampling_logp - logp) m over active tokens, NaN as 0 (off-policy mask)
     int64_t count = 0;  // active tokens (m != 0)
 };
 
@@ -221,16 +225,16 @@ inline R clamp_log_ratio(R x) {
 
 // Step 1: statistics of row b.
 template <typename R>
-RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums) {
+RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums, const Operand* offp_source) {
     R m[kBlock], lp[kBlock], old[kBlock];
-    double n[kLanes] = {}, sd[kLanes] = {}, count[kLanes] = {};
+    double src[kBlock];
+    double n[kLanes] = {}, sd[kLanes] = {}, count[kLanes] = {}, skl[kLanes] = {};
     for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
         const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
         load(p.mask, b, t0, len, padded, m);
-        if (gspo_sums) {
-            load(p.logp, b, t0, len, padded, lp);
-            load(p.old, b, t0, len, padded, old);
-        }
+        if (gspo_sums || offp_source != nullptr) load(p.logp, b, t0, len, padded, lp);
+        if (gspo_sums) load(p.old, b, t0, len, padded, old);
+        if (offp_source != nullptr) load(*offp_source, b, t0, len, padded, src);
         for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
             for (int64_t l = 0; l < kLanes; ++l) {
                 const R mi = m[i0 + l];
@@ -240,6 +244,10 @@ RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums) {
                     const R d = clamp_log_ratio<R>(lp[i0 + l] - old[i0 + l]);
                     sd[l] += mi != 0 ? static_cast<double>(d) * static_cast<double>(mi) : 0.0;
                 }
+                if (offp_source != nullptr) {
+                    const double diff = src[i0 + l] - static_cast<double>(lp[i0 + l]);
+                    skl[l] += mi != 0 && diff == diff ? diff * static_cast<double>(mi) : 0.0;
+                }
             }
         }
     }
@@ -247,6 +255,7 @@ RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums) {
     for (int64_t l = 0; l < kLanes; ++l) {
         s.n += n[l];
         s.sd += sd[l];
+        s.skl += skl[l];
         s.count += static_cast<int64_t>(count[l]);
     }
     return s;
@@ -443,6 +452,14 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
             k.g[i] *= k.isw[i];
         }
     }
+    if (row.drop_negative) {  // off-policy mask: tokens with A < 0 of a drifted sequence lose the policy term
+        for (int64_t i = 0; i < np; ++i) {
+            if (!(k.adv[i] >= zero)) {
+                k.v[kPg][i] = zero;
+                k.g[i] = zero;
+            }
+        }
+    }
 
     // KL estimate to the reference: reported whenever ref is given, in the loss when beta > 0
     if (c.has_ref) {
@@ -564,8 +581,11 @@ void run(const Problem& p, double* out) {
     // ---- 1. row statistics and totals
     std::vector<RowStats> stats(B);
     const bool gspo_sums = p.mode == moo::kGspo && p.old.ptr != nullptr;
+    // the off-policy mask's source: sampling_logp, else old_logp (none: on-policy, every mean 0)
+    const Operand* offp_source = nullptr;
+    if (p.offp_threshold) offp_source = p.sampling.ptr != nullptr ? &p.sampling : (p.old.ptr != nullptr ? &p.old : nullptr);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
-    for (int64_t b = 0; b < B; ++b) stats[b] = row_stats<R>(p, b, gspo_sums);
+    for (int64_t b = 0; b < B; ++b) stats[b] = row_stats<R>(p, b, gspo_sums, offp_source);
     double total_m = 0, seqs = 0;
     int64_t total_count = 0;
     for (const RowStats& s : stats) {
@@ -582,6 +602,7 @@ void run(const Problem& p, double* out) {
         rows[b].scale = row_den > 0 ? 1.0 / row_den : 0.0;
         rows[b].seq = static_cast<R>(std::exp(clamp_log_ratio(stats[b].sd / std::max(n, 1.0))));
         rows[b].off = p.offpolicy.ptr != nullptr && static_cast<const uint8_t*>(p.offpolicy.ptr)[b * p.offpolicy.sb] != 0;
+        rows[b].drop_negative = p.offp_threshold && !(stats[b].skl / std::max(n, 1.0) <= *p.offp_threshold);
     }
 
     // ---- 3. main pass over (row, chunk) work items
@@ -679,6 +700,8 @@ void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const p
     p.tadv = tensor_arg(spec, "token_advantages", {bt}, kFloats);
     p.isw = tensor_arg(spec, "is_weights", {b, bt}, kFloats);
     p.offpolicy = tensor_arg(spec, "offpolicy", {b}, {moo::kBool});
+    p.sampling = tensor_arg(spec, "sampling_logp", {bt}, kFloats);
+    p.offp_threshold = optional_option<double>(spec, "offpolicy_mask_threshold");
     p.mode = option<int>(spec, "mode");
     p.agg = option<int>(spec, "agg");
     p.kl = option<int>(spec, "kl");

@@ -177,20 +177,22 @@ def loss_pointers(lp: str) -> dict:
     """The loss's tensors: log-prob dtype lp, a bool mask and offpolicy (bytes), float32 advantages / weights."""
     return dict(
         old_logp=lp, ref_logp=lp, mask="u8", offpolicy="u8", advantages="fp32", token_advantages="fp32",
-        is_weights="fp32", stats="fp64", totals="fp64", parts="fp32",
+        is_weights="fp32", stats="fp64", totals="fp64", parts="fp32", sampling_logp=lp,
     )  # fmt: skip
 
 
 ALL_ON: set = set()
-PLAIN = {"token_advantages", "is_weights", "offpolicy", "dual_clip", "ratio_cap"}
+PLAIN = {"token_advantages", "is_weights", "offpolicy", "dual_clip", "ratio_cap", "sampling_logp",
+         "offpolicy_mask_threshold"}  # fmt: skip
 
 
 def policy_loss_configs():
     """(name, kernel, signature, constexprs, num_warps, label) of the policy-loss kernels."""
     for lp in ("fp32", "bf16"):
-        for gspo in (False, True):
-            ptrs = dict(logp=lp, old_logp=lp, mask="u8", stats="fp64")
-            sig, cx = build(loss_k.row_stats_kernel, ptrs, set(), "i32", dict(BLOCK_T=2048, mode=1 if gspo else 0))
+        for gspo, offp in ((False, False), (True, False), (False, True), (True, True)):
+            ptrs = dict(logp=lp, old_logp=lp, sampling_logp=lp, mask="u8", stats="fp64")
+            absent = set() if offp else {"sampling_logp", "offpolicy_mask_threshold"}
+            sig, cx = build(loss_k.row_stats_kernel, ptrs, absent, "i32", dict(BLOCK_T=2048, mode=1 if gspo else 0))
             yield "policy_row_stats", loss_k.row_stats_kernel, sig, cx, 4, lp
     for agg in range(5):  # each aggregation, with its global counts given and not
         for given in (False, True):

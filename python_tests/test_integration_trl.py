@@ -235,6 +235,13 @@ def test_trl_moo_loss_matches_trl_loss(tmp_path, loss_type):
     check_same_loss(trainer)
 
 
+def test_trl_off_policy_mask_matches_trl_loss(tmp_path):
+    """off_policy_mask_threshold (refused before 0.4.0) reaches the loss; TRL's own loss on the same batch."""
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, loss_type="dapo",
+                          off_policy_mask_threshold=0.01, max_steps=1, num_iterations=2)  # fmt: skip
+    check_same_loss(trainer)
+
+
 def test_trl_bias_corrected_kl_matches_trl_loss(tmp_path):
     """beta > 0 with use_bias_correction_kl (refused before 0.4.0): the k3 term times the importance ratio."""
     trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, loss_type="dapo", beta=0.1,

@@ -134,3 +134,72 @@ def test_sapo_matches_verl(backend, device, taus):
     loss.backward()
     torch.testing.assert_close(loss.detach().cpu(), verl_loss.detach(), rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(y.grad.cpu(), torch.where(mask, x.grad, 0.0), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("source", ["sampling", "old"])
+def test_offpolicy_mask_matches_trl(backend, device, source):
+    """offpolicy_mask_threshold against TRL's GRPOTrainer.get_off_policy_mask (called as TRL calls it), on the
+    clipped loss with token-mean aggregation: value and gradient; sampling_logp defaults to old_logp as in TRL."""
+    from trl import GRPOTrainer
+
+    logp, _, mask = batch(6, b=8, t=12, spread=1.0)
+    g = torch.Generator().manual_seed(7)
+    drift = torch.linspace(-0.4, 0.4, logp.shape[0], dtype=torch.float64)[:, None]  # some sequences drift
+    old = logp + drift + 0.05 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+    sampling = old + 0.05 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+    sampling[0, 0] = float("nan")  # a token the sampler could not score counts 0
+    adv = torch.randn(logp.shape[0], generator=g, dtype=torch.float64)
+    threshold = 0.1
+    src = sampling if source == "sampling" else old
+    x = logp.clone().requires_grad_()
+    keep = GRPOTrainer.get_off_policy_mask(adv[:, None], x, src, mask.double(), threshold)
+    ratio = torch.exp(x - old)
+    per_token = -torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]) * keep
+    expected = (per_token * mask).sum() / mask.sum()
+    expected.backward()
+    assert 0 < keep.sum() < keep.numel()  # the mask drops some sequences' negative tokens, not all
+    kw = dict(old_logp=old.to(device), offpolicy_mask_threshold=threshold)
+    if source == "sampling":
+        kw["sampling_logp"] = sampling.to(device)
+    y = logp.to(device).requires_grad_()
+    with mk.use_backend(backend):
+        loss, _ = mk.policy_loss(y, adv.to(device), mask.to(device), **kw)
+    loss.backward()
+    torch.testing.assert_close(loss.detach().cpu(), expected.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(y.grad.cpu(), torch.where(mask, x.grad, 0.0), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_offpolicy_mask_from_logits_equals_from_logprobs(backend, device):
+    """The logits entry takes the two-kernel path with the mask and gives the log-prob entry's loss."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 6, 9, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 9, (4, 6), generator=g)
+    mask = torch.rand(4, 6, generator=g) > 0.2
+    with torch.no_grad():
+        logp = mk.token_logprobs(logits, tokens)
+    old = logp + 0.05 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+    sampling = old + torch.linspace(-0.5, 0.5, 4, dtype=torch.float64)[:, None]
+    adv = torch.tensor([1.0, -1.0, -0.5, 0.5], dtype=torch.float64)
+    kw = dict(old_logp=old, sampling_logp=sampling, offpolicy_mask_threshold=0.1)
+    z = logits.clone().to(device).requires_grad_()
+    with mk.use_backend(backend):
+        loss, _ = mk.policy_loss_from_logits(
+            z,
+            tokens.to(device),
+            adv.to(device),
+            mask.to(device),
+            **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()},
+        )
+    loss.backward()
+    lp = mk.token_logprobs(logits.clone().requires_grad_(), tokens)
+    with mk.use_backend("reference"):
+        ref_loss, _ = mk.policy_loss(lp, adv, mask, **kw)
+    torch.testing.assert_close(loss.detach().cpu(), ref_loss.detach(), rtol=1e-6, atol=1e-8)
+
+
+def test_sampling_logp_needs_the_threshold():
+    logp, _, mask = batch(0)
+    with pytest.raises(ValueError, match="sampling_logp is read by offpolicy_mask_threshold"):
+        mk.policy_loss(logp, torch.zeros(5, dtype=torch.float64), mask, sampling_logp=logp)

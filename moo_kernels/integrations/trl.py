@@ -21,8 +21,9 @@ What changes against TRL's GRPOTrainer (tested with the TRL version pinned in py
   advantage 0.
 - the loss (unless `moo_policy_loss=False`): `moo_kernels.policy_loss` on TRL's per-token log-probs,
   with TRL's `epsilon` / `epsilon_high` (clip_low / clip_high), `delta` (ratio_cap), `beta` (k3 KL to the
-  reference model TRL loads; `moo_kl` picks another estimator), `use_bias_correction_kl` (kl_bias_correction;
-  token-level importance sampling only) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
+  reference model TRL loads; `moo_kl` picks another estimator), `off_policy_mask_threshold`
+  (offpolicy_mask_threshold, with vLLM's sampling log-probs when TRL has them), `use_bias_correction_kl`
+  (kl_bias_correction; token-level importance sampling only) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
   aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local token-mean, "dr_grpo" ->
   seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the global token count; "sapo"
   -> mode "sapo" (sapo_temperature_pos / neg) with seq-mean-token-mean (token-level importance sampling).
@@ -244,7 +245,6 @@ class MooGRPOTrainer(GRPOTrainer):
                 "use_bias_correction_kl with importance_sampling_level='sequence'": (
                     a.use_bias_correction_kl and self.beta != 0.0 and a.importance_sampling_level == "sequence"
                 ),
-                "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
                 "entropy_coef / use_adaptive_entropy": self._entropy_bonus_enabled,
                 "router_aux_loss_coef (MoE aux loss)": self.aux_loss_enabled,
             }
@@ -392,6 +392,10 @@ class MooGRPOTrainer(GRPOTrainer):
             sapo_tau_pos=self.args.sapo_temperature_pos,
             sapo_tau_neg=self.args.sapo_temperature_neg,
             is_weights=is_weights,
+            offpolicy_mask_threshold=self.off_policy_mask_threshold,
+            sampling_logp=(
+                inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
+            ),
             agg=self._moo_agg,
             max_len=self.max_completion_length if self._moo_agg == "seq-mean-token-sum-norm" else None,
             num_tokens=num_tokens,

@@ -192,12 +192,13 @@ def run_logits_loss(logits: Tensor, s: LogitsSpec, want_entropy: bool, grad: Ten
         dt = out_dtype(logits)
         metrics = torch.stack([metrics[k] for k in METRICS]).to(dt)
         return loss.to(dt), metrics, ent.to(torch.float32) if want_entropy else None
-    if impl == "triton" and spec.mode != "gspo":
+    if impl == "triton" and spec.mode != "gspo" and spec.offpolicy_mask_threshold is None:
         from moo_kernels.ops.logits.triton_launch import logits_loss_triton
 
         return logits_loss_triton(logits, s.tokens, spec, s.temperature, want_entropy, grad)
     # Two kernels: log-probs first, then the loss on them, then the gradient of the log-probs (the GSPO
-    # sequence ratio needs every token's log-prob before any gradient is known; the CPU takes this path
+    # sequence ratio and the off-policy mask need every token's log-prob before any gradient is known; the CPU
+    # takes this path
     # for every mode).
     from moo_kernels.ops.policy_loss.op import run as run_policy_loss
 

@@ -335,7 +335,7 @@ def logits_loss_kernel(
         ref = at(ref_logp, ref_logp_strides, b, t, t < T)
         loss_tok, pg, g, k, rho, d, clipped, low, high, dual = token_terms(
             lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
-            offpolicy_gamma, mode, kl, kl_bias_correction, sapo_tau_pos, sapo_tau_neg,
+            offpolicy_gamma, mode, kl, kl_bias_correction, sapo_tau_pos, sapo_tau_neg, None,
         )  # fmt: skip
         wl, wmean = token_weights(m, stats, totals, b, agg)
         if grad is not None:

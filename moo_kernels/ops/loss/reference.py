@@ -21,6 +21,9 @@ m = 0), so their loss, metrics and gradient are exactly 0.
 - offpolicy[b]     L = -A f(p), p = exp(logp), f(p) = p / (p + offpolicy_gamma): no ratio, no clip;
                    computed as f = 1 / (1 + gamma exp(-logp)), df / dlogp = f (1 - f) (finite for any logp)
 - is_weights       L <- is_weights * L (behaviour-policy correction, not differentiated)
+- offpolicy_mask_threshold: L <- 0 (and its gradient) where A < 0 and the sequence's mean of sampling_logp -
+                   logp over active tokens (NaN as 0, weighted by m, over max(sum m, 1); sampling_logp defaults to
+                   old_logp, on-policy 0) exceeds the threshold
 - KL (beta > 0)    l = L + beta k, with u = logp - ref_logp:
                    k1 = u, k2 = u^2 / 2, k3 = exp(-u') + u' - 1 with u' = clamp(u, -LOG_RATIO_MAX, LOG_RATIO_MAX)
                    (no gradient where the clamp is active), abs = |u| (gradient sign(u), 0 at 0), low_var_kl =
@@ -128,6 +131,21 @@ def offpolicy_shape(lp: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch
 
 
 LOW_VAR_KL_MAX = 10.0  # verl clamps low_var_kl (its k3) to [-10, 10]; k3 >= 0
+
+
+def offpolicy_keep(lp, o: LossSpec, m, active, A) -> torch.Tensor | None:
+    """Where the policy term stays under offpolicy_mask_threshold ([B, T] bool), None without the threshold."""
+    if o.offpolicy_mask_threshold is None:
+        return None
+    src = o.sampling_logp if o.sampling_logp is not None else o.old_logp
+    zero = torch.zeros_like(lp)
+    if src is None:
+        mean = zero.sum(dim=1)
+    else:
+        diff = src.to(F64) - lp
+        diff = torch.where(active & ~torch.isnan(diff), diff, zero)
+        mean = (diff * torch.where(active, m, zero)).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    return (A >= 0) | (mean[:, None] <= o.offpolicy_mask_threshold)
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kl: str) -> torch.Tensor:
@@ -256,6 +274,9 @@ def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[
         clipped, low, high, dual = (y & ~x.off for y in (clipped, low, high, dual))
     if x.isw is not None:
         pg = pg * x.isw
+    keep = offpolicy_keep(lp.detach(), o, m, active, A)
+    if keep is not None:
+        pg = torch.where(keep, pg, zero)
     pg = torch.where(active, pg, zero)
 
     k = kl_estimate(lp, x.ref, o.kl) if x.ref is not None else zero
@@ -346,6 +367,9 @@ def loss_grad_reference(logp: torch.Tensor, o: LossSpec) -> torch.Tensor:
         g = torch.where(x.off, -A * df, g)
     if x.isw is not None:
         g = g * x.isw
+    keep = offpolicy_keep(lp, o, m, active, A)
+    if keep is not None:
+        g = torch.where(keep, g, zero)
     if x.ref is not None and o.beta > 0:
         u = lp - x.ref
         gk = kl_gradient(u, o.kl)

@@ -40,6 +40,19 @@ class LossSpec(Spec):
         "[B] bool, sequences generated off-policy: -A f(p), f(p) = p / (p + offpolicy_gamma), no ratio, no clip.",
         dtypes=(torch.bool,), shapes=("B",),
     )  # fmt: skip
+    sampling_logp: torch.Tensor | None = tensor(
+        "[B, T] the sampler's log-probs, for offpolicy_mask_threshold (None: old_logp, as TRL).", dtypes=FLOATS,
+        shapes=("BT",),
+    )  # fmt: skip
+    offpolicy_mask_threshold: float | None = option(
+        None,
+        "off-policy sequence masking (DeepSeek-V3.2; TRL's off_policy_mask_threshold): a token keeps its policy "
+        "term when its advantage is >= 0 or its sequence's mean over active tokens of sampling_logp - logp (NaN "
+        "counts 0; weighted by a float mask; over max(sum m, 1)) is <= this; otherwise the policy term and its "
+        "gradient are 0 (the KL term stays). None: off.",
+        "float",
+        optional=True,
+    )
     beta: float = option(0.0, "weight of the KL term (> 0 needs ref_logp).", "float", low=0.0)
     kl: str = option(
         "k3",
@@ -113,6 +126,8 @@ class LossSpec(Spec):
                 'kl_bias_correction is not supported with mode="gspo" (TRL differentiates the sequence ratio '
                 "through every token); use it with the token-level modes"
             )
+        if self.sampling_logp is not None and self.offpolicy_mask_threshold is None:
+            raise ValueError("sampling_logp is read by offpolicy_mask_threshold only: pass the threshold")
         if self.beta > 0 and self.ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp (the reference policy's log-probs)")
         clip_high = self.clip_low if self.clip_high is None else self.clip_high

@@ -38,6 +38,7 @@ CLIP = tl.constexpr(_codes.MODE["clip"])
 GSPO = tl.constexpr(_codes.MODE["gspo"])
 CISPO = tl.constexpr(_codes.MODE["cispo"])
 SAPO = tl.constexpr(_codes.MODE["sapo"])
+STATS = tl.constexpr(3)  # the row statistics: sum m, sum d m (GSPO), the off-policy mask's mean
 TOKEN_MEAN = tl.constexpr(_codes.AGG["token-mean"])
 SEQ_MEAN_TOKEN_MEAN = tl.constexpr(_codes.AGG["seq-mean-token-mean"])
 SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(_codes.AGG["seq-mean-token-sum-norm"])
@@ -88,13 +89,16 @@ def mask_weight(mask, mask_strides, b, t, ok):
 
 @triton.jit
 def row_stats_kernel(
-    logp, logp_strides, old_logp, old_logp_strides, mask, mask_strides, stats, T, mode: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    logp, logp_strides, old_logp, old_logp_strides, sampling_logp, sampling_logp_strides, mask, mask_strides,
+    stats, T, offpolicy_mask_threshold, mode: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """stats[b] = (sum_t m, sum_t d m over active tokens): the second only for GSPO with old log-probs."""
+    """stats[b] = (sum_t m, sum_t d m over active tokens, the off-policy mask's mean of sampling_logp - logp): the
+    second only for GSPO with old log-probs, the third with offpolicy_mask_threshold (sampling_logp, else
+    old_logp; NaN counts 0), each 0 otherwise."""
     b = tl.program_id(0).to(tl.int64)
     n = tl.zeros([BLOCK_T], dtype=tl.float64)
     sd = tl.zeros([BLOCK_T], dtype=tl.float64)
+    skl = tl.zeros([BLOCK_T], dtype=tl.float64)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         ok = t < T
@@ -105,8 +109,23 @@ def row_stats_kernel(
             old = at(old_logp, old_logp_strides, b, t, ok)
             d = tl.minimum(tl.maximum(lp - old, -LOG_RATIO_MAX), LOG_RATIO_MAX)
             sd += tl.where(active, d.to(tl.float64) * m, 0.0)
-    tl.store(stats + b * 2, tl.sum(n, axis=0))
-    tl.store(stats + b * 2 + 1, tl.sum(sd, axis=0))
+        if offpolicy_mask_threshold is not None:
+            if sampling_logp is not None:
+                src = tl.load(sampling_logp + b * sampling_logp_strides[0] + t * sampling_logp_strides[1], mask=ok,
+                              other=0.0).to(tl.float64)  # fmt: skip
+            elif old_logp is not None:
+                src = tl.load(old_logp + b * old_logp_strides[0] + t * old_logp_strides[1], mask=ok,
+                              other=0.0).to(tl.float64)  # fmt: skip
+            else:
+                src = None
+            if src is not None:
+                lp64 = tl.load(logp + b * logp_strides[0] + t * logp_strides[1], mask=ok, other=0.0).to(tl.float64)
+                diff = src - lp64
+                skl += tl.where(active & (diff == diff), diff * m, 0.0)
+    n_row = tl.sum(n, axis=0)
+    tl.store(stats + b * STATS, n_row)
+    tl.store(stats + b * STATS + 1, tl.sum(sd, axis=0))
+    tl.store(stats + b * STATS + 2, tl.sum(skl, axis=0) / tl.maximum(n_row, 1.0))
 
 
 @triton.jit
@@ -121,7 +140,7 @@ def totals_kernel(
     acc_s = tl.zeros([BLOCK_B], dtype=tl.float64)
     for b0 in range(0, B, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        n = tl.load(stats + b * 2, mask=b < B, other=0.0)
+        n = tl.load(stats + b * STATS, mask=b < B, other=0.0)
         acc_n += n
         acc_s += tl.where(n > 0, 1.0, 0.0)
     total_m = tl.sum(acc_n, axis=0)
@@ -147,7 +166,7 @@ def row_scale(stats, totals, b, agg: tl.constexpr):
     seq-mean-token-mean), 0 where it is not > 0."""
     den = tl.load(totals + 2)
     if agg == SEQ_MEAN_TOKEN_MEAN:
-        n_row = tl.load(stats + b * 2)
+        n_row = tl.load(stats + b * STATS)
         den = tl.where(n_row > 0, den * n_row, 0.0)
     return tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
 
@@ -165,8 +184,8 @@ def token_weights(m, stats, totals, b, agg: tl.constexpr):
 @triton.jit
 def sequence_ratio(stats, b):
     """The GSPO sequence ratio of row b: exp of the mean log-ratio over its active tokens (clamped)."""
-    sd = tl.load(stats + b * 2 + 1)
-    n_row = tl.load(stats + b * 2)
+    sd = tl.load(stats + b * STATS + 1)
+    n_row = tl.load(stats + b * STATS)
     seq_d = tl.minimum(tl.maximum(sd / tl.maximum(n_row, 1.0), -LOG_RATIO_MAX), LOG_RATIO_MAX)
     return tl.exp(seq_d.to(tl.float32))
 
@@ -190,7 +209,7 @@ def token_inputs(
 @triton.jit
 def token_terms(
     lp, raw, adv, active, seq_rho, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap, offpolicy_gamma,
-    mode: tl.constexpr, kl: tl.constexpr, kl_bias_correction: tl.constexpr, sapo_tau_pos, sapo_tau_neg,
+    mode: tl.constexpr, kl: tl.constexpr, kl_bias_correction: tl.constexpr, sapo_tau_pos, sapo_tau_neg, keep,
 ):  # fmt: skip
     """Loss of tokens and its derivative in logp, elementwise (blocks of tokens or a single token).
 
@@ -260,6 +279,9 @@ def token_terms(
     if w_is is not None:
         pg = pg * w_is
         g = g * w_is
+    if keep is not None:  # the off-policy sequence mask: the policy term only
+        pg = tl.where(keep, pg, 0.0)
+        g = tl.where(keep, g, 0.0)
     pg = tl.where(active, pg, 0.0)
 
     # ---- KL to the reference ---------------------------------------------------------------------------------

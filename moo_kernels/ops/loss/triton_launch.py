@@ -13,10 +13,11 @@ from moo_kernels.ops.loss.spec import LossSpec
 
 
 def row_statistics(spec: LossSpec, logp: torch.Tensor | None, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stats [B, 2], totals [3]), float64: per row sum(m) (and for GSPO sum(d m), which needs logp), then
+    """(stats [B, 3], totals [3]), float64: per row sum(m) (for GSPO sum(d m) and for offpolicy_mask_threshold the
+    mean of sampling_logp - logp, which need logp), then
     M = sum(m), the number of rows with sum(m) > 0 and the aggregation's denominator (totals_kernel)."""
     f64 = dict(dtype=torch.float64, device=spec.mask.device)
-    stats, totals = torch.empty(B, 2, **f64), torch.empty(3, **f64)
+    stats, totals = torch.empty(B, lk.STATS.value, **f64), torch.empty(3, **f64)
     k = lk.row_stats_kernel
     k[(B,)](**spec.kernel_kwargs(
         k, logp=logp, logp_strides=strides2(logp), stats=stats, T=T, BLOCK_T=min(triton.next_power_of_2(T), 2048),

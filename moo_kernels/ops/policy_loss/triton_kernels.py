@@ -7,6 +7,7 @@ import triton.language as tl
 from moo_kernels.ops.loss.triton_kernels import (
     GSPO,
     NUM_PARTIALS,
+    STATS,
     at,
     flag_at,
     mask_weight,
@@ -24,7 +25,7 @@ def policy_loss_fwd_kernel(
     advantages, advantages_strides, mask, mask_strides, old_logp, old_logp_strides, ref_logp, ref_logp_strides,
     token_advantages, token_advantages_strides, is_weights, is_weights_strides, offpolicy, offpolicy_strides,
     beta, kl: tl.constexpr, kl_bias_correction: tl.constexpr, clip_low, clip_high, dual_clip, ratio_cap,
-    mode: tl.constexpr, offpolicy_gamma, sapo_tau_pos, sapo_tau_neg,
+    mode: tl.constexpr, offpolicy_gamma, sapo_tau_pos, sapo_tau_neg, offpolicy_mask_threshold,
     agg: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, T / BLOCK_T): per token the loss l, its gradient d l / d logp and the metrics; writes
@@ -47,9 +48,13 @@ def policy_loss_fwd_kernel(
     seq_rho = 1.0
     if mode == GSPO:
         seq_rho = sequence_ratio(stats, b)
+    keep = None
+    if offpolicy_mask_threshold is not None:  # the sequence's mean of sampling_logp - logp (row statistics)
+        drifted = tl.load(stats + b * STATS + 2) > offpolicy_mask_threshold
+        keep = tl.where(drifted, adv >= 0.0, tl.full(adv.shape, 1, tl.int1))
     loss_tok, pg, g, k, rho, d, clipped, low, high, dual = token_terms(
         lp, raw, adv, active, seq_rho, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
-        offpolicy_gamma, mode, kl, kl_bias_correction, sapo_tau_pos, sapo_tau_neg,
+        offpolicy_gamma, mode, kl, kl_bias_correction, sapo_tau_pos, sapo_tau_neg, keep,
     )  # fmt: skip
     if grad is not None:
         g_out = tl.where(active, g * wl, 0.0).to(grad.dtype.element_ty)
