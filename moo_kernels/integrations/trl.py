@@ -23,8 +23,8 @@ What changes against TRL's GRPOTrainer (tested with the TRL version pinned in py
   with TRL's `epsilon` / `epsilon_high` (clip_low / clip_high), `delta` (ratio_cap), `beta` (k3 KL to the
   reference model TRL loads; `moo_kl` picks another estimator), `off_policy_mask_threshold`
   (offpolicy_mask_threshold, with vLLM's sampling log-probs when TRL has them), `use_bias_correction_kl`
-  (kl_bias_correction; token-level importance sampling only) and vLLM importance-sampling ratios (is_weights); `loss_type` chooses the
-  aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local token-mean, "dr_grpo" ->
+  (kl_bias_correction; token-level importance sampling only) and vLLM importance-sampling ratios (is_weights);
+  `loss_type` chooses the aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local token-mean, "dr_grpo" ->
   seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the global token count; "sapo"
   -> mode "sapo" (sapo_temperature_pos / neg) with seq-mean-token-mean (token-level importance sampling).
 
