@@ -503,3 +503,63 @@ def test_gpu_vocabulary_sizes(dtype, v):
         torch.testing.assert_close(ent.double().cpu(), rent, atol=1e-3, rtol=1e-3)
         grad = leaf.grad[:, :-1].double().cpu()
         torch.testing.assert_close(grad, 3 * rgrad, atol=tol * 3 * rgrad.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("backend,device", targets())
+def test_returned_entropy_carries_its_gradient(backend, device):
+    """An entropy bonus on the returned entropy reaches the logits (p_v (E_p[z] - z_v) / temperature), as
+    autograd through log_softmax gives it; with inplace_backward the entropy has no gradient."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.2
+    adv = torch.randn(3, generator=g, dtype=torch.float64)
+    x = z.clone().to(device).requires_grad_()
+    with mk.use_backend(backend):
+        loss, _, ent = mk.policy_loss_from_logits(x, tokens.to(device), adv.to(device), mask.to(device),
+                                                  temperature=0.7, return_entropy=True)  # fmt: skip
+    (loss - 0.05 * (ent * mask.to(device)).sum()).backward()
+    y = z.clone().requires_grad_()
+    with mk.use_backend("reference"):
+        plain, _ = mk.policy_loss_from_logits(y, tokens, adv, mask, temperature=0.7)
+    lp = torch.log_softmax(y / 0.7, dim=-1)
+    entropy = -(lp.exp() * lp).sum(-1)
+    (plain - 0.05 * (entropy * mask).sum()).backward()
+    torch.testing.assert_close(x.grad.cpu(), y.grad, rtol=1e-6, atol=1e-7)
+    # an unused entropy costs no second pass and changes nothing
+    x2 = z.clone().to(device).requires_grad_()
+    with mk.use_backend(backend):
+        loss2, _, _ = mk.policy_loss_from_logits(x2, tokens.to(device), adv.to(device), mask.to(device),
+                                                 temperature=0.7, return_entropy=True)  # fmt: skip
+    loss2.backward()
+    w = z.clone().requires_grad_()
+    lw = torch.log_softmax(w / 0.7, dim=-1)
+    (-(lw.exp() * lw).sum(-1) * mask).sum().backward()
+    torch.testing.assert_close(x2.grad.cpu(), y.grad + 0.05 * w.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_entropy_has_no_gradient_with_inplace_backward():
+    z = torch.randn(2, 4, 6, dtype=torch.float64).requires_grad_()
+    leaf = z.clone()
+    _, _, ent = mk.policy_loss_from_logits(leaf, torch.randint(0, 6, (2, 4)), torch.randn(2, dtype=torch.float64),
+                                           torch.ones(2, 4, dtype=torch.bool), inplace_backward=True,
+                                           return_entropy=True)  # fmt: skip
+    assert not ent.requires_grad
+
+
+def test_entropy_gradient_under_torch_compile():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, 9, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+    def f(x):
+        loss, _, ent = mk.policy_loss_from_logits(x, tokens, adv, mask, return_entropy=True)
+        return loss - 0.1 * ent.sum()
+
+    x = z.clone().requires_grad_()
+    f(x).backward()
+    y = z.clone().requires_grad_()
+    torch.compile(f, fullgraph=True)(y).backward()
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=1e-8)

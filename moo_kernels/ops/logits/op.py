@@ -243,13 +243,39 @@ def _(logits, *args):
 
 def _op_setup_context(ctx, inputs, output) -> None:
     _, metrics, ent, grad = output
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(metrics, ent, grad)
+    s, want_entropy, _, _ = _split(inputs[1:])
+    ctx.s = s
+    ctx.want_entropy = want_entropy
+    ctx.save_for_backward(grad, inputs[0] if want_entropy else None)
+    ctx.mark_non_differentiable(metrics, grad)
+    if not want_entropy:
+        ctx.mark_non_differentiable(ent)
 
 
-def _op_backward(ctx, g_loss, *unused):
-    grad = hand_over_grad(ctx, lambda: ctx.saved_tensors[0], g_loss)
+def _op_backward(ctx, g_loss, g_metrics, g_ent, g_grad):
+    saved = []
+
+    def buffer() -> Tensor:  # unpacked once, before the buffer is rescaled in place (autograd checks versions)
+        saved.extend(ctx.saved_tensors)
+        return saved[0]
+
+    grad = hand_over_grad(ctx, buffer, g_loss)
+    if ctx.want_entropy and g_ent is not None:
+        grad = grad + entropy_grad(saved[1], ctx.s, g_ent)
     return (grad,) + (None,) * (LogitsSpec.count() + LossSpec.count() + 2)
+
+
+def entropy_grad(logits: Tensor, s: LogitsSpec, g_entropy: Tensor) -> Tensor:
+    """d (sum g_entropy H) / d logits, H the entropy of each position: p_v (E_p[z] - z_v) / temperature, from a
+    second pass over the logits (their row statistics, then the log-probs' backward kernel with the entropy's
+    gradient alone)."""
+    g = g_entropy.to(out_dtype(logits)).contiguous()
+    if tracing(g):  # the registered ops (a backward traced by torch.compile)
+        _, ent, stats = token_logprobs_op(logits, s.tokens, s.temperature, True)
+        return token_logprobs_backward_op(logits, s.tokens, stats, ent, None, g, s.temperature)
+    _, stats, ent = run_token_logprobs(logits, s.tokens, s.temperature, True)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return run_token_logprobs_backward(logits, s.tokens, stats, ent, None, g, s.temperature, out)
 
 
 policy_loss_from_logits_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -302,13 +328,25 @@ class LogitsLoss(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits)
         ent = ent if ent is not None else logits.new_empty(0, dtype=torch.float32)
         ctx.grad = grad  # an attribute, not a saved tensor: with inplace it is the (overwritten) input
-        ctx.mark_non_differentiable(metrics, ent)
+        ctx.set_materialize_grads(False)  # an unused entropy brings no gradient (no second pass)
+        ctx.mark_non_differentiable(metrics)
+        if want_entropy and not inplace:
+            ctx.save_for_backward(logits)  # the entropy's gradient reads them again
+        else:
+            ctx.mark_non_differentiable(ent)
+        ctx.s, ctx.want_entropy, ctx.inplace = s, want_entropy, inplace
         return loss, metrics, ent
 
     @staticmethod
-    def backward(ctx, g_loss, *unused):
-        grad = hand_over_grad(ctx, lambda: ctx.grad, g_loss)
+    def backward(ctx, g_loss, g_metrics, g_ent):
+        grad = None
+        if g_loss is not None:
+            grad = hand_over_grad(ctx, lambda: ctx.grad, g_loss)
         ctx.grad = None  # autograd holds the buffer now
+        if ctx.want_entropy and g_ent is not None and not ctx.inplace:
+            (logits,) = ctx.saved_tensors
+            extra = entropy_grad(logits, ctx.s, g_ent)
+            grad = extra if grad is None else grad.add_(extra)
         return grad, None, None, None, None, None
 
 
@@ -353,7 +391,10 @@ def policy_loss_from_logits(
             their version counter is bumped, so a backward through an op that saved them raises autograd's
             in-place error. Logits whose positions overlap in memory (an expanded view) raise ValueError.
             Eager mode only: under torch.compile the gradient gets its own buffer.
-        return_entropy: also return the entropy [B, T] of each position (float32, no gradient).
+        return_entropy: also return the entropy [B, T] of each position (float32). It carries its gradient (a
+            loss term on it, such as an entropy bonus, reaches the logits: p_v (E_p[z] - z_v) / temperature,
+            computed in the backward from a second pass over the logits) unless inplace_backward, which
+            overwrites the logits: then the entropy has no gradient.
         {options}
 
     Returns:
