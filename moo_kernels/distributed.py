@@ -32,6 +32,7 @@ from moo_kernels.ops.advantages.spec import PER_OBJECTIVE, PER_SAMPLE
 from moo_kernels.ops.loss.spec import PolicyLossMetrics
 
 __all__ = [
+    "entropy_quantile",
     "global_sequence_count",
     "global_token_count",
     "multi_objective_advantages_distributed",
@@ -254,6 +255,37 @@ def multi_objective_advantages_distributed(
     )
     start = sum(sizes[:rank])
     return out._replace(advantages=out.advantages[start : start + n], sample_mask=out.sample_mask[start : start + n])
+
+
+def entropy_quantile(
+    entropy: torch.Tensor, mask: torch.Tensor, rho: float, process_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """The entropy threshold of TRL's top_entropy_quantile ("Beyond the 80/20 rule") over every rank: the (1 - rho)
+    quantile (torch.quantile's linear interpolation) of the entropies of the active tokens of all ranks, so that
+    the tokens with entropy >= it are the top rho share of the whole batch, as TRL's get_high_entropy_mask computes
+    it. Each rank passes its own [B, T] entropy and mask (bool, or float: nonzero is active; ranks may hold
+    different numbers of active tokens, none included). Returns a 0-dim float32 tensor, equal on every rank; +inf
+    when no rank has an active token (no token passes). Without an initialised process group: the local quantile.
+    One host synchronisation (the exchange of the counts)."""
+    O.check_tensor("entropy", entropy)
+    O.check_tensor("mask", mask)
+    if entropy.shape != mask.shape:
+        raise ValueError(f"entropy and mask must have the same shape, got {tuple(entropy.shape)} and "
+                         f"{tuple(mask.shape)}")  # fmt: skip
+    rho = O.check_number("rho", rho, low=0.0)
+    if rho > 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {rho}")
+    local = entropy.detach()[mask != 0].float()
+    world, _ = _group_and_rank(process_group)
+    if world > 1:
+        count = torch.tensor([local.numel()], dtype=torch.int64, device=local.device)
+        counts = [torch.empty_like(count) for _ in range(world)]
+        dist.all_gather(counts, count, group=process_group)
+        sizes = [int(c) for c in counts]
+        local = _gather_rows(local, sizes, process_group, differentiable=False)
+    if local.numel() == 0:
+        return torch.full((), float("inf"), dtype=torch.float32, device=entropy.device)
+    return torch.quantile(local, 1.0 - rho)
 
 
 def global_token_count(

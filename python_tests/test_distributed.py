@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import moo_kernels as mk
 from moo_kernels.distributed import (
+    entropy_quantile,
     global_sequence_count,
     global_token_count,
     multi_objective_advantages_distributed,
@@ -187,6 +188,10 @@ def _worker(rank: int, init_file: str, out_dir: str, threads: int, adv_cases: di
                 grads.append(logp.grad)
             seq[agg] = dict(losses=losses, grads=grads)
         results["seq"] = dict(num_sequences=s, num_sequences_tensor=s_sum, aggs=seq)
+
+        # The entropy threshold of top_entropy_quantile over the ranks' uneven rows (entropies: -old_logp).
+        lo, hi = ROWS[rank][0][0], ROWS[rank][-1][1]
+        results["entropy_threshold"] = entropy_quantile(-loss_case["old_logp"][lo:hi], loss_case["mask"][lo:hi], 0.2)
 
         # The tensor form inside torch.compile: the count's all_reduce is traced into the graph.
         lo, hi = ROWS[rank][0][0], ROWS[rank][-1][1]
@@ -367,6 +372,33 @@ def test_token_mean_loss_does_not_depend_on_the_split(ranks):
     assert torch.equal(results[0]["ddp"]["grad"], results[1]["ddp"]["grad"])
     assert abs(total_loss - float(loss)) < 1e-6 * max(1.0, abs(float(loss)))
     assert weight_grad.abs().sum() > 0
+
+
+def test_entropy_quantile_over_ranks(ranks):
+    results, _, loss_case = ranks
+    active = -loss_case["old_logp"][loss_case["mask"]]
+    expected = torch.quantile(active.float(), 0.8)
+    for rank in range(WORLD):
+        assert torch.equal(results[rank]["entropy_threshold"], expected)
+
+
+def test_entropy_quantile_is_trls_high_entropy_mask():
+    """One process: the tokens at or above the threshold are TRL's get_high_entropy_mask."""
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    g = torch.Generator().manual_seed(9)
+    entropy = torch.rand(6, 10, generator=g) * 3
+    mask = torch.rand(6, 10, generator=g) > 0.3
+    accelerator = SimpleNamespace(pad_across_processes=lambda x, dim, pad_index: x, gather=lambda x: x)
+    for rho in (0.2, 0.5, 1.0):
+        trl_mask = GRPOTrainer.get_high_entropy_mask(SimpleNamespace(accelerator=accelerator), entropy, mask, 1 - rho)
+        threshold = entropy_quantile(entropy, mask, rho)
+        assert torch.equal((entropy >= threshold) & mask, trl_mask)
+    assert entropy_quantile(entropy, torch.zeros_like(mask), 0.2) == float("inf")
+    with pytest.raises(ValueError, match="rho must be in"):
+        entropy_quantile(entropy, mask, 1.5)
 
 
 def test_global_sequence_count(ranks):
