@@ -218,6 +218,20 @@ class Spec:
 ABSENT_FLOAT = float("nan")
 
 
+def cached_tensor(cache: dict, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """cache[key], made when absent and then stored (outside traced code, which writes no state: it would break the
+    graph; the cache is emptied past 64 entries): the tensors an op builds from option values (weights, thresholds),
+    made and checked once per distinct value and device."""
+    value = cache.get(key)
+    if value is None:
+        value = make()
+        if not torch.compiler.is_compiling():
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = value
+    return value
+
+
 def typed_floats(kernel) -> frozenset[str]:
     """The parameters of a Triton kernel declared with a float type annotation (x: tl.float64)."""
     found = getattr(kernel, "_moo_typed_floats", None)

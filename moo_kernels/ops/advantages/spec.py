@@ -15,7 +15,7 @@ import torch
 
 from moo_kernels import _codes
 from moo_kernels import _options as O
-from moo_kernels._spec import FLOATS, Context, Spec, option, spec, tensor
+from moo_kernels._spec import FLOATS, Context, Spec, cached_tensor, option, spec, tensor
 
 INTEGERS = tuple(
     d
@@ -355,15 +355,8 @@ _CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def _cached(key: tuple, make) -> torch.Tensor:
-    """The weights tensor cached under key, made (and cached, outside traced code) when absent."""
-    weights = _CACHE.get(key)
-    if weights is None:
-        weights = make()
-        if not torch.compiler.is_compiling():  # traced code writes no state (it would break the graph)
-            if len(_CACHE) > 64:
-                _CACHE.clear()
-            _CACHE[key] = weights
-    return weights
+    """The weights (std_floor) tensor cached under key (moo_kernels._spec.cached_tensor)."""
+    return cached_tensor(_CACHE, key, make)
 
 
 def _weights(weights, context: Context) -> tuple[object, bool]:

@@ -16,7 +16,7 @@ import torch
 
 from moo_kernels import _codes
 from moo_kernels import _options as O
-from moo_kernels._spec import FLOATS, Context, Spec, option, spec, tensor
+from moo_kernels._spec import FLOATS, Context, Spec, cached_tensor, option, spec, tensor
 
 # verl's rejection options, in the order of their slots in `reject`
 REJECT_OPTIONS = (
@@ -134,9 +134,11 @@ def reject_thresholds(reject: Mapping | None, device: torch.device) -> torch.Ten
     if not reject:
         return None
     key = (tuple(sorted((k, _key(v)) for k, v in reject.items())), device)
-    cached = _CACHE.get(key)
-    if cached is not None:
-        return cached
+    return cached_tensor(_CACHE, key, lambda: _thresholds(reject, device))
+
+
+def _thresholds(reject: Mapping, device: torch.device) -> torch.Tensor:
+    """The REJECT_SLOTS thresholds of a mapping, each checked."""
     values = [math.nan] * REJECT_SLOTS
     for name, threshold in reject.items():
         if name not in _SLOTS:
@@ -157,12 +159,7 @@ def reject_thresholds(reject: Mapping | None, device: torch.device) -> torch.Ten
         else:
             (a,) = _SLOTS[name]
             values[a] = O.check_number(f"reject[{name!r}]", threshold, low=0.0, low_inclusive=False)
-    out = torch.tensor(values, dtype=torch.float64, device=device)
-    if not torch.compiler.is_compiling():
-        if len(_CACHE) > 64:
-            _CACHE.clear()
-        _CACHE[key] = out
-    return out
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _key(v):
