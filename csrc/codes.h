@@ -30,7 +30,7 @@ enum IsLevel { kIsToken = 0, kIsSequence = 1 };
 enum IsMode { kIsTruncate = 0, kIsMask = 1 };
 
 // ---- options of the policy loss
-enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3, kSapo = 4 };
+enum Mode { kClip = 0, kGspo = 1, kCispo = 2, kReinforce = 3, kSapo = 4, kGmpo = 5, kVespo = 6 };
 enum Agg { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2, kSeqMeanTokenSumNorm = 3, kTokenSum = 4 };
 enum Kl { kK1 = 1, kK2 = 2, kK3 = 3, kAbs = 4, kLowVarKl = 5, kK1St = 6, kK3St = 7, kLowVarKlSt = 8, kAbsSt = 9 };
 
@@ -56,7 +56,8 @@ enum Metric {
     kRatioMax = 8,
     kPpoKl = 9,
     kActiveTokens = 10,
-    kNumMetrics = 11
+    kMaskedFrac = 11,
+    kNumMetrics = 12
 };
 
 // ---- rollout_correction's metrics, in the order of its metrics tensor (a namespace of their own: some names are

@@ -2,22 +2,31 @@
 //
 // Semantics: moo_kernels/ops/loss/reference.py (every formula, aggregation and metric). The
 // structure mirrors the Triton kernels (triton_kernels.py): the normaliser of every aggregation depends
-// on the mask only (and GSPO's sequence ratio on the row's mean log-ratio), so it is known before any
-// loss is, and one pass computes each token's loss together with its analytic gradient:
+// on the mask only (and the sequence-level values of GSPO, GMPO and VESPO on sums over the row), so it is
+// known before any loss is, and one pass computes each token's loss together with its analytic gradient:
 //   1. Row statistics, parallel over rows: active weight n_b = sum_t m, number of active tokens (m != 0) and,
-//      for GSPO, sum_t d m (d the clamped log-ratio). Totals M = sum_b n_b and S = #{b : n_b > 0}, in row
-//      order. A bool mask is read as 0 / 1 (any nonzero byte is 1).
-//   2. Per-row token scale of the aggregation, in double: token-mean 1 / (num_tokens or M); token-sum 1;
-//      seq-mean-token-mean 1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm 1 / (B max_len), with
-//      num_sequences for S and B when given; 0 where the denominator is not positive.
+//      for GSPO, sum_t d m (d the clamped log-ratio); for GMPO, in double, sum_t d' m (d' the sign-clipped
+//      log-ratio), sum_t A m and, with importance weights, sum_t log(w + 1e-10) m; for VESPO, in double,
+//      sum_t d m and log W_b: sum_t clamp(log w, log 1e-8, 20) over the active tokens of [B, T] importance
+//      weights, clamp(log w_b, ...) once for [B] ones (a sequence's weight). Totals M = sum_b n_b and
+//      S = #{b : n_b > 0}, in row order. A bool mask is read as 0 / 1 (any nonzero byte is 1).
+//   2. Per-row values, in double: the token scale of the aggregation, token-mean 1 / (num_tokens or M);
+//      token-sum 1; seq-mean-token-mean 1 / (S n_b); seq-mean-token-sum 1 / S; seq-mean-token-sum-norm
+//      1 / (B max_len), with num_sequences for S and B when given; 0 where the denominator is not positive.
+//      The sequence values: GSPO's ratio s_b; GMPO's -Abar_b R_b G_b (the loss of each of the row's tokens)
+//      and R_b; VESPO's weight w_b and its phi(w_b) for either sign of the advantage (phi is a function of
+//      the row and of the sign of A alone, computed in double, 0 where log phi > 88).
 //   3. Main pass, parallel over work items (row, chunk of kChunk tokens), each processed in blocks of
 //      kBlock tokens: the operands are converted into local arrays of the compute type (any dtype and
 //      strides in), then short branch-free loops over the block (which the compiler vectorises) compute
 //      the log-ratio and ratio, the policy term and its derivative dl/dlogp (clip branch, ratio cap, dual
-//      clip, GSPO token form, CISPO, REINFORCE; then off-policy rows f = 1 / (1 + gamma e^-logp), the form
-//      of p / (p + gamma) that stays finite for any logp, and importance weights), beta times the KL estimate
-//      and its derivative (log-ratio clamp at +-20, zero derivative outside it), and the masked contributions
-//      to the sums. The gradient dl/dlogp * (m * scale) is written in logp's dtype, m * scale formed in
+//      clip, GSPO token form, CISPO, REINFORCE, SAPO, GMPO's per-row term with the gradient where the
+//      sign-clip kept the log-ratio, VESPO's -phi A logp; then off-policy rows f = 1 / (1 + gamma e^-logp),
+//      the form of p / (p + gamma) that stays finite for any logp, importance weights (not for GMPO and
+//      VESPO, whose sequence values hold them), and the drops of offpolicy_mask_threshold and policy_mask),
+//      beta times the KL estimate and its derivative (log-ratio clamp at +-20, zero derivative outside it;
+//      kl_bias_correction by the token ratio exp(d) in every mode), and the masked contributions to the sums.
+//      The gradient dl/dlogp * (m * scale) is written in logp's dtype, m * scale formed in
 //      double (a float mask of subnormal weights has a scale beyond float's range); the unscaled sums of the
 //      loss and of the metrics, sum l m, accumulate in double, the products with m taken in double too, in
 //      kLanes independent lanes.
@@ -26,8 +35,10 @@
 //      on the thread count or the instruction set, so the loss, the metrics and the gradient have the
 //      same bits whatever the number of threads.
 // Maths runs in double for float64 logp, in float32 otherwise (like the Triton kernels), where exp of a
-// clamped log-ratio uses a vectorisable polynomial (a few ulp); all sums accumulate in double. Masked
-// tokens contribute nothing, not even NaN or inf from their inputs (selects, not products with m = 0).
+// clamped log-ratio uses a vectorisable polynomial (a few ulp); all sums accumulate in double. GMPO's
+// sign-clip decisions take the log-ratio in double in both passes (so the row's d' and the tokens'
+// gradient and clip flags agree, and match the reference bit for bit). Masked tokens contribute nothing,
+// not even NaN or inf from their inputs (selects, not products with m = 0).
 // On-policy (no old_logp) the log-ratio is 0 and the ratio 1 whatever logp holds.
 // Shared with the other kernels: the lane macros (OpenMP, AVX2 clones) and the exp polynomial (exp_poly)
 // in simd.h, the element types, dtype codes and operands in dtype.h.
@@ -59,6 +70,10 @@ constexpr int64_t kLanes = 16;                   // independent double accumulat
 constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, threads cost more than they save
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kLowVarKlMax = 10.0;  // low_var_kl: k3 clamped to at most this (verl)
+constexpr double kGmpoIsEps = 1e-10;   // GMPO: the geometric mean of the importance weights takes log(w + 1e-10)
+constexpr double kVespoLambdaMin = 1e-4;  // VESPO: lambda is used as max(lambda, 1e-4) (TRL)
+constexpr double kVespoLogPhiMax = 88.0;  // VESPO: phi is 0 where log phi exceeds float's range
+const double kVespoLogWMin = std::log(1e-8);  // VESPO: the lower clamp of the sequence log-weight (TRL)
 
 // ---- operands -----------------------------------------------------------------------------------------
 
@@ -135,13 +150,16 @@ MOO_INLINE void store(const Operand& x, int64_t b, int64_t t0, int64_t n, const 
 struct Problem {
     int64_t B = 0, T = 0;
     Operand logp, old, ref, mask, adv, tadv, isw, grad;  // ptr null: absent (grad: not written)
+    bool isw_rows = false;                                // is_weights is [B] (a sequence's weight), not [B, T]
     Operand offpolicy;                                    // [B] bool
     Operand sampling;                                     // [B, T] the sampler's log-probs (off-policy mask)
+    Operand pmask;                                        // [B, T] bool policy_mask: False drops the policy term
     std::optional<double> offp_threshold;                 // offpolicy_mask_threshold
     int mode = moo::kClip, agg = moo::kTokenMean, kl = moo::kK3;
     bool kl_bias = false;  // kl_bias_correction
     double beta = 0, clip_low = 0.2, clip_high = 0.2, gamma = 0.1;
     double tau_pos = 1.0, tau_neg = 1.05;  // SAPO
+    double vk_pos = 2.0, vlam_pos = 3.0, vk_neg = 3.0, vlam_neg = 2.0;  // VESPO's k and lambda by the sign of A
     std::optional<double> dual_clip, ratio_cap, num_tokens, num_sequences;
     std::optional<int64_t> max_len;
 };
@@ -165,8 +183,10 @@ template <typename R>
 struct Coeffs {
     R lo, hi, cap, dual, gamma, beta;
     R tau_pos, tau_neg;  // SAPO's gate temperatures
-    bool has_old, has_ref, has_tadv, has_isw, with_kl, write_grad;
-    bool kl_bias;   // kl_bias_correction: the KL term times the policy term's ratio
+    double gmpo_hi, gmpo_lo;  // GMPO's sign-clip bounds of the log-ratio: clip_high, -clip_low (double)
+    bool has_old, has_ref, has_tadv, has_pmask, with_kl, write_grad;
+    bool isw_tokens;  // importance weights multiply the token terms (not for GMPO and VESPO)
+    bool kl_bias;   // kl_bias_correction: the KL term times the token ratio exp(d)
     bool weighted;  // a float mask: products with m (in double); a bool mask's m is 0 or 1
     int mode, kl;
 };
@@ -175,15 +195,18 @@ struct Coeffs {
 template <typename R>
 struct Row {
     double scale;  // aggregation weight of each token's l m in the loss
-    R seq;         // GSPO sequence ratio
+    R seq;         // the sequence ratio: GSPO's s_b, GMPO's R_b, VESPO's w_b (what the ratio metrics report)
+    R gmpo;        // GMPO: -Abar_b R_b G_b, the policy term of each of the row's tokens
+    R phi_pos, phi_neg;  // VESPO: phi(w_b) where A >= 0 / A < 0
     bool off;
     bool drop_negative;  // off-policy mask: the sequence drifted past the threshold, tokens with A < 0 lose pg
 };
 
 // The per-token values that are summed (times m, 0 where inactive), then the ratio min / max (+-inf where
 // inactive).
-// kDelta sums d m (ppo_kl is its negated mean).
-enum Sum { kLoss, kPg, kKl, kClipped, kLow, kHigh, kDual, kRatio, kDelta, kNumSums };
+// kMasked flags the tokens whose policy term was dropped (masked_frac); kDelta sums d m (ppo_kl is its negated
+// mean). The sums below kRatio are those of the v arrays.
+enum Sum { kLoss, kPg, kKl, kClipped, kLow, kHigh, kDual, kMasked, kRatio, kDelta, kNumSums };
 enum { kRatioMin = kNumSums, kRatioMax = kNumSums + 1, kNumValues = kNumSums + 2 };
 
 // Sums of one work item: kLanes independent accumulators each (loss and pg unscaled: sum of l m).
@@ -205,16 +228,28 @@ struct Partials {
 // Operands and per-token values of one block, padded with zeros to a multiple of kLanes tokens.
 template <typename R>
 struct Block {
-    R lp[kBlock], old[kBlock], ref[kBlock], m[kBlock], adv[kBlock], isw[kBlock];
+    R lp[kBlock], old[kBlock], ref[kBlock], m[kBlock], adv[kBlock], isw[kBlock], keep[kBlock];
     R d[kBlock], rho[kBlock], rho_ok[kBlock], g[kBlock], grad[kBlock];
     R v[kNumValues][kBlock];
 };
 
 struct RowStats {
     double n = 0;       // sum_t m
-    double sd = 0;      // sum_t d m over active tokens (GSPO)
+    double sd = 0;      // sum_t d m over active tokens (GSPO; d in the compute type)
     double skl = 0;     // sum_t (sampling_logp - logp) m over active tokens, NaN as 0 (off-policy mask)
+    double sdc = 0;     // GMPO: sum_t d' m (d' the sign-clipped log-ratio, in double)
+    double sa = 0;      // GMPO: sum_t A m
+    double sdv = 0;     // VESPO: sum_t d m (d in double)
+    double slw = 0;     // GMPO: sum_t log(w + 1e-10) m; VESPO: log W_b (w: is_weights, see row_stats)
     int64_t count = 0;  // active tokens (m != 0)
+};
+
+// What the row pass sums besides n_b and the active count.
+struct RowNeeds {
+    bool gspo = false;   // sum_t d m in the compute type
+    bool gmpo = false;   // the GMPO sums (sdc, sa, slw)
+    bool vespo = false;  // the VESPO sums (sdv, slw)
+    const Operand* offp_source = nullptr;  // the off-policy mask's source of sum_t (src - logp) m
 };
 
 template <typename R>
@@ -223,18 +258,48 @@ inline R clamp_log_ratio(R x) {
     return std::min(std::max(x, -lim), lim);
 }
 
+// GMPO's sign-clipped log-ratio d' of a token with advantage A and clamped log-ratio d (double): clip_high where
+// A > 0 and d > clip_high (hi), -clip_low where A < 0 and d < -clip_low (lo), 0 where A = 0, else d. The main
+// pass takes the same decisions (gmpo_terms), in double too, so a token's gradient is cut exactly where its d'
+// left d.
+inline double gmpo_clip(double d, double A, double hi, double lo) {
+    return A > 0.0 && d > hi ? hi : (A < 0.0 && d < lo ? lo : (A != 0.0 ? d : 0.0));
+}
+
 // Step 1: statistics of row b.
 template <typename R>
-RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums, const Operand* offp_source) {
+RowStats row_stats(const Problem& p, const RowNeeds& need, int64_t b) {
     R m[kBlock], lp[kBlock], old[kBlock];
-    double src[kBlock];
+    double src[kBlock], lpd[kBlock], oldd[kBlock], adv[kBlock], tadv[kBlock], w[kBlock];
     double n[kLanes] = {}, sd[kLanes] = {}, count[kLanes] = {}, skl[kLanes] = {};
+    double sdc[kLanes] = {}, sa[kLanes] = {}, sdv[kLanes] = {}, slw[kLanes] = {};
+    const Operand* offp_source = need.offp_source;
+    const bool gspo_sums = need.gspo, seq_sums = need.gmpo || need.vespo;
+    const bool has_old = p.old.ptr != nullptr, has_isw = p.isw.ptr != nullptr, has_tadv = p.tadv.ptr != nullptr;
+    const double hi = p.clip_high, lo = -p.clip_low, vlo = kVespoLogWMin, vhi = moo::kLogRatioMax;
     for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
         const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
         load(p.mask, b, t0, len, padded, m);
         if (gspo_sums || offp_source != nullptr) load(p.logp, b, t0, len, padded, lp);
         if (gspo_sums) load(p.old, b, t0, len, padded, old);
         if (offp_source != nullptr) load(*offp_source, b, t0, len, padded, src);
+        if (seq_sums) {  // the log-ratio in double (0 on-policy), the advantage and the importance weights
+            if (has_old) {
+                load(p.logp, b, t0, len, padded, lpd);
+                load(p.old, b, t0, len, padded, oldd);
+            } else {
+                std::fill(lpd, lpd + padded, 0.0);
+                std::fill(oldd, oldd + padded, 0.0);
+            }
+            if (need.gmpo) {
+                load(p.adv, b, t0, len, padded, adv);
+                if (has_tadv) {
+                    load(p.tadv, b, t0, len, padded, tadv);
+                    for (int64_t i = 0; i < padded; ++i) adv[i] += tadv[i];
+                }
+            }
+            if (has_isw) load(p.isw, b, t0, len, padded, w);
+        }
         for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
             for (int64_t l = 0; l < kLanes; ++l) {
                 const R mi = m[i0 + l];
@@ -250,13 +315,39 @@ RowStats row_stats(const Problem& p, int64_t b, bool gspo_sums, const Operand* o
                 }
             }
         }
+        if (seq_sums) {  // selects: an inactive token's inputs (NaN, inf) never reach a sum
+            for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
+                for (int64_t l = 0; l < kLanes; ++l) {
+                    const int64_t i = i0 + l;
+                    const bool on = m[i] != 0;
+                    const double md = static_cast<double>(m[i]), d = clamp_log_ratio<double>(lpd[i] - oldd[i]);
+                    if (need.gmpo) {
+                        sdc[l] += on ? gmpo_clip(d, adv[i], hi, lo) * md : 0.0;
+                        sa[l] += on ? adv[i] * md : 0.0;
+                        if (has_isw) slw[l] += on ? std::log(w[i] + kGmpoIsEps) * md : 0.0;
+                    } else {  // VESPO: a [B, T] weights' log, clamped, not weighted by m
+                        sdv[l] += on ? d * md : 0.0;
+                        if (has_isw && !p.isw_rows) slw[l] += on ? std::min(std::max(std::log(w[i]), vlo), vhi) : 0.0;
+                    }
+                }
+            }
+        }
     }
     RowStats s;
     for (int64_t l = 0; l < kLanes; ++l) {
         s.n += n[l];
         s.sd += sd[l];
         s.skl += skl[l];
+        s.sdc += sdc[l];
+        s.sa += sa[l];
+        s.sdv += sdv[l];
+        s.slw += slw[l];
         s.count += static_cast<int64_t>(count[l]);
+    }
+    if (need.vespo && has_isw && p.isw_rows && s.count > 0) {  // a [B] weight is the sequence's: it enters once
+        double wb;
+        load(p.isw, b, 0, 1, 1, &wb);
+        s.slw = std::min(std::max(std::log(wb), vlo), vhi);
     }
     return s;
 }
@@ -332,6 +423,44 @@ MOO_INLINE void sapo_terms(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, zero);
 }
 
+// GMPO: every active token's policy term is its row's -Abar R G; its gradient is that value where the sign-clip
+// kept the token's log-ratio (d' = d: not cut, A != 0) and the log-ratio clamp is inactive, else 0 (the exact
+// gradient of the row's loss once aggregated: every aggregation weighs a row's tokens alike). clip_frac counts
+// the tokens the sign-clip cut; clip_frac_low / clip_frac_high (verl's pg_clipfrac_lower / pg_clipfrac) those
+// whose d lies outside [-clip_low, clip_high], with A < 0 / A > 0. The log-ratio is taken in double, as in the
+// row pass (gmpo_clip), so the decisions agree with the row's d' (and A's sign: advantages + token_advantages
+// rounded to float has the sign of the exact sum, as the double sum of the row pass does).
+template <typename R>
+MOO_INLINE void gmpo_terms(const Coeffs<R>& c, const Row<R>& row, int64_t np, Block<R>& k) {
+    const R zero = 0, one = 1, pg = row.gmpo;
+    const double hi = c.gmpo_hi, lo = c.gmpo_lo, lim = moo::kLogRatioMax;
+    for (int64_t i = 0; i < np; ++i) {
+        const double raw = c.has_old ? static_cast<double>(k.lp[i]) - static_cast<double>(k.old[i]) : 0.0;
+        const double d = clamp_log_ratio<double>(raw), A = static_cast<double>(k.adv[i]);
+        const bool cut_hi = A > 0.0 && d > hi, cut_lo = A < 0.0 && d < lo, outside = d < lo || d > hi;
+        const bool free = !cut_hi && !cut_lo && A != 0.0 && std::abs(raw) <= lim;
+        k.v[kPg][i] = pg;
+        k.g[i] = free ? pg : zero;
+        k.v[kLow][i] = outside && A < 0.0 ? one : zero;
+        k.v[kHigh][i] = outside && A > 0.0 ? one : zero;
+        k.v[kClipped][i] = cut_lo || cut_hi ? one : zero;
+    }
+    std::fill(k.v[kDual], k.v[kDual] + np, zero);
+}
+
+// VESPO: pg = -phi A logp with phi = phi(w_b) of the row, by the sign of A (A >= 0: the _pos pair; a NaN A takes
+// the _neg one, as the reference's where), no gradient through phi: g = -phi A. No clip flags.
+template <typename R>
+MOO_INLINE void vespo_terms(const Row<R>& row, int64_t np, Block<R>& k) {
+    const R zero = 0, phi_pos = row.phi_pos, phi_neg = row.phi_neg;
+    for (int64_t i = 0; i < np; ++i) {
+        const R A = k.adv[i], phi = A >= zero ? phi_pos : phi_neg;
+        k.v[kPg][i] = -phi * A * k.lp[i];
+        k.g[i] = -phi * A;
+    }
+    for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, zero);
+}
+
 template <typename R>
 MOO_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
     for (int64_t i = 0; i < np; ++i) {
@@ -343,7 +472,8 @@ MOO_INLINE void reinforce_terms(int64_t np, Block<R>& k) {
 
 // KL estimate k of u = logp - ref (the estimator KL: moo::Kl); with beta > 0 (WITH_KL) also the loss
 // l = pg + beta k and g += beta dk / dlogp. A straight-through form ("k1+", ...) keeps its estimator's value and
-// takes k2's gradient u; kl_bias_correction multiplies k by the ratio rho: d (rho k) = rho dk + k d rho.
+// takes k2's gradient u; kl_bias_correction multiplies k by the token ratio rho = exp(d) (k.rho holds it here in
+// every mode but GSPO, which the spec refuses): d (rho k) = rho dk + k d rho.
 template <typename R, int KL, bool WITH_KL>
 MOO_INLINE void kl_loop(const Coeffs<R>& c, int64_t np, Block<R>& k) {
     const R zero = 0, one = 1, lim = static_cast<R>(moo::kLogRatioMax), beta = c.beta;
@@ -424,7 +554,7 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
     }
     if (c.mode == moo::kGspo) {
         std::fill(k.rho, k.rho + np, row.seq);
-    } else {
+    } else {  // the token ratio (GMPO and VESPO: for kl_bias_correction; their metrics report the row's below)
         for (int64_t i = 0; i < np; ++i) k.rho[i] = exp_poly(k.d[i]);
     }
 
@@ -434,6 +564,8 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         case moo::kGspo: clip_terms<R, true>(c, np, k); break;
         case moo::kCispo: cispo_terms(c, np, k); break;
         case moo::kSapo: sapo_terms(c, np, k); break;
+        case moo::kGmpo: gmpo_terms(c, row, np, k); break;
+        case moo::kVespo: vespo_terms(row, np, k); break;
         default: reinforce_terms(np, k); break;
     }
     if (row.off) {  // off-policy sequence: -A f, f = p / (p + gamma) = 1 / (1 + gamma / p); no ratio, no clip
@@ -445,20 +577,33 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         }
         for (int q : {kClipped, kDual, kLow, kHigh}) std::fill(k.v[q], k.v[q] + np, zero);
     }
-    if (c.has_isw) {
+    if (c.isw_tokens) {  // not for GMPO and VESPO: their row values hold the importance weights
         load(p.isw, b, t0, len, np, k.isw);
         for (int64_t i = 0; i < np; ++i) {
             k.v[kPg][i] *= k.isw[i];
             k.g[i] *= k.isw[i];
         }
     }
-    if (row.drop_negative) {  // off-policy mask: tokens with A < 0 of a drifted sequence lose the policy term
+    // dropped policy terms (masked_frac): the off-policy mask drops the tokens with A < 0 (a NaN A included) of a
+    // drifted sequence, policy_mask those where it is False; the policy term and its gradient are 0 there, the
+    // KL term stays
+    if (row.drop_negative || c.has_pmask) {
+        if (c.has_pmask) {
+            load(p.pmask, b, t0, len, np, k.keep);  // 1 / 0
+        } else {
+            std::fill(k.keep, k.keep + np, one);
+        }
+        const bool negative = row.drop_negative;
         for (int64_t i = 0; i < np; ++i) {
-            if (!(k.adv[i] >= zero)) {
+            const bool drop = (negative && !(k.adv[i] >= zero)) || k.keep[i] == zero;
+            k.v[kMasked][i] = drop ? one : zero;
+            if (drop) {
                 k.v[kPg][i] = zero;
                 k.g[i] = zero;
             }
         }
+    } else {
+        std::fill(k.v[kMasked], k.v[kMasked] + np, zero);
     }
 
     // KL estimate to the reference: reported whenever ref is given, in the loss when beta > 0
@@ -479,6 +624,8 @@ MOO_INLINE void process_block(const Problem& p, const Coeffs<R>& c, const Row<R>
         std::fill(k.v[kKl], k.v[kKl] + np, zero);
         std::copy(k.v[kPg], k.v[kPg] + np, k.v[kLoss]);
     }
+
+    if (c.mode == moo::kGmpo || c.mode == moo::kVespo) std::fill(k.rho, k.rho + np, row.seq);  // reported: R_b, w_b
 
     // gradient and masked contributions (selects: inactive tokens give exact zeros whatever their inputs).
     // For a float mask, m scale and the products with m are formed in double (a mask of subnormal weights
@@ -571,7 +718,7 @@ MOO_SIMD_CLONES void work_item_f64(const Problem& p, const Coeffs<double>& c, co
 // ---- driver ----------------------------------------------------------------------------------------------
 
 // Fills out = [loss, pg_loss, kl_mean, clip_frac, clip_frac_low, clip_frac_high, dual_clip_frac, ratio_mean,
-// ratio_min, ratio_max, ppo_kl, active_tokens].
+// ratio_min, ratio_max, ppo_kl, active_tokens, masked_frac].
 template <typename R>
 void run(const Problem& p, double* out) {
     const int64_t B = p.B, T = p.T;
@@ -580,12 +727,14 @@ void run(const Problem& p, double* out) {
 
     // ---- 1. row statistics and totals
     std::vector<RowStats> stats(B);
-    const bool gspo_sums = p.mode == moo::kGspo && p.old.ptr != nullptr;
+    RowNeeds need;
+    need.gspo = p.mode == moo::kGspo && p.old.ptr != nullptr;
+    need.gmpo = p.mode == moo::kGmpo;
+    need.vespo = p.mode == moo::kVespo;
     // the off-policy mask's source: sampling_logp, else old_logp (none: on-policy, every mean 0)
-    const Operand* offp_source = nullptr;
-    if (p.offp_threshold) offp_source = p.sampling.ptr != nullptr ? &p.sampling : (p.old.ptr != nullptr ? &p.old : nullptr);
+    if (p.offp_threshold) need.offp_source = p.sampling.ptr != nullptr ? &p.sampling : (p.old.ptr != nullptr ? &p.old : nullptr);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
-    for (int64_t b = 0; b < B; ++b) stats[b] = row_stats<R>(p, b, gspo_sums, offp_source);
+    for (int64_t b = 0; b < B; ++b) stats[b] = row_stats<R>(p, need, b);
     double total_m = 0, seqs = 0;
     int64_t total_count = 0;
     for (const RowStats& s : stats) {
@@ -594,13 +743,35 @@ void run(const Problem& p, double* out) {
         total_count += s.count;
     }
 
-    // ---- 2. per-row scale of the aggregation, GSPO sequence ratio
+    // ---- 2. per-row scale of the aggregation, sequence values (GSPO, GMPO, VESPO)
     const double den = denominator(p, total_m, seqs);
+    const bool has_isw = p.isw.ptr != nullptr;
     std::vector<Row<R>> rows(B);
     for (int64_t b = 0; b < B; ++b) {
-        const double n = stats[b].n, row_den = p.agg == moo::kSeqMeanTokenMean ? (n > 0 ? den * n : 0.0) : den;
+        const RowStats& st = stats[b];
+        const double n = st.n, row_den = p.agg == moo::kSeqMeanTokenMean ? (n > 0 ? den * n : 0.0) : den;
+        const double n1 = std::max(n, 1.0);
         rows[b].scale = row_den > 0 ? 1.0 / row_den : 0.0;
-        rows[b].seq = static_cast<R>(std::exp(clamp_log_ratio(stats[b].sd / std::max(n, 1.0))));
+        rows[b].seq = static_cast<R>(std::exp(clamp_log_ratio(st.sd / n1)));  // GSPO's s_b
+        rows[b].gmpo = rows[b].phi_pos = rows[b].phi_neg = 0;
+        if (p.mode == moo::kGmpo) {
+            // R_b = exp(clamp(sum d' m / n_b)), Abar_b = sum A m / n_b, G_b = exp(sum log(w + 1e-10) m / n_b) or 1
+            const double ratio = std::exp(clamp_log_ratio(st.sdc / n1)), abar = st.sa / n1;
+            const double geo = has_isw ? std::exp(st.slw / n1) : 1.0;
+            rows[b].seq = static_cast<R>(ratio);
+            rows[b].gmpo = static_cast<R>(-(abar * ratio * geo));
+        } else if (p.mode == moo::kVespo) {
+            // log w_b = clamp(sum d m + sum clamp(log is_weights), log 1e-8, 20); log phi = lambda + k log w - lambda w
+            const double logw = std::min(std::max(st.sdv + st.slw, kVespoLogWMin), moo::kLogRatioMax);
+            const double w = std::exp(logw);
+            auto phi = [&](double k, double lambda) {
+                const double lam = std::max(lambda, kVespoLambdaMin), log_phi = lam + k * logw - lam * w;
+                return static_cast<R>(log_phi <= kVespoLogPhiMax ? std::exp(log_phi) : 0.0);
+            };
+            rows[b].seq = static_cast<R>(w);
+            rows[b].phi_pos = phi(p.vk_pos, p.vlam_pos);
+            rows[b].phi_neg = phi(p.vk_neg, p.vlam_neg);
+        }
         rows[b].off = p.offpolicy.ptr != nullptr && static_cast<const uint8_t*>(p.offpolicy.ptr)[b * p.offpolicy.sb] != 0;
         rows[b].drop_negative = p.offp_threshold && !(stats[b].skl / std::max(n, 1.0) <= *p.offp_threshold);
     }
@@ -618,7 +789,10 @@ void run(const Problem& p, double* out) {
     c.has_old = p.old.ptr != nullptr;
     c.has_ref = p.ref.ptr != nullptr;
     c.has_tadv = p.tadv.ptr != nullptr;
-    c.has_isw = p.isw.ptr != nullptr;
+    c.isw_tokens = has_isw && p.mode != moo::kGmpo && p.mode != moo::kVespo;
+    c.has_pmask = p.pmask.ptr != nullptr;
+    c.gmpo_hi = p.clip_high;
+    c.gmpo_lo = -p.clip_low;
     c.with_kl = c.has_ref && p.beta > 0;
     c.write_grad = p.grad.ptr != nullptr;
     c.weighted = p.mask.dtype != moo::kBool;
@@ -673,10 +847,11 @@ void run(const Problem& p, double* out) {
     out[9] = any_active ? ratio_max : 0.0;
     out[10] = -mean(kDelta);
     out[11] = total_m;
+    out[12] = mean(kMasked);
 }
 
 // Entry point: logp, the loss's spec (its tensors and options by name, csrc/args.h; each tensor checked against
-// [B, T] or [B]) and the outputs; writes the loss (0-dim) and metrics [11] in their dtype (float32, or float64 for
+// [B, T] or [B]) and the outputs; writes the loss (0-dim) and metrics [12] in their dtype (float32, or float64 for
 // float64 logp) and, when grad is given, d loss / d logp.
 void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const py::handle& spec,
                  const py::handle& loss_arg, const py::handle& metrics_arg) {
@@ -698,9 +873,12 @@ void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const p
     p.old = tensor_arg(spec, "old_logp", {bt}, kFloats);
     p.ref = tensor_arg(spec, "ref_logp", {bt}, kFloats);
     p.tadv = tensor_arg(spec, "token_advantages", {bt}, kFloats);
-    p.isw = tensor_arg(spec, "is_weights", {b, bt}, kFloats);
+    const TensorArg isw = tensor_arg(spec, "is_weights", {b, bt}, kFloats);
+    p.isw = isw;
+    p.isw_rows = isw.ptr != nullptr && isw.sizes.size() == 1;
     p.offpolicy = tensor_arg(spec, "offpolicy", {b}, {moo::kBool});
     p.sampling = tensor_arg(spec, "sampling_logp", {bt}, kFloats);
+    p.pmask = tensor_arg(spec, "policy_mask", {bt}, {moo::kBool});
     p.offp_threshold = optional_option<double>(spec, "offpolicy_mask_threshold");
     p.mode = option<int>(spec, "mode");
     p.agg = option<int>(spec, "agg");
@@ -714,6 +892,10 @@ void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const p
     p.gamma = option<double>(spec, "offpolicy_gamma");
     p.tau_pos = option<double>(spec, "sapo_tau_pos");
     p.tau_neg = option<double>(spec, "sapo_tau_neg");
+    p.vk_pos = option<double>(spec, "vespo_k_pos");
+    p.vlam_pos = option<double>(spec, "vespo_lambda_pos");
+    p.vk_neg = option<double>(spec, "vespo_k_neg");
+    p.vlam_neg = option<double>(spec, "vespo_lambda_neg");
     p.num_tokens = optional_option<double>(spec, "num_tokens");
     p.num_sequences = optional_option<double>(spec, "num_sequences");
     p.max_len = optional_option<int64_t>(spec, "max_len");
@@ -744,7 +926,7 @@ void policy_loss(const py::handle& logp_arg, const py::handle& grad_arg, const p
 
 void register_policy_loss(py::module_& m) {
     m.def("policy_loss", &policy_loss,
-          "Token-level policy loss of a [B, T] logp: writes loss, metrics [11] and, when grad is given, d loss / d "
+          "Token-level policy loss of a [B, T] logp: writes loss, metrics [12] and, when grad is given, d loss / d "
           "logp. The loss's tensors and options are read by name from spec (a LossSpec, see csrc/args.h).",
           py::arg("logp"), py::arg("grad"), py::arg("spec"), py::arg("loss"), py::arg("metrics"));
 }

@@ -7,7 +7,7 @@ from moo_kernels.ops.logits import policy_loss_from_logits, token_logprobs
 from moo_kernels.ops.policy_loss import PolicyLossMetrics, policy_loss
 from moo_kernels.ops.rollout import RolloutCorrection, RolloutMetrics, rollout_correction
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 
 def __getattr__(name: str):

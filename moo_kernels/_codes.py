@@ -31,7 +31,7 @@ ROLLOUT_METRICS = ("weight_mean", "weight_max", "weight_min", "ess", "truncated_
                    "active_tokens")  # fmt: skip
 
 # ---- options of the policy loss -------------------------------------------------------------------------
-MODE = {"clip": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "sapo": 4}
+MODE = {"clip": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "sapo": 4, "gmpo": 5, "vespo": 6}
 AGG = {
     "token-mean": 0,
     "seq-mean-token-mean": 1,
@@ -43,12 +43,15 @@ AGG = {
 # form has the value of the estimator it names and the gradient of k2 (straight-through)
 KL = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5, "k1+": 6, "k3+": 7, "low_var_kl+": 8, "abs+": 9}
 
+# the aggregation of the entropy bonus: "mean" over the tokens of the policy term (TRL), "loss" as the loss (verl)
+ENTROPY_AGG = {"mean": 0, "loss": 1}
+
 # every string option by its name in the specs (the C++ kernels read a spec's string options through this). Two
 # specs name an option "mode" (the loss's and rollout_correction's): their strings differ, so one table serves both.
 assert not set(MODE) & set(IS_MODE)
 OPTIONS = {"normalize": NORMALIZE, "std": STD, "weighting": WEIGHTING, "nan_policy": NAN_POLICY,
            "mode": {**MODE, **IS_MODE}, "agg": AGG, "kl": KL, "estimator": ESTIMATOR, "scale": SCALE,
-           "column": COLUMN, "batch": BATCH, "level": IS_LEVEL}  # fmt: skip
+           "column": COLUMN, "batch": BATCH, "level": IS_LEVEL, "entropy_agg": ENTROPY_AGG}  # fmt: skip
 
 # ---- tensors as the C++ kernels see them -----------------------------------------------------------------
 DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.bool: 4, torch.int32: 5,
@@ -73,6 +76,7 @@ METRICS = (
     "ratio_max",
     "ppo_kl",
     "active_tokens",
+    "masked_frac",
 )
 
 

@@ -32,6 +32,7 @@ from moo_kernels.ops.logits import triton_kernels as lg_k  # noqa: E402
 from moo_kernels.ops.logits import triton_launch as lg_launch  # noqa: E402
 from moo_kernels.ops.logits.spec import LogitsSpec  # noqa: E402
 from moo_kernels.ops.loss import triton_kernels as loss_k  # noqa: E402
+from moo_kernels.ops.loss import triton_launch as loss_launch  # noqa: E402
 from moo_kernels.ops.loss.spec import LossSpec  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_kernels as pl_k  # noqa: E402
 from moo_kernels.ops.policy_loss import triton_launch as pl_launch  # noqa: E402
@@ -177,22 +178,25 @@ def loss_pointers(lp: str) -> dict:
     """The loss's tensors: log-prob dtype lp, a bool mask and offpolicy (bytes), float32 advantages / weights."""
     return dict(
         old_logp=lp, ref_logp=lp, mask="u8", offpolicy="u8", advantages="fp32", token_advantages="fp32",
-        is_weights="fp32", stats="fp64", totals="fp64", parts="fp32", sampling_logp=lp,
+        is_weights="fp32", stats="fp64", totals="fp64", parts="fp32", sampling_logp=lp, policy_mask="u8",
     )  # fmt: skip
 
 
 ALL_ON: set = set()
 PLAIN = {"token_advantages", "is_weights", "offpolicy", "dual_clip", "ratio_cap", "sampling_logp",
-         "offpolicy_mask_threshold"}  # fmt: skip
+         "offpolicy_mask_threshold", "policy_mask"}  # fmt: skip
+SEQUENCE_MODES = {_codes.MODE[m] for m in ("gspo", "gmpo", "vespo")}
 
 
 def policy_loss_configs():
     """(name, kernel, signature, constexprs, num_warps, label) of the policy-loss kernels."""
-    for lp in ("fp32", "bf16"):
-        for gspo, offp in ((False, False), (True, False), (False, True), (True, True)):
-            ptrs = dict(logp=lp, old_logp=lp, sampling_logp=lp, mask="u8", stats="fp64")
+    for lp in ("fp32", "bf16"):  # the token-level modes (one stands for all), the sequence ones, [B] or [B, T] weights
+        for mode, offp, is_row in itertools.product((0, *sorted(SEQUENCE_MODES)), (False, True), (False, True)):
+            ptrs = dict(loss_pointers(lp), logp=lp)
             absent = set() if offp else {"sampling_logp", "offpolicy_mask_threshold"}
-            sig, cx = build(loss_k.row_stats_kernel, ptrs, absent, "i32", dict(BLOCK_T=2048, mode=1 if gspo else 0))
+            name = next((k for k, v in _codes.MODE.items() if v == mode))
+            cx = dict(BLOCK_T=loss_launch.row_block(name), mode=mode, IS_ROW=is_row)
+            sig, cx = build(loss_k.row_stats_kernel, ptrs, absent, "i32", cx)
             yield "policy_row_stats", loss_k.row_stats_kernel, sig, cx, 4, lp
     for agg in range(5):  # each aggregation, with its global counts given and not
         for given in (False, True):
@@ -251,8 +255,8 @@ def logits_configs():
             sig, cx = build(lg_k.scale_kernel, base, set(), index, dict(BLOCK_V=block))
             yield "logits_scale", lg_k.scale_kernel, sig, cx, 4, label
             for mode in _codes.MODE.values():
-                if mode == _codes.MODE["gspo"]:
-                    continue  # gspo takes the two-kernel path
+                if mode in SEQUENCE_MODES:
+                    continue  # the sequence-level modes take the two-kernel path
                 for coop in (False, True):
                     all_on = mode == 0
                     absent = set() if all_on else PLAIN | {"entropy"}

@@ -58,9 +58,22 @@ def says_yes(completions, **kwargs):
     return [1.0 if "yes" in c.split() else 0.0 for c in completions]
 
 
-def run_trainer(tmp_path, reward_funcs, return_trainer=False, **moo):
+def make_moe_model(tokenizer):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        router_aux_loss_coef=0.02,
+    )  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+def run_trainer(tmp_path, reward_funcs, return_trainer=False, model_factory=make_model, **moo):
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer)
+    model = model_factory(tokenizer)
     if moo.get("beta", 0.0) != 0.0:  # TRL loads the reference model by name: give it a saved copy
         model.save_pretrained(tmp_path / "model")
         model = LlamaForCausalLM.from_pretrained(tmp_path / "model")
@@ -226,7 +239,7 @@ def test_trl_config_rejects_unknown_options(tmp_path):
         MooGRPOConfig(output_dir=str(tmp_path), moo_weighting="softmax", report_to="none", use_cpu=True)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "sapo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "sapo", "vespo", "luspo"])
 def test_trl_moo_loss_matches_trl_loss(tmp_path, loss_type):
     # On the same batch (same advantages), moo_kernels.policy_loss gives TRL's own loss and gradient.
     trainer = run_trainer(
@@ -257,7 +270,10 @@ def check_same_loss(trainer):
     model, inputs = trainer.model, trainer.last_inputs
     model.train()
     losses, grads = [], []
+    state = {k: getattr(trainer, k) for k in ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")}
     for cls in (MooGRPOTrainer, GRPOTrainer):
+        for k, v in state.items():  # TRL's adaptive entropy controller: both losses start from the same state
+            setattr(trainer, k, v)
         model.zero_grad()
         loss = cls._compute_loss(trainer, model, inputs)
         loss.backward()
@@ -266,3 +282,72 @@ def check_same_loss(trainer):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert grads[0].abs().max() > 0
+
+
+def test_trl_luspo_sequence_level_and_vespo_options_match_trl_loss(tmp_path):
+    """luspo with TRL's recommended sequence-level ratio (mode gspo), vespo with its own k / lambda, both off-policy
+    (num_iterations=2: old log-probs differ from the current ones after the first step)."""
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, loss_type="luspo",
+                          importance_sampling_level="sequence", max_steps=2, num_iterations=2)  # fmt: skip
+    assert trainer._moo_mode == "gspo"
+    check_same_loss(trainer)
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, loss_type="vespo", vespo_k_pos=1.0,
+                          vespo_lambda_pos=0.5, vespo_k_neg=4.0, max_steps=2, num_iterations=2)  # fmt: skip
+    assert trainer._moo_mode == "vespo"
+    check_same_loss(trainer)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(top_entropy_quantile=0.5),
+        dict(entropy_coef=0.05),
+        dict(top_entropy_quantile=0.3, entropy_coef=-0.1, loss_type="grpo", beta=0.1),
+        dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=10.0, gradient_accumulation_steps=2),
+    ],
+)
+def test_trl_entropy_terms_match_trl_loss(tmp_path, options):
+    """top_entropy_quantile, the entropy bonus and TRL's adaptive coefficient (refused before 0.5.0): TRL's own loss
+    and gradient on the same batch, from the same controller state."""
+    options = {"loss_type": "dapo", "max_steps": 1, **options}
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, **options)
+    check_same_loss(trainer)
+    if options.get("use_adaptive_entropy"):  # the controller moved as TRL's does (entropy below the target: up)
+        assert trainer.entropy_coef > 0.05 and trainer._last_world_entropy < 10.0
+
+
+def test_trl_moe_aux_loss_matches_trl_loss(tmp_path):
+    """The router's aux loss (refused before 0.5.0) is added as TRL adds it."""
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, model_factory=make_moe_model,
+                          loss_type="dapo", max_steps=1)  # fmt: skip
+    assert trainer.aux_loss_enabled
+    check_same_loss(trainer)
+
+
+@pytest.mark.parametrize("is_mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_trl_vllm_importance_sampling_by_rollout_correction(tmp_path, is_mode):
+    """The trainer's vLLM importance-sampling ratio (rollout_correction) is TRL's formula for each mode, in TRL's
+    shapes; a NaN sampler log-prob gives ratio 1, as in TRL."""
+    trainer = run_trainer(tmp_path, [share_of_a], return_trainer=True, max_steps=1)
+    trainer.vllm_importance_sampling_mode = is_mode
+    trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = 0.7, 1.3
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(4, 6, generator=g) * 2
+    sampling = old + 0.3 * torch.randn(4, 6, generator=g)
+    sampling[0, 1] = float("nan")
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[2, 3:] = 0
+    ratio = trainer.moo_importance_sampling_ratio(
+        {"completion_mask": mask, "old_per_token_logps": old, "sampling_per_token_logps": sampling}
+    )
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)  # TRL's formula
+    if is_mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    expected = torch.exp(diff)
+    if is_mode.endswith("truncate"):
+        expected = expected.clamp(0.7, 1.3)
+    else:
+        expected = expected.masked_fill((expected < 0.7) | (expected > 1.3), 0.0)
+    assert ratio.shape == expected.shape
+    keep = mask.bool() if ratio.shape[1] > 1 else torch.ones_like(ratio, dtype=torch.bool)
+    torch.testing.assert_close(ratio[keep], expected[keep], rtol=1e-6, atol=1e-7)

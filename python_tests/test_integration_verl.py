@@ -40,7 +40,7 @@ def batch(seed=0):
 
 def test_names_resolve_through_verl():
     assert core_algos.get_adv_estimator_fn("moo") is moo_verl.compute_moo_advantage
-    for name in ("moo", "moo_gspo", "moo_cispo", "moo_sapo"):
+    for name in ("moo", "moo_gspo", "moo_cispo", "moo_sapo", "moo_gmpo"):
         assert core_algos.get_policy_loss_fn(name) is moo_verl._POLICY_LOSS_FNS[name]
 
 
@@ -159,7 +159,8 @@ AGG_SETTINGS = [
 
 
 @pytest.mark.parametrize(
-    "ours,theirs", [("moo", "vanilla"), ("moo_gspo", "gspo"), ("moo_cispo", "cispo"), ("moo_sapo", "sapo")]
+    "ours,theirs",
+    [("moo", "vanilla"), ("moo_gspo", "gspo"), ("moo_cispo", "cispo"), ("moo_sapo", "sapo"), ("moo_gmpo", "geo_mean")],
 )
 @pytest.mark.parametrize("agg,info", AGG_SETTINGS)
 @pytest.mark.parametrize("with_is_weights", [False, True])
@@ -193,7 +194,7 @@ def test_policy_loss_matches_verl(ours, theirs, agg, info, with_is_weights):
     assert g0.abs().max() > 0 and (m1["actor/pg_clipfrac"] > 0 or theirs == "sapo")  # SAPO does not clip
     assert m0["actor/pg_clipfrac"] == pytest.approx(m1["actor/pg_clipfrac"], abs=1e-6)
     assert m0["actor/ppo_kl"] == pytest.approx(m1["actor/ppo_kl"], abs=1e-5)
-    if theirs == "vanilla":
+    if theirs in ("vanilla", "geo_mean"):
         assert m0["actor/pg_clipfrac_lower"] == pytest.approx(m1["actor/pg_clipfrac_lower"], abs=1e-6)
 
 

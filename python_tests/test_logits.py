@@ -48,12 +48,13 @@ def build(case, seed=0, dtype=torch.float32, v=V):
         "isw_bt": torch.rand(B, T, generator=g) + 0.5,
         "off": torch.tensor([True, False, False, True, False]),
         "fmask": torch.rand(B, T, generator=g) * mask,
+        "pmask": torch.rand(B, T, generator=torch.Generator().manual_seed(seed + 1)) > 0.4,  # g's draws unchanged
     }
     kw = dict(CASES[case])
     use_old, use_ref = kw.pop("old", True), kw.pop("ref", False)
     adv = extra[kw.pop("adv")] if "adv" in kw else torch.randn(B, generator=g)
     mask = extra[kw.pop("mask")] if "mask" in kw else mask
-    for key in ("token_advantages", "is_weights", "offpolicy"):
+    for key in ("token_advantages", "is_weights", "offpolicy", "policy_mask"):
         if key in kw:
             kw[key] = extra[kw[key]]
     if kw.get("max_len"):
@@ -223,6 +224,7 @@ def test_registered_op_has_the_same_backward(backend):
     """The registered op (torch.compile's entry), called in eager mode, hands its gradient over like the public
     function: the same gradient, and the same error on a second backward through one call."""
     from moo_kernels.ops.logits.op import policy_loss_from_logits_op
+    from moo_kernels.ops.logits.spec import entropy_spec
     from moo_kernels.ops.loss.spec import loss_spec
 
     logits, tokens, adv, mask, kw = build("clip_token_mean")
@@ -230,7 +232,8 @@ def test_registered_op_has_the_same_backward(backend):
     x = logits.detach().clone().requires_grad_()
     y = logits.detach().clone().requires_grad_()
     with mk.use_backend(backend):
-        loss = policy_loss_from_logits_op(x, tokens, 1.0, False, *spec.flat(), True)[0]
+        es = entropy_spec()
+        loss = policy_loss_from_logits_op(x, tokens, 1.0, False, *es.flat(), *spec.flat(), True)[0]
         (loss * 0.5).backward(retain_graph=True)
         (mk.policy_loss_from_logits(y, tokens, adv, mask, **kw)[0] * 0.5).backward()
     assert torch.equal(x.grad, y.grad)
@@ -441,6 +444,7 @@ def test_bad_inputs(kwargs, error, match):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_opcheck(backend):
     from moo_kernels.ops.logits.op import policy_loss_from_logits_op, token_logprobs_backward_op, token_logprobs_op
+    from moo_kernels.ops.logits.spec import entropy_spec
     from moo_kernels.ops.loss.spec import loss_spec
 
     logits, tokens, adv, mask, kw = build("clip_higher_dual_cap_k3")
@@ -452,7 +456,12 @@ def test_opcheck(backend):
         torch.library.opcheck(token_logprobs_backward_op, (logits.detach(), tokens, stats, None, g, None, 1.0))
         # the loss's arguments in the order of its spec, from which the op's schema comes
         spec = loss_spec((B, T), logits.device, "logits", advantages=adv, mask=mask, **kw)
-        torch.library.opcheck(policy_loss_from_logits_op, (logits, tokens, 1.0, True, *spec.flat(), True))
+        es = entropy_spec(entropy_coef=0.01)
+        # opcheck's backward takes sign(loss) as the incoming gradient and then compares the outputs: the eager op
+        # rescales its gradient output in place (by design, see hand_over_grad), so this case has a positive loss
+        torch.library.opcheck(policy_loss_from_logits_op, (logits, tokens, 1.0, True, *entropy_spec().flat(),
+                                                           *spec.flat(), True))  # fmt: skip
+        torch.library.opcheck(policy_loss_from_logits_op, (logits, tokens, 1.0, True, *es.flat(), *spec.flat(), True))
 
 
 def test_torch_compile_fullgraph():

@@ -29,6 +29,7 @@ def make_inputs(seed=0, b=B, t=T, dtype=torch.float32):
         "isw_bt": (torch.rand(b, t, generator=g, dtype=torch.float64) + 0.5).to(dtype),
         "off": torch.tensor([True, False, False, True, False] * (b // 5 + 1))[:b],
         "fmask": torch.rand(b, t, generator=g, dtype=torch.float64).to(dtype) * mask,
+        "pmask": torch.rand(b, t, generator=g) > 0.4,
     }
     return logp, old, ref, mask, adv, extra
 
@@ -66,6 +67,28 @@ CASES = {
     "kl_abs_straight_on_policy_bias": dict(kl="abs+", beta=0.1, ref=True, old=False, kl_bias_correction=True),
     "kl_bias_k3": dict(beta=0.04, ref=True, kl_bias_correction=True, clip_high=0.28),
     "kl_bias_reinforce_low_var": dict(mode="reinforce", kl="low_var_kl", beta=0.1, ref=True, kl_bias_correction=True),
+    "gmpo": dict(mode="gmpo", agg="seq-mean-token-mean", clip_high=0.28),
+    "gmpo_token_adv_isw_k3": dict(
+        mode="gmpo", adv="adv_bt", is_weights="isw_bt", beta=0.04, ref=True, kl_bias_correction=True
+    ),  # fmt: skip
+    "gmpo_on_policy_float_mask": dict(mode="gmpo", old=False, mask="fmask", is_weights="isw_b"),
+    "vespo": dict(mode="vespo", agg="seq-mean-token-mean"),
+    "vespo_isw_k3_params": dict(
+        mode="vespo",
+        is_weights="isw_bt",
+        adv="adv_bt",
+        vespo_k_pos=1.5,
+        vespo_lambda_pos=0.5,
+        vespo_k_neg=4.0,
+        vespo_lambda_neg=0.0,
+        beta=0.04,
+        ref=True,
+    ),  # fmt: skip
+    "vespo_on_policy_isw_row": dict(mode="vespo", old=False, is_weights="isw_b", agg="token-sum"),
+    "policy_mask": dict(policy_mask="pmask", beta=0.04, ref=True),
+    "policy_mask_offpolicy_threshold": dict(
+        policy_mask="pmask", mode="sapo", offpolicy_mask_threshold=-0.02, agg="seq-mean-token-mean"
+    ),  # fmt: skip
 }
 
 
@@ -76,7 +99,7 @@ def build(case, seed=0, dtype=torch.float32):
     use_ref = kw.pop("ref", False)
     adv = extra[kw.pop("adv")] if "adv" in kw else adv
     mask = extra[kw.pop("mask")] if "mask" in kw else mask
-    for key in ("token_advantages", "is_weights", "offpolicy"):
+    for key in ("token_advantages", "is_weights", "offpolicy", "policy_mask"):
         if key in kw:
             kw[key] = extra[kw[key]]
     if use_old:

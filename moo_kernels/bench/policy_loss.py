@@ -6,8 +6,13 @@ advantages [B] broadcast over the tokens; float32 inputs; the loss and d loss / 
 
 Compared: moo_kernels (C++ on the CPU, Triton on CUDA); the loss written plainly with torch ops as
 TRL's GRPOTrainer and verl's vanilla loss compute it, then loss.backward(); torch.compile of it where
-compiling is on. Liger-Kernel's triton_grpo_loss takes logits, not log-probs: it is compared in the
-logits_loss suite, and only its presence is recorded here.
+compiling is on. A second pair of rows times TRL 1.16's default configuration with vLLM importance sampling and
+a KL term: the sequence-level IS ratio exp(sum over the sequence of old_logp - sampling_logp), masked to 0
+outside [0, 3] (vllm_importance_sampling_mode="sequence_mask", clip_max 3), multiplied into the policy term, and
+the k3 KL term times the token ratio (use_bias_correction_kl), clip-higher [0.8, 1.28], token-mean:
+moo_kernels.rollout_correction + policy_loss against the same written with torch ops as TRL writes it.
+Liger-Kernel's triton_grpo_loss takes logits, not log-probs: it is compared in the logits_loss suite, and only its
+presence is recorded here.
 
 Correct means: the loss within 1e-5 relative (to the larger of |loss| and the mean |advantage| over
 the active tokens), the gradient within 1e-5 of max |gradient|, against moo_kernels' float64 reference.
@@ -41,6 +46,8 @@ GRAD_RTOL = 1e-5  # of max |gradient|
 BOUNDARY_EPS = 1e-5  # a ratio this close to a clip bound may take either side of the kink
 OLD_NOISE = 0.15  # std of old_logp - logp: a few percent of the ratios leave the clip range
 REF_NOISE = 0.2  # std of ref_logp - logp
+SAMPLING_NOISE = 0.002  # std of sampling_logp - old_logp: the sampler's small numerical mismatch
+TRL_IS_HIGH = 3.0  # TRL's vllm_importance_sampling_clip_max default
 CPU_SPEEDUP_TARGET = 3.0  # C++ against eager PyTorch, forward + backward
 CUDA_GBPS_TARGET = 2000.0  # effective GB/s of moo_kernels over the minimal traffic
 LOSS_OPTIONS = dict(beta=BETA, kl=KL, mode="clip", agg="token-mean")
@@ -82,11 +89,14 @@ def sequence_inputs(b: int, t: int, logp: Tensor, gen: torch.Generator, device: 
     }
 
 
-def reference_grads(lp: Tensor, inp: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, float, dict[str, float]]:
+def reference_grads(
+    lp: Tensor, inp: dict[str, Any], **extra: Any
+) -> tuple[Tensor, Tensor, Tensor, float, dict[str, float]]:
     """float64 loss pieces of the reference at log-probs lp: (d loss / d logp, the two one-sided alternatives
-    with the clip bounds moved out / in by BOUNDARY_EPS, the loss scale, the reference's metrics + loss)."""
+    with the clip bounds moved out / in by BOUNDARY_EPS, the loss scale, the reference's metrics + loss); extra:
+    more loss options."""
     adv, mask = inp["advantages"], inp["mask"]
-    kw = dict(old_logp=inp["old_logp"], ref_logp=inp["ref_logp"], **LOSS_OPTIONS)
+    kw = dict(old_logp=inp["old_logp"], ref_logp=inp["ref_logp"], **LOSS_OPTIONS, **extra)
     loss, metrics = policy_loss_reference(lp, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, **kw)
     g = policy_loss_grad_reference(lp, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, **kw)
     alts = [
@@ -132,6 +142,39 @@ def eager_policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantag
     per_token = -surrogate + BETA * kl
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def trl_is_weights(old_logp: Tensor, sampling_logp: Tensor, mask: Tensor) -> Tensor:
+    """TRL's vLLM importance-sampling ratio, mode sequence_mask (no gradient): [B, 1]."""
+    with torch.no_grad():
+        diff = torch.nan_to_num((old_logp - sampling_logp) * mask, nan=0.0).sum(dim=-1, keepdim=True)
+        ratio = torch.exp(diff)
+        return ratio.masked_fill(ratio > TRL_IS_HIGH, 0.0)
+
+
+def eager_trl_default(logp: Tensor, old_logp: Tensor, sampling_logp: Tensor, ref_logp: Tensor,
+                      advantages: Tensor, mask: Tensor) -> Tensor:  # fmt: skip
+    """TRL's default loss with vLLM importance sampling and a KL term, written with torch ops as TRL writes it."""
+    is_ratio = trl_is_weights(old_logp, sampling_logp, mask)
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX))
+    adv = advantages.unsqueeze(1)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1.0 - CLIP_LOW, 1.0 + CLIP_HIGH) * adv)
+    log_ref_ratio = (ref_logp - logp).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
+    kl = (torch.exp(log_ref_ratio) - log_ref_ratio - 1.0) * ratio  # use_bias_correction_kl
+    per_token = -surrogate * is_ratio + BETA * kl
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def moo_trl_default(logp: Tensor, inp: dict[str, Any]) -> Tensor:
+    """The same with moo_kernels: rollout_correction's sequence mask, then policy_loss with its weights."""
+    w = moo_kernels.rollout_correction(
+        inp["old_logp"], inp["sampling_logp"], inp["mask"], level="sequence", mode="mask", high=TRL_IS_HIGH
+    ).is_weights
+    kw = dict(LOSS_OPTIONS, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, kl_bias_correction=True)
+    return moo_kernels.policy_loss(
+        logp, inp["advantages"], inp["mask"], old_logp=inp["old_logp"], ref_logp=inp["ref_logp"], is_weights=w, **kw
+    )[0]
 
 
 def make_step(loss_fn: Callable[[Tensor], Tensor], leaf: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
@@ -180,12 +223,14 @@ class PolicyLossSuite(Suite):
             self.info["moo_fallback_reason"] = reason
         self.info["moo_backend"] = self.backend
         self.info["liger"] = dict(liger_status(), timed=False, why=LIGER_NOTE)
-        self.names = {"moo": moo_label(ctx.device, self.backend), "eager": "eager PyTorch (TRL/verl style)"}
+        label = moo_label(ctx.device, self.backend)
+        self.names = {"moo": label, "eager": "eager PyTorch (TRL/verl style)", "moo_trl": f"{label}, TRL default + IS",
+                      "eager_trl": "eager PyTorch, TRL default + IS"}  # fmt: skip
         self.compiled = None
         if ctx.use_compile:
             self.names["compiled"] = "torch.compile(eager)"
             self.compiled = torch.compile(eager_policy_loss, dynamic=False)
-        self.speedup_of = {"moo": [k for k in self.names if k != "moo"]}
+        self.speedup_of = {"moo": [k for k in self.names if k in ("eager", "compiled")], "moo_trl": ["eager_trl"]}
 
     def _inputs(self, b: int, t: int, seed: int) -> dict[str, Any]:
         """logp = -exp(N(-1.5, 1.5)) (median about -0.22, a long tail), clamped to [-25, -1e-6]."""
@@ -193,6 +238,9 @@ class PolicyLossSuite(Suite):
         logp = (-torch.exp(-1.5 + 1.5 * torch.randn(b, t, generator=gen))).clamp(-25.0, -1e-6)
         inp = sequence_inputs(b, t, logp, gen, self.ctx.device)
         inp["logp"] = logp.to(self.ctx.device).requires_grad_()
+        old = inp["old_logp"]
+        noise = SAMPLING_NOISE * torch.randn(b, t, generator=gen).to(old.device)
+        inp["sampling_logp"] = (old + noise).clamp(max=0.0)
         return inp
 
     def _moo_step(self, inp: dict[str, Any]) -> Callable[[], tuple[Tensor, Tensor]]:
@@ -206,12 +254,21 @@ class PolicyLossSuite(Suite):
         lp = inp["logp"].detach().cpu().double()
         cpu_inp = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in inp.items()}
         g, g_out, g_in, loss_scale, stats = reference_grads(lp, cpu_inp)
-        grad_scale = float(g.abs().max())
+        with moo_kernels.use_backend("reference"):
+            w_ref = moo_kernels.rollout_correction(
+                cpu_inp["old_logp"].double(), cpu_inp["sampling_logp"].double(), cpu_inp["mask"], level="sequence",
+                mode="mask", high=TRL_IS_HIGH,
+            ).is_weights  # fmt: skip
+        trl = reference_grads(lp, cpu_inp, kl_bias_correction=True, is_weights=w_ref)
+        references = {"main": (g, g_out, g_in, loss_scale, stats), "trl": trl}
         boundary = int((g_out != g_in).sum())
         args = (inp["old_logp"], inp["ref_logp"], inp["advantages"], inp["mask"])
+        trl_args = (inp["old_logp"], inp["sampling_logp"], inp["ref_logp"], inp["advantages"], inp["mask"])
         impls = [
             Impl("moo", self._moo_step(inp)),
             Impl("eager", make_step(lambda x: eager_policy_loss(x, *args), inp["logp"])),
+            Impl("moo_trl", make_step(lambda x: moo_trl_default(x, inp), inp["logp"]), check="trl"),
+            Impl("eager_trl", make_step(lambda x: eager_trl_default(x, *trl_args), inp["logp"]), check="trl"),
         ]
         if self.compiled is not None:
             compiled = self.compiled
@@ -221,12 +278,13 @@ class PolicyLossSuite(Suite):
             loss, grad = out
             if grad is None or tuple(grad.shape) != (b, t):
                 return {"ok": False, "why": "no gradient or wrong shape"}
+            r, r_out, r_in, scale, ref_stats = references[impl.check]
             got = grad.detach().cpu().double()
-            diff = torch.minimum(torch.minimum((got - g).abs(), (got - g_out).abs()), (got - g_in).abs())
+            diff = torch.minimum(torch.minimum((got - r).abs(), (got - r_out).abs()), (got - r_in).abs())
             err = float(diff.max()) if bool(torch.isfinite(got).all()) else math.inf
             tol = {"loss": LOSS_RTOL, "grad": GRAD_RTOL}
-            return loss_errors(float(loss.detach()), stats["loss"], loss_scale, err, grad_scale, tol,
-                               boundary_tokens=boundary)  # fmt: skip
+            return loss_errors(float(loss.detach()), ref_stats["loss"], scale, err, float(r.abs().max()), tol,
+                               boundary_tokens=int((r_out != r_in).sum()))  # fmt: skip
 
         return Case(
             size=size,
@@ -253,6 +311,12 @@ class PolicyLossSuite(Suite):
             "loss_rtol": LOSS_RTOL,
             "grad_rtol": GRAD_RTOL,
             "boundary_eps": BOUNDARY_EPS,
+            "trl_default_rows": {
+                "vllm_importance_sampling_mode": "sequence_mask",
+                "vllm_importance_sampling_clip_max": TRL_IS_HIGH,
+                "use_bias_correction_kl": True,
+                "sampling_logp": f"old_logp + N(0, {SAMPLING_NOISE}), <= 0",
+            },
         }
 
     def config_line(self, main: dict[str, Any] | None) -> str:

@@ -23,14 +23,21 @@ What changes against TRL's GRPOTrainer (tested with the TRL version pinned in py
   with TRL's `epsilon` / `epsilon_high` (clip_low / clip_high), `delta` (ratio_cap), `beta` (k3 KL to the
   reference model TRL loads; `moo_kl` picks another estimator), `off_policy_mask_threshold`
   (offpolicy_mask_threshold, with vLLM's sampling log-probs when TRL has them), `use_bias_correction_kl`
-  (kl_bias_correction; token-level importance sampling only) and vLLM importance-sampling ratios (is_weights);
-  `loss_type` chooses the aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local token-mean, "dr_grpo" ->
-  seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the global token count; "sapo"
-  -> mode "sapo" (sapo_temperature_pos / neg) with seq-mean-token-mean (token-level importance sampling).
+  (kl_bias_correction; token-level importance sampling only), vLLM importance-sampling ratios (is_weights,
+  computed by moo_kernels.rollout_correction from TRL's vllm_importance_sampling_mode / clip_min / clip_max),
+  `top_entropy_quantile` (policy_mask = TRL's get_high_entropy_mask over every process), the entropy bonus
+  `entropy_coef` and TRL's adaptive controller of it (`use_adaptive_entropy`: the coefficient stays TRL's
+  bookkeeping, updated at each optimiser step as TRL does) and the MoE router's aux loss
+  (`router_aux_loss_coef`); `loss_type` chooses the aggregation: "grpo" -> seq-mean-token-mean, "bnpo" -> local
+  token-mean, "dr_grpo" -> seq-mean-token-sum-norm with max_completion_length, "dapo" -> token-mean over the
+  global token count; "sapo" -> mode "sapo" (sapo_temperature_pos / neg) with seq-mean-token-mean (token-level
+  importance sampling); "vespo" -> mode "vespo" (vespo_k_pos / lambda_pos / k_neg / lambda_neg, the vLLM ratios
+  inside its gamma weights) with the global token count; "luspo" -> seq-mean-token-sum over the B sequences
+  (mode "gspo" with importance_sampling_level="sequence", as TRL recommends).
 
 Overridden: `_calculate_rewards` (keeps the gathered reward matrix), `_generate_and_score_completions`
-(replaces the advantages TRL computed, and their logged copy) and `_compute_loss`. Generation, reward
-evaluation, reference / old log-probs, batching and logging stay TRL's.
+(replaces the advantages TRL computed, and their logged copy, and the vLLM importance-sampling ratio) and
+`_compute_loss`. Generation, reward evaluation, reference / old log-probs, batching and logging stay TRL's.
 """
 
 from __future__ import annotations
@@ -56,6 +63,17 @@ _AGG_OF_LOSS_TYPE = {
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
     "sapo": "seq-mean-token-mean",
+    "vespo": "token-mean",
+    "luspo": "seq-mean-token-sum",
+}
+# the loss types normalised by the generation batch's token count (TRL's num_items_in_batch)
+_GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "vespo")
+# TRL's vllm_importance_sampling_mode -> moo_kernels.rollout_correction's level and mode
+_ROLLOUT_OF_IS_MODE = {
+    "token_truncate": dict(level="token", mode="truncate"),
+    "token_mask": dict(level="token", mode="mask"),
+    "sequence_truncate": dict(level="sequence", mode="truncate"),
+    "sequence_mask": dict(level="sequence", mode="mask"),
 }
 # Inputs of TRL's _get_per_token_logps_and_entropies that _generate_and_score_completions may provide.
 _FORWARD_KEYS = (
@@ -152,7 +170,7 @@ class MooGRPOConfig(GRPOConfig):
     )
     moo_loss_mode: str | None = field(
         default=None,
-        metadata={"help": "clip, cispo, gspo or reinforce (None: gspo for importance_sampling_level='sequence')."},
+        metadata={"help": "a policy_loss mode (None: from loss_type, gspo for importance_sampling_level='sequence')."},
     )
     moo_loss_agg: str | None = field(
         default=None, metadata={"help": "policy_loss agg (None: from loss_type; token-mean uses the global count)."}
@@ -241,12 +259,9 @@ class MooGRPOTrainer(GRPOTrainer):
 
         if a.moo_policy_loss:
             unsupported = {
-                "top_entropy_quantile < 1": self.top_entropy_quantile < 1.0,
                 "use_bias_correction_kl with importance_sampling_level='sequence'": (
                     a.use_bias_correction_kl and self.beta != 0.0 and a.importance_sampling_level == "sequence"
                 ),
-                "entropy_coef / use_adaptive_entropy": self._entropy_bonus_enabled,
-                "router_aux_loss_coef (MoE aux loss)": self.aux_loss_enabled,
             }
             bad = [k for k, on in unsupported.items() if on]
             if bad:
@@ -260,7 +275,7 @@ class MooGRPOTrainer(GRPOTrainer):
                 )
             self._moo_agg = a.moo_loss_agg or _AGG_OF_LOSS_TYPE[self.loss_type]
             self._moo_global_tokens = a.moo_loss_agg == "token-mean" or (
-                a.moo_loss_agg is None and self.loss_type == "dapo"
+                a.moo_loss_agg is None and self.loss_type in _GLOBAL_TOKEN_LOSS_TYPES
             )
             sequence = self.importance_sampling_level == "sequence"
             if self.loss_type == "sapo" and sequence:
@@ -268,7 +283,8 @@ class MooGRPOTrainer(GRPOTrainer):
                     "moo_policy_loss supports loss_type='sapo' with importance_sampling_level='token' only; set "
                     "moo_policy_loss=False to keep TRL's loss"
                 )
-            self._moo_mode = a.moo_loss_mode or ("sapo" if self.loss_type == "sapo" else "gspo" if sequence else "clip")
+            default_mode = self.loss_type if self.loss_type in ("sapo", "vespo") else "gspo" if sequence else "clip"
+            self._moo_mode = a.moo_loss_mode or default_mode
 
     # ---------------------------------------------------------------- advantages
 
@@ -326,6 +342,9 @@ class MooGRPOTrainer(GRPOTrainer):
         result = self.moo_advantages(self.last_moo_rewards, group_size, lengths)
         self.last_moo_result = result
 
+        if self.args.moo_policy_loss and "importance_sampling_ratio" in output:
+            output["importance_sampling_ratio"] = self.moo_importance_sampling_ratio(output)
+
         local = output["advantages"]
         start = self.accelerator.process_index * local.shape[0]
         output["advantages"] = result.advantages[start : start + local.shape[0]].to(local.dtype)
@@ -343,6 +362,24 @@ class MooGRPOTrainer(GRPOTrainer):
             metrics[f"moo/weight/{name}"].append(result.weights[:, k].float().mean().item())
         return output
 
+    def moo_importance_sampling_ratio(self, output: dict) -> torch.Tensor:
+        """TRL's vLLM importance-sampling ratio by moo_kernels.rollout_correction (one fused pass): the old
+        log-probs against the sampler's over the completion (and tool) mask, TRL's mode / clip_min / clip_max;
+        [B, T] for the token modes, [B, 1] for the sequence modes (TRL's shapes)."""
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        mode = _ROLLOUT_OF_IS_MODE[self.vllm_importance_sampling_mode]
+        weights = mk.rollout_correction(
+            output["old_per_token_logps"],
+            output["sampling_per_token_logps"],
+            mask != 0,
+            low=self.vllm_importance_sampling_clip_min,
+            high=self.vllm_importance_sampling_clip_max,
+            **mode,
+        ).is_weights
+        return weights[:, :1] if mode["level"] == "sequence" else weights
+
     # ---------------------------------------------------------------- loss
 
     def _compute_loss(self, model, inputs):
@@ -352,14 +389,18 @@ class MooGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mask = mask.bool()
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
             torch.cat([prompt_ids, completion_ids], dim=1),
             torch.cat([prompt_mask, completion_mask], dim=1),
             completion_ids.size(1),
             compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
             **{key: inputs.get(key) for key in _FORWARD_KEYS},
         )
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:  # TRL's threshold over every process
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile).bool()
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
@@ -373,7 +414,8 @@ class MooGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_weights = inputs["importance_sampling_ratio"]
             if is_weights.dim() == 2 and is_weights.shape[1] == 1:
-                is_weights = is_weights.squeeze(1)
+                is_weights = is_weights.squeeze(1)  # a sequence's weight ([B]: vespo counts it once)
+        a = self.args
 
         loss, m = mk.policy_loss(
             per_token_logps,
@@ -383,15 +425,20 @@ class MooGRPOTrainer(GRPOTrainer):
             ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             beta=self.beta,
             kl=self.args.moo_kl,
-            kl_bias_correction=bool(self.args.use_bias_correction_kl),
+            kl_bias_correction=bool(a.use_bias_correction_kl) and self.beta != 0.0,
             clip_low=self.epsilon_low,
             clip_high=self.epsilon_high,
             dual_clip=self.args.moo_dual_clip,
             ratio_cap=self.args.delta,
             mode=self._moo_mode,
-            sapo_tau_pos=self.args.sapo_temperature_pos,
-            sapo_tau_neg=self.args.sapo_temperature_neg,
+            sapo_tau_pos=a.sapo_temperature_pos,
+            sapo_tau_neg=a.sapo_temperature_neg,
+            vespo_k_pos=a.vespo_k_pos,
+            vespo_lambda_pos=a.vespo_lambda_pos,
+            vespo_k_neg=a.vespo_k_neg,
+            vespo_lambda_neg=a.vespo_lambda_neg,
             is_weights=is_weights,
+            policy_mask=entropy_mask,
             offpolicy_mask_threshold=self.off_policy_mask_threshold,
             sampling_logp=(
                 inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
@@ -399,9 +446,14 @@ class MooGRPOTrainer(GRPOTrainer):
             agg=self._moo_agg,
             max_len=self.max_completion_length if self._moo_agg == "seq-mean-token-sum-norm" else None,
             num_tokens=num_tokens,
+            num_sequences=float(mask.shape[0]) if self.loss_type == "luspo" and a.moo_loss_agg is None else None,
         )
         if num_tokens is None:
             loss = loss / accumulation
+        if self._entropy_bonus_enabled:
+            loss = loss - self._moo_entropy_bonus(entropies, mask, entropy_mask, accumulation, mode)
+        if self.aux_loss_enabled:  # as TRL adds it, scaled for gradient accumulation
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
 
         def mean(x: torch.Tensor) -> float:
             return self.accelerator.gather(x.detach().float().reshape(1)).mean().item()
@@ -414,4 +466,38 @@ class MooGRPOTrainer(GRPOTrainer):
         metrics["clip_ratio/high_mean"].append(mean(m.clip_frac_high))
         metrics["clip_ratio/region_mean"].append(mean(m.clip_frac_low + m.clip_frac_high))
         metrics["moo/ratio_max"].append(mean(m.ratio_max))
+        if self.off_policy_mask_threshold is not None or entropy_mask is not None:
+            metrics["moo/masked_frac"].append(mean(m.masked_frac))
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
+
+    def _moo_entropy_bonus(self, entropies, mask, entropy_mask, accumulation, mode) -> torch.Tensor:
+        """TRL's entropy bonus coef * H: H the mean entropy over the tokens of the policy term (the completion
+        mask and the entropy mask), scaled for gradient accumulation; the coefficient and TRL's adaptive
+        controller (use_adaptive_entropy: the coefficient applies while the last optimiser step's entropy over
+        every process was at most entropy_target, and moves by entropy_coef_delta at each step) are TRL's
+        bookkeeping, kept on the trainer as TRL keeps them."""
+        a = self.args
+        effective = mask if entropy_mask is None else mask & entropy_mask
+        m = effective.to(entropies.dtype)
+        entropy = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy:
+            coef = self.entropy_coef if self._last_world_entropy <= a.entropy_target else 0.0
+            if mode == "train":
+                stats = torch.stack([(entropies * m).sum(), m.sum()]).detach()
+                window = self._entropy_window_stats
+                self._entropy_window_stats = stats if window is None else window + stats
+                if self.accelerator.sync_gradients:
+                    total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    world = (total[0] / total[1].clamp(min=1.0)).item()
+                    if world <= a.entropy_target:
+                        self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                    else:
+                        self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                    self._last_world_entropy = world
+                    self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef * entropy

@@ -15,7 +15,9 @@ Registered (tested with the verl version pinned in pyproject.toml):
   every other option; the response lengths (response_mask summed) go to the op where its options read them.
   Groups are verl's `uid` index. Returns the advantage broadcast over the response tokens, as verl's GRPO does.
 - policy losses "moo" (mode "clip" with verl's dual clip `clip_ratio_c`: verl's "vanilla"), "moo_gspo",
-  "moo_cispo" and "moo_sapo" (verl's "sapo": `tau_pos` / `tau_neg`, seq-mean-token-mean): `moo_kernels.policy_loss`
+  "moo_cispo", "moo_sapo" (verl's "sapo": `tau_pos` / `tau_neg`, seq-mean-token-mean) and "moo_gmpo" (verl's
+  "geo_mean": the mean over the micro-batch's sequences whatever loss_agg_mode, the rollout weights' geometric mean
+  per sequence, its clip fractions): `moo_kernels.policy_loss`
   with `clip_ratio_low` / `clip_ratio_high`, rollout importance
   weights and verl's loss aggregation (`loss_agg_mode` with the global batch info verl sets).
 
@@ -48,7 +50,7 @@ import moo_kernels as mk
 from moo_kernels.ops.advantages.spec import OPTION_NAMES, PER_OBJECTIVE
 
 ADV_ESTIMATOR = "moo"
-POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo", "moo_sapo": "sapo"}
+POLICY_LOSSES = {"moo": "clip", "moo_gspo": "gspo", "moo_cispo": "cispo", "moo_sapo": "sapo", "moo_gmpo": "gmpo"}
 _OP_OPTIONS = (*PER_OBJECTIVE, *OPTION_NAMES)  # the keyword options of multi_objective_advantages
 _LAYOUT_OPTIONS = ("reward_keys", "gate_keys", "gate_threshold")
 
@@ -155,6 +157,10 @@ def _make_policy_loss(mode: str):
             raise ValueError("the moo policy losses need verl's actor config")
         if mode == "sapo":  # verl's SAPO aggregates by seq-mean-token-mean whatever loss_agg_mode says
             loss_agg_mode = "seq-mean-token-mean"
+        if mode == "gmpo":  # verl's geo_mean: the mean over the micro-batch's B sequences, whatever the settings
+            loss_agg_mode, info_override = "seq-mean-token-mean", True
+        else:
+            info_override = False
         clip = config.clip_ratio
         clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
         clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
@@ -175,6 +181,8 @@ def _make_policy_loss(mode: str):
                 raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
         elif loss_agg_mode == "token-sum":
             rescale = dp if dp != 1 else None
+        elif info_override:
+            num_sequences = float(B)
         elif loss_agg_mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
             if batch_size is None and dp > 1:
                 raise ValueError("global_batch_size is required when dp_size > 1")
@@ -206,9 +214,9 @@ def _make_policy_loss(mode: str):
         if rescale is not None:
             loss = loss * rescale
         metrics = {
-            "actor/pg_clipfrac": m.clip_frac.item(),
+            "actor/pg_clipfrac": (m.clip_frac_high if mode == "gmpo" else m.clip_frac).item(),
             "actor/ppo_kl": m.ppo_kl.item(),
-            "actor/pg_clipfrac_lower": m.dual_clip_frac.item(),
+            "actor/pg_clipfrac_lower": (m.clip_frac_low if mode == "gmpo" else m.dual_clip_frac).item(),
         }
         return loss, metrics
 
@@ -303,7 +311,8 @@ def compute_rollout_correction_and_rejection_mask(
 
 
 def register() -> None:
-    """Registers the "moo" advantage estimator and the "moo", "moo_gspo", "moo_cispo", "moo_sapo" policy losses with
+    """Registers the "moo" advantage estimator and the "moo", "moo_gspo", "moo_cispo", "moo_sapo", "moo_gmpo" policy
+    losses with
     verl.trainer.ppo.core_algos. Idempotent: registering again is a no-op."""
     core_algos.register_adv_est(ADV_ESTIMATOR)(compute_moo_advantage)
     for name, fn in _POLICY_LOSS_FNS.items():

@@ -4,7 +4,7 @@ the one backward of each, and the public functions.
 - token_logprobs: moo_kernels::token_logprobs (logp, entropy, stats) and its backward
   moo_kernels::token_logprobs_backward; stats [B, T, 2] holds each row's maximum logit and
   log l = log sum exp((z - max) / tau), what the backward needs.
-- policy_loss_from_logits: moo_kernels::policy_loss_from_logits (loss, metrics [11], entropy, grad): grad is
+- policy_loss_from_logits: moo_kernels::policy_loss_from_logits (loss, metrics [len(METRICS)], entropy, grad): grad is
   d loss / d logits for an incoming gradient of 1, computed by the forward itself; the backward only rescales it.
 
 One implementation and one backward per op, with three entries to them (as moo_kernels/ops/policy_loss/op.py
@@ -27,13 +27,14 @@ from moo_kernels import _options as O
 from moo_kernels._backend import implementation, tracing
 from moo_kernels._codes import METRICS, out_dtype
 from moo_kernels._spec import with_spec
+from moo_kernels.ops.logits.entropy import entropy_bonus, entropy_keep, with_policy_mask
 from moo_kernels.ops.logits.reference import (
     logits_loss_reference,
     row_stats_reference,
     token_logprobs_grad_reference,
     token_logprobs_reference,
 )
-from moo_kernels.ops.logits.spec import LogitsSpec, logits_spec
+from moo_kernels.ops.logits.spec import EntropySpec, LogitsSpec, entropy_spec, logits_spec
 from moo_kernels.ops.loss.spec import LossSpec, PolicyLossMetrics, loss_spec
 
 # ---- token_logprobs ----------------------------------------------------------------------------------------
@@ -181,25 +182,32 @@ def token_logprobs(
 # ---- policy_loss_from_logits -------------------------------------------------------------------------------
 
 
-def run_logits_loss(logits: Tensor, s: LogitsSpec, want_entropy: bool, grad: Tensor | None, spec: LossSpec):
-    """(loss, metrics [11], entropy or None); the gradient for an incoming gradient of 1 is written into grad
-    when it is not None (grad may be logits itself)."""
+SEQUENCE_MODES = ("gspo", "gmpo", "vespo")  # their sequence values need every log-prob of the row first
+
+
+def run_logits_loss(
+    logits: Tensor, s: LogitsSpec, want_entropy: bool, grad: Tensor | None, spec: LossSpec, es: EntropySpec
+):
+    """(loss, metrics [len(METRICS)], entropy or None); the gradient for an incoming gradient of 1 is written into
+    grad when it is not None (grad may be logits itself)."""
     impl = implementation(logits.device)
     if impl == "reference":
-        loss, metrics, ent, g = logits_loss_reference(logits, s.tokens, s.temperature, spec)
+        loss, metrics, ent, g = logits_loss_reference(logits, s.tokens, s.temperature, spec, es)
         if grad is not None:
             grad.copy_(g)
         dt = out_dtype(logits)
         metrics = torch.stack([metrics[k] for k in METRICS]).to(dt)
         return loss.to(dt), metrics, ent.to(torch.float32) if want_entropy else None
-    if impl == "triton" and spec.mode != "gspo" and spec.offpolicy_mask_threshold is None:
+    fused = spec.mode not in SEQUENCE_MODES and spec.offpolicy_mask_threshold is None and not es.active()
+    if impl == "triton" and fused:
         from moo_kernels.ops.logits.triton_launch import logits_loss_triton
 
         return logits_loss_triton(logits, s.tokens, spec, s.temperature, want_entropy, grad)
-    # Two kernels: log-probs first, then the loss on them, then the gradient of the log-probs (the GSPO
-    # sequence ratio and the off-policy mask need every token's log-prob before any gradient is known; the CPU
-    # takes this path
-    # for every mode).
+    if es.active():
+        return run_entropy_loss(logits, s, want_entropy, grad, spec, es)
+    # Two kernels: log-probs first, then the loss on them, then the gradient of the log-probs (the sequence ratios
+    # of gspo, gmpo and vespo and the off-policy mask need every token's log-prob before any gradient is known;
+    # the CPU takes this path for every mode).
     from moo_kernels.ops.policy_loss.op import run as run_policy_loss
 
     logp, stats, ent = run_token_logprobs(logits, s.tokens, s.temperature, want_entropy)
@@ -209,31 +217,65 @@ def run_logits_loss(logits: Tensor, s: LogitsSpec, want_entropy: bool, grad: Ten
     return loss, metrics, ent.to(torch.float32) if ent is not None else None
 
 
-def _split(args: tuple) -> tuple[LogitsSpec, bool, LossSpec, bool]:
-    """The registered op's flat arguments after the logits: the logits' spec, want_entropy, the loss's spec and
-    write_grad."""
+def run_entropy_loss(
+    logits: Tensor, s: LogitsSpec, want_entropy: bool, grad: Tensor | None, spec: LossSpec, es: EntropySpec
+):
+    """run_logits_loss with entropy terms, on the kernels of any backend: the log-probs and entropies first (one
+    read of the logits), the entropy mask joined to the policy mask, the loss on the log-probs, then one pass
+    writing d loss / d logits from the log-probs' gradient and the entropy bonus's together."""
+    logp, stats, ent = run_token_logprobs(logits, s.tokens, s.temperature, True)
+    loss, metrics, g_logp, g_ent = loss_on_logprobs(logp, ent, spec, es, grad is not None)
+    if grad is not None:
+        run_token_logprobs_backward(
+            logits, s.tokens, stats, ent if g_ent is not None else None, g_logp, g_ent, s.temperature, grad
+        )  # fmt: skip
+    return loss, metrics, ent.to(torch.float32) if want_entropy else None
+
+
+def loss_on_logprobs(logp: Tensor, ent: Tensor | None, spec: LossSpec, es: EntropySpec, write_grad: bool):
+    """(loss, metrics, d loss / d logp or None, d loss / d entropy or None) of the loss on the [B, T] log-probs with
+    the entropy terms (ent: the entropies, needed when es.active()): the entropy mask joins the policy mask, the
+    bonus is subtracted."""
+    from moo_kernels.ops.policy_loss.op import run as run_policy_loss
+
+    keep = entropy_keep(ent, spec, es) if ent is not None else None
+    spec = with_policy_mask(spec, keep)
+    loss, metrics, g_logp = run_policy_loss(logp, spec, write_grad)
+    g_ent = None
+    if es.entropy_coef != 0.0:
+        hbar, weights = entropy_bonus(ent, spec, es, keep)
+        loss = loss - (es.entropy_coef * hbar).to(loss.dtype)
+        g_ent = (-es.entropy_coef * weights).to(ent.dtype) if write_grad else None
+    return loss, metrics, g_logp, g_ent
+
+
+def _split(args: tuple) -> tuple[LogitsSpec, bool, EntropySpec, LossSpec, bool]:
+    """The registered op's flat arguments after the logits: the logits' spec, want_entropy, the entropy terms'
+    spec, the loss's spec and write_grad."""
     n = LogitsSpec.count()
-    return LogitsSpec.unflat(args[:n]), args[n], LossSpec.unflat(args[n + 1 : -1]), args[-1]
+    e = n + 1 + EntropySpec.count()
+    s = LogitsSpec.unflat(args[:n])
+    return s, args[n], EntropySpec.unflat(args[n + 1 : e]), LossSpec.unflat(args[e:-1]), args[-1]
 
 
 def _loss_impl(logits: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    s, want_entropy, spec, write_grad = _split(args)
+    s, want_entropy, es, spec, write_grad = _split(args)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
-    loss, metrics, ent = run_logits_loss(logits, s, want_entropy, grad, spec)
+    loss, metrics, ent = run_logits_loss(logits, s, want_entropy, grad, spec, es)
     empty = logits.new_empty(0)
     return loss, metrics, ent if ent is not None else empty.float(), grad if grad is not None else empty
 
 
 policy_loss_from_logits_op = torch.library.custom_op(
     "moo_kernels::policy_loss_from_logits", _loss_impl, mutates_args=(),
-    schema=f"(Tensor logits, {LogitsSpec.schema()}, bool want_entropy, {LossSpec.schema()}, bool write_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
+    schema=f"(Tensor logits, {LogitsSpec.schema()}, bool want_entropy, {EntropySpec.schema()}, {LossSpec.schema()}, "
+    "bool write_grad) -> (Tensor, Tensor, Tensor, Tensor)",
 )  # fmt: skip
 
 
 @policy_loss_from_logits_op.register_fake
 def _(logits, *args):
-    _, want_entropy, _, write_grad = _split(args)
+    _, want_entropy, _, _, write_grad = _split(args)
     B, T, _ = logits.shape
     dt = out_dtype(logits)
     ent = logits.new_empty((B, T) if want_entropy else (0,), dtype=torch.float32)
@@ -243,7 +285,7 @@ def _(logits, *args):
 
 def _op_setup_context(ctx, inputs, output) -> None:
     _, metrics, ent, grad = output
-    s, want_entropy, _, _ = _split(inputs[1:])
+    s, want_entropy, _, _, _ = _split(inputs[1:])
     ctx.s = s
     ctx.want_entropy = want_entropy
     ctx.save_for_backward(grad, inputs[0] if want_entropy else None)
@@ -262,7 +304,7 @@ def _op_backward(ctx, g_loss, g_metrics, g_ent, g_grad):
     grad = hand_over_grad(ctx, buffer, g_loss)
     if ctx.want_entropy and g_ent is not None:
         grad = grad + entropy_grad(saved[1], ctx.s, g_ent)
-    return (grad,) + (None,) * (LogitsSpec.count() + LossSpec.count() + 2)
+    return (grad,) + (None,) * (LogitsSpec.count() + EntropySpec.count() + LossSpec.count() + 2)
 
 
 def entropy_grad(logits: Tensor, s: LogitsSpec, g_entropy: Tensor) -> Tensor:
@@ -314,15 +356,15 @@ def scale_grad_(grad: Tensor, g: Tensor) -> Tensor:
 
 class LogitsLoss(torch.autograd.Function):
     """The eager path of policy_loss_from_logits: apply(logits, want_entropy, inplace, write_grad, logits_spec,
-    loss_spec). With inplace the gradient buffer is the logits' storage; the backward rescales the buffer in place
-    (a second backward through one call raises)."""
+    entropy_spec, loss_spec). With inplace the gradient buffer is the logits' storage; the backward rescales the
+    buffer in place (a second backward through one call raises)."""
 
     @staticmethod
-    def forward(ctx, logits, want_entropy, inplace, write_grad, s, spec):
+    def forward(ctx, logits, want_entropy, inplace, write_grad, s, es, spec):
         grad = None
         if write_grad:
             grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        loss, metrics, ent = run_logits_loss(logits, s, want_entropy, grad, spec)
+        loss, metrics, ent = run_logits_loss(logits, s, want_entropy, grad, spec, es)
         if grad is logits:
             # the logits were overwritten in place: an op that saved them for its backward must see it
             torch.autograd.graph.increment_version(logits)
@@ -347,7 +389,7 @@ class LogitsLoss(torch.autograd.Function):
             (logits,) = ctx.saved_tensors
             extra = entropy_grad(logits, ctx.s, g_ent)
             grad = extra if grad is None else grad.add_(extra)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def may_overlap(x: torch.Tensor) -> bool:
@@ -364,7 +406,7 @@ def may_overlap(x: torch.Tensor) -> bool:
     return False
 
 
-@with_spec(LogitsSpec, LossSpec, positional=("tokens", "advantages", "mask"))
+@with_spec(LogitsSpec, EntropySpec, LossSpec, positional=("tokens", "advantages", "mask"))
 def policy_loss_from_logits(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -379,9 +421,9 @@ def policy_loss_from_logits(
 
     Every loss option means what it means in moo_kernels.policy_loss. The loss's normaliser depends on
     the mask only, so the forward computes d loss / d logits together with the loss: on a GPU one kernel
-    reads each vocabulary row once from HBM and writes its gradient once (mode "gspo" takes two kernels:
-    its sequence ratio needs every log-prob first). The backward only rescales the gradient by the
-    incoming one, and does nothing when that is 1.
+    reads each vocabulary row once from HBM and writes its gradient once (modes "gspo", "gmpo", "vespo",
+    offpolicy_mask_threshold and the entropy terms take two kernels: they need every log-prob or entropy first).
+    The backward only rescales the gradient by the incoming one, and does nothing when that is 1.
 
     Args:
         logits: [B, T, V] float32 / bfloat16 / float16 (float64 accepted, for checks), unit stride on V.
@@ -408,6 +450,7 @@ def policy_loss_from_logits(
         >>> loss.backward()
     """
     s = logits_spec(logits, tokens=tokens, **{k: options.pop(k) for k in LogitsSpec.names() if k in options})
+    es = entropy_spec(**{k: options.pop(k) for k in EntropySpec.names() if k in options})
     inplace_backward = O.check_bool("inplace_backward", inplace_backward)
     return_entropy = O.check_bool("return_entropy", return_entropy)
     B, T, _ = logits.shape
@@ -420,10 +463,12 @@ def policy_loss_from_logits(
             "inplace_backward=False or contiguous logits"
         )
     if torch.compiler.is_compiling() or logits.is_meta:  # the registered op (meta tensors: its fake)
-        loss, metrics, ent, _ = policy_loss_from_logits_op(logits, *s.flat(), return_entropy, *spec.flat(), write_grad)
+        loss, metrics, ent, _ = policy_loss_from_logits_op(
+            logits, *s.flat(), return_entropy, *es.flat(), *spec.flat(), write_grad
+        )  # fmt: skip
     elif write_grad:
-        loss, metrics, ent = LogitsLoss.apply(logits, return_entropy, inplace_backward, write_grad, s, spec)
+        loss, metrics, ent = LogitsLoss.apply(logits, return_entropy, inplace_backward, write_grad, s, es, spec)
     else:  # nothing to differentiate: the implementation alone
-        loss, metrics, ent = run_logits_loss(logits, s, return_entropy, None, spec)
+        loss, metrics, ent = run_logits_loss(logits, s, return_entropy, None, spec, es)
     metrics = PolicyLossMetrics(*metrics.unbind(0))
     return (loss, metrics, ent) if return_entropy else (loss, metrics)

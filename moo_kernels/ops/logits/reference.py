@@ -15,8 +15,12 @@ both 0 gets exactly 0 gradient, whatever its logits hold.
 
 policy_loss_from_logits(logits, tokens, ...) is policy_loss(token_logprobs(logits, tokens), ...): its
 gradient with respect to the logits is g_bt (1[v = y_bt] - p_btv) / tau, where g_bt = d loss / d logp_bt
-is the closed-form gradient of the policy loss (zero at masked tokens). The entropy it returns is a
-diagnostic and carries no gradient.
+is the closed-form gradient of the policy loss (zero at masked tokens).
+
+The entropy terms (moo_kernels.ops.logits.spec.EntropySpec, computed by moo_kernels/ops/logits/entropy.py):
+top_entropy_quantile / entropy_threshold give a threshold, and the active tokens whose entropy is below it lose
+their policy term (they join policy_mask); entropy_coef subtracts entropy_coef * Hbar with Hbar = sum_bt
+w_bt H_bt, w from entropy_agg, so the gradient gains -entropy_coef w_bt d H_bt / d z.
 
 Nothing here uses autograd: the op's reference backend runs below it, so the gradients are closed forms
 (the tests check them against autograd through torch.log_softmax).
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from moo_kernels.ops.logits.entropy import entropy_bonus, entropy_keep, with_policy_mask
+from moo_kernels.ops.logits.spec import EntropySpec, entropy_spec
 from moo_kernels.ops.loss.reference import loss_grad_reference, loss_reference
 from moo_kernels.ops.loss.spec import LossSpec, loss_spec
 
@@ -101,15 +107,25 @@ def policy_loss_from_logits_reference(
     **options,
 ):
     """(loss, metrics dict, entropy [B, T], grad [B, T, V]), all float64; grad is d loss / d logits. options: the
-    loss's arguments (moo_kernels.ops.loss.spec.LossSpec), by name."""
+    loss's arguments (moo_kernels.ops.loss.spec.LossSpec) and the entropy terms' (EntropySpec), by name."""
+    es = entropy_spec(**{k: options.pop(k) for k in EntropySpec.names() if k in options})
     spec = loss_spec(tuple(tokens.shape), logits.device, "logits", advantages=advantages, mask=mask, **options)
-    return logits_loss_reference(logits, tokens, temperature, spec)
+    return logits_loss_reference(logits, tokens, temperature, spec, es)
 
 
-def logits_loss_reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, spec: LossSpec):
-    """policy_loss_from_logits_reference of validated loss arguments."""
+def logits_loss_reference(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, spec: LossSpec, es: EntropySpec | None = None
+):
+    """policy_loss_from_logits_reference of validated arguments."""
     logp, entropy = token_logprobs_reference(logits, tokens, temperature)
+    keep = entropy_keep(entropy, spec, es) if es is not None else None
+    spec = with_policy_mask(spec, keep)
     loss, metrics = loss_reference(logp, spec)
     g = loss_grad_reference(logp, spec)
-    grad = token_logprobs_grad_reference(logits, tokens, g, None, temperature)
+    g_entropy = None
+    if es is not None and es.entropy_coef != 0.0:
+        hbar, weights = entropy_bonus(entropy, spec, es, keep)
+        loss = loss - es.entropy_coef * hbar
+        g_entropy = -es.entropy_coef * weights
+    grad = token_logprobs_grad_reference(logits, tokens, g, g_entropy, temperature)
     return loss, metrics, entropy, grad

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from moo_kernels._codes import ENTROPY_AGG
 from moo_kernels._spec import Context, Spec, option, spec, tensor
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -63,3 +64,58 @@ def logits_spec(logits: torch.Tensor, **kwargs) -> LogitsSpec:
         )
     B, T, V = logits.shape
     return LogitsSpec.validate(Context({"B": B, "T": T, "V": V}, logits.device, "logits"), **kwargs)
+
+
+@spec
+class EntropySpec(Spec):
+    """The entropy terms of the loss from logits (and hidden states): they need each position's entropy, which
+    only those entry points compute."""
+
+    entropy_coef: float = option(
+        0.0,
+        "the entropy bonus: the loss becomes loss - entropy_coef * Hbar, Hbar the entropy aggregated by "
+        "entropy_agg; its gradient p_v (E_p[z] - z_v) / temperature reaches the logits in the pass that writes "
+        "the log-probs' (TRL's entropy_coef, verl's entropy_coeff). 0: off.",
+        "float",
+    )
+    entropy_agg: str = option(
+        "mean",
+        '"mean": Hbar = sum(H m\') / max(sum m\', 1) over the tokens of the policy term, m\' the mask where the '
+        'entropy mask keeps the token (TRL\'s entropy bonus, whatever the loss type); "loss": H aggregated as the '
+        "loss (agg with its normalisers num_tokens / num_sequences / max_len, over the tokens the entropy mask "
+        "keeps: verl's entropy_coeff with loss_agg_mode).",
+        "str", choices=ENTROPY_AGG,
+    )  # fmt: skip
+    top_entropy_quantile: float = option(
+        1.0,
+        "rho in [0, 1] (TRL's top_entropy_quantile, \"Beyond the 80/20 rule\"): only the active tokens whose "
+        "entropy is >= the (1 - rho) quantile of the active tokens' entropies (torch.quantile's linear "
+        "interpolation) keep their policy term (the KL term and the normaliser count every token); 1: off. The "
+        "op computes the quantile over this batch (a second read of the logits); with several ranks pass "
+        "entropy_threshold from moo_kernels.distributed.entropy_quantile instead.",
+        "float", low=0.0,
+    )  # fmt: skip
+    entropy_threshold: float | None = option(
+        None,
+        "a precomputed entropy threshold: tokens with entropy below it lose their policy term (as "
+        "top_entropy_quantile, with the threshold given). None: off.",
+        "float", optional=True,
+    )  # fmt: skip
+
+    def check(self, context: Context) -> EntropySpec:
+        if self.top_entropy_quantile > 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
+        if self.entropy_threshold is not None and self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                "pass top_entropy_quantile (the op computes the threshold) or entropy_threshold (a precomputed "
+                "one), not both"
+            )
+        return self
+
+    def active(self) -> bool:
+        """Whether any entropy term is on (the loss then reads each position's entropy first)."""
+        return self.entropy_coef != 0.0 or self.top_entropy_quantile < 1.0 or self.entropy_threshold is not None
+
+
+def entropy_spec(**kwargs) -> EntropySpec:
+    return EntropySpec.validate(Context({}, None, "logits"), **kwargs)

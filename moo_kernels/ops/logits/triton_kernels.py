@@ -292,6 +292,7 @@ def logits_loss_kernel(
     flags, T, V, inv_temp, chunk_v, n_chunks, timeout_ns,
     advantages, advantages_strides, mask, mask_strides, old_logp, old_logp_strides, ref_logp, ref_logp_strides,
     token_advantages, token_advantages_strides, is_weights, is_weights_strides, offpolicy, offpolicy_strides,
+    policy_mask, policy_mask_strides,
     beta, kl: tl.constexpr, kl_bias_correction: tl.constexpr, clip_low, clip_high, dual_clip, ratio_cap,
     mode: tl.constexpr, offpolicy_gamma, sapo_tau_pos, sapo_tau_neg,
     agg: tl.constexpr,
@@ -333,9 +334,14 @@ def logits_loss_kernel(
         off = flag_at(offpolicy, offpolicy_strides, b)
         w_is = at(is_weights, is_weights_strides, b, t, t < T)
         ref = at(ref_logp, ref_logp_strides, b, t, t < T)
+        keep = None  # the token-level modes only: the sequence-level ones take the two-kernel path
+        dropped = tl.full([], 0, tl.int1)
+        if policy_mask is not None:
+            keep = tl.load(policy_mask + b * policy_mask_strides[0] + t * policy_mask_strides[1]) != 0
+            dropped = keep == 0
         loss_tok, pg, g, k, rho, d, clipped, low, high, dual = token_terms(
-            lp, raw, adv, active, 1.0, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
-            offpolicy_gamma, mode, kl, kl_bias_correction, sapo_tau_pos, sapo_tau_neg, None,
+            lp, raw, adv, active, 1.0, 0.0, 0.0, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
+            offpolicy_gamma, mode, kl, kl_bias_correction, sapo_tau_pos, sapo_tau_neg, keep,
         )  # fmt: skip
         wl, wmean = token_weights(m, stats, totals, b, agg)
         if grad is not None:
@@ -351,6 +357,7 @@ def logits_loss_kernel(
                 parts + row * NUM_PARTIALS, loss_tok * one, pg * one, k * one, wl * one, wmean * one,
                 tl.where(active, one, 0.0) > 0, tl.where(clipped, one, 0.0) > 0, tl.where(low, one, 0.0) > 0,
                 tl.where(high, one, 0.0) > 0, tl.where(dual, one, 0.0) > 0, rho * one, d * one,
+                tl.where(dropped, one, 0.0) > 0,
             )  # fmt: skip
             if entropy is not None:
                 tl.store(entropy + row, ent)

@@ -131,7 +131,7 @@ def logits_loss_triton(
     want_entropy: bool,
     grad: torch.Tensor | None,
 ):
-    """The fused loss (modes other than "gspo"): (loss, metrics [11], entropy or None); the gradient
+    """The fused loss (the token-level modes): (loss, metrics [len(METRICS)], entropy or None); the gradient
     d loss / d logits for an incoming gradient of 1 is written into grad (None: not needed)."""
     B, T, V = logits.shape
     dev = logits.device

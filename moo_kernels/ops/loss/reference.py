@@ -18,18 +18,37 @@ m = 0), so their loss, metrics and gradient are exactly 0.
 - mode "reinforce" L = -A logp
 - mode "sapo"      L = -A sigmoid(tau (rho - 1)) 4 / tau, tau = sapo_tau_pos where A > 0, else sapo_tau_neg
                    (d L / d logp = -A 4 s (1 - s) d rho / d logp, s the sigmoid); no clip
+- mode "gmpo"      (verl's geo_mean) per sequence, with the sign-clipped log-ratio d'_t = d_t except where
+                   A_t > 0 and d_t > clip_high (d' = clip_high) or A_t < 0 and d_t < -clip_low (d' = -clip_low),
+                   d' = 0 where A_t = 0: R_b = exp(clamp(sum_t d' m / n_b, +-LOG_RATIO_MAX)), the mean
+                   advantage Abar_b = sum_t A m / n_b and, with is_weights, their geometric mean
+                   G_b = exp(sum_t log(w_t + 1e-10) m / n_b) (else 1); every active token's L = -Abar_b R_b G_b
+                   (is_weights enter G alone). d L / d logp_t = -Abar R G where d' = d (the clip did not cut;
+                   0 where A_t = 0 or the log-ratio clamps): the exact gradient of the sequence's loss once
+                   aggregated (every aggregation weighs a row's tokens alike). verl's loss is the mean over
+                   the B sequences: agg "seq-mean-token-mean" with num_sequences = B.
+- mode "vespo"     (TRL's vespo) L = -sg(phi) A logp, with the sequence weight w_b = exp(log w_b),
+                   log w_b = clamp(sum_t d m + log W_b, log 1e-8, LOG_RATIO_MAX) over active tokens, with the
+                   importance weights entering w alone: log W_b = sum_t clamp(log is_weights_bt, log 1e-8,
+                   LOG_RATIO_MAX) over the active tokens of a [B, T] is_weights, clamp(log is_weights_b, ...)
+                   once for a [B] one (a sequence's weight, TRL's sequence-level vLLM ratio);
+                   log phi = lambda + k log w - lambda w with (k, lambda) = (vespo_k_pos,
+                   max(vespo_lambda_pos, 1e-4)) where A >= 0, else the _neg pair, computed in float64;
+                   phi = exp(log phi) where log phi <= 88 (float32's range), else 0 (TRL: its nan_to_num)
 - offpolicy[b]     L = -A f(p), p = exp(logp), f(p) = p / (p + offpolicy_gamma): no ratio, no clip;
                    computed as f = 1 / (1 + gamma exp(-logp)), df / dlogp = f (1 - f) (finite for any logp)
-- is_weights       L <- is_weights * L (behaviour-policy correction, not differentiated)
+- is_weights       L <- is_weights * L (behaviour-policy correction, not differentiated; not for "gmpo" and
+                   "vespo", whose sequence weights hold them)
 - offpolicy_mask_threshold: L <- 0 (and its gradient) where A < 0 and the sequence's mean of sampling_logp -
                    logp over active tokens (NaN as 0, weighted by m, over max(sum m, 1); sampling_logp defaults to
                    old_logp, on-policy 0) exceeds the threshold
+- policy_mask      L <- 0 (and its gradient) where policy_mask is False
 - KL (beta > 0)    l = L + beta k, with u = logp - ref_logp:
                    k1 = u, k2 = u^2 / 2, k3 = exp(-u') + u' - 1 with u' = clamp(u, -LOG_RATIO_MAX, LOG_RATIO_MAX)
                    (no gradient where the clamp is active), abs = |u| (gradient sign(u), 0 at 0), low_var_kl =
                    min(k3, 10) (no gradient where k3 > 10); "k1+", "k3+", "low_var_kl+", "abs+": the value of the
-                   named estimator, the gradient of k2 (u). kl_bias_correction: k <- rho k with the policy term's
-                   ratio rho (d rho / d logp = rho, 1 on-policy; 0 where the log-ratio clamps; not with gspo)
+                   named estimator, the gradient of k2 (u). kl_bias_correction: k <- rho k with the token ratio
+                   rho = exp(d) (d rho / d logp = rho, 1 on-policy; 0 where the log-ratio clamps; not with gspo)
 
 Aggregation of l over active tokens (S: the number of sequences with an active token, or num_sequences when
 given, the count over the data-parallel ranks and micro-batches of the step):
@@ -48,8 +67,11 @@ is 0): pg_loss (the aggregated policy term),
 kl_mean, clip_frac (the clipped term is strictly the larger loss: its gradient is cut),
 clip_frac_low (rho < 1 - clip_low and A < 0), clip_frac_high (rho > 1 + clip_high and A > 0),
 dual_clip_frac (A < 0 and the dual-clip bound is taken), ratio_mean, ratio_min, ratio_max (min / max over
-the active tokens, 0 when there is none), ppo_kl (mean of old_logp - logp), active_tokens (sum of m).
-Off-policy tokens count as unclipped.
+the active tokens, 0 when there is none; "gspo" and "gmpo" report the sequence ratio, "vespo" its w),
+ppo_kl (mean of old_logp - logp), active_tokens (sum of m), masked_frac (tokens whose policy term
+offpolicy_mask_threshold or policy_mask dropped). For "gmpo" clip_frac counts the tokens whose log-ratio the
+sign-clip cut, clip_frac_low / clip_frac_high those with d outside [-clip_low, clip_high] and A < 0 / A > 0
+(verl's pg_clipfrac_lower / pg_clipfrac). Off-policy tokens count as unclipped.
 
 An infinite log-prob at an active token gives whatever the formulas give in the limit: on-policy the ratio
 is 1 (gradient 1), the log-ratio clamps at +-LOG_RATIO_MAX (zero gradient beyond the clamp), f(p) is 0 or 1
@@ -58,6 +80,7 @@ is 1 (gradient 1), the log-ratio clamps at +-LOG_RATIO_MAX (zero gradient beyond
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -131,6 +154,62 @@ def offpolicy_shape(lp: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch
 
 
 LOW_VAR_KL_MAX = 10.0  # verl clamps low_var_kl (its k3) to [-10, 10]; k3 >= 0
+
+
+VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of the sequence log-weight
+VESPO_LOG_PHI_MAX = 88.0  # exp beyond it leaves float32's range: phi is 0 there
+GMPO_IS_EPS = 1e-10  # verl's geometric mean of the importance weights takes log(w + 1e-10)
+
+
+def gmpo_terms(x: Inputs, d: torch.Tensor, raw: torch.Tensor, o: LossSpec):
+    """(R, Abar, G, cut-free) of mode "gmpo" (module docstring): [B, 1] sequence values, and where each token's
+    log-ratio kept its gradient through the sign-clip ([B, T] bool)."""
+    m, A = x.m, x.A
+    n = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    hi, lo = o.clip_high, -o.clip_low
+    cut_hi = (A > 0) & (d > hi)
+    cut_lo = (A < 0) & (d < lo)
+    dprime = torch.where(cut_hi, torch.full_like(d, hi), torch.where(cut_lo, torch.full_like(d, lo), d))
+    dprime = torch.where((A == 0) | ~x.active, torch.zeros_like(d), dprime)
+    R = torch.exp(((dprime * m).sum(dim=1, keepdim=True) / n).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX))
+    Abar = (A * m).sum(dim=1, keepdim=True) / n
+    G = torch.ones_like(R)
+    if x.isw is not None:
+        logw = torch.where(x.active, torch.log(x.isw + GMPO_IS_EPS), torch.zeros_like(d))
+        G = torch.exp((logw * m).sum(dim=1, keepdim=True) / n)
+    free = ~cut_hi & ~cut_lo & (A != 0) & (raw.abs() <= LOG_RATIO_MAX)
+    return R, Abar, G, free
+
+
+def vespo_terms(x: Inputs, d: torch.Tensor, o: LossSpec):
+    """(phi [B, T], w [B, 1]) of mode "vespo" (module docstring), no gradient."""
+    zero = torch.zeros_like(d)
+    logw = (torch.where(x.active, d, zero) * x.m).sum(dim=1, keepdim=True)
+    if o.is_weights is not None and o.is_weights.dim() == 1:  # a sequence's weight: once
+        li = torch.log(o.is_weights.to(F64)).clamp(VESPO_LOG_W_MIN, LOG_RATIO_MAX)
+        logw = logw + torch.where(x.active.any(dim=1), li, torch.zeros_like(li))[:, None]
+    elif x.isw is not None:
+        li = torch.log(x.isw).clamp(VESPO_LOG_W_MIN, LOG_RATIO_MAX)
+        logw = logw + torch.where(x.active, li, zero).sum(dim=1, keepdim=True)
+    logw = logw.clamp(VESPO_LOG_W_MIN, LOG_RATIO_MAX)
+    w = torch.exp(logw)
+    pos = x.A >= 0
+    k = torch.where(pos, torch.full_like(d, o.vespo_k_pos), torch.full_like(d, o.vespo_k_neg))
+    lam_pos, lam_neg = max(o.vespo_lambda_pos, 1e-4), max(o.vespo_lambda_neg, 1e-4)
+    lam = torch.where(pos, torch.full_like(d, lam_pos), torch.full_like(d, lam_neg))
+    log_phi = lam + k * logw - lam * w
+    phi = torch.where(log_phi <= VESPO_LOG_PHI_MAX, torch.exp(log_phi.clamp(max=VESPO_LOG_PHI_MAX)), zero)
+    return phi, w
+
+
+def policy_keep(lp, o: LossSpec, m, active, A) -> torch.Tensor | None:
+    """Where the policy term stays ([B, T] bool): offpolicy_mask_threshold and policy_mask; None without
+    either."""
+    keep = offpolicy_keep(lp, o, m, active, A)
+    if o.policy_mask is not None:
+        pm = o.policy_mask.to(torch.bool)
+        keep = pm if keep is None else keep & pm
+    return keep
 
 
 def offpolicy_keep(lp, o: LossSpec, m, active, A) -> torch.Tensor | None:
@@ -238,6 +317,7 @@ def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[
         rho = _WithSlope.apply(lp, ones, ones)  # exp(logp - sg(logp)): value 1, d rho / d logp = 1
     else:
         rho = torch.exp(d)
+    tok_rho = rho  # the token ratio (kl_bias_correction; "gmpo" and "vespo" report a sequence ratio as rho)
 
     clipped = low = high = dual = torch.zeros_like(active)
     if o.mode in ("clip", "gspo"):
@@ -262,6 +342,21 @@ def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[
         high = (rho.detach() > hi) & (A > 0)
     elif o.mode == "reinforce":
         pg = -A * lp
+    elif o.mode == "gmpo":
+        raw = lp.detach() - x.old if x.old is not None else zero
+        R, Abar, G, free = gmpo_terms(x, d.detach(), raw, o)
+        # the token form: value -Abar R G, d / d logp = -Abar R G where the log-ratio kept its gradient
+        unit = _WithSlope.apply(lp, ones, free.to(F64))
+        pg = -(Abar * R * G).expand_as(lp) * unit
+        r = R.expand_as(lp)
+        rho = _WithSlope.apply(lp, r, r)  # reported only
+        outside = (d.detach() < -o.clip_low) | (d.detach() > o.clip_high)  # verl's clip flags
+        low, high = outside & (A < 0), outside & (A > 0)
+        clipped = ((A > 0) & (d.detach() > o.clip_high)) | ((A < 0) & (d.detach() < -o.clip_low))
+    elif o.mode == "vespo":
+        phi, w = vespo_terms(x, d.detach(), o)
+        pg = -phi * A * lp
+        rho = w.expand_as(lp)
     elif o.mode == "sapo":
         tau = torch.where(A > 0, torch.full_like(A, o.sapo_tau_pos), torch.full_like(A, o.sapo_tau_neg))
         pg = -A * torch.sigmoid(tau * (rho - 1.0)) * (4.0 / tau)
@@ -272,16 +367,16 @@ def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[
         f, df = offpolicy_shape(lp, o.offpolicy_gamma)
         pg = torch.where(x.off, -A * _WithSlope.apply(lp, f, df), pg)
         clipped, low, high, dual = (y & ~x.off for y in (clipped, low, high, dual))
-    if x.isw is not None:
+    if x.isw is not None and o.mode not in ("gmpo", "vespo"):
         pg = pg * x.isw
-    keep = offpolicy_keep(lp.detach(), o, m, active, A)
+    keep = policy_keep(lp.detach(), o, m, active, A)
     if keep is not None:
         pg = torch.where(keep, pg, zero)
     pg = torch.where(active, pg, zero)
 
     k = kl_estimate(lp, x.ref, o.kl) if x.ref is not None else zero
     if x.ref is not None and o.kl_bias_correction:
-        k = k * rho
+        k = k * tok_rho
     k = torch.where(active, k, zero)
     loss_tok = pg + o.beta * k if o.beta > 0 else pg
     loss = aggregate(loss_tok, m, o)
@@ -307,6 +402,7 @@ def loss_reference(logp: torch.Tensor, o: LossSpec) -> tuple[torch.Tensor, dict[
         "ratio_max": torch.where(active, r, -big).max() if any_active else torch.zeros((), dtype=F64),
         "ppo_kl": mean(-(d.detach())),
         "active_tokens": den,
+        "masked_frac": mean(~keep) if keep is not None else torch.zeros((), dtype=F64),
     }
     return loss, metrics
 
@@ -354,6 +450,12 @@ def loss_grad_reference(logp: torch.Tensor, o: LossSpec) -> torch.Tensor:
             g = torch.where((A < 0) & (pg > -A * o.dual_clip), zero, g)
     elif mode == "cispo":
         g = -torch.exp(d).clamp(lo, hi) * A
+    elif mode == "gmpo":
+        R, Abar, G, free = gmpo_terms(x, d, raw, o)
+        g = torch.where(free, (-Abar * R * G).expand(B, T), zero)
+    elif mode == "vespo":
+        phi, _ = vespo_terms(x, d, o)
+        g = -phi * A
     elif mode == "sapo":
         rho = torch.exp(d)
         d_rho = torch.where(inside, rho, zero) if x.old is not None else torch.ones_like(rho)
@@ -365,9 +467,9 @@ def loss_grad_reference(logp: torch.Tensor, o: LossSpec) -> torch.Tensor:
     if x.off is not None:
         _, df = offpolicy_shape(lp, o.offpolicy_gamma)
         g = torch.where(x.off, -A * df, g)
-    if x.isw is not None:
+    if x.isw is not None and mode not in ("gmpo", "vespo"):
         g = g * x.isw
-    keep = offpolicy_keep(lp, o, m, active, A)
+    keep = policy_keep(lp, o, m, active, A)
     if keep is not None:
         g = torch.where(keep, g, zero)
     if x.ref is not None and o.beta > 0:

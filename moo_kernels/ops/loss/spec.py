@@ -44,6 +44,11 @@ class LossSpec(Spec):
         "[B, T] the sampler's log-probs, for offpolicy_mask_threshold (None: old_logp, as TRL).", dtypes=FLOATS,
         shapes=("BT",),
     )  # fmt: skip
+    policy_mask: torch.Tensor | None = tensor(
+        "[B, T] bool: where False, an active token's policy term and its gradient are 0 (the KL term, the "
+        "normaliser and the metrics' means still count it), as TRL's entropy mask (top_entropy_quantile).",
+        dtypes=(torch.bool,), shapes=("BT",),
+    )  # fmt: skip
     offpolicy_mask_threshold: float | None = option(
         None,
         "off-policy sequence masking (DeepSeek-V3.2; TRL's off_policy_mask_threshold): a token keeps its policy "
@@ -87,9 +92,20 @@ class LossSpec(Spec):
         "clip",
         '"clip" (PPO / GRPO), "cispo" (-sg(clamp(ratio)) A logp), "gspo" (sequence-level ratio exp(mean of '
         'logp - old_logp over the sequence\'s active tokens)), "reinforce" (-A logp), "sapo" (-A sigmoid(tau '
-        "(ratio - 1)) 4 / tau, tau = sapo_tau_pos where A > 0, else sapo_tau_neg: SAPO's soft gate, no clip).",
+        "(ratio - 1)) 4 / tau, tau = sapo_tau_pos where A > 0, else sapo_tau_neg: SAPO's soft gate, no clip), "
+        '"gmpo" (-mean(A) exp(mean of the sign-clipped log-ratio) per sequence: verl\'s geo_mean), "vespo" '
+        "(-sg(phi(w)) A logp, phi(w) = exp(lambda + k log w - lambda w) of the sequence ratio w (importance "
+        "weights included), k / lambda by the sign of A: TRL's vespo).",
         "str", choices=MODE,
     )  # fmt: skip
+    vespo_k_pos: float = option(2.0, 'k of mode "vespo" where A >= 0.', "float", low=0.0)
+    vespo_lambda_pos: float = option(
+        3.0, 'lambda of mode "vespo" where A >= 0 (used as max(lambda, 1e-4), as TRL).', "float", low=0.0
+    )
+    vespo_k_neg: float = option(3.0, 'k of mode "vespo" where A < 0.', "float", low=0.0)
+    vespo_lambda_neg: float = option(
+        2.0, 'lambda of mode "vespo" where A < 0 (used as max(lambda, 1e-4), as TRL).', "float", low=0.0
+    )
     sapo_tau_pos: float = option(1.0, 'the gate\'s temperature of mode "sapo" where A > 0.', "float", low=0.0,
                                  low_inclusive=False)  # fmt: skip
     sapo_tau_neg: float = option(1.05, 'the gate\'s temperature of mode "sapo" where A <= 0.', "float", low=0.0,
@@ -157,12 +173,15 @@ class PolicyLossMetrics(NamedTuple):
     pg_loss: the aggregated policy term (the loss without the KL term).
     kl_mean: mean KL estimate to the reference (0 without ref_logp).
     clip_frac: share of tokens where the clipped term was strictly the larger loss (its gradient is cut);
-        for "cispo", where the ratio weight was clipped.
+        for "cispo", where the ratio weight was clipped; for "gmpo", where the sign-clip cut the log-ratio
+        (its clip_frac_low / clip_frac_high: log-ratio outside [-clip_low, clip_high] with A < 0 / A > 0, as verl).
     clip_frac_low / clip_frac_high: ratio below 1 - clip_low with A < 0 / above 1 + clip_high with A > 0.
     dual_clip_frac: share of tokens (A < 0) bounded by the dual clip.
-    ratio_mean, ratio_min, ratio_max: importance ratio statistics (the sequence ratio for "gspo").
+    ratio_mean, ratio_min, ratio_max: importance ratio statistics (the sequence ratio for "gspo" and "gmpo", the
+        sequence weight w for "vespo").
     ppo_kl: mean of old_logp - logp.
     active_tokens: sum of the mask.
+    masked_frac: share of tokens whose policy term was dropped (offpolicy_mask_threshold, policy_mask).
     """
 
     pg_loss: torch.Tensor
@@ -176,3 +195,4 @@ class PolicyLossMetrics(NamedTuple):
     ratio_max: torch.Tensor
     ppo_kl: torch.Tensor
     active_tokens: torch.Tensor
+    masked_frac: torch.Tensor

@@ -4,7 +4,8 @@ the statistics before and the reduction after each entry point's own kernel).
 The loss's normaliser depends on the mask only (and for GSPO on the sequence mean log-ratio), so an entry point
 computes each token's loss and its gradient together:
 
-1. row_stats_kernel       one program per sequence: n_b = sum_t m (and, for GSPO, sum_t d m)
+1. row_stats_kernel       one program per sequence: n_b = sum_t m (and the sums of the sequence-level modes
+                          and of the off-policy mask: see row_stats_kernel)
 2. totals_kernel          one program: M = sum_b n_b, S = #{b : n_b > 0} (in a fixed order) and the
                           aggregation's denominator
 3. (the entry point's kernel) per token: token_inputs -> token_terms -> its gradient times token_weights, and
@@ -38,7 +39,11 @@ CLIP = tl.constexpr(_codes.MODE["clip"])
 GSPO = tl.constexpr(_codes.MODE["gspo"])
 CISPO = tl.constexpr(_codes.MODE["cispo"])
 SAPO = tl.constexpr(_codes.MODE["sapo"])
-STATS = tl.constexpr(3)  # the row statistics: sum m, sum d m (GSPO), the off-policy mask's mean
+GMPO = tl.constexpr(_codes.MODE["gmpo"])
+VESPO = tl.constexpr(_codes.MODE["vespo"])
+# the row statistics: sum m, the sequence log-ratio sum (GSPO sum d m, GMPO sum d' m, VESPO sum d m + sum log w),
+# the off-policy mask's mean, GMPO's sum A m and sum log(w + 1e-10) m
+STATS = tl.constexpr(5)
 TOKEN_MEAN = tl.constexpr(_codes.AGG["token-mean"])
 SEQ_MEAN_TOKEN_MEAN = tl.constexpr(_codes.AGG["seq-mean-token-mean"])
 SEQ_MEAN_TOKEN_SUM_NORM = tl.constexpr(_codes.AGG["seq-mean-token-sum-norm"])
@@ -53,8 +58,12 @@ LOW_VAR_KL_ST = tl.constexpr(_codes.KL["low_var_kl+"])
 ABS_ST = tl.constexpr(_codes.KL["abs+"])
 LOW_VAR_KL_MAX = tl.constexpr(10.0)
 LOG_RATIO_MAX = tl.constexpr(_codes.LOG_RATIO_MAX)
-# the columns of a row of partial sums: loss, pg, kl, clip, low, high, dual, ratio sum, ratio min, ratio max, ppo_kl
-NUM_PARTIALS = tl.constexpr(11)
+VESPO_LOG_W_MIN = tl.constexpr(-18.420680743952367)  # log(1e-8), TRL's lower clamp of the sequence log-weight
+VESPO_LOG_PHI_MAX = tl.constexpr(88.0)  # beyond it exp leaves float32's range: phi is 0
+GMPO_IS_EPS = tl.constexpr(1e-10)
+# the columns of a row of partial sums: loss, pg, kl, clip, low, high, dual, ratio sum, ratio min, ratio max, ppo_kl,
+# (11: unused, the place of active_tokens in the output), masked (the policy term dropped)
+NUM_PARTIALS = tl.constexpr(13)
 
 
 @triton.jit
@@ -90,25 +99,55 @@ def mask_weight(mask, mask_strides, b, t, ok):
 @triton.jit
 def row_stats_kernel(
     logp, logp_strides, old_logp, old_logp_strides, sampling_logp, sampling_logp_strides, mask, mask_strides,
-    stats, T, offpolicy_mask_threshold, mode: tl.constexpr, BLOCK_T: tl.constexpr,
+    advantages, advantages_strides, token_advantages, token_advantages_strides, is_weights, is_weights_strides,
+    stats, T, offpolicy_mask_threshold, clip_low, clip_high, mode: tl.constexpr, IS_ROW: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """stats[b] = (sum_t m, sum_t d m over active tokens, the off-policy mask's mean of sampling_logp - logp): the
-    second only for GSPO with old log-probs, the third with offpolicy_mask_threshold (sampling_logp, else
-    old_logp; NaN counts 0), each 0 otherwise."""
+    """stats[b] = (sum_t m; the sequence log-ratio sum: GSPO sum_t d m, GMPO sum_t d' m (the sign-clipped d),
+    VESPO sum_t d m + sum_t clamp(log is_weights, log 1e-8, LOG_RATIO_MAX) (IS_ROW, a [B] is_weights: its
+    clamped log once, in a row with an active token); the off-policy mask's mean of
+    sampling_logp - logp (with offpolicy_mask_threshold: sampling_logp, else old_logp; NaN counts 0); GMPO's
+    sum_t A m and sum_t log(is_weights + 1e-10) m), over active tokens, each 0 where its mode or input is
+    absent."""
     b = tl.program_id(0).to(tl.int64)
     n = tl.zeros([BLOCK_T], dtype=tl.float64)
     sd = tl.zeros([BLOCK_T], dtype=tl.float64)
     skl = tl.zeros([BLOCK_T], dtype=tl.float64)
+    sa = tl.zeros([BLOCK_T], dtype=tl.float64)
+    sw = tl.zeros([BLOCK_T], dtype=tl.float64)
+    has = tl.zeros([BLOCK_T], dtype=tl.int32)  # active tokens (a float mask's weights may cancel in n)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         ok = t < T
         m, active = mask_weight(mask, mask_strides, b, t, ok)
         n += m
-        if mode == GSPO and old_logp is not None:
+        has += tl.where(active, 1, 0)
+        if (mode == GSPO or mode == GMPO or mode == VESPO) and old_logp is not None:
             lp = at(logp, logp_strides, b, t, ok)
             old = at(old_logp, old_logp_strides, b, t, ok)
             d = tl.minimum(tl.maximum(lp - old, -LOG_RATIO_MAX), LOG_RATIO_MAX)
+            if mode == GMPO:  # the sign-clip: the side of the clip range that caps the objective
+                adv = at(advantages, advantages_strides, b, t, ok)
+                if token_advantages is not None:
+                    adv += at(token_advantages, token_advantages_strides, b, t, ok)
+                d = tl.where((adv > 0) & (d > clip_high), clip_high, d)
+                d = tl.where((adv < 0) & (d < -clip_low), -clip_low, d)
+                d = tl.where(adv == 0, 0.0, d)
             sd += tl.where(active, d.to(tl.float64) * m, 0.0)
+        if mode == GMPO:
+            adv = at(advantages, advantages_strides, b, t, ok)
+            if token_advantages is not None:
+                adv += at(token_advantages, token_advantages_strides, b, t, ok)
+            sa += tl.where(active, adv.to(tl.float64) * m, 0.0)
+            if is_weights is not None:
+                w = tl.load(is_weights + b * is_weights_strides[0] + t * is_weights_strides[1], mask=ok,
+                            other=1.0).to(tl.float64)  # fmt: skip
+                sw += tl.where(active, tl.log(w + GMPO_IS_EPS) * m, 0.0)
+        if mode == VESPO and is_weights is not None and not IS_ROW:  # token weights enter the sequence weight
+            w = tl.load(is_weights + b * is_weights_strides[0] + t * is_weights_strides[1], mask=ok,
+                        other=1.0).to(tl.float64)  # fmt: skip
+            lw = tl.minimum(tl.maximum(tl.log(w), VESPO_LOG_W_MIN), LOG_RATIO_MAX)
+            sd += tl.where(active, lw, 0.0)
         if offpolicy_mask_threshold is not None:
             if sampling_logp is not None:
                 src = tl.load(sampling_logp + b * sampling_logp_strides[0] + t * sampling_logp_strides[1], mask=ok,
@@ -123,9 +162,16 @@ def row_stats_kernel(
                 diff = src - lp64
                 skl += tl.where(active & (diff == diff), diff * m, 0.0)
     n_row = tl.sum(n, axis=0)
+    sd_row = tl.sum(sd, axis=0)
+    if mode == VESPO and is_weights is not None and IS_ROW:  # a sequence's weight: once
+        w_row = tl.load(is_weights + b * is_weights_strides[0]).to(tl.float64)
+        lw_row = tl.minimum(tl.maximum(tl.log(w_row), VESPO_LOG_W_MIN), LOG_RATIO_MAX)
+        sd_row += tl.where(tl.sum(has, axis=0) > 0, lw_row, 0.0)
     tl.store(stats + b * STATS, n_row)
-    tl.store(stats + b * STATS + 1, tl.sum(sd, axis=0))
+    tl.store(stats + b * STATS + 1, sd_row)
     tl.store(stats + b * STATS + 2, tl.sum(skl, axis=0) / tl.maximum(n_row, 1.0))
+    tl.store(stats + b * STATS + 3, tl.sum(sa, axis=0))
+    tl.store(stats + b * STATS + 4, tl.sum(sw, axis=0))
 
 
 @triton.jit
@@ -191,6 +237,43 @@ def sequence_ratio(stats, b):
 
 
 @triton.jit
+def vespo_phi(log_w, w, k, lam):
+    """VESPO's gamma weight of a sequence, float64: exp(lambda + k log w - lambda w), 0 beyond float32's range."""
+    lam = tl.maximum(lam, 1e-4)
+    log_phi = lam + k * log_w - lam * w
+    return tl.where(log_phi <= VESPO_LOG_PHI_MAX, tl.exp(tl.minimum(log_phi, VESPO_LOG_PHI_MAX)), 0.0)
+
+
+@triton.jit
+def sequence_terms(
+    stats, b, has_is_weights: tl.constexpr, mode: tl.constexpr, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+    vespo_lambda_neg,
+):  # fmt: skip
+    """(seq_rho, seq_a, seq_b) of row b for token_terms, float32: GSPO (its sequence ratio, 0, 0); GMPO (R, the
+    token value -Abar R G, 0); VESPO (w, phi where A >= 0, phi where A < 0); otherwise (1, 0, 0)."""
+    seq_rho = tl.full([], 1.0, tl.float32)
+    seq_a = tl.zeros([], dtype=tl.float32)
+    seq_b = tl.zeros([], dtype=tl.float32)
+    if mode == GSPO:
+        seq_rho = sequence_ratio(stats, b)
+    elif mode == GMPO:
+        n_row = tl.maximum(tl.load(stats + b * STATS), 1.0)
+        r = tl.exp(tl.minimum(tl.maximum(tl.load(stats + b * STATS + 1) / n_row, -LOG_RATIO_MAX), LOG_RATIO_MAX))
+        value = -(tl.load(stats + b * STATS + 3) / n_row) * r
+        if has_is_weights:
+            value = value * tl.exp(tl.load(stats + b * STATS + 4) / n_row)
+        seq_rho = r.to(tl.float32)
+        seq_a = value.to(tl.float32)
+    elif mode == VESPO:
+        log_w = tl.minimum(tl.maximum(tl.load(stats + b * STATS + 1), VESPO_LOG_W_MIN), LOG_RATIO_MAX)
+        w = tl.exp(log_w)
+        seq_rho = w.to(tl.float32)
+        seq_a = vespo_phi(log_w, w, vespo_k_pos, vespo_lambda_pos).to(tl.float32)
+        seq_b = vespo_phi(log_w, w, vespo_k_neg, vespo_lambda_neg).to(tl.float32)
+    return seq_rho, seq_a, seq_b
+
+
+@triton.jit
 def token_inputs(
     b, t, ok, lp, advantages, advantages_strides, token_advantages, token_advantages_strides, old_logp,
     old_logp_strides,
@@ -208,14 +291,15 @@ def token_inputs(
 
 @triton.jit
 def token_terms(
-    lp, raw, adv, active, seq_rho, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap, offpolicy_gamma,
-    mode: tl.constexpr, kl: tl.constexpr, kl_bias_correction: tl.constexpr, sapo_tau_pos, sapo_tau_neg, keep,
+    lp, raw, adv, active, seq_rho, seq_a, seq_b, off, w_is, ref, beta, clip_low, clip_high, dual_clip, ratio_cap,
+    offpolicy_gamma, mode: tl.constexpr, kl: tl.constexpr, kl_bias_correction: tl.constexpr, sapo_tau_pos,
+    sapo_tau_neg, keep,
 ):  # fmt: skip
     """Loss of tokens and its derivative in logp, elementwise (blocks of tokens or a single token).
 
-    lp: log-probs; raw: logp - old_logp (unclamped); seq_rho: the GSPO sequence ratio; off, w_is, ref: None when
-    absent. Returns (loss, pg, dloss/dlogp, k, rho, d, clipped, low, high, dual); loss, pg and k are 0 where
-    inactive.
+    lp: log-probs; raw: logp - old_logp (unclamped); seq_rho, seq_a, seq_b: the row's values of sequence_terms;
+    off, w_is, ref, keep: None when absent. Returns (loss, pg, dloss/dlogp, k, rho, d, clipped, low, high, dual);
+    loss, pg and k are 0 where inactive.
     """
     zero = tl.zeros(lp.shape, dtype=tl.float32)
     false = tl.full(lp.shape, 0, tl.int1)
@@ -257,6 +341,19 @@ def token_terms(
         clipped = w != rho
         low = (rho < lo) & (adv < 0)
         high = (rho > hi) & (adv > 0)
+    elif mode == GMPO:  # the sequence's -Abar R G, with the gradient where the sign-clip did not cut d
+        rho = zero + seq_rho
+        outside = (d < -clip_low) | (d > clip_high)  # verl's clip flags
+        low = outside & (adv < 0)
+        high = outside & (adv > 0)
+        clipped = ((adv > 0) & (d > clip_high)) | ((adv < 0) & (d < -clip_low))
+        pg = zero + seq_a
+        g = tl.where(clipped | (adv == 0) | (tl.abs(raw) > LOG_RATIO_MAX), 0.0, seq_a)
+    elif mode == VESPO:  # -sg(phi) A logp, phi of the sequence weight by the sign of A
+        rho = zero + seq_rho
+        phi = tl.where(adv >= 0, seq_a, seq_b)
+        pg = -phi * adv * lp
+        g = -phi * adv
     elif mode == SAPO:  # the soft gate sigmoid(tau (rho - 1)) 4 / tau
         rho = tl.exp(d)
         d_rho = tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
@@ -277,8 +374,9 @@ def token_terms(
         high = high & ~off
         dual = dual & ~off
     if w_is is not None:
-        pg = pg * w_is
-        g = g * w_is
+        if mode != GMPO and mode != VESPO:  # those hold the importance weights in their sequence values
+            pg = pg * w_is
+            g = g * w_is
     if keep is not None:  # the off-policy sequence mask: the policy term only
         pg = tl.where(keep, pg, 0.0)
         g = tl.where(keep, g, 0.0)
@@ -309,8 +407,11 @@ def token_terms(
         if kl == K1_ST or kl == K3_ST or kl == LOW_VAR_KL_ST or kl == ABS_ST:
             gk = u  # straight-through: the gradient of k2
         if kl_bias_correction:  # rho k: d = rho dk + k d rho (the token ratio; the spec refuses gspo)
-            gk = gk * rho + k * tl.where(tl.abs(raw) <= LOG_RATIO_MAX, rho, 0.0)
-            k = k * rho
+            tok_rho = rho
+            if mode == GMPO or mode == VESPO:
+                tok_rho = tl.exp(d)
+            gk = gk * tok_rho + k * tl.where(tl.abs(raw) <= LOG_RATIO_MAX, tok_rho, 0.0)
+            k = k * tok_rho
         k = tl.where(active, k, 0.0)
         # beta = 0 reports the estimate without adding it (a select: 0 * inf would be NaN)
         with_kl = beta > 0
@@ -320,7 +421,7 @@ def token_terms(
 
 
 @triton.jit
-def store_partials(base, loss_tok, pg, k, wl, wmean, active, clipped, low, high, dual, rho, d):
+def store_partials(base, loss_tok, pg, k, wl, wmean, active, clipped, low, high, dual, rho, d, dropped):
     """One row of partial sums (the columns of reduce_partials_kernel) over a block of tokens: wl = m scale,
     the weight in the loss, wmean = m / M, the weight in the metrics' means; every value selected where
     active."""
@@ -336,12 +437,14 @@ def store_partials(base, loss_tok, pg, k, wl, wmean, active, clipped, low, high,
     tl.store(base + 8, tl.min(tl.where(active, rho, float("inf")), axis=0))
     tl.store(base + 9, tl.max(tl.where(active, rho, float("-inf")), axis=0))
     tl.store(base + 10, tl.sum(tl.where(active, -d * wmean, 0.0), axis=0))
+    tl.store(base + 11, 0.0)
+    tl.store(base + 12, tl.sum(tl.where(dropped & active, wmean, 0.0), axis=0))
 
 
 @triton.jit
 def reduce_partials_kernel(parts, totals, out, P, BLOCK_P: tl.constexpr):
     """out = [loss, pg_loss, kl_mean, clip_frac, low, high, dual, ratio_mean, ratio_min, ratio_max,
-    ppo_kl, active_tokens], reduced over the P partial rows in a fixed order (the means are sums of the
+    ppo_kl, active_tokens, masked_frac], reduced over the P partial rows in a fixed order (the means are sums of the
     partials already: their weights are m / M)."""
     cols = tl.arange(0, 16)
     col_ok = cols < NUM_PARTIALS
@@ -367,7 +470,7 @@ def reduce_partials_kernel(parts, totals, out, P, BLOCK_P: tl.constexpr):
     # the means (columns 2..7 and 10) are 0 unless M = sum(m) > 0 (a select: their weights m / M are 0 then,
     # and an infinite estimate times 0 would be NaN)
     total_m = tl.load(totals + 0)
-    is_mean = ((cols >= 2) & (cols <= 7)) | (cols == 10)
+    is_mean = ((cols >= 2) & (cols <= 7)) | (cols == 10) | (cols == 12)
     red = tl.where(is_mean, tl.where(total_m > 0, red, 0.0), red)
-    red = tl.where(cols == NUM_PARTIALS, total_m, red)
-    tl.store(out + cols, red, mask=cols <= NUM_PARTIALS)
+    red = tl.where(cols == 11, total_m, red)
+    tl.store(out + cols, red, mask=cols < NUM_PARTIALS)

@@ -12,16 +12,23 @@ from moo_kernels.ops.loss import triton_kernels as lk
 from moo_kernels.ops.loss.spec import LossSpec
 
 
+def row_block(mode: str) -> int:
+    """The row-statistics kernel's tile: GMPO and VESPO keep five float64 sums per token lane, which spill at 2048
+    (4 warps; python_tests/test_aot.py checks it)."""
+    return 512 if mode in ("gmpo", "vespo") else 2048
+
+
 def row_statistics(spec: LossSpec, logp: torch.Tensor | None, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stats [B, 3], totals [3]), float64: per row sum(m) (for GSPO sum(d m) and for offpolicy_mask_threshold the
-    mean of sampling_logp - logp, which need logp), then
+    """(stats [B, STATS], totals [3]), float64: per row sum(m) and the sums of the sequence-level modes and of
+    offpolicy_mask_threshold (row_stats_kernel; they need logp), then
     M = sum(m), the number of rows with sum(m) > 0 and the aggregation's denominator (totals_kernel)."""
     f64 = dict(dtype=torch.float64, device=spec.mask.device)
     stats, totals = torch.empty(B, lk.STATS.value, **f64), torch.empty(3, **f64)
     k = lk.row_stats_kernel
     k[(B,)](**spec.kernel_kwargs(
-        k, logp=logp, logp_strides=strides2(logp), stats=stats, T=T, BLOCK_T=min(triton.next_power_of_2(T), 2048),
-        num_warps=4,
+        k, logp=logp, logp_strides=strides2(logp), stats=stats, T=T,
+        BLOCK_T=min(triton.next_power_of_2(T), row_block(spec.mode)),
+        IS_ROW=spec.is_weights is not None and spec.is_weights.dim() == 1, num_warps=4,
     ))  # fmt: skip
     k = lk.totals_kernel
     k[(1,)](**spec.kernel_kwargs(k, stats=stats, totals=totals, B=B, BLOCK_B=min(triton.next_power_of_2(B), 1024),
@@ -35,8 +42,8 @@ def partials(rows: int, device: torch.device) -> torch.Tensor:
 
 
 def reduce(parts: torch.Tensor, totals: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss 0-dim, metrics [11]) from the partial sums, in the output dtype of the input like."""
-    out = torch.empty(lk.NUM_PARTIALS.value + 1, dtype=torch.float64, device=parts.device)
+    """(loss 0-dim, metrics [len(METRICS)]) from the partial sums, in the output dtype of the input like."""
+    out = torch.empty(lk.NUM_PARTIALS.value, dtype=torch.float64, device=parts.device)
     P = parts.shape[0]
     lk.reduce_partials_kernel[(1,)](parts, totals, out, P, BLOCK_P=min(triton.next_power_of_2(P), 256), num_warps=4)
     dt = out_dtype(like)

@@ -1,6 +1,6 @@
 """C++ launcher of the policy loss from log-probs: allocates the outputs and calls csrc/policy_loss.cpp with the
 loss's spec, whose tensors and options it reads by name (every input keeps its dtype and strides; nothing is
-copied). Returns (loss, metrics [11], grad) like the Triton launcher."""
+copied). Returns (loss, metrics [len(METRICS)], grad) like the Triton launcher."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The policy loss from log-probs as an op: the implementation on each backend, the torch.library registration
 (schema from the loss's spec, fake), the one backward, and the public function.
 
-The op returns (loss, metrics [11], grad): grad is d loss / d logp for an incoming gradient of 1, computed by
+The op returns (loss, metrics [len(METRICS)], grad): grad is d loss / d logp for an incoming gradient of 1, computed by
 the forward kernel itself; the backward only rescales it. There is one implementation and one backward, and
 three entries to them: under torch.compile (and for meta tensors) the registered op, which the compiler sees
 through its fake and which carries the backward; in eager mode, when a gradient is needed, an

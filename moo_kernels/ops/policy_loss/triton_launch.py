@@ -1,5 +1,5 @@
 """Triton launcher of the policy loss from log-probs (CUDA tensors; CPU tensors under TRITON_INTERPRET=1):
-row statistics, the fused forward, the reduction. Returns (loss, metrics [11], grad): grad is d loss / d logp
+row statistics, the fused forward, the reduction. Returns (loss, metrics [len(METRICS)], grad): grad is d loss / d logp
 for an incoming gradient of 1, in logp's dtype (None when no gradient is needed)."""
 
 from __future__ import annotations
