@@ -3,6 +3,7 @@
 from moo_kernels._backend import get_backend, set_backend, use_backend
 from moo_kernels.ops.advantages import AdvantageResult, multi_objective_advantages
 from moo_kernels.ops.brier import brier_reward
+from moo_kernels.ops.hidden import policy_loss_from_hidden, token_logprobs_from_hidden
 from moo_kernels.ops.logits import policy_loss_from_logits, token_logprobs
 from moo_kernels.ops.policy_loss import PolicyLossMetrics, policy_loss
 from moo_kernels.ops.rollout import RolloutCorrection, RolloutMetrics, rollout_correction
@@ -26,11 +27,13 @@ __all__ = [
     "get_backend",
     "multi_objective_advantages",
     "policy_loss",
+    "policy_loss_from_hidden",
     "policy_loss_from_logits",
     "RolloutCorrection",
     "RolloutMetrics",
     "rollout_correction",
     "set_backend",
     "token_logprobs",
+    "token_logprobs_from_hidden",
     "use_backend",
 ]

@@ -1,0 +1,491 @@
+"""The lm_head fused with the log-probs and the loss: the logits z = hidden @ weight.T + bias exist one tile at a time.
+
+Tiles. The [B, T] positions are cut into tiles of at most `chunk_size` positions: whole sequences when a sequence
+fits (rows b0:b1, every t), else pieces of one sequence (row b, t0:t1). chunk_size=None takes the largest power of
+two with chunk_size x V x (bytes of the head's dtype) <= TILE_BYTES (256 MiB on CUDA, 16 MiB on the CPU), at
+most B T. A tile's logits are one GEMM (cuBLAS / the CPU's BLAS through torch), then the package's logits kernels
+run on them, then the gradient GEMMs: d hidden = d z @ weight (the tile's rows) and d weight += d z^T @ hidden,
+d bias += the column sums of d z, each only when that input requires a gradient (a frozen head skips the weight
+GEMM). Tiles run in a fixed order and the weight gradient accumulates in that order: the results do not depend on
+anything but the inputs.
+
+The loss (policy_loss_from_hidden): its normaliser depends on the mask only, so a token's d loss / d logp is known
+as soon as its log-prob is, and
+- one sweep serves the token-level modes ("clip", "cispo", "reinforce", "sapo") without offpolicy_mask_threshold or
+  entropy terms: each tile runs the loss from logits (policy_loss_from_logits's kernels) with the batch's
+  normaliser (num_tokens = the batch's mask sum for token-mean, num_sequences = its sequences with an active token,
+  or B, for the seq-mean aggregations: the caller's values when given), writing d loss / d z over its logits in
+  place; three GEMMs per tile. "seq-mean-token-mean" needs a sequence's whole mask in its tile (n_b): it takes this
+  path when the tiles hold whole sequences.
+- two sweeps serve the rest (the sequence-level modes, the off-policy mask and the entropy terms need every
+  log-prob or entropy before any gradient, as does seq-mean-token-mean over pieces of sequences): the first computes
+  each tile's log-probs, entropies and softmax statistics; the loss runs on the [B, T] log-probs
+  (moo_kernels.policy_loss's kernels, with the entropy mask and bonus of the loss from logits); the second
+  recomputes each tile's logits and writes d loss / d z from the log-probs' and entropies' gradients: four GEMMs
+  per tile, one more than the one sweep.
+The forward computes the gradients; the backward scales them by the incoming gradient (nothing when it is 1).
+
+Memory beyond the inputs, the outputs and the gradients: one tile of logits in the head's dtype (its gradient is
+written over it), for a 16-bit weight the float32 accumulator of its gradient (V x D x 4 bytes) and the tile's
+d z in float32 for that GEMM (chunk_size x V x 4 bytes), with head_dtype=float32 over a 16-bit weight a block of
+the weight in float32 (HEAD_BLOCK rows x D x 4 bytes), and O(B T) for the log-probs and statistics.
+
+The mode that computes the head in float32 (head_dtype=torch.float32 over a 16-bit weight: the precision of the
+head matters for the importance ratio) converts the hidden tile and HEAD_BLOCK rows of the weight at a time, never
+the whole weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from moo_kernels import _options as O
+from moo_kernels._codes import METRICS, out_dtype
+from moo_kernels._spec import with_spec
+from moo_kernels.ops.logits.op import (
+    SEQUENCE_MODES,
+    loss_on_logprobs,
+    run_logits_loss,
+    run_token_logprobs,
+    run_token_logprobs_backward,
+)
+from moo_kernels.ops.logits.spec import EntropySpec, LogitsSpec, entropy_spec
+from moo_kernels.ops.loss.spec import LossSpec, PolicyLossMetrics, loss_spec
+
+TILE_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}  # the default tile's logits, in bytes
+HEAD_BLOCK = 8192  # vocabulary rows of the weight converted at a time by head_dtype=float32
+HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+Tile = tuple[slice, slice]
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------
+
+
+class Head:
+    """The checked head: hidden [B, T, D] (a [B * T, D] hidden is viewed so), weight [V, D], bias [V] or None, the
+    dtype of the logits (head_dtype), the tiles."""
+
+    def __init__(self, hidden, weight, tokens, bias, head_dtype, chunk_size):
+        O.check_tensor("hidden", hidden)
+        O.check_tensor("weight", weight)
+        O.check_tensor("tokens", tokens)
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if hidden.dim() == 2 and hidden.shape[0] == B * T:
+            hidden = hidden.view(B, T, hidden.shape[1])
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (B, T):
+            raise ValueError(f"hidden must be [B, T, D] = [{B}, {T}, D] (or [{B * T}, D]) for tokens [{B}, {T}], "
+                             f"got shape {tuple(hidden.shape)}")  # fmt: skip
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+            raise ValueError(f"weight must be [V, D] with D = {hidden.shape[2]} (nn.Linear's layout, the lm_head's "
+                             f"weight), got shape {tuple(weight.shape)}")  # fmt: skip
+        for name, x in (("hidden", hidden), ("weight", weight)):
+            if x.dtype not in HEAD_DTYPES:
+                raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        if hidden.dtype != weight.dtype:
+            raise TypeError(f"hidden and weight must have one dtype, got {hidden.dtype} and {weight.dtype}")
+        O.check_same_device("weight", weight, hidden.device, other="hidden")
+        V = weight.shape[0]
+        if bias is not None:
+            O.check_tensor("bias", bias)
+            if tuple(bias.shape) != (V,):
+                raise ValueError(f"bias must be [V] = [{V}], got shape {tuple(bias.shape)}")
+            if bias.dtype != weight.dtype:
+                raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+            O.check_same_device("bias", bias, hidden.device, other="hidden")
+        if head_dtype is not None and head_dtype not in (weight.dtype, torch.float32):
+            raise ValueError(f"head_dtype must be None, torch.float32 or the weight's dtype, got {head_dtype}")
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.dtype = head_dtype or weight.dtype
+        self.B, self.T, self.D, self.V = B, T, hidden.shape[2], V
+        if chunk_size is None:
+            per_row = V * torch.empty((), dtype=self.dtype).element_size()
+            budget = TILE_BYTES["cuda" if hidden.is_cuda else "cpu"]
+            chunk_size = 2 ** max(0, int(math.log2(max(budget // per_row, 1))))
+        self.chunk_size = min(O.check_int("chunk_size", chunk_size, low=1), B * T)
+
+    def tiles(self) -> list[Tile]:
+        """Whole sequences per tile when one fits, else pieces of one sequence."""
+        B, T, n = self.B, self.T, self.chunk_size
+        if n >= T:
+            rows = n // T
+            return [(slice(b, min(b + rows, B)), slice(0, T)) for b in range(0, B, rows)]
+        return [(slice(b, b + 1), slice(t, min(t + n, T))) for b in range(B) for t in range(0, T, n)]
+
+    def whole_rows(self) -> bool:
+        return self.chunk_size >= self.T
+
+    def rows(self, tile: Tile) -> Tensor:
+        """The tile's hidden states, [n, D]."""
+        bs, ts = tile
+        return self.hidden[bs, ts].reshape(-1, self.D)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """z = h @ weight.T + bias, [n, V] in the head's dtype (float32 over a 16-bit weight: by blocks of the
+        weight's rows)."""
+        w, b = self.weight, self.bias
+        if self.dtype == w.dtype:
+            return torch.nn.functional.linear(h, w, b)
+        z = torch.empty((h.shape[0], self.V), dtype=self.dtype, device=h.device)
+        h32 = h.to(self.dtype)
+        for v0, v1 in _blocks(self.V):
+            bias = b[v0:v1].to(self.dtype) if b is not None else None
+            z[:, v0:v1] = torch.nn.functional.linear(h32, w[v0:v1].to(self.dtype), bias)
+        return z
+
+
+def _blocks(V: int) -> Iterator[tuple[int, int]]:
+    for v0 in range(0, V, HEAD_BLOCK):
+        yield v0, min(v0 + HEAD_BLOCK, V)
+
+
+class Grads:
+    """The gradients of hidden, weight and bias (None where not wanted), accumulated tile by tile in a fixed order:
+    the weight's and bias's in float32 for 16-bit weights, in their dtype otherwise."""
+
+    def __init__(self, head: Head, want: tuple[bool, bool, bool]):
+        self.head = head
+        w = head.weight
+        acc = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+        self.hidden = torch.empty_like(head.hidden) if want[0] else None
+        self.weight = torch.zeros(w.shape, dtype=acc, device=w.device) if want[1] else None
+        self.bias = torch.zeros(head.V, dtype=acc, device=w.device) if want[2] and head.bias is not None else None
+
+    def add(self, tile: Tile, h: Tensor, gz: Tensor) -> None:
+        """The tile's share from d loss / d z, gz [n, V] in the head's dtype."""
+        head = self.head
+        w = head.weight
+        if self.hidden is not None:
+            bs, ts = tile
+            if gz.dtype == w.dtype:
+                gh = gz @ w
+            else:  # float32 head over a 16-bit weight: by blocks of the weight's rows, in float32
+                gh = torch.zeros((gz.shape[0], head.D), dtype=gz.dtype, device=gz.device)
+                for v0, v1 in _blocks(head.V):
+                    gh.addmm_(gz[:, v0:v1], w[v0:v1].to(gz.dtype))
+            self.hidden[bs, ts] = gh.view(self.hidden[bs, ts].shape).to(self.hidden.dtype)
+        if self.weight is not None:
+            acc = self.weight
+            self.weight.addmm_(gz.t().to(acc.dtype), h.to(acc.dtype))
+        if self.bias is not None:
+            self.bias += gz.sum(dim=0, dtype=self.bias.dtype)
+
+    def done(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        w = self.head.weight
+        weight = self.weight.to(w.dtype) if self.weight is not None else None
+        bias = self.bias.to(w.dtype) if self.bias is not None else None
+        return self.hidden, weight, bias
+
+
+def tile_spec(spec: LossSpec, tile: Tile, counts: dict) -> LossSpec:
+    """The loss's arguments restricted to a tile ([B] tensors to its rows, [B, T] ones to its positions), with the
+    batch's normaliser (counts)."""
+    bs, ts = tile
+    values = spec.kwargs()
+    for name, arg in LossSpec.args():
+        x = values[name]
+        if arg.kind == "tensor" and x is not None:
+            values[name] = x[bs, ts] if x.dim() == 2 else x[bs]
+    values.update(counts)
+    return LossSpec.make(values)
+
+
+def batch_counts(spec: LossSpec, B: int) -> dict | None:
+    """The normaliser options that give every tile the batch's token weights (the caller's num_tokens /
+    num_sequences when given); None when the batch has none (no active weight: the two sweeps then run the loss
+    on the whole batch, which gives 0)."""
+    agg, mask = spec.agg, spec.mask
+    if agg == "token-sum":
+        return {}
+    if agg == "token-mean":
+        n = spec.num_tokens if spec.num_tokens is not None else float(mask.to(torch.float64).sum())
+        return {"num_tokens": n} if n > 0 else None
+    if agg == "seq-mean-token-sum-norm":
+        return {"num_sequences": spec.num_sequences if spec.num_sequences is not None else float(B)}
+    s = spec.num_sequences if spec.num_sequences is not None else float((mask != 0).any(dim=1).sum())
+    return {"num_sequences": s} if s > 0 else None
+
+
+def combine_metrics(parts: list[Tensor]) -> Tensor:
+    """The batch's metrics [len(METRICS)] from the tiles' (each over its own active tokens): pg_loss summed (each
+    tile's carries the batch's normaliser), the means weighted by the tiles' active weights, min / max over the
+    tiles with an active token, active_tokens summed."""
+    m = torch.stack(parts)
+    col = {name: i for i, name in enumerate(METRICS)}
+    act = m[:, col["active_tokens"]]
+    total = act.sum()
+    has = act != 0
+    out = (m * act[:, None]).sum(dim=0) / torch.where(total != 0, total, torch.ones_like(total))
+    out = torch.where(total != 0, out, torch.zeros_like(out))
+    inf = torch.full_like(act, float("inf"))
+    lo = torch.where(has, m[:, col["ratio_min"]], inf).min()
+    hi = torch.where(has, m[:, col["ratio_max"]], -inf).max()
+    out[col["ratio_min"]] = torch.where(has.any(), lo, torch.zeros_like(lo))
+    out[col["ratio_max"]] = torch.where(has.any(), hi, torch.zeros_like(hi))
+    out[col["pg_loss"]] = m[:, col["pg_loss"]].sum()
+    out[col["active_tokens"]] = total
+    return out
+
+
+# ---- the loss ----------------------------------------------------------------------------------------------
+
+
+def one_sweep(spec: LossSpec, es: EntropySpec, head: Head) -> bool:
+    return (
+        spec.mode not in SEQUENCE_MODES
+        and spec.offpolicy_mask_threshold is None
+        and not es.active()
+        and (spec.agg != "seq-mean-token-mean" or head.whole_rows())
+    )
+
+
+def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, want: tuple[bool, bool, bool],
+                    want_entropy: bool):  # fmt: skip
+    """(loss, metrics [len(METRICS)], entropy [B, T] or None, (d hidden, d weight, d bias)) for an incoming
+    gradient of 1."""
+    grads = Grads(head, want) if any(want) else None
+    counts = batch_counts(spec, head.B) if one_sweep(spec, es, head) else None
+    entropy = torch.empty((head.B, head.T), dtype=torch.float32, device=head.hidden.device) if want_entropy else None
+    if counts is not None:
+        losses, parts = [], []
+        for tile in head.tiles():
+            bs, ts = tile
+            h = head.rows(tile)
+            z = head.logits(h)
+            z3 = z.view(-1 if ts.stop - ts.start == head.T else 1, ts.stop - ts.start, head.V)
+            ts_spec = LogitsSpec.make({"tokens": s.tokens[bs, ts], "temperature": s.temperature})
+            loss, metrics, ent = run_logits_loss(
+                z3, ts_spec, want_entropy, z3 if grads is not None else None, tile_spec(spec, tile, counts), es
+            )  # fmt: skip
+            if grads is not None:
+                grads.add(tile, h, z)
+            if entropy is not None:
+                entropy[bs, ts] = ent
+            losses.append(loss)
+            parts.append(metrics)
+        loss = torch.stack(losses).sum()
+        return loss, combine_metrics(parts), entropy, grads.done() if grads is not None else (None, None, None)
+
+    # two sweeps: the log-probs (entropies) and their statistics, the loss on them, then the logits' gradient
+    logp, ent, saved = logprob_sweep(head, s, want_entropy or es.active())
+    loss, metrics, g_logp, g_ent = loss_on_logprobs(logp, ent, spec, es, grads is not None)
+    if grads is not None:
+        logits_grad_sweep(head, s, saved, ent, g_logp, g_ent, grads)
+    if entropy is not None:
+        entropy.copy_(ent)
+    return loss, metrics, entropy, grads.done() if grads is not None else (None, None, None)
+
+
+class HiddenLoss(torch.autograd.Function):
+    """apply(hidden, weight, bias, run): the forward computes the loss and the gradients of the inputs that need
+    one; the backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, run):
+        want = tuple(ctx.needs_input_grad[:3])
+        loss, metrics, entropy, grads = run(want)
+        ctx.grads = grads  # attributes: handed over once
+        ctx.mark_non_differentiable(metrics)
+        if entropy is None:
+            entropy = hidden.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return loss, metrics, entropy
+
+    @staticmethod
+    def backward(ctx, g_loss, g_metrics, g_entropy):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("policy_loss_from_hidden: backward ran twice through the same call (retain_graph); "
+                               "its gradients are handed over once, so call the loss again instead")  # fmt: skip
+        if g_loss is None:
+            return None, None, None, None
+        one = float(g_loss) == 1.0 if not g_loss.is_cuda else False
+        out = tuple(None if g is None else (g if one else g.mul_(g_loss.to(g.dtype))) for g in grads)
+        return (*out, None)
+
+
+@torch.compiler.disable
+@with_spec(LogitsSpec, EntropySpec, LossSpec, positional=("tokens", "advantages", "mask"))
+def policy_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    head_dtype: torch.dtype | None = None,
+    return_entropy: bool = False,
+    **options,
+):
+    """policy_loss_from_logits(hidden @ weight.T + bias, tokens, advantages, mask, ...) without the [B, T, V]
+    logits: one tile of them at a time (see moo_kernels/ops/hidden/op.py for the tiles, the sweeps and the memory).
+
+    Args:
+        hidden: [B, T, D] (or [B * T, D]) float32 / bfloat16 / float16 hidden states of the positions that predict
+            tokens (the last layer's output, normalised, before the lm_head).
+        weight: [V, D] the lm_head's weight (nn.Linear's layout; a weight tied to the embedding is fine), the dtype
+            of hidden. Gradients go to hidden, weight and bias, each only when it requires one.
+        tokens, advantages, mask: as in policy_loss_from_logits.
+        bias: [V] optional, the weight's dtype.
+        chunk_size: positions per tile (None: the largest power of two whose logits fit in 256 MiB on CUDA,
+            16 MiB on the CPU).
+        head_dtype: None (the weight's dtype) or torch.float32: the head in float32 over a 16-bit weight, block by
+            block of the weight (never a float32 copy of the whole weight).
+        return_entropy: also return the entropy [B, T] of every position (float32; it carries no gradient here:
+            an entropy bonus is the option entropy_coef).
+        {options}
+
+    Returns:
+        (loss, PolicyLossMetrics), plus the entropy with return_entropy: those of policy_loss_from_logits on the
+        logits this head gives, to the precision of the GEMMs in their dtype.
+
+    Under torch.compile the call runs eagerly (a graph break).
+
+    Example:
+        >>> hidden = torch.randn(2, 8, 16, requires_grad=True)
+        >>> head = torch.nn.Linear(16, 100, bias=False)
+        >>> tokens = torch.randint(0, 100, (2, 8))
+        >>> loss, m = policy_loss_from_hidden(hidden, head.weight, tokens, torch.randn(2), torch.ones(2, 8) > 0)
+        >>> loss.backward()
+    """
+    head = Head(hidden, weight, tokens, bias, head_dtype, chunk_size)
+    s = _check_tokens(head, LogitsSpec.make({"tokens": tokens, "temperature": options.pop("temperature", 1.0)}))
+    es = entropy_spec(**{k: options.pop(k) for k in EntropySpec.names() if k in options})
+    return_entropy = O.check_bool("return_entropy", return_entropy)
+    spec = loss_spec((head.B, head.T), hidden.device, "hidden", advantages=advantages, mask=mask, **options)
+
+    def run(want):
+        return run_hidden_loss(head, s, es, spec, want, return_entropy)
+
+    inputs = (head.hidden, weight, bias)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        loss, metrics, entropy = HiddenLoss.apply(*inputs, run)
+    else:
+        loss, metrics, entropy, _ = run((False, False, False))
+    metrics = PolicyLossMetrics(*metrics.unbind(0))
+    return (loss, metrics, entropy) if return_entropy else (loss, metrics)
+
+
+def _check_tokens(head: Head, s: LogitsSpec) -> LogitsSpec:
+    """The tokens and temperature, validated as policy_loss_from_logits validates them (V from the weight)."""
+    from moo_kernels._spec import Context
+
+    context = Context({"B": head.B, "T": head.T, "V": head.V}, head.hidden.device, "hidden")
+    return LogitsSpec.validate(context, tokens=s.tokens, temperature=s.temperature)
+
+
+# ---- the log-probs -----------------------------------------------------------------------------------------
+
+
+def logprob_sweep(head: Head, s: LogitsSpec, want_entropy: bool):
+    """(logp [B, T], entropy [B, T] or None, each tile's softmax statistics), one tile of logits at a time."""
+    logp = torch.empty((head.B, head.T), dtype=out_dtype(head.dtype), device=head.hidden.device)
+    ent = torch.empty_like(logp) if want_entropy else None
+    saved = []
+    for tile in head.tiles():
+        bs, ts = tile
+        z = head.logits(head.rows(tile))
+        lp_t, stats_t, ent_t = run_token_logprobs(z.view(-1, ts.stop - ts.start, head.V), s.tokens[bs, ts],
+                                                  s.temperature, want_entropy)  # fmt: skip
+        logp[bs, ts] = lp_t
+        if ent is not None:
+            ent[bs, ts] = ent_t
+        saved.append(stats_t)
+    return logp, ent, saved
+
+
+def logits_grad_sweep(head: Head, s: LogitsSpec, saved: list, ent, g_logp, g_ent, grads: Grads) -> None:
+    """For each tile: its logits again, d / d z of sum g_logp logp + sum g_ent H written over them (the log-probs'
+    backward kernel), then the gradient GEMMs."""
+    for tile, stats_t in zip(head.tiles(), saved, strict=True):
+        bs, ts = tile
+        h = head.rows(tile)
+        z = head.logits(h)
+        z3 = z.view(-1, ts.stop - ts.start, head.V)
+
+        def part(x):
+            return x[bs, ts].contiguous() if x is not None else None
+
+        run_token_logprobs_backward(
+            z3, s.tokens[bs, ts], stats_t, part(ent) if g_ent is not None else None, part(g_logp), part(g_ent),
+            s.temperature, z3,
+        )  # fmt: skip
+        grads.add(tile, h, z)
+
+
+class HiddenLogprobs(torch.autograd.Function):
+    """apply(hidden, weight, bias, head, s, want_entropy) -> (logp, entropy): the backward recomputes each tile's
+    logits (the sweep's statistics saved) and writes the gradients of the inputs that need one."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head, s, want_entropy):
+        logp, ent, saved = logprob_sweep(head, s, want_entropy)
+        ctx.save_for_backward(hidden, weight, bias, ent)
+        ctx.head, ctx.s, ctx.saved = head, s, saved
+        ctx.set_materialize_grads(False)
+        if ent is None:
+            ent = logp.new_empty(0)
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, ent = ctx.saved_tensors
+        head = ctx.head
+        if g_logp is None and g_ent is None:
+            return None, None, None, None, None, None
+        if g_logp is None:
+            g_logp = torch.zeros((head.B, head.T), dtype=ent.dtype, device=ent.device)
+        grads = Grads(head, tuple(ctx.needs_input_grad[:3]))
+        logits_grad_sweep(head, ctx.s, ctx.saved, ent, g_logp.to(out_dtype(head.dtype)),
+                          g_ent.to(out_dtype(head.dtype)) if g_ent is not None and ent is not None else None,
+                          grads)  # fmt: skip
+        return (*grads.done(), None, None, None)
+
+
+@torch.compiler.disable
+@with_spec(LogitsSpec, positional=("tokens",))
+def token_logprobs_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    head_dtype: torch.dtype | None = None,
+    return_entropy: bool = False,
+    **options,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """token_logprobs(hidden @ weight.T + bias, tokens, ...) without the [B, T, V] logits: one tile at a time.
+
+    Args: as policy_loss_from_hidden's.
+        {options}
+
+    Returns:
+        logp [B, T] (float32; float64 for float64 inputs), and the entropy [B, T] with return_entropy. Both are
+        differentiable: the backward recomputes each tile's logits (one GEMM), writes their gradient over them and
+        runs the gradient GEMMs; under torch.no_grad (old / reference log-probs) only the forward sweep runs.
+
+    Example:
+        >>> with torch.no_grad():
+        ...     old_logp = token_logprobs_from_hidden(hidden, lm_head.weight, completion_ids, temperature=0.9)
+    """
+    head = Head(hidden, weight, tokens, bias, head_dtype, chunk_size)
+    s = _check_tokens(head, LogitsSpec.make({"tokens": tokens, "temperature": options.pop("temperature", 1.0)}))
+    if options:
+        raise TypeError(f"unexpected keyword argument {next(iter(options))!r}")
+    return_entropy = O.check_bool("return_entropy", return_entropy)
+    inputs = (head.hidden, weight, bias)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        logp, ent = HiddenLogprobs.apply(*inputs, head, s, return_entropy)
+    else:
+        logp, ent, _ = logprob_sweep(head, s, return_entropy)
+    return (logp, ent) if return_entropy else logp

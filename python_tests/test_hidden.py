@@ -1,0 +1,254 @@
+"""policy_loss_from_hidden and token_logprobs_from_hidden: equal to the logits entries on hidden @ weight.T + bias
+(value and the gradients of hidden, weight and bias) on every backend, for every loss option and tile shape (whole
+sequences, pieces of one: both sweeps); one tile of logits at a time; 16-bit inputs and the float32 head; errors."""
+
+import pytest
+import torch
+from conftest import targets
+from test_logits import build
+from test_policy_loss import CASES
+
+import moo_kernels as mk
+from moo_kernels._codes import METRICS
+from moo_kernels.ops.hidden import op as hidden_op
+
+TARGETS = [*targets(), ("reference", "cpu")]
+D = 16
+
+
+def head_of(logits_shape, seed=0, dtype=torch.float64, bias=True):
+    B, T, V = logits_shape
+    g = torch.Generator().manual_seed(seed + 7)
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.2 if bias else None
+    return hidden.to(dtype), weight.to(dtype), b.to(dtype) if bias else None
+
+
+def on(device, kw):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def logits_side(hidden, weight, bias, tokens, adv, mask, kw, device, grad_out):
+    """policy_loss_from_logits on the head's logits, and the gradients of hidden / weight / bias by autograd."""
+    leaves = [x.to(device).requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    z = torch.nn.functional.linear(*leaves)
+    loss, metrics, ent = mk.policy_loss_from_logits(z, tokens.to(device), adv.to(device), mask.to(device),
+                                                    return_entropy=True, **on(device, kw))  # fmt: skip
+    (loss * grad_out).backward()
+    return loss, metrics, ent, [x.grad if x is not None else None for x in leaves]
+
+
+def hidden_side(hidden, weight, bias, tokens, adv, mask, kw, device, grad_out, **extra):
+    leaves = [x.to(device).requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    loss, metrics, ent = mk.policy_loss_from_hidden(
+        leaves[0], leaves[1], tokens.to(device), adv.to(device), mask.to(device), bias=leaves[2], return_entropy=True,
+        **on(device, kw), **extra,
+    )  # fmt: skip
+    (loss * grad_out).backward()
+    return loss, metrics, ent, [x.grad if x is not None else None for x in leaves]
+
+
+def assert_same(a, b, atol=1e-9, rtol=1e-7):
+    (l1, m1, e1, g1), (l2, m2, e2, g2) = a, b
+    torch.testing.assert_close(l1, l2, atol=atol, rtol=rtol)
+    for name in METRICS:
+        torch.testing.assert_close(getattr(m1, name), getattr(m2, name), atol=atol, rtol=rtol, msg=name)
+    torch.testing.assert_close(e1.double(), e2.double(), atol=1e-6, rtol=1e-6)
+    for x, y in zip(g1, g2, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, atol=atol, rtol=rtol)
+
+
+# chunk sizes: pieces of one sequence (two sweeps for seq-mean-token-mean), two whole sequences, all at once
+CHUNKS = [5, 2 * 12, None]
+
+
+@pytest.mark.parametrize("backend,device", [t for t in TARGETS if t[0] != "triton"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_equals_loss_from_logits(backend, device, case, chunk):
+    logits, tokens, adv, mask, kw = build(case)
+    hidden, weight, bias = head_of(logits.shape)
+    kw = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    with mk.use_backend(backend):
+        want = logits_side(hidden, weight, bias, tokens, adv.double(), mask, kw, device, -1.3)
+        got = hidden_side(hidden, weight, bias, tokens, adv.double(), mask, kw, device, -1.3, chunk_size=chunk)
+    assert_same(got, want)
+
+
+TRITON_CASES = ["clip_higher_dual_cap_k3", "gspo", "sapo", "seq_mean_token_mean_num_sequences", "vespo", "policy_mask"]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_equals_loss_from_logits_triton(case):
+    if ("triton", "cpu") not in TARGETS:
+        pytest.skip("the Triton interpreter is not enabled (TRITON_INTERPRET=1)")
+    logits, tokens, adv, mask, kw = build(case)
+    hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
+    with mk.use_backend("triton"):
+        want = logits_side(hidden, weight, bias, tokens, adv, mask, kw, "cpu", 0.7)
+        got = hidden_side(hidden, weight, bias, tokens, adv, mask, kw, "cpu", 0.7, chunk_size=5)
+    assert_same(got, want, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend,device", [t for t in TARGETS if t[0] != "triton"])
+@pytest.mark.parametrize(
+    "entropy", [dict(entropy_coef=0.05), dict(top_entropy_quantile=0.4, entropy_coef=-0.1, entropy_agg="loss")]
+)
+def test_entropy_terms(backend, device, entropy):
+    logits, tokens, adv, mask, kw = build("clip_token_mean")
+    hidden, weight, bias = head_of(logits.shape)
+    kw = dict(kw, old_logp=kw["old_logp"].double(), **entropy)
+    with mk.use_backend(backend):
+        want = logits_side(hidden, weight, bias, tokens, adv.double(), mask, kw, device, 1.0)
+        got = hidden_side(hidden, weight, bias, tokens, adv.double(), mask, kw, device, 1.0, chunk_size=4)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_token_logprobs_from_hidden(backend, device):
+    logits, tokens, _, _, _ = build("clip_token_mean")
+    hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    g_logp, g_ent = torch.randn(tokens.shape, generator=g), torch.randn(tokens.shape, generator=g)
+    out = []
+    with mk.use_backend(backend):
+        for fused in (False, True):
+            leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+            if fused:
+                lp, ent = mk.token_logprobs_from_hidden(leaves[0], leaves[1], tokens, bias=leaves[2], chunk_size=3,
+                                                        temperature=0.8, return_entropy=True)  # fmt: skip
+            else:
+                z = torch.nn.functional.linear(*leaves)
+                lp, ent = mk.token_logprobs(z, tokens, temperature=0.8, return_entropy=True)
+            ((lp * g_logp).sum() + (ent * g_ent).sum()).backward()
+            out.append((lp, ent, [x.grad for x in leaves]))
+        with torch.no_grad():
+            lp_nograd = mk.token_logprobs_from_hidden(hidden, weight, tokens, bias=bias, chunk_size=3, temperature=0.8)
+    (lp1, e1, g1), (lp2, e2, g2) = out
+    torch.testing.assert_close(lp2, lp1, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(e2, e1, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lp_nograd, lp2, atol=0, rtol=0)
+    for x, y in zip(g2, g1, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_head_and_no_bias():
+    """Only the gradients asked for: a frozen weight gets none (its GEMM is skipped), no bias, no bias gradient."""
+    logits, tokens, adv, mask, kw = build("clip_token_mean")
+    hidden, weight, _ = head_of(logits.shape, dtype=torch.float32, bias=False)
+    calls = []
+    grads_add = hidden_op.Grads.add
+
+    def spy(self, tile, h, gz):
+        calls.append(self.weight is None)
+        return grads_add(self, tile, h, gz)
+
+    x = hidden.clone().requires_grad_()
+    hidden_op.Grads.add = spy
+    try:
+        loss, _ = mk.policy_loss_from_hidden(x, weight, tokens, adv, mask, chunk_size=4, **kw)
+        loss.backward()
+    finally:
+        hidden_op.Grads.add = grads_add
+    assert x.grad is not None and weight.grad is None and calls and all(calls)
+    z = (hidden @ weight.T).requires_grad_()
+    mk.policy_loss_from_logits(z, tokens, adv, mask, **kw)[0].backward()
+    torch.testing.assert_close(x.grad, z.grad @ weight, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 12, 40])
+def test_one_tile_of_logits_at_a_time(chunk):
+    """Every GEMM makes at most chunk_size rows of logits, and the tiles cover every position once."""
+    logits, tokens, adv, mask, kw = build("gspo")
+    hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
+    rows = []
+    original = hidden_op.Head.logits
+
+    def spy(self, h):
+        rows.append(h.shape[0])
+        return original(self, h)
+
+    hidden_op.Head.logits = spy
+    try:
+        x = hidden.clone().requires_grad_()
+        loss, _ = mk.policy_loss_from_hidden(x, weight, tokens, adv, mask, bias=bias, chunk_size=chunk, **kw)
+        loss.backward()
+    finally:
+        hidden_op.Head.logits = original
+    B, T = tokens.shape
+    assert max(rows) <= chunk and sum(rows) == 2 * B * T  # gspo: two sweeps
+
+
+def test_default_chunk_rule():
+    head = hidden_op.Head(torch.zeros(4, 100, 8), torch.zeros(32000, 8), torch.zeros(4, 100, dtype=torch.long), None,
+                          None, None)  # fmt: skip
+    assert head.chunk_size == 128  # 16 MiB / (32000 x 4 bytes) = 131 -> 128
+    head = hidden_op.Head(torch.zeros(2, 3, 8), torch.zeros(10, 8), torch.zeros(2, 3, dtype=torch.long), None, None,
+                          None)  # fmt: skip
+    assert head.chunk_size == 6  # at most B T
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_and_float32_head(dtype):
+    """16-bit hidden / weight: the loss of the 16-bit logits (to their precision); head_dtype=float32: exactly the
+    float32 computation of the head, without a float32 copy of the weight (blocks of HEAD_BLOCK rows)."""
+    logits, tokens, adv, mask, kw = build("clip_higher_dual_cap_k3")
+    hidden, weight, bias = head_of(logits.shape, dtype=dtype)
+    loss16, _ = mk.policy_loss_from_hidden(hidden, weight, tokens, adv, mask, bias=bias, chunk_size=7, **kw)
+    want16, _ = mk.policy_loss_from_logits(torch.nn.functional.linear(hidden, weight, bias), tokens, adv, mask, **kw)
+    torch.testing.assert_close(loss16, want16, atol=1e-3, rtol=1e-3)
+    old_block = hidden_op.HEAD_BLOCK
+    hidden_op.HEAD_BLOCK = 8  # several weight blocks
+    try:
+        x = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        loss32, _ = mk.policy_loss_from_hidden(x, w, tokens, adv, mask, bias=bias, chunk_size=7,
+                                               head_dtype=torch.float32, **kw)  # fmt: skip
+        loss32.backward()
+    finally:
+        hidden_op.HEAD_BLOCK = old_block
+    y = hidden.float().requires_grad_()
+    v = weight.float().requires_grad_()
+    want32, _ = mk.policy_loss_from_logits(torch.nn.functional.linear(y, v, bias.float()), tokens, adv, mask, **kw)
+    want32.backward()
+    torch.testing.assert_close(loss32, want32, atol=1e-6, rtol=1e-5)
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.float(), y.grad, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(w.grad.float(), v.grad, atol=1e-2, rtol=1e-2)
+
+
+def test_backward_scales_and_runs_once():
+    logits, tokens, adv, mask, kw = build("clip_token_mean")
+    hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
+    x = hidden.clone().requires_grad_()
+    loss, _ = mk.policy_loss_from_hidden(x, weight, tokens, adv, mask, **kw)
+    (loss * 2.5).backward(retain_graph=True)
+    y = hidden.clone().requires_grad_()
+    mk.policy_loss_from_hidden(y, weight, tokens, adv, mask, **kw)[0].backward()
+    torch.testing.assert_close(x.grad, 2.5 * y.grad)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(hidden=torch.zeros(5, 9, 3)), ValueError, "weight must be \\[V, D\\]"),
+        (dict(hidden=torch.zeros(4, 9, D)), ValueError, "hidden must be \\[B, T, D\\]"),
+        (dict(weight=torch.zeros(300, D, dtype=torch.float64)), TypeError, "one dtype"),
+        (dict(bias=torch.zeros(299)), ValueError, "bias must be \\[V\\]"),
+        (dict(head_dtype=torch.float16), ValueError, "head_dtype"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(tokens=torch.full((5, 9), 300)), ValueError, "tokens must be in"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+    ],
+)
+def test_bad_inputs(change, error, match):
+    logits, tokens, adv, mask, _ = build("clip_token_mean")
+    hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
+    args = {**dict(hidden=hidden, weight=weight, tokens=tokens, bias=bias), **change}
+    with pytest.raises(error, match=match):
+        mk.policy_loss_from_hidden(args.pop("hidden"), args.pop("weight"), args.pop("tokens"), adv, mask, **args)
