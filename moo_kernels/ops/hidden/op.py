@@ -411,12 +411,9 @@ def logits_grad_sweep(head: Head, s: LogitsSpec, saved: list, ent, g_logp, g_ent
         z = head.logits(h)
         z3 = z.view(-1, ts.stop - ts.start, head.V)
 
-        def part(x):
-            return x[bs, ts].contiguous() if x is not None else None
-
+        ent_t, g_logp_t, g_ent_t = (x[bs, ts].contiguous() if x is not None else None for x in (ent, g_logp, g_ent))
         run_token_logprobs_backward(
-            z3, s.tokens[bs, ts], stats_t, part(ent) if g_ent is not None else None, part(g_logp), part(g_ent),
-            s.temperature, z3,
+            z3, s.tokens[bs, ts], stats_t, ent_t if g_ent is not None else None, g_logp_t, g_ent_t, s.temperature, z3
         )  # fmt: skip
         grads.add(tile, h, z)
 
