@@ -1,34 +1,45 @@
 // Rollout correction on the CPU (the C++ backend of moo_kernels.rollout_correction): importance weights of the
-// training / inference mismatch, verl's rejection criteria and the metrics, in one pass over each row of [B, T].
+// training / inference mismatch, verl's rejection criteria and the metrics, in one sweep over each row of [B, T].
 //
 // Semantics: moo_kernels/ops/rollout/reference.py (every rule and metric). Notation: row b, token t, a_bt the
 // active tokens (mask != 0), d_bt = old_logp - rollout_logp at active tokens (a NaN there counts 0; 0 elsewhere),
 // dc = clamp(d, -20, 20). Everything is computed in double whatever the input dtypes (float16, bfloat16, float32
-// or float64, any strides; the mask is read as bytes, any nonzero byte active).
-//   1. Rows in parallel (OpenMP). Each row is processed by one thread in two sweeps over its tokens, in blocks of
-//      kBlock tokens converted into local double arrays:
-//      a. statistics (only what the options need: level "sequence" or a seq_* criterion): the number of active
-//         tokens n_b, S_b = sum_t d, and the sums and maxima of k1 = -dc, k2 = dc^2 / 2, k3 = e^dc - 1 - dc over
-//         the active tokens (maxima 0 for a row without one). From them the row's raw sequence weight
-//         e^clamp(S_b, -20, 20) and the verdict of the seq_* criteria (sum, mean = sum / max(n_b, 1), max; k1 kept
-//         where log lower <= statistic <= log upper, the others where statistic <= upper).
-//      b. per token: raw = e^dc (level "token") or the row's raw weight; mode "truncate" w = clamp(raw, low,
-//         high) ("truncated" where w != raw), mode "mask" w = raw inside [low, high] else 0 ("masked"); w = 0 at
-//         inactive tokens; the token_* criteria; the output mask a AND every criterion. The row's partial metrics
-//         (sums of w, w_c = clamp(w, 0, high), w_c^2, -d, e^dc - dc - 1; counts of truncated, masked, rejected
-//         tokens; max and min of w) accumulate in kLanes independent lanes, summed in lane order at the row's end.
-//      The sums of signed terms (S_b, whose error is the relative error of a sequence weight; the sums of k1 and of
-//      -d, kl_k1 being a mean near 0) are compensated (Neumaier), here and across rows.
+// or float64, any strides; the mask is read as bytes, any nonzero byte active). e^dc, the one transcendental per
+// token, is exp_f64 below: a branch-free polynomial within about an ulp of std::exp (a library call, which would
+// keep the token loops scalar).
+//   1. Rows in parallel (OpenMP). Each row is processed by one thread in one sweep over its tokens, in blocks of
+//      kBlock tokens converted into local double arrays, where d, dc and e^dc are formed by loops over the whole
+//      block (e^dc = 1 at an inactive token, as d = 0 there). The row's sums, counts and extrema accumulate in
+//      kLanes independent lanes (token i in lane i % kLanes), combined in lane order at the row's end. The token
+//      loop holds only what the options need (a template instance per combination, kFlag*), and selects instead
+//      of branches, so that it vectorises. Per token:
+//      - always: n_b (the active tokens), S_b = sum_t d and the sum of e^dc - dc - 1 (kl_k3);
+//      - level "token": raw = e^dc; mode "truncate" w = clamp(raw, low, high) ("truncated" where w != raw), mode
+//        "mask" w = raw inside [low, high] else 0 ("masked"); w = 0 at inactive tokens; the sums of w,
+//        w_c = clamp(w, 0, high) and w_c^2, the truncated or masked count, the max and min of w (over the active
+//        tokens);
+//      - the token_* criteria (k1 = -dc, k2 = dc^2 / 2, k3 = e^dc - 1 - dc; a criterion that is off is given
+//        infinite bounds) and the output mask a AND them, written as the sweep goes, with the rejected count;
+//      - with a seq_* criterion: the sums of k1, k2, k3 and the maxima of k2, k3 over the active tokens.
+//      At the row's end (scalar): the verdict of the seq_* criteria (sum, mean = sum / max(n_b, 1), max (0 for a
+//      row without an active token); k1 kept where log lower <= statistic <= log upper, the others where
+//      statistic <= upper), and a rejected row's mask rewritten all false; level "sequence": the row's raw weight
+//      e^clamp(S_b, -20, 20) (std::exp, as NaN can reach it), its w by the rule above, its metrics those of n_b
+//      tokens of weight w (n_b w, n_b w_c, ...), and its weights written (w at the active tokens, 0 elsewhere).
+//      The sums of signed terms (S_b, whose error is the relative error of a sequence weight and which gives
+//      kl_k1 = mean(-d), a mean near 0, as -sum_b S_b; the sum of dc, for k1) are compensated (Knuth's TwoSum,
+//      which needs no comparison, so it vectorises), in each lane and across lanes and rows.
 //   2. The per-row partials are reduced in row order (so the results have the same bits for any number of
-//      threads), then the metrics: means over the n active tokens (0 when there is none), ESS = 1 / mean(v^2)
-//      with v = w_c / (mean(w_c) + 1e-8), taken as sum(w_c^2) / (mean(w_c) + 1e-8)^2 / n; rejected_seq_frac over
-//      the rows with an active token.
+//      threads, and for either SIMD clone: the lanes fix the arithmetic), then the metrics: means over the n
+//      active tokens (0 when there is none), ESS = 1 / mean(v^2) with v = w_c / (mean(w_c) + 1e-8), taken as
+//      sum(w_c^2) / (mean(w_c) + 1e-8)^2 / n; rejected_seq_frac over the rows with an active token.
 //   3. batch_normalize: m = the token mean of w (level "token") or the mean of the rows' weights over the rows
 //      with an active token (level "sequence"); factor = m where m > 1e-8, else 1. The weights are written as
-//      w / factor (in the output dtype, rounded once from double): without normalisation in sweep b, with it in a
-//      last parallel pass over the rows that recomputes w (the metrics other than the factor are of w before the
-//      division).
-// Inactive tokens contribute nothing, not even NaN or inf from their inputs (selects, not products).
+//      w / factor (in the output dtype, rounded once from double): without normalisation in the sweep, with it in
+//      a last parallel pass over the rows (level "token" recomputes w from the inputs, level "sequence" writes
+//      the row's weight); the metrics other than the factor are of w before the division.
+// Inactive tokens contribute nothing, not even NaN or inf from their inputs (selects, not products). Within the
+// token loops every value is finite (dc is; low < high are not NaN), so the extrema there need no NaN rule.
 // The rejection thresholds arrive as kRejectSlots float64 values (moo_kernels/ops/rollout/spec.py, _SLOTS), NaN
 // where a criterion is off.
 
@@ -40,6 +51,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -51,13 +63,14 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int64_t kBlock = 256;                  // tokens converted and processed together
-constexpr int64_t kLanes = 8;                    // independent double accumulators of every row sum
+constexpr int64_t kBlock = 512;                  // tokens converted and processed together
+constexpr int64_t kLanes = 4;                    // independent double accumulators of every row sum
 constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, threads cost more than they save
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kEssEps = 1e-8;   // verl's, in the ESS normalisation (reference.ESS_EPS)
 constexpr double kNormMin = 1e-8;  // batch_normalize divides only by a mean above this (reference.NORM_MIN)
+constexpr double kLim = moo::kLogRatioMax;
 
 namespace rm = moo::rollout;
 using moo::Operand;
@@ -73,6 +86,89 @@ enum Slot {
     kRejectSlots  // 14, spec.REJECT_SLOTS
 };  // clang-format: keep
 
+// What the token loop computes (the template argument of sweep_row): level "token" weights, mode "truncate"
+// (else "mask"; only with kFlagToken), the token_* criteria, the row statistics of the seq_* criteria.
+enum Flag { kFlagToken = 1, kFlagTruncate = 2, kFlagTokenCriteria = 4, kFlagSeqStats = 8, kFlagCombinations = 16 };
+
+// ---- arithmetic -----------------------------------------------------------------------------------------
+
+inline uint64_t bits_of(double x) {
+    uint64_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return bits;
+}
+
+inline double double_from_bits(uint64_t bits) {
+    double x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+// e^x in double for |x| <= 20 (the callers clamp), branch-free so that the block loops vectorise. Range reduction
+// x = k ln2 + r with k the nearest integer to x / ln2 (found by adding and subtracting 1.5 * 2^52, which rounds to
+// an integer held in the low mantissa bits) and ln2 split into a high part with 21 trailing zero bits (k * high
+// is exact) and the remainder, so |r| <= ln2 / 2 accurately; e^r by its Taylor polynomial of degree 13
+// (truncation below 5e-18 relative); 2^k written into the exponent field. e^0 is exactly 1. Measured against
+// std::exp over |x| <= 20: at most 1 ulp apart.
+MOO_INLINE double exp_f64(double x) {
+    constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
+    constexpr double kLn2High = 6.93147180369123816490e-01, kLn2Low = 1.90821492927058770002e-10;
+    constexpr double kInvFactorial[14] = {1.0,         1.0,          1.0 / 2,        1.0 / 6,
+                                          1.0 / 24,    1.0 / 120,    1.0 / 720,      1.0 / 5040,
+                                          1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,  1.0 / 39916800,
+                                          1.0 / 479001600, 1.0 / 6227020800.0};
+    const double shifted = x * 1.4426950408889634 + kRound;
+    const double k = shifted - kRound;
+    const int64_t ki = static_cast<int64_t>(bits_of(shifted) - bits_of(kRound));
+    const double r = (x - k * kLn2High) - k * kLn2Low;
+    double poly = kInvFactorial[13];
+    for (int j = 12; j >= 0; --j) poly = poly * r + kInvFactorial[j];
+    return poly * double_from_bits(static_cast<uint64_t>(ki + 1023) << 52);
+}
+
+// s + c += x, compensated (Knuth's TwoSum: the rounding error of s + x, exactly, into c; no comparison, so it
+// vectorises). The compensation is kept finite (not updated once the sum is inf or NaN), so an infinite or NaN
+// term gives the plain sum's inf or NaN, as torch's.
+MOO_INLINE void compensated_add(double& s, double& c, double x) {
+    const double t = s + x, z = t - s;
+    const double e = (s - (t - z)) + (x - z);
+    c += std::fabs(t) <= std::numeric_limits<double>::max() ? e : 0.0;
+    s = t;
+}
+
+// A compensated sum, for the sums of signed terms whose rounding shows (see the header). Order-fixed like the
+// plain sums.
+struct Compensated {
+    double s = 0, c = 0;
+    void add(double x) { compensated_add(s, c, x); }
+    void add(const Compensated& o) {
+        add(o.s);
+        add(o.c);
+    }
+    double value() const { return s + c; }
+};
+
+// max / min that propagate NaN, as torch's amax / amin: once the running value is NaN it stays NaN.
+inline double max_nan(double acc, double x) { return x > acc || x != x ? x : acc; }
+inline double min_nan(double acc, double x) { return x < acc || x != x ? x : acc; }
+
+// clamp(x, lo, hi) as torch's: min(max(x, lo), hi), NaN stays NaN.
+inline double clamp(double x, double lo, double hi) { return std::min(std::max(x, lo), hi); }
+
+// The weight of a raw weight by the mode's rule (before the active mask), and whether it was truncated (mode
+// "truncate") or masked (mode "mask").
+template <bool truncate>
+MOO_INLINE double bounded(double raw, double lo, double hi, bool& flagged) {
+    if (truncate) {
+        const double w = clamp(raw, lo, hi);
+        flagged = w != raw;
+        return w;
+    }
+    const bool inside = raw >= lo && raw <= hi;
+    flagged = !inside;
+    return inside ? raw : 0.0;
+}
+
 // ---- operands -----------------------------------------------------------------------------------------
 
 // out[i] = x[i * st] as double for i < n (E an element type of dtype.h).
@@ -87,7 +183,7 @@ MOO_INLINE void load_typed(const void* base, int64_t off, int64_t st, int64_t n,
 }
 
 // out[i] = x[b, t0 + i] as double for i < n, then 0 up to padded.
-inline void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t padded, double* out) {
+MOO_INLINE void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t padded, double* out) {
     const int64_t off = b * x.sb + t0 * x.st;
     switch (x.dtype) {
         case moo::kFloat16: load_typed<moo::Half>(x.ptr, off, x.st, n, out); break;
@@ -98,40 +194,18 @@ inline void load(const Operand& x, int64_t b, int64_t t0, int64_t n, int64_t pad
     std::fill(out + n, out + padded, 0.0);
 }
 
-// out[i] = 1 where the bool byte mask[b, t0 + i] is not 0, else 0, for i < n; then 0 up to padded.
-inline void load_active(const Operand& m, int64_t b, int64_t t0, int64_t n, int64_t padded, uint8_t* out) {
+// out[i] = 1.0 where the bool byte mask[b, t0 + i] is not 0, else 0, for i < n; then 0 up to padded.
+MOO_INLINE void load_active(const Operand& m, int64_t b, int64_t t0, int64_t n, int64_t padded, double* out) {
     const uint8_t* p = static_cast<const uint8_t*>(m.ptr) + b * m.sb + t0 * m.st;
-    for (int64_t i = 0; i < n; ++i) out[i] = p[i * m.st] != 0 ? 1 : 0;
-    std::fill(out + n, out + padded, uint8_t(0));
+    if (m.st == 1) {
+        for (int64_t i = 0; i < n; ++i) out[i] = p[i] != 0 ? 1.0 : 0.0;
+    } else {
+        for (int64_t i = 0; i < n; ++i) out[i] = p[i * m.st] != 0 ? 1.0 : 0.0;
+    }
+    std::fill(out + n, out + padded, 0.0);
 }
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-// max / min that propagate NaN, as torch's amax / amin: once the running value is NaN it stays NaN.
-inline double max_nan(double acc, double x) { return x > acc || x != x ? x : acc; }
-inline double min_nan(double acc, double x) { return x < acc || x != x ? x : acc; }
-
-// A compensated (Neumaier) sum, for the sums of signed terms whose rounding shows: S_b (its error is the relative
-// error of a sequence's weight), the sum of -d (kl_k1, a mean near 0) and the sum of k1. Order-fixed like the
-// plain sums. The compensation is kept finite (not updated once the sum is inf or NaN), so an infinite or NaN
-// term gives the plain sum's inf or NaN, as torch's.
-struct Compensated {
-    double s = 0, c = 0;
-    void add(double x) {
-        const double t = s + x;
-        const double e = std::fabs(s) >= std::fabs(x) ? (s - t) + x : (x - t) + s;
-        c += std::isfinite(t) ? e : 0.0;
-        s = t;
-    }
-    void add(const Compensated& o) {
-        add(o.s);
-        add(o.c);
-    }
-    double value() const { return s + c; }
-};
-
-// clamp(x, lo, hi) as torch's: min(max(x, lo), hi), NaN stays NaN.
-inline double clamp(double x, double lo, double hi) { return std::min(std::max(x, lo), hi); }
 
 // ---- problem ------------------------------------------------------------------------------------------
 
@@ -144,8 +218,9 @@ struct Problem {
     double lo = -kInf, hi = kInf;   // the bounds, infinite where absent
     bool normalize = false;
     double reject[kRejectSlots];    // NaN: the criterion is off
-    bool token_criteria = false;    // any token_* criterion on
+    double token_bounds[4];         // the token_* thresholds (slots kTokenK1Lo..kTokenK3), infinite where off
     bool seq_criteria = false;      // any seq_* criterion on
+    int flags = 0;                  // the sweep's kFlag*
 };
 
 inline bool on(const Problem& p, int slot) { return !std::isnan(p.reject[slot]); }
@@ -156,105 +231,28 @@ inline bool keep_k1(const Problem& p, int slot, double stat) {
 }
 inline bool keep_upper(const Problem& p, int slot, double stat) { return !on(p, slot) || stat <= p.reject[slot]; }
 
-// One block of log-ratios: the inputs converted, d (0 at inactive tokens and where it is NaN) and the active flags.
+// One block of tokens in double: x, y the log-probs, act 1.0 at active tokens (else 0), d the log-ratio (0 at
+// inactive tokens and where it is NaN), dc = clamp(d, -20, 20), e = e^dc; and what the sweep writes, w and keep
+// (1.0 where the output mask is true).
 struct Block {
-    double x[kBlock], y[kBlock], d[kBlock];
-    uint8_t a[kBlock];
+    double x[kBlock], y[kBlock], act[kBlock], d[kBlock], dc[kBlock], e[kBlock], w[kBlock], keep[kBlock];
 };
 
-inline void log_ratios(const Problem& p, int64_t b, int64_t t0, int64_t n, int64_t padded, Block& k) {
+// Fills k with tokens t0 .. t0 + n - 1 of row b, then inactive tokens up to padded.
+MOO_INLINE void load_block(const Problem& p, int64_t b, int64_t t0, int64_t n, int64_t padded, Block& k) {
     load(p.old, b, t0, n, padded, k.x);
     load(p.roll, b, t0, n, padded, k.y);
-    load_active(p.mask, b, t0, n, padded, k.a);
+    load_active(p.mask, b, t0, n, padded, k.act);
     for (int64_t i = 0; i < padded; ++i) {
         const double v = k.x[i] - k.y[i];
-        k.d[i] = k.a[i] != 0 && !std::isnan(v) ? v : 0.0;
+        k.d[i] = k.act[i] != 0.0 && v == v ? v : 0.0;
+        k.dc[i] = clamp(k.d[i], -kLim, kLim);
+        k.e[i] = exp_f64(k.dc[i]);
     }
 }
 
-// ---- 1a. row statistics --------------------------------------------------------------------------------
-
-struct RowStats {
-    int64_t count = 0;      // active tokens
-    double sum_d = 0;       // S_b (unclamped d)
-    double k_sum[3] = {};   // sums of k1, k2, k3 over the active tokens
-    double k_max[3] = {};   // maxima of k2, k3 (slots 1, 2) over the active tokens, 0 without one
-};
-
-RowStats row_stats(const Problem& p, int64_t b, bool k_stats) {
-    Block k;
-    int64_t count[kLanes] = {};
-    Compensated sd[kLanes], ks[3][kLanes];
-    double km[3][kLanes];
-    for (auto& lane : km) std::fill(lane, lane + kLanes, -kInf);
-    const double lim = moo::kLogRatioMax;
-    for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
-        const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
-        log_ratios(p, b, t0, len, padded, k);
-        for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
-            for (int64_t l = 0; l < kLanes; ++l) {
-                const int64_t i = i0 + l;
-                const bool act = k.a[i] != 0;
-                count[l] += act ? 1 : 0;
-                sd[l].add(k.d[i]);
-                if (k_stats) {
-                    const double dc = clamp(k.d[i], -lim, lim);
-                    const double k1 = -dc, k2 = 0.5 * dc * dc, k3 = std::exp(dc) - 1.0 - dc;
-                    ks[0][l].add(act ? k1 : 0.0);
-                    ks[1][l].add(act ? k2 : 0.0);
-                    ks[2][l].add(act ? k3 : 0.0);
-                    km[1][l] = act ? max_nan(km[1][l], k2) : km[1][l];
-                    km[2][l] = act ? max_nan(km[2][l], k3) : km[2][l];
-                }
-            }
-        }
-    }
-    RowStats s;
-    Compensated sum_d, k_sum[3];
-    double kmax[3] = {-kInf, -kInf, -kInf};
-    for (int64_t l = 0; l < kLanes; ++l) {
-        s.count += count[l];
-        sum_d.add(sd[l]);
-        for (int j = 0; j < 3; ++j) {
-            k_sum[j].add(ks[j][l]);
-            kmax[j] = max_nan(kmax[j], km[j][l]);
-        }
-    }
-    s.sum_d = sum_d.value();
-    for (int j = 0; j < 3; ++j) s.k_sum[j] = k_sum[j].value();
-    for (int j = 1; j < 3; ++j) s.k_max[j] = s.count > 0 ? kmax[j] : 0.0;
-    return s;
-}
-
-// The verdict of the seq_* criteria on a row.
-bool seq_keep(const Problem& p, const RowStats& s) {
-    const double n = std::max(static_cast<double>(s.count), 1.0);
-    return keep_k1(p, kSumK1Lo, s.k_sum[0]) && keep_upper(p, kSumK2, s.k_sum[1]) && keep_upper(p, kSumK3, s.k_sum[2]) &&
-           keep_k1(p, kMeanK1Lo, s.k_sum[0] / n) && keep_upper(p, kMeanK2, s.k_sum[1] / n) &&
-           keep_upper(p, kMeanK3, s.k_sum[2] / n) && keep_upper(p, kMaxK2, s.k_max[1]) &&
-           keep_upper(p, kMaxK3, s.k_max[2]);
-}
-
-// ---- 1b. per-token weights, mask and the row's partial metrics ------------------------------------------
-
-// What a row contributes to the metrics (over its active tokens).
-struct RowOut {
-    int64_t count = 0, truncated = 0, masked = 0, rejected = 0;
-    double sum_w = 0, sum_wc = 0, sum_wc2 = 0, sum_k3 = 0;
-    Compensated sum_neg_d;
-    double max_w = -kInf, min_w = kInf;  // NaN propagates
-};
-
-// Per-row constants of sweep b.
-struct RowParams {
-    double raw = 0;        // level "sequence": e^clamp(S_b)
-    bool seq_ok = true;    // the seq_* criteria keep the row
-    double factor = 1;     // the weights are written divided by it
-    bool write_weights = false, write_mask = false;
-};
-
-// Stores w / factor at the row's weights in the output dtype.
-inline void store_weights(const Problem& p, int64_t b, int64_t t0, int64_t n, const double* w, double factor) {
+// Stores w / factor (w alone where factor is 1: the same bits) at the row's weights in the output dtype.
+MOO_INLINE void store_weights(const Problem& p, int64_t b, int64_t t0, int64_t n, const double* w, double factor) {
     const int64_t off = b * p.weights.sb + t0 * p.weights.st, st = p.weights.st;
     if (p.f64) {
         double* out = static_cast<double*>(const_cast<void*>(p.weights.ptr)) + off;
@@ -265,82 +263,218 @@ inline void store_weights(const Problem& p, int64_t b, int64_t t0, int64_t n, co
     }
 }
 
-inline void store_mask(const Problem& p, int64_t b, int64_t t0, int64_t n, const uint8_t* keep) {
+MOO_INLINE void store_mask(const Problem& p, int64_t b, int64_t t0, int64_t n, const double* keep) {
     uint8_t* out = static_cast<uint8_t*>(const_cast<void*>(p.out_mask.ptr)) + b * p.out_mask.sb + t0 * p.out_mask.st;
-    for (int64_t i = 0; i < n; ++i) out[i * p.out_mask.st] = keep[i];
+    for (int64_t i = 0; i < n; ++i) out[i * p.out_mask.st] = keep[i] != 0.0 ? 1 : 0;
 }
 
-RowOut row_pass(const Problem& p, int64_t b, const RowParams& r) {
-    Block k;
-    double w[kBlock];
-    uint8_t keep[kBlock];
-    int64_t count[kLanes] = {}, truncated[kLanes] = {}, masked[kLanes] = {}, rejected[kLanes] = {};
-    double sw[kLanes] = {}, swc[kLanes] = {}, swc2[kLanes] = {}, sk3[kLanes] = {};
-    Compensated snd[kLanes];
+// ---- 1. the sweep over a row ------------------------------------------------------------------------------
+
+// What a row contributes to the metrics (over its active tokens), and its weight at level "sequence".
+struct RowOut {
+    int64_t count = 0, truncated = 0, masked = 0, rejected = 0;
+    double sum_w = 0, sum_wc = 0, sum_wc2 = 0, sum_k3 = 0;
+    Compensated sum_d;                   // S_b
+    double max_w = -kInf, min_w = kInf;  // NaN propagates
+    double weight = 0;                   // level "sequence": the row's w
+};
+
+// The row statistics of the seq_* criteria.
+struct RowStats {
+    int64_t count = 0;      // active tokens
+    double k_sum[3] = {};   // sums of k1, k2, k3 over the active tokens
+    double k_max[3] = {};   // maxima of k2, k3 (slots 1, 2) over the active tokens, 0 without one
+};
+
+// The verdict of the seq_* criteria on a row.
+bool seq_keep(const Problem& p, const RowStats& s) {
+    const double n = std::max(static_cast<double>(s.count), 1.0);
+    return keep_k1(p, kSumK1Lo, s.k_sum[0]) && keep_upper(p, kSumK2, s.k_sum[1]) && keep_upper(p, kSumK3, s.k_sum[2]) &&
+           keep_k1(p, kMeanK1Lo, s.k_sum[0] / n) && keep_upper(p, kMeanK2, s.k_sum[1] / n) &&
+           keep_upper(p, kMeanK3, s.k_sum[2] / n) && keep_upper(p, kMaxK2, s.k_max[1]) &&
+           keep_upper(p, kMaxK3, s.k_max[2]);
+}
+
+// Writes w at the active tokens of row b and 0 elsewhere (level "sequence": w the row's weight / factor).
+MOO_INLINE void fill_row_weights(const Problem& p, int64_t b, double w) {
+    alignas(64) double buf[kBlock];
+    for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
+        const int64_t len = std::min(kBlock, p.T - t0);
+        load_active(p.mask, b, t0, len, len, buf);
+        for (int64_t i = 0; i < len; ++i) buf[i] = buf[i] != 0.0 ? w : 0.0;
+        store_weights(p, b, t0, len, buf, 1.0);
+    }
+}
+
+void clear_row_mask(const Problem& p, int64_t b) {
+    uint8_t* out = static_cast<uint8_t*>(const_cast<void*>(p.out_mask.ptr)) + b * p.out_mask.sb;
+    for (int64_t t = 0; t < p.T; ++t) out[t * p.out_mask.st] = 0;
+}
+
+// The sweep over row b with the flags F (== p.flags): writes the mask (and the weights where they are final) and
+// returns the row's partials.
+template <int F>
+MOO_INLINE RowOut sweep_row(const Problem& p, int64_t b) {
+    constexpr bool token_level = F & kFlagToken, truncate = F & kFlagTruncate;
+    constexpr bool token_criteria = F & kFlagTokenCriteria, seq_stats = F & kFlagSeqStats;
+    const double lo = p.lo, hi = p.hi;
+    const double k1_lo = p.token_bounds[0], k1_hi = p.token_bounds[1], k2_hi = p.token_bounds[2],
+                 k3_hi = p.token_bounds[3];
+    const bool write_weights = token_level && !p.normalize;
+    alignas(64) Block k;
+    // the lanes: always
+    double count[kLanes] = {}, sd[kLanes] = {}, sd_c[kLanes] = {}, sk3m[kLanes] = {};
+    // level "token"
+    double flagged[kLanes] = {}, sw[kLanes] = {}, swc[kLanes] = {}, swc2[kLanes] = {};
     double wmax[kLanes], wmin[kLanes];
     std::fill(wmax, wmax + kLanes, -kInf);
     std::fill(wmin, wmin + kLanes, kInf);
-    const double lim = moo::kLogRatioMax, lo = p.lo, hi = p.hi;
-    const bool token_level = p.level == moo::kIsToken, truncate = p.mode == moo::kIsTruncate;
+    // token_* criteria
+    double rejected[kLanes] = {};
+    // seq_* criteria: the sum of dc (k1 = -dc), the sums and maxima of k2, k3
+    double sdc[kLanes] = {}, sdc_c[kLanes] = {}, sk2[kLanes] = {}, sk3[kLanes] = {}, mk2[kLanes], mk3[kLanes];
+    std::fill(mk2, mk2 + kLanes, -kInf);
+    std::fill(mk3, mk3 + kLanes, -kInf);
     for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
         const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
-        log_ratios(p, b, t0, len, padded, k);
+        load_block(p, b, t0, len, padded, k);
         for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
             for (int64_t l = 0; l < kLanes; ++l) {
                 const int64_t i = i0 + l;
-                const bool act = k.a[i] != 0;
-                const double d = k.d[i], dc = clamp(d, -lim, lim), e = std::exp(dc);
-                const double raw = token_level ? e : r.raw;
-                double wi;
-                bool is_truncated = false, is_masked = false;
-                if (truncate) {
-                    wi = clamp(raw, lo, hi);
-                    is_truncated = wi != raw;
+                const double act = k.act[i], dc = k.dc[i], e = k.e[i];
+                const bool active = act != 0.0;
+                count[l] += act;
+                compensated_add(sd[l], sd_c[l], k.d[i]);
+                sk3m[l] += (e - dc) - 1.0;  // 0 at an inactive token (dc = 0, e = 1)
+                if constexpr (token_level) {
+                    bool f;
+                    const double bw = bounded<truncate>(e, lo, hi, f), w = active ? bw : 0.0;
+                    const double wc = clamp(w, 0.0, hi);
+                    k.w[i] = w;
+                    flagged[l] += active && f ? 1.0 : 0.0;
+                    sw[l] += w;
+                    swc[l] += wc;
+                    swc2[l] += wc * wc;
+                    wmax[l] = active ? std::max(wmax[l], w) : wmax[l];
+                    wmin[l] = active ? std::min(wmin[l], w) : wmin[l];
+                }
+                if constexpr (token_criteria) {
+                    const bool ok = -dc >= k1_lo && -dc <= k1_hi && 0.5 * dc * dc <= k2_hi && (e - 1.0) - dc <= k3_hi;
+                    k.keep[i] = ok ? act : 0.0;
+                    rejected[l] += active && !ok ? 1.0 : 0.0;
                 } else {
-                    const bool inside = raw >= lo && raw <= hi;
-                    wi = inside ? raw : 0.0;
-                    is_masked = !inside;
+                    k.keep[i] = act;
                 }
-                wi = act ? wi : 0.0;
-                bool ok = act && r.seq_ok;
-                if (p.token_criteria) {
-                    ok = ok && keep_k1(p, kTokenK1Lo, -dc) && keep_upper(p, kTokenK2, 0.5 * dc * dc) &&
-                         keep_upper(p, kTokenK3, e - 1.0 - dc);
+                if constexpr (seq_stats) {
+                    const double k2 = 0.5 * dc * dc, k3 = (e - 1.0) - dc;  // 0 at an inactive token
+                    compensated_add(sdc[l], sdc_c[l], dc);
+                    sk2[l] += k2;
+                    sk3[l] += k3;
+                    mk2[l] = active ? std::max(mk2[l], k2) : mk2[l];
+                    mk3[l] = active ? std::max(mk3[l], k3) : mk3[l];
                 }
-                w[i] = wi;
-                keep[i] = ok ? 1 : 0;
-                const double wc = clamp(wi, 0.0, hi);
-                count[l] += act ? 1 : 0;
-                truncated[l] += act && is_truncated ? 1 : 0;
-                masked[l] += act && is_masked ? 1 : 0;
-                rejected[l] += act && !ok ? 1 : 0;
-                sw[l] += wi;
-                swc[l] += act ? wc : 0.0;
-                swc2[l] += act ? wc * wc : 0.0;
-                snd[l].add(-d);
-                sk3[l] += act ? e - dc - 1.0 : 0.0;
-                wmax[l] = act ? max_nan(wmax[l], wi) : wmax[l];
-                wmin[l] = act ? min_nan(wmin[l], wi) : wmin[l];
             }
         }
-        if (r.write_weights) store_weights(p, b, t0, len, w, r.factor);
-        if (r.write_mask) store_mask(p, b, t0, len, keep);
+        if (write_weights) store_weights(p, b, t0, len, k.w, 1.0);
+        store_mask(p, b, t0, len, k.keep);
     }
+
+    // the lanes in lane order
     RowOut o;
+    double n = 0, n_flagged = 0, n_rejected = 0;
+    Compensated sum_dc;
+    RowStats s;
+    double kmax[3] = {-kInf, -kInf, -kInf};
     for (int64_t l = 0; l < kLanes; ++l) {
-        o.count += count[l];
-        o.truncated += truncated[l];
-        o.masked += masked[l];
-        o.rejected += rejected[l];
+        n += count[l];
+        o.sum_d.add(Compensated{sd[l], sd_c[l]});
+        o.sum_k3 += sk3m[l];
+        n_flagged += flagged[l];
         o.sum_w += sw[l];
         o.sum_wc += swc[l];
         o.sum_wc2 += swc2[l];
-        o.sum_neg_d.add(snd[l]);
-        o.sum_k3 += sk3[l];
-        o.max_w = max_nan(o.max_w, wmax[l]);
-        o.min_w = min_nan(o.min_w, wmin[l]);
+        o.max_w = std::max(o.max_w, wmax[l]);
+        o.min_w = std::min(o.min_w, wmin[l]);
+        n_rejected += rejected[l];
+        sum_dc.add(Compensated{sdc[l], sdc_c[l]});
+        s.k_sum[1] += sk2[l];
+        s.k_sum[2] += sk3[l];
+        kmax[1] = std::max(kmax[1], mk2[l]);
+        kmax[2] = std::max(kmax[2], mk3[l]);
     }
+    o.count = static_cast<int64_t>(n);
+    o.rejected = static_cast<int64_t>(n_rejected);
+
+    // the seq_* criteria
+    if constexpr (seq_stats) {
+        s.count = o.count;
+        s.k_sum[0] = -sum_dc.value();
+        for (int j = 1; j < 3; ++j) s.k_max[j] = s.count > 0 ? kmax[j] : 0.0;
+        if (!seq_keep(p, s)) {
+            o.rejected = o.count;
+            clear_row_mask(p, b);
+        }
+    }
+
+    // level "sequence": the row's weight, its n_b tokens' metrics, and its weights unless normalised later
+    if constexpr (!token_level) {
+        const double raw = std::exp(clamp(o.sum_d.value(), -kLim, kLim));
+        bool row_flagged;
+        const double w = p.mode == moo::kIsTruncate ? bounded<true>(raw, lo, hi, row_flagged)
+                                                    : bounded<false>(raw, lo, hi, row_flagged);
+        const double wc = clamp(w, 0.0, hi);
+        const bool any = o.count > 0;
+        o.weight = w;
+        o.sum_w = any ? n * w : 0.0;
+        o.sum_wc = any ? n * wc : 0.0;
+        o.sum_wc2 = any ? n * (wc * wc) : 0.0;
+        o.max_w = any ? w : -kInf;
+        o.min_w = any ? w : kInf;
+        n_flagged = row_flagged ? n : 0.0;
+        if (!p.normalize) fill_row_weights(p, b, w);
+    }
+    (p.mode == moo::kIsTruncate ? o.truncated : o.masked) = static_cast<int64_t>(n_flagged);
     return o;
+}
+
+// The sweep over row b with the instance of p.flags (an AVX2 clone is picked at load time where the CPU has it).
+template <int F>
+MOO_INLINE RowOut sweep_dispatch(const Problem& p, int64_t b) {
+    if constexpr (F == kFlagCombinations) {
+        return RowOut();  // unreachable: p.flags < kFlagCombinations
+    } else if constexpr ((F & kFlagTruncate) && !(F & kFlagToken)) {
+        return sweep_dispatch<F + 1>(p, b);  // not a combination: the mode only shapes token weights
+    } else {
+        return p.flags == F ? sweep_row<F>(p, b) : sweep_dispatch<F + 1>(p, b);
+    }
+}
+
+MOO_SIMD_CLONES RowOut sweep(const Problem& p, int64_t b) { return sweep_dispatch<0>(p, b); }
+
+// ---- 3. the normalised weights ------------------------------------------------------------------------------
+
+// Level "token": w recomputed from the inputs of row b and written divided by factor.
+template <bool truncate>
+MOO_INLINE void write_token_weights(const Problem& p, int64_t b, double factor) {
+    alignas(64) Block k;
+    for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
+        const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
+        load_block(p, b, t0, len, padded, k);
+        for (int64_t i = 0; i < padded; ++i) {
+            bool f;
+            const double w = bounded<truncate>(k.e[i], p.lo, p.hi, f);
+            k.w[i] = k.act[i] != 0.0 ? w : 0.0;
+        }
+        store_weights(p, b, t0, len, k.w, factor);
+    }
+}
+
+MOO_SIMD_CLONES void normalized_token_weights(const Problem& p, int64_t b, double factor) {
+    if (p.mode == moo::kIsTruncate) {
+        write_token_weights<true>(p, b, factor);
+    } else {
+        write_token_weights<false>(p, b, factor);
+    }
 }
 
 // ---- driver ----------------------------------------------------------------------------------------------
@@ -350,29 +484,16 @@ void run(const Problem& p, double* out) {
     const int64_t B = p.B;
     const bool parallel = p.B * p.T >= kParallelMinTokens;
     (void)parallel;  // unused without OpenMP
-    const bool need_stats = p.level == moo::kIsSequence || p.seq_criteria;
-    const double lim = moo::kLogRatioMax;
 
-    // ---- 1. rows in parallel: statistics, then the weights, the mask and the row's partials
-    std::vector<RowParams> params(B);
+    // ---- 1. rows in parallel: the weights, the mask and the row's partials
     std::vector<RowOut> rows(B);
     MOO_OMP(omp parallel for schedule(static) if (parallel))
-    for (int64_t b = 0; b < B; ++b) {
-        RowParams& r = params[b];
-        if (need_stats) {
-            const RowStats s = row_stats(p, b, p.seq_criteria);
-            r.raw = std::exp(clamp(s.sum_d, -lim, lim));
-            r.seq_ok = !p.seq_criteria || seq_keep(p, s);
-        }
-        r.write_weights = !p.normalize;
-        r.write_mask = true;
-        rows[b] = row_pass(p, b, r);
-    }
+    for (int64_t b = 0; b < B; ++b) rows[b] = sweep(p, b);
 
     // ---- 2. the partials in row order, then the metrics
     int64_t count = 0, truncated = 0, masked = 0, rejected = 0, rows_active = 0, rows_rejected = 0;
     double sum_w = 0, sum_wc = 0, sum_wc2 = 0, sum_k3 = 0, sum_row_w = 0;
-    Compensated sum_neg_d;
+    Compensated sum_d;
     double max_w = -kInf, min_w = kInf;
     for (int64_t b = 0; b < B; ++b) {
         const RowOut& o = rows[b];
@@ -385,7 +506,7 @@ void run(const Problem& p, double* out) {
         sum_w += o.sum_w;
         sum_wc += o.sum_wc;
         sum_wc2 += o.sum_wc2;
-        sum_neg_d.add(o.sum_neg_d);
+        sum_d.add(o.sum_d);
         sum_k3 += o.sum_k3;
         max_w = max_nan(max_w, o.max_w);
         min_w = min_nan(min_w, o.min_w);
@@ -403,7 +524,7 @@ void run(const Problem& p, double* out) {
     out[rm::kMaskedFrac] = static_cast<double>(masked) / n1;
     out[rm::kRejectedTokenFrac] = static_cast<double>(rejected) / n1;
     out[rm::kRejectedSeqFrac] = static_cast<double>(rows_rejected) / std::max(static_cast<double>(rows_active), 1.0);
-    out[rm::kKlK1] = sum_neg_d.value() / n1;
+    out[rm::kKlK1] = -sum_d.value() / n1;
     out[rm::kKlK3] = sum_k3 / n1;
     out[rm::kActiveTokens] = n;
 
@@ -415,11 +536,11 @@ void run(const Problem& p, double* out) {
         factor = m > kNormMin ? m : 1.0;
         MOO_OMP(omp parallel for schedule(static) if (parallel))
         for (int64_t b = 0; b < B; ++b) {
-            RowParams r = params[b];
-            r.factor = factor;
-            r.write_weights = true;
-            r.write_mask = false;
-            row_pass(p, b, r);
+            if (p.level == moo::kIsToken) {
+                normalized_token_weights(p, b, factor);
+            } else {
+                fill_row_weights(p, b, rows[b].weight / factor);
+            }
         }
     }
     out[rm::kBatchNormFactor] = factor;
@@ -454,8 +575,12 @@ void rollout_correction(const py::handle& old_arg, const py::handle& spec, const
     for (int s = 0; s < kRejectSlots; ++s) {
         p.reject[s] = reject.ptr == nullptr ? kNaN : static_cast<const double*>(reject.ptr)[s * reject.sb];
     }
-    p.token_criteria = on(p, kTokenK1Lo) || on(p, kTokenK2) || on(p, kTokenK3);
+    const bool token_criteria = on(p, kTokenK1Lo) || on(p, kTokenK2) || on(p, kTokenK3);
+    const double off_bounds[4] = {-kInf, kInf, kInf, kInf};  // keep every finite statistic
+    for (int s = kTokenK1Lo; s <= kTokenK3; ++s) p.token_bounds[s] = on(p, s) ? p.reject[s] : off_bounds[s];
     for (int s = kSumK1Lo; s < kRejectSlots; ++s) p.seq_criteria |= on(p, s);
+    p.flags = (p.level == moo::kIsToken ? kFlagToken | (p.mode == moo::kIsTruncate ? kFlagTruncate : 0) : 0) |
+              (token_criteria ? kFlagTokenCriteria : 0) | (p.seq_criteria ? kFlagSeqStats : 0);
     p.f64 = old.dtype == moo::kFloat64;
     const int out_dtype = p.f64 ? moo::kFloat64 : moo::kFloat32;
     p.weights = moo::tensor_value(weights_arg, "weights", {bt}, {out_dtype}, /*optional=*/false);

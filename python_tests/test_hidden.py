@@ -183,9 +183,12 @@ def test_one_tile_of_logits_at_a_time(chunk):
 
 
 def test_default_chunk_rule():
-    head = hidden_op.Head(torch.zeros(4, 100, 8), torch.zeros(32000, 8), torch.zeros(4, 100, dtype=torch.long), None,
-                          None, None)  # fmt: skip
-    assert head.chunk_size == 128  # 16 MiB / (32000 x 4 bytes) = 131 -> 128
+    def rows(b, t, v):
+        return hidden_op.Head(torch.zeros(b, t, 8), torch.zeros(v, 8), torch.zeros(b, t, dtype=torch.long), None,
+                              None, None).chunk_size  # fmt: skip
+
+    assert rows(8, 128, 32000) == 256  # 32 MiB / (32000 x 4 bytes) = 262 -> 256
+    assert rows(8, 128, 200000) == 256  # 32 MiB / (200000 x 4 bytes) = 41 -> 32, at least 256
     head = hidden_op.Head(torch.zeros(2, 3, 8), torch.zeros(10, 8), torch.zeros(2, 3, dtype=torch.long), None, None,
                           None)  # fmt: skip
     assert head.chunk_size == 6  # at most B T

@@ -28,11 +28,14 @@ import torch
 from . import timing
 from .advantages import AdvantagesSuite
 from .core import Context, Suite, parse_sizes, run_suite
+from .linear_loss import LinearLossSuite
 from .logits_loss import LogitsLossSuite
 from .policy_loss import PolicyLossSuite
 from .report import ROOT, Progress, format_result, have_matplotlib, plot_suite, write_json
 
-SUITES: dict[str, type[Suite]] = {s.name: s for s in (AdvantagesSuite, PolicyLossSuite, LogitsLossSuite)}
+SUITES: dict[str, type[Suite]] = {
+    s.name: s for s in (AdvantagesSuite, PolicyLossSuite, LogitsLossSuite, LinearLossSuite)
+}
 # Shares of --budget-s (the logits suite compiles and moves the most bytes).
 BUDGET_WEIGHT = {"advantages": 1.0, "policy_loss": 1.0, "logits_loss": 2.0}
 

@@ -2,9 +2,10 @@
 
 Tiles. The [B, T] positions are cut into tiles of at most `chunk_size` positions: whole sequences when a sequence
 fits (rows b0:b1, every t), else pieces of one sequence (row b, t0:t1). chunk_size=None takes the largest power of
-two with chunk_size x V x (bytes of the head's dtype) <= TILE_BYTES (256 MiB on CUDA, 16 MiB on the CPU), at
-most B T. A tile's logits are one GEMM (cuBLAS / the CPU's BLAS through torch), then the package's logits kernels
-run on them, then the gradient GEMMs: d hidden = d z @ weight (the tile's rows) and d weight += d z^T @ hidden,
+two with chunk_size x V x (bytes of the head's dtype) <= TILE_BYTES (1 GiB on CUDA, 32 MiB on the CPU), at least
+MIN_TILE_ROWS = 256 (every tile's weight-gradient GEMM reads and writes the V x D gradient: a tile of few rows
+makes it memory-bound), at most B T. A tile's logits are one GEMM (cuBLAS / the CPU's BLAS through torch), then
+the package's logits kernels run on them, then the gradient GEMMs: d hidden = d z @ weight (the tile's rows) and d weight += d z^T @ hidden,
 d bias += the column sums of d z, each only when that input requires a gradient (a frozen head skips the weight
 GEMM). Tiles run in a fixed order and the weight gradient accumulates in that order: the results do not depend on
 anything but the inputs.
@@ -56,7 +57,8 @@ from moo_kernels.ops.logits.op import (
 from moo_kernels.ops.logits.spec import EntropySpec, LogitsSpec, entropy_spec
 from moo_kernels.ops.loss.spec import LossSpec, PolicyLossMetrics, loss_spec
 
-TILE_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}  # the default tile's logits, in bytes
+TILE_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}  # the default tile's logits, in bytes
+MIN_TILE_ROWS = 256  # the default tile's least rows: the weight-gradient GEMM (inner size = rows) rewrites V x D
 HEAD_BLOCK = 8192  # vocabulary rows of the weight converted at a time by head_dtype=float32
 HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -107,7 +109,7 @@ class Head:
         if chunk_size is None:
             per_row = V * torch.empty((), dtype=self.dtype).element_size()
             budget = TILE_BYTES["cuda" if hidden.is_cuda else "cpu"]
-            chunk_size = 2 ** max(0, int(math.log2(max(budget // per_row, 1))))
+            chunk_size = max(2 ** max(0, int(math.log2(max(budget // per_row, 1)))), MIN_TILE_ROWS)
         self.chunk_size = min(O.check_int("chunk_size", chunk_size, low=1), B * T)
 
     def tiles(self) -> list[Tile]:
@@ -154,8 +156,9 @@ class Grads:
         w = head.weight
         acc = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
         self.hidden = torch.empty_like(head.hidden) if want[0] else None
-        self.weight = torch.zeros(w.shape, dtype=acc, device=w.device) if want[1] else None
+        self.weight = torch.empty(w.shape, dtype=acc, device=w.device) if want[1] else None
         self.bias = torch.zeros(head.V, dtype=acc, device=w.device) if want[2] and head.bias is not None else None
+        self.first = True  # the first tile writes the weight gradient, the others add to it
 
     def add(self, tile: Tile, h: Tensor, gz: Tensor) -> None:
         """The tile's share from d loss / d z, gz [n, V] in the head's dtype."""
@@ -172,7 +175,11 @@ class Grads:
             self.hidden[bs, ts] = gh.view(self.hidden[bs, ts].shape).to(self.hidden.dtype)
         if self.weight is not None:
             acc = self.weight
-            self.weight.addmm_(gz.t().to(acc.dtype), h.to(acc.dtype))
+            if self.first:
+                torch.mm(gz.t().to(acc.dtype), h.to(acc.dtype), out=acc)
+            else:
+                acc.addmm_(gz.t().to(acc.dtype), h.to(acc.dtype))
+        self.first = False
         if self.bias is not None:
             self.bias += gz.sum(dim=0, dtype=self.bias.dtype)
 
@@ -265,6 +272,7 @@ def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, 
             )  # fmt: skip
             if grads is not None:
                 grads.add(tile, h, z)
+            del z, z3  # before the next tile's logits exist: one tile at a time
             if entropy is not None:
                 entropy[bs, ts] = ent
             losses.append(loss)
@@ -335,8 +343,8 @@ def policy_loss_from_hidden(
             of hidden. Gradients go to hidden, weight and bias, each only when it requires one.
         tokens, advantages, mask: as in policy_loss_from_logits.
         bias: [V] optional, the weight's dtype.
-        chunk_size: positions per tile (None: the largest power of two whose logits fit in 256 MiB on CUDA,
-            16 MiB on the CPU).
+        chunk_size: positions per tile (None: the largest power of two whose logits fit in 1 GiB on CUDA,
+            32 MiB on the CPU, at least 256, at most B T).
         head_dtype: None (the weight's dtype) or torch.float32: the head in float32 over a 16-bit weight, block by
             block of the weight (never a float32 copy of the whole weight).
         return_entropy: also return the entropy [B, T] of every position (float32; it carries no gradient here:
@@ -395,6 +403,7 @@ def logprob_sweep(head: Head, s: LogitsSpec, want_entropy: bool):
         z = head.logits(head.rows(tile))
         lp_t, stats_t, ent_t = run_token_logprobs(z.view(-1, ts.stop - ts.start, head.V), s.tokens[bs, ts],
                                                   s.temperature, want_entropy)  # fmt: skip
+        del z  # before the next tile's logits exist
         logp[bs, ts] = lp_t
         if ent is not None:
             ent[bs, ts] = ent_t
@@ -416,6 +425,7 @@ def logits_grad_sweep(head: Head, s: LogitsSpec, saved: list, ent, g_logp, g_ent
             z3, s.tokens[bs, ts], stats_t, ent_t if g_ent is not None else None, g_logp_t, g_ent_t, s.temperature, z3
         )  # fmt: skip
         grads.add(tile, h, z)
+        del z, z3  # before the next tile's logits exist
 
 
 class HiddenLogprobs(torch.autograd.Function):
