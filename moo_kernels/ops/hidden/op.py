@@ -7,8 +7,8 @@ MIN_TILE_ROWS = 256 (every tile's weight-gradient GEMM reads and writes the V x 
 makes it memory-bound), at most B T. A tile's logits are one GEMM (cuBLAS / the CPU's BLAS through torch), then
 the package's logits kernels run on them, then the gradient GEMMs: d hidden = d z @ weight (the tile's rows) and
 d weight += d z^T @ hidden, d bias += the column sums of d z, each only when that input requires a gradient (a
-frozen head skips the weight GEMM). Tiles run in a fixed order and the weight gradient accumulates in that order: the results do not depend on
-anything but the inputs.
+frozen head skips the weight GEMM). Tiles run in a fixed order and the weight gradient accumulates in that order:
+the results do not depend on anything but the inputs.
 
 The loss (policy_loss_from_hidden): its normaliser depends on the mask only, so a token's d loss / d logp is known
 as soon as its log-prob is, and
