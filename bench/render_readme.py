@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
-SUITES = {"advantages": "Advantage step", "policy_loss": "Policy loss", "logits_loss": "Loss from logits"}
+SUITES = {"advantages": "Advantage step", "policy_loss": "Policy loss", "logits_loss": "Loss from logits",
+          "linear_loss": "Loss from hidden states"}  # fmt: skip
 # the entries of bench/call_overhead.py, in its order
 ENTRIES = ("public function (eager)", "registered op (dispatcher)", "implementation alone")
 
@@ -69,7 +70,9 @@ def device_section(path: Path, data: dict[str, Any]) -> list[str]:
     where = "GPU" if cuda else "CPU"
     if main is None:
         return [f"**{where}**: the run failed before timing (see `{path.relative_to(ROOT)}`).", ""]
+    cpu_peak = main.get("cpu_peak_rss") if not cuda else None  # a fresh process's peak resident set per entry
     head = ["implementation", "median (us)"] + (["device (us)", "GB/s", "peak (MB)"] if cuda else [])
+    head += ["peak RSS (MB)"] if cpu_peak else []
     head += [f"vs {names[k]}" for k in sp_of]
     lines = [
         f"**{where}**, {main['label']}: {data['config_line']}. "
@@ -94,8 +97,13 @@ def device_section(path: Path, data: dict[str, Any]) -> list[str]:
                 f"{g['gbps']:,.0f}" if g else "-",
                 f"{m['peak_bytes'] / 1e6:,.0f}" if isinstance(m, dict) else "-",
             ]
+        if cpu_peak:
+            m = cpu_peak.get(key)
+            row.append(f"{m['peak_bytes'] / 1e6:,.0f}" if isinstance(m, dict) else "-")
         row += [_ratio(main["speedups"].get(k, {}).get(key)) for k in sp_of]
         lines.append("| " + " | ".join(row) + " |")
+    if "logits_bytes" in main:
+        lines += ["", f"The logits of this size would take {main['logits_bytes'] / 1e6:,.0f} MB."]
     others = [p for p in data["points"] if not p["main"] and p.get("speedups")]
     if others:
         moo = next(iter(sp_of))
