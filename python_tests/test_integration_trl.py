@@ -351,3 +351,40 @@ def test_trl_vllm_importance_sampling_by_rollout_correction(tmp_path, is_mode):
     assert ratio.shape == expected.shape
     keep = mask.bool() if ratio.shape[1] > 1 else torch.ones_like(ratio, dtype=torch.bool)
     torch.testing.assert_close(ratio[keep], expected[keep], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type="dapo", beta=0.1, num_iterations=2),
+        dict(loss_type="grpo", top_entropy_quantile=0.5, entropy_coef=0.05, epsilon_high=0.28),
+        dict(loss_type="luspo", importance_sampling_level="sequence", num_iterations=2),
+    ],
+)
+def test_trl_fused_linear_matches_trl_loss(tmp_path, options):
+    """moo_fused_linear: the loss from the backbone's hidden states and the lm_head (policy_loss_from_hidden), the
+    old / reference log-probs by token_logprobs_from_hidden; TRL's own loss (its fused log-prob head) and gradients on
+    the same batch."""
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, moo_fused_linear=True, max_steps=2,
+                          **options)  # fmt: skip
+    inputs = trainer.last_inputs
+    if options.get("num_iterations", 1) > 1:  # the old log-probs came from token_logprobs_from_hidden
+        assert "old_per_token_logps" in inputs
+    calls = []
+    original = mk.policy_loss_from_hidden
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    mk.policy_loss_from_hidden = spy
+    try:
+        check_same_loss(trainer)
+    finally:
+        mk.policy_loss_from_hidden = original
+    assert calls  # the fused path ran
+
+
+def test_trl_fused_linear_refuses_the_moe_aux_loss(tmp_path):
+    with pytest.raises(ValueError, match="moo_fused_linear"):
+        run_trainer(tmp_path, [share_of_a], model_factory=make_moe_model, moo_fused_linear=True, max_steps=1)

@@ -177,6 +177,11 @@ class MooGRPOConfig(GRPOConfig):
     )
     moo_kl: str = field(default="k3", metadata={"help": "KL estimator of the beta term: k1, k2 or k3."})
     moo_dual_clip: float | None = field(default=None, metadata={"help": "Dual-clip constant c > 1 for A < 0."})
+    moo_fused_linear: bool = field(
+        default=False,
+        metadata={"help": "The loss from the backbone's last hidden states and the lm_head (policy_loss_from_hidden; "
+                  "old / reference log-probs by token_logprobs_from_hidden): the logits never exist beyond one tile."},
+    )  # fmt: skip
 
     def __post_init__(self):
         super().__post_init__()
@@ -263,6 +268,14 @@ class MooGRPOTrainer(GRPOTrainer):
                     a.use_bias_correction_kl and self.beta != 0.0 and a.importance_sampling_level == "sequence"
                 ),
             }
+            if a.moo_fused_linear:
+                config = model_config(self.model)
+                unsupported["router_aux_loss_coef (MoE aux loss) with moo_fused_linear"] = self.aux_loss_enabled
+                unsupported["a scaled or soft-capped lm_head with moo_fused_linear"] = any(
+                    getattr(config, name, None) not in (None, 1.0)
+                    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                                 "logits_scaling")
+                )  # fmt: skip
             bad = [k for k, on in unsupported.items() if on]
             if bad:
                 raise ValueError(
@@ -385,25 +398,77 @@ class MooGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if not self.args.moo_policy_loss:
             return super()._compute_loss(model, inputs)
+        a = self.args
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mask = mask.bool()
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{key: inputs.get(key) for key in _FORWARD_KEYS},
-        )
-        entropy_mask = None
-        if self.top_entropy_quantile < 1.0:  # TRL's threshold over every process
-            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile).bool()
-
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        options = self._moo_loss_options(inputs, mask, mode, accumulation)
+        apply_coef = self._moo_entropy_coef() if self._entropy_bonus_enabled else 0.0
+        aux_loss = None
+        if a.moo_fused_linear:
+            hidden, lm_head = self._moo_hidden_states(model, input_ids, attention_mask, completion_ids.size(1))
+            head = self._moo_head(lm_head)
+            threshold = None
+            if self.top_entropy_quantile < 1.0:  # the entropies first (no gradient), TRL's quantile over every rank
+                with torch.no_grad():
+                    _, ent = mk.token_logprobs_from_hidden(hidden.detach(), head["weight"], completion_ids,
+                                                           return_entropy=True, **_drop(head, "weight"))  # fmt: skip
+                threshold = float(mk.distributed.entropy_quantile(ent, mask, self.top_entropy_quantile))
+            # the bonus is a mean over the tokens it acts on, scaled for gradient accumulation only (TRL)
+            coef = apply_coef / accumulation if options["num_tokens"] is not None else apply_coef
+            loss, m, entropies = mk.policy_loss_from_hidden(
+                hidden, head["weight"], completion_ids, inputs["advantages"], mask, return_entropy=True,
+                entropy_coef=coef, entropy_threshold=threshold, **_drop(head, "weight"), **options,
+            )  # fmt: skip
+            entropy_mask = entropies >= threshold if threshold is not None else None
+            if options["num_tokens"] is None:
+                loss = loss / accumulation
+        else:
+            per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled, **{key: inputs.get(key) for key in _FORWARD_KEYS},
+            )  # fmt: skip
+            entropy_mask = None
+            if self.top_entropy_quantile < 1.0:  # TRL's threshold over every process
+                entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile).bool()
+            loss, m = mk.policy_loss(per_token_logps, inputs["advantages"], mask, policy_mask=entropy_mask, **options)
+            if options["num_tokens"] is None:
+                loss = loss / accumulation
+            if self._entropy_bonus_enabled:
+                effective = (mask if entropy_mask is None else mask & entropy_mask).to(entropies.dtype)
+                entropy = (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+                loss = loss - apply_coef * entropy
+        if self._entropy_bonus_enabled:
+            self._moo_entropy_update(entropies.detach(), mask if entropy_mask is None else mask & entropy_mask, mode)
+        if self.aux_loss_enabled:  # as TRL adds it, scaled for gradient accumulation
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+
+        def mean(x: torch.Tensor) -> float:
+            return self.accelerator.gather(x.detach().float().reshape(1)).mean().item()
+
+        metrics = self._metrics[mode]
+        if self.beta != 0.0:
+            metrics["kl"].append(mean(m.kl_mean))
+        metrics["entropy"].append(mean((entropies.detach() * mask).sum() / mask.sum().clamp(min=1)))
+        metrics["clip_ratio/low_mean"].append(mean(m.clip_frac_low))
+        metrics["clip_ratio/high_mean"].append(mean(m.clip_frac_high))
+        metrics["clip_ratio/region_mean"].append(mean(m.clip_frac_low + m.clip_frac_high))
+        metrics["moo/ratio_max"].append(mean(m.ratio_max))
+        if self.off_policy_mask_threshold is not None or entropy_mask is not None:
+            metrics["moo/masked_frac"].append(mean(m.masked_frac))
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        return loss
+
+    def _moo_loss_options(self, inputs, mask, mode: str, accumulation: int) -> dict[str, Any]:
+        """The loss's options from TRL's configuration and the batch (everything but the log-probs / hidden states,
+        the advantages, the mask and the entropy terms)."""
+        a = self.args
         num_tokens = None
         if self._moo_agg == "token-mean" and self._moo_global_tokens:
             # TRL's "dapo" normaliser: the generation batch's active tokens, per process and accumulation window.
@@ -415,21 +480,16 @@ class MooGRPOTrainer(GRPOTrainer):
             is_weights = inputs["importance_sampling_ratio"]
             if is_weights.dim() == 2 and is_weights.shape[1] == 1:
                 is_weights = is_weights.squeeze(1)  # a sequence's weight ([B]: vespo counts it once)
-        a = self.args
-
-        loss, m = mk.policy_loss(
-            per_token_logps,
-            inputs["advantages"],
-            mask,
+        return dict(
             old_logp=inputs.get("old_per_token_logps"),
             ref_logp=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             beta=self.beta,
-            kl=self.args.moo_kl,
+            kl=a.moo_kl,
             kl_bias_correction=bool(a.use_bias_correction_kl) and self.beta != 0.0,
             clip_low=self.epsilon_low,
             clip_high=self.epsilon_high,
-            dual_clip=self.args.moo_dual_clip,
-            ratio_cap=self.args.delta,
+            dual_clip=a.moo_dual_clip,
+            ratio_cap=a.delta,
             mode=self._moo_mode,
             sapo_tau_pos=a.sapo_temperature_pos,
             sapo_tau_neg=a.sapo_temperature_neg,
@@ -438,7 +498,6 @@ class MooGRPOTrainer(GRPOTrainer):
             vespo_k_neg=a.vespo_k_neg,
             vespo_lambda_neg=a.vespo_lambda_neg,
             is_weights=is_weights,
-            policy_mask=entropy_mask,
             offpolicy_mask_threshold=self.off_policy_mask_threshold,
             sampling_logp=(
                 inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
@@ -448,56 +507,84 @@ class MooGRPOTrainer(GRPOTrainer):
             num_tokens=num_tokens,
             num_sequences=float(mask.shape[0]) if self.loss_type == "luspo" and a.moo_loss_agg is None else None,
         )
-        if num_tokens is None:
-            loss = loss / accumulation
-        if self._entropy_bonus_enabled:
-            loss = loss - self._moo_entropy_bonus(entropies, mask, entropy_mask, accumulation, mode)
-        if self.aux_loss_enabled:  # as TRL adds it, scaled for gradient accumulation
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
 
-        def mean(x: torch.Tensor) -> float:
-            return self.accelerator.gather(x.detach().float().reshape(1)).mean().item()
+    # ---------------------------------------------------------------- the fused head (moo_fused_linear)
 
-        metrics = self._metrics[mode]
-        if self.beta != 0.0:
-            metrics["kl"].append(mean(m.kl_mean))
-        metrics["entropy"].append(mean((entropies * mask).sum() / mask.sum().clamp(min=1)))
-        metrics["clip_ratio/low_mean"].append(mean(m.clip_frac_low))
-        metrics["clip_ratio/high_mean"].append(mean(m.clip_frac_high))
-        metrics["clip_ratio/region_mean"].append(mean(m.clip_frac_low + m.clip_frac_high))
-        metrics["moo/ratio_max"].append(mean(m.ratio_max))
-        if self.off_policy_mask_threshold is not None or entropy_mask is not None:
-            metrics["moo/masked_frac"].append(mean(m.masked_frac))
-        if self.aux_loss_enabled:
-            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        return loss
+    def _moo_hidden_states(self, model, input_ids, attention_mask, logits_to_keep: int):
+        """(the backbone's last hidden states of the positions that predict the last logits_to_keep tokens
+        [B, logits_to_keep, D], the lm_head), as TRL's fused head reads them."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self.accelerator.autocast():
+            out = unwrapped.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        lm_head = unwrapped.get_output_embeddings()
+        hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]
+        return hidden.to(lm_head.weight.device, lm_head.weight.dtype), lm_head
 
-    def _moo_entropy_bonus(self, entropies, mask, entropy_mask, accumulation, mode) -> torch.Tensor:
-        """TRL's entropy bonus coef * H: H the mean entropy over the tokens of the policy term (the completion
-        mask and the entropy mask), scaled for gradient accumulation; the coefficient and TRL's adaptive
-        controller (use_adaptive_entropy: the coefficient applies while the last optimiser step's entropy over
-        every process was at most entropy_target, and moves by entropy_coef_delta at each step) are TRL's
-        bookkeeping, kept on the trainer as TRL keeps them."""
-        a = self.args
-        effective = mask if entropy_mask is None else mask & entropy_mask
-        m = effective.to(entropies.dtype)
-        entropy = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
-        coef = self.entropy_coef
+    def _moo_head(self, lm_head) -> dict[str, Any]:
+        """The head's arguments of the hidden-state entries: weight, bias, TRL's temperature, the float32 head of
+        cast_lm_head_to_fp32."""
+        head_dtype = torch.float32 if self.args.cast_lm_head_to_fp32 else None
+        return dict(weight=lm_head.weight, bias=lm_head.bias, temperature=self.temperature, head_dtype=head_dtype)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):  # fmt: skip
+        """With moo_fused_linear: token_logprobs_from_hidden on the backbone's hidden states (TRL's old / reference
+        log-probs, in chunks of batch_size sequences as TRL); zero where the attention mask is (TRL's fused head
+        does so). Otherwise, and for multimodal inputs or the MoE aux loss, TRL's own."""
+        fused = self.args.moo_policy_loss and self.args.moo_fused_linear
+        if not fused or compute_aux_loss or any(v is not None for v in kwargs.values()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs,
+            )  # fmt: skip
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, att = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            hidden, lm_head = self._moo_hidden_states(model, ids, att, logits_to_keep)
+            head = self._moo_head(lm_head)
+            lp, ent = mk.token_logprobs_from_hidden(hidden, head["weight"], ids[:, -logits_to_keep:],
+                                                    return_entropy=True, **_drop(head, "weight"))  # fmt: skip
+            keep = att[:, -logits_to_keep:] != 0
+            logps.append(torch.where(keep, lp, torch.zeros_like(lp)))
+            entropies.append(torch.where(keep, ent, torch.zeros_like(ent)))
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _moo_entropy_coef(self) -> float:
+        """The coefficient of this step's entropy bonus: TRL's entropy_coef, with use_adaptive_entropy only while the
+        last optimiser step's entropy over every process was at most entropy_target (TRL's bookkeeping)."""
         if self.use_adaptive_entropy:
-            coef = self.entropy_coef if self._last_world_entropy <= a.entropy_target else 0.0
-            if mode == "train":
-                stats = torch.stack([(entropies * m).sum(), m.sum()]).detach()
-                window = self._entropy_window_stats
-                self._entropy_window_stats = stats if window is None else window + stats
-                if self.accelerator.sync_gradients:
-                    total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
-                    world = (total[0] / total[1].clamp(min=1.0)).item()
-                    if world <= a.entropy_target:
-                        self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
-                    else:
-                        self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
-                    self._last_world_entropy = world
-                    self._entropy_window_stats = None
+            return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        return self.entropy_coef
+
+    def _moo_entropy_update(self, entropies, effective, mode: str) -> None:
+        """TRL's adaptive controller after the loss: the window's entropy over the tokens the bonus acts on, summed
+        over the processes at each optimiser step, moves entropy_coef by entropy_coef_delta toward entropy_target;
+        the coefficient is logged at each optimiser step."""
+        a = self.args
+        if self.use_adaptive_entropy and mode == "train":
+            m = effective.to(entropies.dtype)
+            stats = torch.stack([(entropies * m).sum(), m.sum()])
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world = (total[0] / total[1].clamp(min=1.0)).item()
+                if world <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world
+                self._entropy_window_stats = None
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return coef * entropy
+
+
+def _drop(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def model_config(model):
+    """The text configuration of a (possibly multimodal) model."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
