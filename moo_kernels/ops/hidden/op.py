@@ -27,8 +27,9 @@ as soon as its log-prob is, and
 The forward computes the gradients; the backward scales them by the incoming gradient (nothing when it is 1).
 
 Memory beyond the inputs, the outputs and the gradients: one tile of logits in the head's dtype (its gradient is
-written over it), for a 16-bit weight the float32 accumulator of its gradient (V x D x 4 bytes) and the tile's
-d z in float32 for that GEMM (chunk_size x V x 4 bytes), with head_dtype=float32 over a 16-bit weight a block of
+written over it), for a 16-bit weight the float32 accumulator of its gradient (V x D x 4 bytes) and, where the
+GEMM cannot accumulate a 16-bit product in float32 itself (the CPU, a torch without out_dtype), the tile's d z in
+float32 for that GEMM (chunk_size x V x 4 bytes), with head_dtype=float32 over a 16-bit weight a block of
 the weight in float32 (HEAD_BLOCK rows x D x 4 bytes), and O(B T) for the log-probs and statistics.
 
 The mode that computes the head in float32 (head_dtype=torch.float32 over a 16-bit weight: the precision of the
@@ -174,11 +175,7 @@ class Grads:
                     gh.addmm_(gz[:, v0:v1], w[v0:v1].to(gz.dtype))
             self.hidden[bs, ts] = gh.view(self.hidden[bs, ts].shape).to(self.hidden.dtype)
         if self.weight is not None:
-            acc = self.weight
-            if self.first:
-                torch.mm(gz.t().to(acc.dtype), h.to(acc.dtype), out=acc)
-            else:
-                acc.addmm_(gz.t().to(acc.dtype), h.to(acc.dtype))
+            accumulate(self.weight, gz.t(), h, self.first)
         self.first = False
         if self.bias is not None:
             self.bias += gz.sum(dim=0, dtype=self.bias.dtype)
@@ -188,6 +185,25 @@ class Grads:
         weight = self.weight.to(w.dtype) if self.weight is not None else None
         bias = self.bias.to(w.dtype) if self.bias is not None else None
         return self.hidden, weight, bias
+
+
+def accumulate(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """acc = a @ b (first) or acc += a @ b, acc float32 or the inputs' dtype: on CUDA a 16-bit product accumulates
+    in float32 inside the GEMM (out_dtype, when this torch has it); elsewhere the operands are converted."""
+    if a.is_cuda and a.dtype != acc.dtype:
+        try:
+            if first:
+                torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+            else:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):  # a torch without the mixed-dtype GEMM: convert
+            pass
+    a, b = a.to(acc.dtype), b.to(acc.dtype)
+    if first:
+        torch.mm(a, b, out=acc)
+    else:
+        acc.addmm_(a, b)
 
 
 def tile_spec(spec: LossSpec, tile: Tile, counts: dict) -> LossSpec:
