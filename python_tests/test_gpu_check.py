@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STEPS = ["environment", "build_cpp", "liger_kernel", "tests", "bench_advantages", "bench_policy_loss",
-         "bench_logits_loss", "tune_logits"]  # fmt: skip
-SUITES = ("advantages", "policy_loss", "logits_loss")
+         "bench_logits_loss", "bench_linear_loss", "tune_logits"]  # fmt: skip
+SUITES = ("advantages", "policy_loss", "logits_loss", "linear_loss")
 GPU_BUDGET_S = 8 * 60
 MAX_FILES = 8  # what the GPU machine's output folder gives back
 FLAT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")

@@ -9,7 +9,8 @@ the CPU, bfloat16 on CUDA.
 Compared: moo_kernels (its default tiles); the three GEMMs alone, z = h W^T, d h = z W, d W = z^T h (the floor of
 the time: every implementation does them); eager PyTorch (the logits materialised, log_softmax in float32 and a
 gather, the loss as TRL writes it, autograd); Liger-Kernel's LigerFusedLinearGRPOLoss (plain PyTorch, chunked, run
-with compiled=False on the CPU and its default torch.compile on CUDA; its default chunking), when importable.
+with compiled=False on the CPU and its default torch.compile on CUDA unless the run skips torch.compile; its
+default chunking), when importable.
 
 Peak memory, per implementation, beyond the inputs: on CUDA the rise of max_memory_allocated over one call (the
 framework's figure); on the CPU the rise of the peak resident set of a fresh subprocess that builds the inputs
@@ -98,12 +99,12 @@ def moo_linear_loss(hidden: Tensor, weight: Tensor, inp: dict[str, Any]) -> Tens
     )[0]
 
 
-def liger_loss_fn(cuda: bool) -> Callable[[Tensor, Tensor, dict[str, Any]], Tensor]:
+def liger_loss_fn(compiled: bool) -> Callable[[Tensor, Tensor, dict[str, Any]], Tensor]:
     """LigerFusedLinearGRPOLoss with this computation's options (loss_type "bnpo": token-mean over the local
-    batch), its default chunking; compiled=False on the CPU."""
+    batch), its default chunking; compiled (its torch.compile) on CUDA unless the run skips torch.compile."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    loss = LigerFusedLinearGRPOLoss(beta=BETA, compiled=cuda, use_ref_model=True, epsilon_low=CLIP_LOW,
+    loss = LigerFusedLinearGRPOLoss(beta=BETA, compiled=compiled, use_ref_model=True, epsilon_low=CLIP_LOW,
                                     epsilon_high=CLIP_HIGH, loss_type="bnpo", temperature=TEMPERATURE)  # fmt: skip
 
     def fn(hidden: Tensor, weight: Tensor, inp: dict[str, Any]) -> Tensor:
@@ -240,10 +241,13 @@ class LinearLossSuite(Suite):
                       "eager": "eager PyTorch (logits materialised, TRL style)"}  # fmt: skip
         liger = liger_status()
         self.use_liger = liger["importable"]
-        self.info["liger"] = dict(liger, timed=self.use_liger, entry_point="liger_kernel.chunked_loss."
-                                  "LigerFusedLinearGRPOLoss", compiled=cuda, loss_type="bnpo")  # fmt: skip
+        self.liger_compiled = cuda and ctx.use_compile  # its default on CUDA; plain PyTorch on the CPU
+        entry = "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss"
+        self.info["liger"] = dict(liger, timed=self.use_liger, entry_point=entry, compiled=self.liger_compiled,
+                                  loss_type="bnpo")  # fmt: skip
         if self.use_liger:
-            self.names["liger"] = "Liger-Kernel fused linear GRPO" + ("" if cuda else " (compiled=False)")
+            self.names["liger"] = "Liger-Kernel fused linear GRPO" + ("" if self.liger_compiled else
+                                                                       " (compiled=False)")  # fmt: skip
         else:
             self.notes.append("liger_kernel is not importable: Liger-Kernel is not timed")
         self.speedup_of = {"moo": [k for k in self.names if k != "moo"]}
@@ -260,7 +264,7 @@ class LinearLossSuite(Suite):
             Impl("eager", step_of(eager_linear_loss, inp), graph=False, release=release),
         ]
         if self.use_liger:
-            impls.append(Impl("liger", step_of(liger_loss_fn(self.ctx.device == "cuda"), inp), optional=True,
+            impls.append(Impl("liger", step_of(liger_loss_fn(self.liger_compiled), inp), optional=True,
                               graph=False, release=release))  # fmt: skip
 
         def check(impl: Impl, out: tuple[Tensor, tuple]) -> dict[str, Any]:
