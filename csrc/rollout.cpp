@@ -5,41 +5,44 @@
 // active tokens (mask != 0), d_bt = old_logp - rollout_logp at active tokens (a NaN there counts 0; 0 elsewhere),
 // dc = clamp(d, -20, 20). Everything is computed in double whatever the input dtypes (float16, bfloat16, float32
 // or float64, any strides; the mask is read as bytes, any nonzero byte active). e^dc, the one transcendental per
-// token, is exp_f64 below: a branch-free polynomial within about an ulp of std::exp (a library call, which would
-// keep the token loops scalar).
+// token, is exp_f64 below: a branch-free polynomial within an ulp of std::exp (a library call, which would keep
+// the token loops scalar).
 //   1. Rows in parallel (OpenMP). Each row is processed by one thread in one sweep over its tokens, in blocks of
-//      kBlock tokens converted into local double arrays, where d, dc and e^dc are formed by loops over the whole
-//      block (e^dc = 1 at an inactive token, as d = 0 there). The row's sums, counts and extrema accumulate in
-//      kLanes independent lanes (token i in lane i % kLanes), combined in lane order at the row's end. The token
-//      loop holds only what the options need (a template instance per combination, kFlag*), and selects instead
-//      of branches, so that it vectorises. Per token:
+//      kBlock tokens converted into local double arrays. The token loop holds only what the options need (a
+//      template instance per combination, kFlag*) and is split for the vectoriser: loops over the block's tokens
+//      form the values, selects included (d, dc, e^dc in one; e^dc = 1 at an inactive token, where d = 0), and
+//      lane loops, of plain arithmetic and extrema, accumulate the row's sums, counts and extrema in kLanes
+//      independent lanes (token i in lane i % kLanes), combined in lane order at the row's end. Per token:
 //      - always: n_b (the active tokens), S_b = sum_t d and the sum of e^dc - dc - 1 (kl_k3);
 //      - level "token": raw = e^dc; mode "truncate" w = clamp(raw, low, high) ("truncated" where w != raw), mode
-//        "mask" w = raw inside [low, high] else 0 ("masked"); w = 0 at inactive tokens; the sums of w,
-//        w_c = clamp(w, 0, high) and w_c^2, the truncated or masked count, the max and min of w (over the active
-//        tokens);
+//        "mask" w = raw inside [low, high] else 0 ("masked", also where w != raw, as raw > 0); w = 0 at inactive
+//        tokens; the sums of w and w^2, the truncated or masked count, the max and min of w (over the active
+//        tokens); the weights written (unless normalised later);
 //      - the token_* criteria (k1 = -dc, k2 = dc^2 / 2, k3 = e^dc - 1 - dc; a criterion that is off is given
 //        infinite bounds) and the output mask a AND them, written as the sweep goes, with the rejected count;
-//      - with a seq_* criterion: the sums of k1, k2, k3 and the maxima of k2, k3 over the active tokens.
+//      - with a seq_* criterion: the sums of k1 (as -sum dc), k2, k3 and the maxima of k2, k3 over the active
+//        tokens.
 //      At the row's end (scalar): the verdict of the seq_* criteria (sum, mean = sum / max(n_b, 1), max (0 for a
 //      row without an active token); k1 kept where log lower <= statistic <= log upper, the others where
 //      statistic <= upper), and a rejected row's mask rewritten all false; level "sequence": the row's raw weight
 //      e^clamp(S_b, -20, 20) (std::exp, as NaN can reach it), its w by the rule above, its metrics those of n_b
-//      tokens of weight w (n_b w, n_b w_c, ...), and its weights written (w at the active tokens, 0 elsewhere).
+//      tokens of weight w (n_b w, n_b w^2, ...), and its weights written (w at the active tokens, 0 elsewhere;
+//      unless normalised later).
 //      The sums of signed terms (S_b, whose error is the relative error of a sequence weight and which gives
 //      kl_k1 = mean(-d), a mean near 0, as -sum_b S_b; the sum of dc, for k1) are compensated (Knuth's TwoSum,
 //      which needs no comparison, so it vectorises), in each lane and across lanes and rows.
 //   2. The per-row partials are reduced in row order (so the results have the same bits for any number of
 //      threads, and for either SIMD clone: the lanes fix the arithmetic), then the metrics: means over the n
 //      active tokens (0 when there is none), ESS = 1 / mean(v^2) with v = w_c / (mean(w_c) + 1e-8), taken as
-//      sum(w_c^2) / (mean(w_c) + 1e-8)^2 / n; rejected_seq_frac over the rows with an active token.
+//      sum(w_c^2) / (mean(w_c) + 1e-8)^2 / n, where w_c = clamp(w, 0, high) is w itself (0 <= w <= high by the
+//      rules of both modes); rejected_seq_frac over the rows with an active token.
 //   3. batch_normalize: m = the token mean of w (level "token") or the mean of the rows' weights over the rows
 //      with an active token (level "sequence"); factor = m where m > 1e-8, else 1. The weights are written as
 //      w / factor (in the output dtype, rounded once from double): without normalisation in the sweep, with it in
 //      a last parallel pass over the rows (level "token" recomputes w from the inputs, level "sequence" writes
 //      the row's weight); the metrics other than the factor are of w before the division.
 // Inactive tokens contribute nothing, not even NaN or inf from their inputs (selects, not products). Within the
-// token loops every value is finite (dc is; low < high are not NaN), so the extrema there need no NaN rule.
+// token loops every value is finite (dc is; low and high are not NaN), so the extrema there need no NaN rule.
 // The rejection thresholds arrive as kRejectSlots float64 values (moo_kernels/ops/rollout/spec.py, _SLOTS), NaN
 // where a criterion is off.
 
@@ -63,8 +66,8 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int64_t kBlock = 512;                  // tokens converted and processed together
-constexpr int64_t kLanes = 4;                    // independent double accumulators of every row sum
+constexpr int64_t kBlock = 256;                  // tokens converted and processed together
+constexpr int64_t kLanes = 8;                    // independent double accumulators of every row sum
 constexpr int64_t kParallelMinTokens = 1 << 15;  // below this many tokens, threads cost more than they save
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -132,13 +135,12 @@ MOO_INLINE double exp_f64(double x) {
     return poly * double_from_bits(static_cast<uint64_t>(ki + 1023) << 52);
 }
 
-// s + c += x, compensated (Knuth's TwoSum: the rounding error of s + x, exactly, into c; no comparison, so it
-// vectorises). The compensation is kept finite (not updated once the sum is inf or NaN), so an infinite or NaN
-// term gives the plain sum's inf or NaN, as torch's.
+// s + c += x, compensated (Knuth's TwoSum: the rounding error of s + x, exactly, into c; no comparison, so the
+// lane loops vectorise). Once s is inf or NaN (an infinite or NaN term, or an overflow) it stays so and c turns
+// NaN: the sum's value is then s, the plain sum's inf or NaN, as torch's.
 MOO_INLINE void compensated_add(double& s, double& c, double x) {
     const double t = s + x, z = t - s;
-    const double e = (s - (t - z)) + (x - z);
-    c += std::fabs(t) <= std::numeric_limits<double>::max() ? e : 0.0;
+    c += (s - (t - z)) + (x - z);
     s = t;
 }
 
@@ -149,30 +151,28 @@ struct Compensated {
     void add(double x) { compensated_add(s, c, x); }
     void add(const Compensated& o) {
         add(o.s);
-        add(o.c);
+        add(std::isfinite(o.s) ? o.c : 0.0);
     }
-    double value() const { return s + c; }
+    double value() const { return std::isfinite(s) ? s + c : s; }
 };
 
 // max / min that propagate NaN, as torch's amax / amin: once the running value is NaN it stays NaN.
 inline double max_nan(double acc, double x) { return x > acc || x != x ? x : acc; }
 inline double min_nan(double acc, double x) { return x < acc || x != x ? x : acc; }
 
-// clamp(x, lo, hi) as torch's: min(max(x, lo), hi), NaN stays NaN.
-inline double clamp(double x, double lo, double hi) { return std::min(std::max(x, lo), hi); }
+// std::max and std::min on values, the same results (a NaN x: max_value(acc, x) = acc): std's take and return
+// references, from which GCC's if-conversion makes masked loads in the token loops.
+MOO_INLINE double max_value(double a, double b) { return a < b ? b : a; }
+MOO_INLINE double min_value(double a, double b) { return b < a ? b : a; }
 
-// The weight of a raw weight by the mode's rule (before the active mask), and whether it was truncated (mode
-// "truncate") or masked (mode "mask").
+// clamp(x, lo, hi) as torch's: min(max(x, lo), hi), NaN stays NaN.
+MOO_INLINE double clamp(double x, double lo, double hi) { return min_value(max_value(x, lo), hi); }
+
+// The weight of a raw weight (> 0, or NaN at level "sequence") by the mode's rule, before the active mask. The
+// raw weight is truncated (mode "truncate") or masked (mode "mask") exactly where the weight differs from it.
 template <bool truncate>
-MOO_INLINE double bounded(double raw, double lo, double hi, bool& flagged) {
-    if (truncate) {
-        const double w = clamp(raw, lo, hi);
-        flagged = w != raw;
-        return w;
-    }
-    const bool inside = raw >= lo && raw <= hi;
-    flagged = !inside;
-    return inside ? raw : 0.0;
+MOO_INLINE double bounded(double raw, double lo, double hi) {
+    return truncate ? clamp(raw, lo, hi) : ((raw >= lo) & (raw <= hi) ? raw : 0.0);  // &: no branch
 }
 
 // ---- operands -----------------------------------------------------------------------------------------
@@ -238,10 +238,16 @@ inline bool keep_k1(const Problem& p, int slot, double stat) {
 inline bool keep_upper(const Problem& p, int slot, double stat) { return !on(p, slot) || stat <= p.reject[slot]; }
 
 // One block of tokens in double: x, y the log-probs, act 1.0 at active tokens (else 0), d the log-ratio (0 at
-// inactive tokens and where it is NaN), dc = clamp(d, -20, 20), e = e^dc; and what the sweep writes, w and keep
-// (1.0 where the output mask is true).
+// inactive tokens and where it is NaN), dc = clamp(d, -20, 20), e = e^dc; what the options need of the token
+// weights w, flagged (1.0 where an active token is truncated or masked), w_hi and w_lo (w, and -inf or +inf at
+// inactive tokens), keep and rejected (1.0 where the output mask is true, where an active token is rejected),
+// k2_hi and k3_hi (k2, k3, -inf at inactive tokens). The selects fill these arrays in loops of their own, and
+// the lane loops read them: a select inside a lane loop, acc = max(acc, active ? x : -inf), is made into a
+// conditional (masked) store of acc by GCC.
 struct Block {
-    double x[kBlock], y[kBlock], act[kBlock], d[kBlock], dc[kBlock], e[kBlock], w[kBlock], keep[kBlock];
+    double x[kBlock], y[kBlock], act[kBlock], d[kBlock], dc[kBlock], e[kBlock];
+    double w[kBlock], flagged[kBlock], w_hi[kBlock], w_lo[kBlock], keep[kBlock], rejected[kBlock];
+    double k2_hi[kBlock], k3_hi[kBlock];
 };
 
 // Fills k with tokens t0 .. t0 + n - 1 of row b, then inactive tokens up to padded.
@@ -251,9 +257,10 @@ MOO_INLINE void load_block(const Problem& p, int64_t b, int64_t t0, int64_t n, i
     load_active(p.mask, b, t0, n, padded, k.act);
     for (int64_t i = 0; i < padded; ++i) {
         const double v = k.x[i] - k.y[i];
-        k.d[i] = k.act[i] != 0.0 && v == v ? v : 0.0;
-        k.dc[i] = clamp(k.d[i], -kLim, kLim);
-        k.e[i] = exp_f64(k.dc[i]);
+        const double d = (k.act[i] != 0.0) & (v == v) ? v : 0.0, dc = clamp(d, -kLim, kLim);
+        k.d[i] = d;
+        k.dc[i] = dc;
+        k.e[i] = exp_f64(dc);
     }
 }
 
@@ -285,10 +292,10 @@ MOO_INLINE void store_mask(const Problem& p, int64_t b, int64_t t0, int64_t n, c
 // What a row contributes to the metrics (over its active tokens), and its weight at level "sequence".
 struct RowOut {
     int64_t count = 0, truncated = 0, masked = 0, rejected = 0;
-    double sum_w = 0, sum_wc = 0, sum_wc2 = 0, sum_k3 = 0;
-    Compensated sum_d;                   // S_b
-    double max_w = -kInf, min_w = kInf;  // NaN propagates
-    double weight = 0;                   // level "sequence": the row's w
+    double sum_w = 0, sum_w2 = 0, sum_k3 = 0;  // sums of w, w^2, e^dc - dc - 1
+    Compensated sum_d;                          // S_b
+    double max_w = -kInf, min_w = kInf;         // NaN propagates
+    double weight = 0;                          // level "sequence": the row's w
 };
 
 // The row statistics of the seq_* criteria.
@@ -307,14 +314,26 @@ bool seq_keep(const Problem& p, const RowStats& s) {
            keep_upper(p, kMaxK3, s.k_max[2]);
 }
 
-// Writes w at the active tokens of row b and 0 elsewhere (level "sequence": w the row's weight / factor).
-MOO_INLINE void fill_row_weights(const Problem& p, int64_t b, double w) {
-    alignas(64) double buf[kBlock];
-    for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
-        const int64_t len = std::min(kBlock, p.T - t0);
-        load_active(p.mask, b, t0, len, len, buf);
-        for (int64_t i = 0; i < len; ++i) buf[i] = buf[i] != 0.0 ? w : 0.0;
-        store_weights(p, b, t0, len, buf, 1.0);
+// out[t * ost] = w where mask[t * mst] is not 0, else 0, for t < n.
+template <typename O>
+MOO_INLINE void fill_typed(const uint8_t* mask, int64_t mst, O* out, int64_t ost, int64_t n, O w) {
+    if (mst == 1 && ost == 1) {
+        for (int64_t t = 0; t < n; ++t) out[t] = mask[t] != 0 ? w : O(0);
+    } else {
+        for (int64_t t = 0; t < n; ++t) out[t * ost] = mask[t * mst] != 0 ? w : O(0);
+    }
+}
+
+// Writes w at the active tokens of row b and 0 elsewhere (level "sequence": w the row's weight / factor), in the
+// output dtype.
+void fill_row_weights(const Problem& p, int64_t b, double w) {
+    const uint8_t* mask = static_cast<const uint8_t*>(p.mask.ptr) + b * p.mask.sb;
+    void* out = const_cast<void*>(p.weights.ptr);
+    if (p.f64) {
+        fill_typed(mask, p.mask.st, static_cast<double*>(out) + b * p.weights.sb, p.weights.st, p.T, w);
+    } else {
+        fill_typed(mask, p.mask.st, static_cast<float*>(out) + b * p.weights.sb, p.weights.st, p.T,
+                   static_cast<float>(w));
     }
 }
 
@@ -332,87 +351,110 @@ MOO_INLINE RowOut sweep_row(const Problem& p, int64_t b) {
     const double lo = p.lo, hi = p.hi;
     const double k1_lo = p.token_bounds[0], k1_hi = p.token_bounds[1], k2_hi = p.token_bounds[2],
                  k3_hi = p.token_bounds[3];
-    const bool write_weights = token_level && !p.normalize;
     alignas(64) Block k;
-    // the lanes: always
+    // the lanes: always (the active count, S_b, e^dc - dc - 1); level "token" (w, w^2, the flagged count, the
+    // extrema of w); token_* criteria (the rejected count); seq_* criteria (dc, k2, k3, the maxima of k2, k3)
     double count[kLanes] = {}, sd[kLanes] = {}, sd_c[kLanes] = {}, sk3m[kLanes] = {};
-    // level "token"
-    double flagged[kLanes] = {}, sw[kLanes] = {}, swc[kLanes] = {}, swc2[kLanes] = {};
-    double wmax[kLanes], wmin[kLanes];
-    std::fill(wmax, wmax + kLanes, -kInf);
-    std::fill(wmin, wmin + kLanes, kInf);
-    // token_* criteria
+    double sw[kLanes] = {}, sw2[kLanes] = {}, flagged[kLanes] = {}, w_max[kLanes], w_min[kLanes];
     double rejected[kLanes] = {};
-    // seq_* criteria: the sum of dc (k1 = -dc), the sums and maxima of k2, k3
-    double sdc[kLanes] = {}, sdc_c[kLanes] = {}, sk2[kLanes] = {}, sk3[kLanes] = {}, mk2[kLanes], mk3[kLanes];
-    std::fill(mk2, mk2 + kLanes, -kInf);
-    std::fill(mk3, mk3 + kLanes, -kInf);
+    double sdc[kLanes] = {}, sdc_c[kLanes] = {}, sk2[kLanes] = {}, sk3[kLanes] = {}, k2_max[kLanes], k3_max[kLanes];
+    std::fill(w_max, w_max + kLanes, -kInf);
+    std::fill(w_min, w_min + kLanes, kInf);
+    std::fill(k2_max, k2_max + kLanes, -kInf);
+    std::fill(k3_max, k3_max + kLanes, -kInf);
     for (int64_t t0 = 0; t0 < p.T; t0 += kBlock) {
-        const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
-        load_block(p, b, t0, len, padded, k);
-        for (int64_t i0 = 0; i0 < padded; i0 += kLanes) {
+        const int64_t len = std::min(kBlock, p.T - t0), m = round_up(len);
+        load_block(p, b, t0, len, m, k);
+        for (int64_t i0 = 0; i0 < m; i0 += kLanes) {
+            MOO_OMP(omp simd)
             for (int64_t l = 0; l < kLanes; ++l) {
                 const int64_t i = i0 + l;
-                const double act = k.act[i], dc = k.dc[i], e = k.e[i];
-                const bool active = act != 0.0;
-                count[l] += act;
+                count[l] += k.act[i];
                 compensated_add(sd[l], sd_c[l], k.d[i]);
-                sk3m[l] += (e - dc) - 1.0;  // 0 at an inactive token (dc = 0, e = 1)
-                if constexpr (token_level) {
-                    bool f;
-                    const double bw = bounded<truncate>(e, lo, hi, f), w = active ? bw : 0.0;
-                    const double wc = clamp(w, 0.0, hi);
-                    k.w[i] = w;
-                    flagged[l] += active && f ? 1.0 : 0.0;
+                sk3m[l] += (k.e[i] - k.dc[i]) - 1.0;  // 0 at an inactive token (dc = 0, e = 1)
+            }
+        }
+        if constexpr (token_level) {
+            for (int64_t i = 0; i < m; ++i) {
+                const bool active = k.act[i] != 0.0;
+                const double e = k.e[i], w = bounded<truncate>(e, lo, hi);
+                k.w[i] = active ? w : 0.0;
+                // not ?: with constant arms, which GCC makes into two masked stores
+                k.flagged[i] = static_cast<double>(active & (w != e));
+                k.w_hi[i] = active ? w : -kInf;
+                k.w_lo[i] = active ? w : kInf;
+            }
+            for (int64_t i0 = 0; i0 < m; i0 += kLanes) {
+                MOO_OMP(omp simd)
+                for (int64_t l = 0; l < kLanes; ++l) {
+                    const int64_t i = i0 + l;
+                    const double w = k.w[i];  // 0 at an inactive token
                     sw[l] += w;
-                    swc[l] += wc;
-                    swc2[l] += wc * wc;
-                    wmax[l] = std::max(wmax[l], active ? w : -kInf);
-                    wmin[l] = std::min(wmin[l], active ? w : kInf);
+                    sw2[l] += w * w;
+                    flagged[l] += k.flagged[i];
+                    w_max[l] = max_value(w_max[l], k.w_hi[i]);
+                    w_min[l] = min_value(w_min[l], k.w_lo[i]);
                 }
-                if constexpr (token_criteria) {
-                    const bool ok = -dc >= k1_lo && -dc <= k1_hi && 0.5 * dc * dc <= k2_hi && (e - 1.0) - dc <= k3_hi;
-                    k.keep[i] = ok ? act : 0.0;
-                    rejected[l] += active && !ok ? 1.0 : 0.0;
-                } else {
-                    k.keep[i] = act;
-                }
-                if constexpr (seq_stats) {
-                    const double k2 = 0.5 * dc * dc, k3 = (e - 1.0) - dc;  // 0 at an inactive token
+            }
+            if (!p.normalize) store_weights(p, b, t0, len, k.w, 1.0);
+        }
+        if constexpr (token_criteria) {
+            for (int64_t i = 0; i < m; ++i) {
+                const double dc = k.dc[i], e = k.e[i], act = k.act[i];
+                const bool ok = (-dc >= k1_lo) & (-dc <= k1_hi) & (0.5 * dc * dc <= k2_hi) & ((e - 1.0) - dc <= k3_hi);
+                k.keep[i] = ok ? act : 0.0;
+                k.rejected[i] = ok ? 0.0 : act;
+            }
+            for (int64_t i0 = 0; i0 < m; i0 += kLanes) {
+                MOO_OMP(omp simd)
+                for (int64_t l = 0; l < kLanes; ++l) rejected[l] += k.rejected[i0 + l];
+            }
+            store_mask(p, b, t0, len, k.keep);
+        } else {
+            store_mask(p, b, t0, len, k.act);
+        }
+        if constexpr (seq_stats) {
+            for (int64_t i = 0; i < m; ++i) {
+                const bool active = k.act[i] != 0.0;
+                const double dc = k.dc[i];
+                k.k2_hi[i] = active ? 0.5 * dc * dc : -kInf;
+                k.k3_hi[i] = active ? (k.e[i] - 1.0) - dc : -kInf;
+            }
+            for (int64_t i0 = 0; i0 < m; i0 += kLanes) {
+                MOO_OMP(omp simd)
+                for (int64_t l = 0; l < kLanes; ++l) {
+                    const int64_t i = i0 + l;
+                    const double dc = k.dc[i];  // 0 at an inactive token
                     compensated_add(sdc[l], sdc_c[l], dc);
-                    sk2[l] += k2;
-                    sk3[l] += k3;
-                    mk2[l] = std::max(mk2[l], active ? k2 : -kInf);
-                    mk3[l] = std::max(mk3[l], active ? k3 : -kInf);
+                    sk2[l] += 0.5 * dc * dc;
+                    sk3[l] += (k.e[i] - 1.0) - dc;
+                    k2_max[l] = max_value(k2_max[l], k.k2_hi[i]);
+                    k3_max[l] = max_value(k3_max[l], k.k3_hi[i]);
                 }
             }
         }
-        if (write_weights) store_weights(p, b, t0, len, k.w, 1.0);
-        store_mask(p, b, t0, len, k.keep);
     }
 
     // the lanes in lane order
     RowOut o;
-    double n = 0, n_flagged = 0, n_rejected = 0;
     Compensated sum_dc;
     RowStats s;
-    double kmax[3] = {-kInf, -kInf, -kInf};
+    double n = 0, n_flagged = 0, n_rejected = 0, max_k2 = -kInf, max_k3 = -kInf;
     for (int64_t l = 0; l < kLanes; ++l) {
         n += count[l];
         o.sum_d.add(Compensated{sd[l], sd_c[l]});
         o.sum_k3 += sk3m[l];
-        n_flagged += flagged[l];
         o.sum_w += sw[l];
-        o.sum_wc += swc[l];
-        o.sum_wc2 += swc2[l];
-        o.max_w = std::max(o.max_w, wmax[l]);
-        o.min_w = std::min(o.min_w, wmin[l]);
+        o.sum_w2 += sw2[l];
+        n_flagged += flagged[l];
+        o.max_w = max_value(o.max_w, w_max[l]);
+        o.min_w = min_value(o.min_w, w_min[l]);
         n_rejected += rejected[l];
         sum_dc.add(Compensated{sdc[l], sdc_c[l]});
         s.k_sum[1] += sk2[l];
         s.k_sum[2] += sk3[l];
-        kmax[1] = std::max(kmax[1], mk2[l]);
-        kmax[2] = std::max(kmax[2], mk3[l]);
+        max_k2 = max_value(max_k2, k2_max[l]);
+        max_k3 = max_value(max_k3, k3_max[l]);
     }
     o.count = static_cast<int64_t>(n);
     o.rejected = static_cast<int64_t>(n_rejected);
@@ -421,7 +463,8 @@ MOO_INLINE RowOut sweep_row(const Problem& p, int64_t b) {
     if constexpr (seq_stats) {
         s.count = o.count;
         s.k_sum[0] = -sum_dc.value();
-        for (int j = 1; j < 3; ++j) s.k_max[j] = s.count > 0 ? kmax[j] : 0.0;
+        s.k_max[1] = s.count > 0 ? max_k2 : 0.0;
+        s.k_max[2] = s.count > 0 ? max_k3 : 0.0;
         if (!seq_keep(p, s)) {
             o.rejected = o.count;
             clear_row_mask(p, b);
@@ -431,15 +474,12 @@ MOO_INLINE RowOut sweep_row(const Problem& p, int64_t b) {
     // level "sequence": the row's weight, its n_b tokens' metrics, and its weights unless normalised later
     if constexpr (!token_level) {
         const double raw = std::exp(clamp(o.sum_d.value(), -kLim, kLim));
-        bool row_flagged;
-        const double w = p.mode == moo::kIsTruncate ? bounded<true>(raw, lo, hi, row_flagged)
-                                                    : bounded<false>(raw, lo, hi, row_flagged);
-        const double wc = clamp(w, 0.0, hi);
+        const double w = p.mode == moo::kIsTruncate ? bounded<true>(raw, lo, hi) : bounded<false>(raw, lo, hi);
+        const bool row_flagged = w != raw;  // NaN: truncated (NaN != NaN), or masked (w = 0)
         const bool any = o.count > 0;
         o.weight = w;
         o.sum_w = any ? n * w : 0.0;
-        o.sum_wc = any ? n * wc : 0.0;
-        o.sum_wc2 = any ? n * (wc * wc) : 0.0;
+        o.sum_w2 = any ? n * (w * w) : 0.0;
         o.max_w = any ? w : -kInf;
         o.min_w = any ? w : kInf;
         n_flagged = row_flagged ? n : 0.0;
@@ -473,8 +513,7 @@ MOO_INLINE void write_token_weights(const Problem& p, int64_t b, double factor) 
         const int64_t len = std::min(kBlock, p.T - t0), padded = round_up(len);
         load_block(p, b, t0, len, padded, k);
         for (int64_t i = 0; i < padded; ++i) {
-            bool f;
-            const double w = bounded<truncate>(k.e[i], p.lo, p.hi, f);
+            const double w = bounded<truncate>(k.e[i], p.lo, p.hi);
             k.w[i] = k.act[i] != 0.0 ? w : 0.0;
         }
         store_weights(p, b, t0, len, k.w, factor);
@@ -497,14 +536,16 @@ void run(const Problem& p, double* out) {
     const bool parallel = p.B * p.T >= kParallelMinTokens;
     (void)parallel;  // unused without OpenMP
 
-    // ---- 1. rows in parallel: the weights, the mask and the row's partials
+    // ---- 1. rows in parallel: the weights, the mask and the row's partials. Dynamic: the rows cost the same,
+    // but a thread that another process holds up does not hold the others back (no result depends on which
+    // thread takes a row).
     std::vector<RowOut> rows(B);
-    MOO_OMP(omp parallel for schedule(static) if (parallel))
+    MOO_OMP(omp parallel for schedule(dynamic) if (parallel))
     for (int64_t b = 0; b < B; ++b) rows[b] = sweep(p, b);
 
     // ---- 2. the partials in row order, then the metrics
     int64_t count = 0, truncated = 0, masked = 0, rejected = 0, rows_active = 0, rows_rejected = 0;
-    double sum_w = 0, sum_wc = 0, sum_wc2 = 0, sum_k3 = 0, sum_row_w = 0;
+    double sum_w = 0, sum_w2 = 0, sum_k3 = 0, sum_row_w = 0;
     Compensated sum_d;
     double max_w = -kInf, min_w = kInf;
     for (int64_t b = 0; b < B; ++b) {
@@ -516,8 +557,7 @@ void run(const Problem& p, double* out) {
         rows_active += o.count > 0 ? 1 : 0;
         rows_rejected += o.rejected > 0 ? 1 : 0;
         sum_w += o.sum_w;
-        sum_wc += o.sum_wc;
-        sum_wc2 += o.sum_wc2;
+        sum_w2 += o.sum_w2;
         sum_d.add(o.sum_d);
         sum_k3 += o.sum_k3;
         max_w = max_nan(max_w, o.max_w);
@@ -527,11 +567,11 @@ void run(const Problem& p, double* out) {
     }
     const double n = static_cast<double>(count), n1 = std::max(n, 1.0);
     const bool any = count > 0;
-    const double m_c = sum_wc / n1, c = m_c + kEssEps;
+    const double c = sum_w / n1 + kEssEps;  // mean(w_c) + 1e-8, w_c = clamp(w, 0, high) being w
     out[rm::kWeightMean] = sum_w / n1;
     out[rm::kWeightMax] = any ? (std::isnan(max_w) ? max_w : std::max(max_w, 0.0)) : 0.0;
     out[rm::kWeightMin] = any ? min_w : 0.0;
-    out[rm::kEss] = any ? 1.0 / (sum_wc2 / (c * c) / n1) : 0.0;
+    out[rm::kEss] = any ? 1.0 / (sum_w2 / (c * c) / n1) : 0.0;
     out[rm::kTruncatedFrac] = static_cast<double>(truncated) / n1;
     out[rm::kMaskedFrac] = static_cast<double>(masked) / n1;
     out[rm::kRejectedTokenFrac] = static_cast<double>(rejected) / n1;
@@ -546,7 +586,7 @@ void run(const Problem& p, double* out) {
         const double m = p.level == moo::kIsToken ? out[rm::kWeightMean]
                                                   : sum_row_w / std::max(static_cast<double>(rows_active), 1.0);
         factor = m > kNormMin ? m : 1.0;
-        MOO_OMP(omp parallel for schedule(static) if (parallel))
+        MOO_OMP(omp parallel for schedule(dynamic) if (parallel))
         for (int64_t b = 0; b < B; ++b) {
             if (p.level == moo::kIsToken) {
                 normalized_token_weights(p, b, factor);
