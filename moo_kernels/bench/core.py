@@ -88,6 +88,19 @@ class Suite:
         self.info: dict[str, Any] = {}  # what else the JSON records (backend, Liger, ...)
         self.notes: list[str] = []  # printed above the table
 
+    def choose_backend(self, cpu_probe: Callable[[], Callable[[], Any]], kernel: str) -> str:
+        """self.backend, recorded in info: the package's on CUDA; on the CPU cpu_backend of the step cpu_probe()
+        builds (only there), with a note and info["moo_fallback_reason"] when the reference stands in."""
+        if self.ctx.device == "cuda":
+            self.backend = moo_kernels.get_backend()
+        else:
+            self.backend, reason = cpu_backend(cpu_probe(), kernel)
+            if reason:
+                self.notes.append(f"moo_kernels ran on the {self.backend} backend ({reason}): not the C++ kernel's")
+            self.info["moo_fallback_reason"] = reason
+        self.info["moo_backend"] = self.backend
+        return self.backend
+
     def make_case(self, size: dict[str, int], seed: int, main: bool) -> Case:
         raise NotImplementedError
 

@@ -39,7 +39,7 @@ import moo_kernels
 from moo_kernels._codes import LOG_RATIO_MAX
 from moo_kernels.ops.loss.reference import policy_loss_reference
 
-from .core import Case, Impl, Suite, cpu_backend, moo_label, with_backend
+from .core import Case, Impl, Suite, moo_label, with_backend
 from .policy_loss import BETA, CLIP_HIGH, CLIP_LOW, LOSS_CONFIG, LOSS_OPTIONS, liger_status, loss_errors
 
 Tensor = torch.Tensor
@@ -228,15 +228,7 @@ class LinearLossSuite(Suite):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         cuda = ctx.device == "cuda"
-        if cuda:
-            self.backend = moo_kernels.get_backend()
-        else:
-            probe = make_inputs(1, 4, 8, 64, self.dtype, "cpu")
-            self.backend, reason = cpu_backend(step_of(moo_linear_loss, probe), "logits")
-            if reason:
-                self.notes.append(f"moo_kernels ran on the {self.backend} backend ({reason}): not the C++ kernel's")
-            self.info["moo_fallback_reason"] = reason
-        self.info["moo_backend"] = self.backend
+        self.choose_backend(lambda: step_of(moo_linear_loss, make_inputs(1, 4, 8, 64, self.dtype, "cpu")), "logits")
         self.names = {"moo": moo_label(ctx.device, self.backend), "gemms": "the three GEMMs alone (floor)",
                       "eager": "eager PyTorch (logits materialised, TRL style)"}  # fmt: skip
         liger = liger_status()

@@ -28,7 +28,7 @@ import torch
 import moo_kernels
 from moo_kernels.ops.logits.reference import token_logprobs_grad_reference, token_logprobs_reference
 
-from .core import Case, Impl, Suite, cpu_backend, moo_label, with_backend
+from .core import Case, Impl, Suite, moo_label, with_backend
 from .policy_loss import (
     BETA,
     BOUNDARY_EPS,
@@ -212,16 +212,12 @@ class LogitsLossSuite(Suite):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         cuda = ctx.device == "cuda"
-        if cuda:
-            self.backend = moo_kernels.get_backend()
-        else:
-            probe = make_inputs(1, 4, 64, self.dtype, "cpu")
-            step = make_step(moo_loss(probe, False), probe["logits"])
-            self.backend, reason = cpu_backend(step, "logits")
-            if reason:
-                self.notes.append(f"moo_kernels ran on the {self.backend} backend ({reason}): not the C++ kernel's")
-            self.info["moo_fallback_reason"] = reason
-        self.info["moo_backend"] = self.backend
+
+        def probe() -> Callable[[], tuple[Tensor, Tensor]]:
+            inp = make_inputs(1, 4, 64, self.dtype, "cpu")
+            return make_step(moo_loss(inp, False), inp["logits"])
+
+        self.choose_backend(probe, "logits")
         moo = moo_label(ctx.device, self.backend)
         self.names = {"moo": moo, "moo_inplace": f"{moo}, in place", "eager": "eager PyTorch (TRL style)"}
         self.compiled = None

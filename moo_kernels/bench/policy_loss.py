@@ -33,7 +33,7 @@ import moo_kernels
 from moo_kernels._codes import LOG_RATIO_MAX
 from moo_kernels.ops.loss.reference import policy_loss_grad_reference, policy_loss_reference
 
-from .core import Case, Impl, Suite, cpu_backend, moo_label, with_backend
+from .core import Case, Impl, Suite, moo_label, with_backend
 
 Tensor = torch.Tensor
 
@@ -213,15 +213,7 @@ class PolicyLossSuite(Suite):
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        if ctx.device == "cuda":
-            self.backend = moo_kernels.get_backend()
-        else:
-            probe = self._inputs(2, 16, 0)
-            self.backend, reason = cpu_backend(self._moo_step(probe), "policy_loss")
-            if reason:
-                self.notes.append(f"moo_kernels ran on the {self.backend} backend ({reason}): not the C++ kernel's")
-            self.info["moo_fallback_reason"] = reason
-        self.info["moo_backend"] = self.backend
+        self.choose_backend(lambda: self._moo_step(self._inputs(2, 16, 0)), "policy_loss")
         self.info["liger"] = dict(liger_status(), timed=False, why=LIGER_NOTE)
         label = moo_label(ctx.device, self.backend)
         self.names = {"moo": label, "eager": "eager PyTorch (TRL/verl style)", "moo_trl": f"{label}, TRL default + IS",

@@ -412,18 +412,18 @@ class MooGRPOTrainer(GRPOTrainer):
         aux_loss = None
         if a.moo_fused_linear:
             hidden, lm_head = self._moo_hidden_states(model, input_ids, attention_mask, completion_ids.size(1))
-            head = self._moo_head(lm_head)
+            weight, head = self._moo_head(lm_head)
             threshold = None
             if self.top_entropy_quantile < 1.0:  # the entropies first (no gradient), TRL's quantile over every rank
                 with torch.no_grad():
-                    _, ent = mk.token_logprobs_from_hidden(hidden.detach(), head["weight"], completion_ids,
-                                                           return_entropy=True, **_drop(head, "weight"))  # fmt: skip
+                    _, ent = mk.token_logprobs_from_hidden(hidden.detach(), weight, completion_ids, return_entropy=True,
+                                                           **head)  # fmt: skip
                 threshold = float(mk.distributed.entropy_quantile(ent, mask, self.top_entropy_quantile))
             # the bonus is a mean over the tokens it acts on, scaled for gradient accumulation only (TRL)
             coef = apply_coef / accumulation if options["num_tokens"] is not None else apply_coef
             loss, m, entropies = mk.policy_loss_from_hidden(
-                hidden, head["weight"], completion_ids, inputs["advantages"], mask, return_entropy=True,
-                entropy_coef=coef, entropy_threshold=threshold, **_drop(head, "weight"), **options,
+                hidden, weight, completion_ids, inputs["advantages"], mask, return_entropy=True,
+                entropy_coef=coef, entropy_threshold=threshold, **head, **options,
             )  # fmt: skip
             entropy_mask = entropies >= threshold if threshold is not None else None
             if options["num_tokens"] is None:
@@ -520,11 +520,11 @@ class MooGRPOTrainer(GRPOTrainer):
         hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]
         return hidden.to(lm_head.weight.device, lm_head.weight.dtype), lm_head
 
-    def _moo_head(self, lm_head) -> dict[str, Any]:
-        """The head's arguments of the hidden-state entries: weight, bias, TRL's temperature, the float32 head of
-        cast_lm_head_to_fp32."""
+    def _moo_head(self, lm_head) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(the weight, the other head arguments of the hidden-state entries: bias, TRL's temperature, the float32
+        head of cast_lm_head_to_fp32)."""
         head_dtype = torch.float32 if self.args.cast_lm_head_to_fp32 else None
-        return dict(weight=lm_head.weight, bias=lm_head.bias, temperature=self.temperature, head_dtype=head_dtype)
+        return lm_head.weight, dict(bias=lm_head.bias, temperature=self.temperature, head_dtype=head_dtype)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):  # fmt: skip
@@ -542,9 +542,9 @@ class MooGRPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.size(0), batch_size):
             ids, att = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
             hidden, lm_head = self._moo_hidden_states(model, ids, att, logits_to_keep)
-            head = self._moo_head(lm_head)
-            lp, ent = mk.token_logprobs_from_hidden(hidden, head["weight"], ids[:, -logits_to_keep:],
-                                                    return_entropy=True, **_drop(head, "weight"))  # fmt: skip
+            weight, head = self._moo_head(lm_head)
+            lp, ent = mk.token_logprobs_from_hidden(hidden, weight, ids[:, -logits_to_keep:], return_entropy=True,
+                                                    **head)  # fmt: skip
             keep = att[:, -logits_to_keep:] != 0
             logps.append(torch.where(keep, lp, torch.zeros_like(lp)))
             entropies.append(torch.where(keep, ent, torch.zeros_like(ent)))
@@ -578,10 +578,6 @@ class MooGRPOTrainer(GRPOTrainer):
                 self._entropy_window_stats = None
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-
-
-def _drop(d: dict, *keys: str) -> dict:
-    return {k: v for k, v in d.items() if k not in keys}
 
 
 def model_config(model):

@@ -281,10 +281,10 @@ def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, 
             bs, ts = tile
             h = head.rows(tile)
             z = head.logits(h)
-            z3 = z.view(-1 if ts.stop - ts.start == head.T else 1, ts.stop - ts.start, head.V)
-            ts_spec = LogitsSpec.make({"tokens": s.tokens[bs, ts], "temperature": s.temperature})
+            z3 = z.view(-1, ts.stop - ts.start, head.V)
+            tile_s = LogitsSpec.make({"tokens": s.tokens[bs, ts], "temperature": s.temperature})
             loss, metrics, ent = run_logits_loss(
-                z3, ts_spec, want_entropy, z3 if grads is not None else None, tile_spec(spec, tile, counts), es
+                z3, tile_s, want_entropy, z3 if grads is not None else None, tile_spec(spec, tile, counts), es
             )  # fmt: skip
             if grads is not None:
                 grads.add(tile, h, z)
@@ -381,7 +381,7 @@ def policy_loss_from_hidden(
         >>> loss.backward()
     """
     head = Head(hidden, weight, tokens, bias, head_dtype, chunk_size)
-    s = _check_tokens(head, LogitsSpec.make({"tokens": tokens, "temperature": options.pop("temperature", 1.0)}))
+    s = _check_tokens(head, tokens, options.pop("temperature", 1.0))
     es = entropy_spec(**{k: options.pop(k) for k in EntropySpec.names() if k in options})
     return_entropy = O.check_bool("return_entropy", return_entropy)
     spec = loss_spec((head.B, head.T), hidden.device, "hidden", advantages=advantages, mask=mask, **options)
@@ -390,7 +390,7 @@ def policy_loss_from_hidden(
         return run_hidden_loss(head, s, es, spec, want, return_entropy)
 
     inputs = (head.hidden, weight, bias)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+    if _differentiable(inputs):
         loss, metrics, entropy = HiddenLoss.apply(*inputs, run)
     else:
         loss, metrics, entropy, _ = run((False, False, False))
@@ -398,12 +398,17 @@ def policy_loss_from_hidden(
     return (loss, metrics, entropy) if return_entropy else (loss, metrics)
 
 
-def _check_tokens(head: Head, s: LogitsSpec) -> LogitsSpec:
+def _check_tokens(head: Head, tokens: Tensor, temperature: float) -> LogitsSpec:
     """The tokens and temperature, validated as policy_loss_from_logits validates them (V from the weight)."""
     from moo_kernels._spec import Context
 
     context = Context({"B": head.B, "T": head.T, "V": head.V}, head.hidden.device, "hidden")
-    return LogitsSpec.validate(context, tokens=s.tokens, temperature=s.temperature)
+    return LogitsSpec.validate(context, tokens=tokens, temperature=temperature)
+
+
+def _differentiable(inputs: tuple) -> bool:
+    """Whether a gradient is wanted: grad mode on and one of the (optional) inputs requires one."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
 
 
 # ---- the log-probs -----------------------------------------------------------------------------------------
@@ -502,12 +507,12 @@ def token_logprobs_from_hidden(
         ...     old_logp = token_logprobs_from_hidden(hidden, lm_head.weight, completion_ids, temperature=0.9)
     """
     head = Head(hidden, weight, tokens, bias, head_dtype, chunk_size)
-    s = _check_tokens(head, LogitsSpec.make({"tokens": tokens, "temperature": options.pop("temperature", 1.0)}))
+    s = _check_tokens(head, tokens, options.pop("temperature", 1.0))
     if options:
         raise TypeError(f"unexpected keyword argument {next(iter(options))!r}")
     return_entropy = O.check_bool("return_entropy", return_entropy)
     inputs = (head.hidden, weight, bias)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+    if _differentiable(inputs):
         logp, ent = HiddenLogprobs.apply(*inputs, head, s, return_entropy)
     else:
         logp, ent, _ = logprob_sweep(head, s, return_entropy)
