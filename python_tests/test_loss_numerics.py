@@ -77,6 +77,16 @@ LOSS_MODES = {
     "cispo": dict(mode="cispo", clip_high=0.4, beta=0.05, kl="k2"),
     "reinforce": dict(mode="reinforce", beta=0.05, kl="k3", agg="seq-mean-token-sum"),
     "offpolicy": dict(mode="clip", offpolicy=torch.tensor([True, False, True]), beta=0.05, kl="k3"),
+    "sapo": dict(mode="sapo", beta=0.05, kl="low_var_kl", kl_bias_correction=True),
+    "gmpo": dict(mode="gmpo", beta=0.05, kl="k3", agg="seq-mean-token-mean"),
+    "vespo": dict(mode="vespo", beta=0.05, kl="abs"),
+    "policy_mask": dict(
+        mode="clip",
+        policy_mask=torch.rand(B, T, generator=torch.Generator().manual_seed(9)) > 0.3,
+        offpolicy_mask_threshold=0.0,
+        beta=0.05,
+        kl="k3",
+    ),  # fmt: skip
 }
 
 
