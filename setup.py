@@ -23,12 +23,15 @@ sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswi
 # setuptools tracks only the sources: a changed header must rebuild the extension too.
 headers = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".h"))
 
+# No FMA contraction (GCC's C++ default contracts where the instruction set has FMA): every SIMD variant of a
+# kernel gives the same bits (csrc/simd.h).
+fixed_arithmetic = ["-ffp-contract=off"]
 if os.environ.get("MOO_KERNELS_SANITIZE") == "1":
     sanitize = ["-fsanitize=address,undefined"]
-    compile_args = ["-O1", "-g", "-fno-omit-frame-pointer", *sanitize, *openmp]
+    compile_args = ["-O1", "-g", "-fno-omit-frame-pointer", *fixed_arithmetic, *sanitize, *openmp]
     link_args = [*sanitize, *openmp]
 else:
-    compile_args = ["-O3", *openmp]
+    compile_args = ["-O3", *fixed_arithmetic, *openmp]
     link_args = openmp
 
 ext = Pybind11Extension(

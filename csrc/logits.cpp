@@ -121,14 +121,16 @@ struct Forward {
     Operand logits, tokens;
     int64_t T = 0, V = 0;
     double inv_tau = 1.0;
+    bool entropy = true;  // whether the entropy is wanted (its sum is left out otherwise)
 };
 
 struct RowResult {
     double logp, max, log_l, entropy;  // max: of the raw logits; log_l = log sum exp((z - max) / tau)
 };
 
-// UNIT: tau = 1, whose multiplications by 1 / tau are left out (the same bits: x * 1 = x).
-template <typename E, bool UNIT>
+// UNIT: tau = 1, whose multiplications by 1 / tau are left out (the same bits: x * 1 = x). ENTROPY: the sum of
+// e^d d is kept (the entropy; 0 is returned for it otherwise, the other results the same bits).
+template <typename E, bool UNIT, bool ENTROPY>
 MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
     using R = Compute<E>;
     constexpr R inf = std::numeric_limits<R>::infinity();
@@ -156,7 +158,7 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
             const R m_new = std::max(m[l], tile_max[l]);
             if (m_new > m[l] && sum[l] > 0) {  // sum > 0: the old maximum is finite
                 const R delta = (m_new - m[l]) * inv_tau, scale = exp_lanes(-delta);
-                wsum[l] = scale > 0 ? scale * (wsum[l] - delta * sum[l]) : R(0);  // delta may be inf
+                if (ENTROPY) wsum[l] = scale > 0 ? scale * (wsum[l] - delta * sum[l]) : R(0);  // delta may be inf
                 sum[l] *= scale;
             }
             m[l] = m_new;
@@ -172,7 +174,7 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
             for (int64_t l = 0; l < kLanes; ++l) {
                 const R d = (x[i0 + l] - base[l]) * inv_tau, e = exp_lanes(d);
                 tile_sum[l] += e;
-                tile_wsum[l] += d == -inf ? R(0) : e * d;
+                if (ENTROPY) tile_wsum[l] += d == -inf ? R(0) : e * d;
             }
         }
         for (int64_t l = 0; l < kLanes; ++l) {
@@ -189,28 +191,35 @@ MOO_INLINE RowResult forward_row(const Forward& f, int64_t b, int64_t t) {
         if (sum[l] != 0) {  // a lane with a finite logit, or NaN (a NaN or +inf logit: NaN results)
             const double shift = (static_cast<double>(m[l]) - row_max) * f.inv_tau, scale = std::exp(shift);
             total += scale * sum[l];
-            wtotal += scale > 0 ? scale * (wsum[l] + shift * sum[l]) : 0.0;
+            if (ENTROPY) wtotal += scale > 0 ? scale * (wsum[l] + shift * sum[l]) : 0.0;
         }
     }
     if (row_max == -inf && total == 0) return {-kInfD, -kInfD, -kInfD, 0.0};  // no finite logit
     const double log_total = std::log(total);
     const double z_y = value(row[token_at(f.tokens, b, t)]);
     const double logp = (z_y - row_max) * f.inv_tau - log_total;
-    return {logp, static_cast<double>(row_max), log_total, log_total - wtotal / total};
+    return {logp, static_cast<double>(row_max), log_total, ENTROPY ? log_total - wtotal / total : 0.0};
 }
 
-// The compiled row functions, one per logits dtype (an AVX2 clone is picked at load time where possible).
+template <typename E>
+MOO_INLINE RowResult forward_row_of(const Forward& f, int64_t b, int64_t t) {
+    if (f.inv_tau == 1.0) return f.entropy ? forward_row<E, true, true>(f, b, t) : forward_row<E, true, false>(f, b, t);
+    return f.entropy ? forward_row<E, false, true>(f, b, t) : forward_row<E, false, false>(f, b, t);
+}
+
+// The compiled row functions, one per logits dtype (an AVX-512 or AVX2 clone is picked at load time where
+// possible).
 MOO_SIMD_CLONES RowResult forward_row_f16(const Forward& f, int64_t b, int64_t t) {
-    return f.inv_tau == 1.0 ? forward_row<Half, true>(f, b, t) : forward_row<Half, false>(f, b, t);
+    return forward_row_of<Half>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_bf16(const Forward& f, int64_t b, int64_t t) {
-    return f.inv_tau == 1.0 ? forward_row<BFloat16, true>(f, b, t) : forward_row<BFloat16, false>(f, b, t);
+    return forward_row_of<BFloat16>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_f32(const Forward& f, int64_t b, int64_t t) {
-    return f.inv_tau == 1.0 ? forward_row<float, true>(f, b, t) : forward_row<float, false>(f, b, t);
+    return forward_row_of<float>(f, b, t);
 }
 MOO_SIMD_CLONES RowResult forward_row_f64(const Forward& f, int64_t b, int64_t t) {
-    return f.inv_tau == 1.0 ? forward_row<double, true>(f, b, t) : forward_row<double, false>(f, b, t);
+    return forward_row_of<double>(f, b, t);
 }
 
 // ---- backward ------------------------------------------------------------------------------------------
@@ -260,18 +269,15 @@ MOO_INLINE void backward_row(const Backward& g, int64_t b, int64_t t) {
     }
 }
 
-MOO_SIMD_CLONES void backward_row_f16(const Backward& g, int64_t b, int64_t t) {
-    g.inv_tau == 1.0 ? backward_row<Half, true>(g, b, t) : backward_row<Half, false>(g, b, t);
+template <typename E>
+MOO_INLINE void backward_row_of(const Backward& g, int64_t b, int64_t t) {
+    g.inv_tau == 1.0 ? backward_row<E, true>(g, b, t) : backward_row<E, false>(g, b, t);
 }
-MOO_SIMD_CLONES void backward_row_bf16(const Backward& g, int64_t b, int64_t t) {
-    g.inv_tau == 1.0 ? backward_row<BFloat16, true>(g, b, t) : backward_row<BFloat16, false>(g, b, t);
-}
-MOO_SIMD_CLONES void backward_row_f32(const Backward& g, int64_t b, int64_t t) {
-    g.inv_tau == 1.0 ? backward_row<float, true>(g, b, t) : backward_row<float, false>(g, b, t);
-}
-MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) {
-    g.inv_tau == 1.0 ? backward_row<double, true>(g, b, t) : backward_row<double, false>(g, b, t);
-}
+
+MOO_SIMD_CLONES void backward_row_f16(const Backward& g, int64_t b, int64_t t) { backward_row_of<Half>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_bf16(const Backward& g, int64_t b, int64_t t) { backward_row_of<BFloat16>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_f32(const Backward& g, int64_t b, int64_t t) { backward_row_of<float>(g, b, t); }
+MOO_SIMD_CLONES void backward_row_f64(const Backward& g, int64_t b, int64_t t) { backward_row_of<double>(g, b, t); }
 
 // ---- entry points --------------------------------------------------------------------------------------
 
@@ -317,6 +323,7 @@ int64_t token_logprobs_fwd(const py::handle& logits_arg, const py::handle& token
     f.T = r.T;
     f.V = r.V;
     f.inv_tau = 1.0 / temperature;
+    f.entropy = entropy_out != nullptr;
     const int64_t B = r.B, T = r.T, V = r.V;
     py::gil_scoped_release release;
     const int64_t bad = first_bad_token(f.tokens, B, T, V);

@@ -1,15 +1,16 @@
 // What the lane-structured CPU kernels (advantages.cpp, logits.cpp, policy_loss.cpp) share to get SIMD code
 // with fixed arithmetic: their loops run over rows of independent lanes, which the compiler vectorises
-// without reassociating anything (no -ffast-math, no FMA contraction in ISO C++ mode), so the results
-// have the same bits whatever the instruction set or the number of threads.
+// without reassociating anything (no -ffast-math; no FMA contraction: setup.py passes -ffp-contract=off,
+// which GCC's C++ mode does not imply), so the results have the same bits whatever the instruction set or
+// the number of threads.
 //   - No trapping maths (GCC): no floating-point exception is ever enabled in these kernels, and without
 //     it GCC can turn the selects of the lane loops into SIMD blends (Clang already does). No value
 //     changes. It applies to the code that follows, so a kernel includes this header first.
 //   - MOO_OMP: OpenMP pragmas, which vanish in a build without OpenMP (MOO_KERNELS_NO_OPENMP, macOS).
-//   - MOO_SIMD_CLONES: compile a function also for AVX2, the variant picked at load time where the CPU
-//     has it (x86-64 glibc, GCC or Clang >= 14; Clang does not clone function templates, so a template
-//     takes MOO_SIMD_CLONES_TEMPLATE, GCC only). The lanes fix the arithmetic: both variants give the
-//     same bits. MOO_INLINE: the helpers are inlined into the cloned function, compiled once per variant.
+//   - MOO_SIMD_CLONES: compile a function also for AVX-512 and AVX2, the variant picked at load time where
+//     the CPU has it (x86-64 glibc, GCC or Clang >= 14; Clang does not clone function templates, so a
+//     template takes MOO_SIMD_CLONES_TEMPLATE, GCC only). The lanes fix the arithmetic: every variant gives
+//     the same bits (python_tests/test_snapshot.py holds the C++ outputs to the bit). MOO_INLINE: the helpers are inlined into the cloned function, compiled once per variant.
 //   - exp_poly / exp_lanes: a branch-free, vectorisable e^x in float (std::exp for double).
 
 #pragma once
@@ -32,7 +33,7 @@
 
 #if defined(__x86_64__) && defined(__GLIBC__) && \
     ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
-#define MOO_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#define MOO_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MOO_SIMD_CLONES
 #endif

@@ -29,23 +29,32 @@ def on(device, kw):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
 
-def logits_side(hidden, weight, bias, tokens, adv, mask, kw, device, grad_out):
-    """policy_loss_from_logits on the head's logits, and the gradients of hidden / weight / bias by autograd."""
+def logits_side(hidden, weight, bias, tokens, adv, mask, kw, device, grad_out, g_ent=None):
+    """policy_loss_from_logits on the head's logits, and the gradients of hidden / weight / bias by autograd of
+    loss * grad_out (+ sum(entropy * g_ent))."""
     leaves = [x.to(device).requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
     z = torch.nn.functional.linear(*leaves)
     loss, metrics, ent = mk.policy_loss_from_logits(z, tokens.to(device), adv.to(device), mask.to(device),
                                                     return_entropy=True, **on(device, kw))  # fmt: skip
-    (loss * grad_out).backward()
+    backward(loss, grad_out, ent, g_ent)
     return loss, metrics, ent, [x.grad if x is not None else None for x in leaves]
 
 
-def hidden_side(hidden, weight, bias, tokens, adv, mask, kw, device, grad_out, **extra):
+def backward(loss, grad_out, ent, g_ent):
+    """d (loss * grad_out + sum(ent * g_ent)), either term left out when None (the loss's gradient is then None)."""
+    out = loss * grad_out if grad_out is not None else 0.0
+    if g_ent is not None:
+        out = out + (ent * g_ent.to(ent)).sum()
+    out.backward()
+
+
+def hidden_side(hidden, weight, bias, tokens, adv, mask, kw, device, grad_out, g_ent=None, **extra):
     leaves = [x.to(device).requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
     loss, metrics, ent = mk.policy_loss_from_hidden(
         leaves[0], leaves[1], tokens.to(device), adv.to(device), mask.to(device), bias=leaves[2], return_entropy=True,
         **on(device, kw), **extra,
     )  # fmt: skip
-    (loss * grad_out).backward()
+    backward(loss, grad_out, ent, g_ent)
     return loss, metrics, ent, [x.grad if x is not None else None for x in leaves]
 
 
@@ -108,6 +117,26 @@ def test_entropy_terms(backend, device, entropy):
 
 
 @pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("case,chunk", [("clip_token_mean", 5), ("clip_token_mean", None), ("gspo", 2 * 12)])
+@pytest.mark.parametrize("grad_out", [1.0, None])
+def test_entropy_gradient(backend, device, case, chunk, grad_out):
+    """The returned entropy carries its gradient (with the loss's, or alone: grad_out None leaves the loss out)."""
+    logits, tokens, adv, mask, kw = build(case)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hidden, weight, bias = head_of(logits.shape, dtype=dtype)
+    kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    g_ent = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sides = []
+    with mk.use_backend(backend):
+        for side in (logits_side, hidden_side):
+            extra = dict(chunk_size=chunk) if side is hidden_side else {}
+            sides.append(side(hidden, weight, bias, tokens, adv.to(dtype), mask, kw, device, grad_out, g_ent, **extra))
+    tol = dict(atol=2e-5, rtol=2e-4) if dtype == torch.float32 else {}
+    assert_same(sides[1], sides[0], **tol)
+    assert sides[1][3][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
 def test_token_logprobs_from_hidden(backend, device):
     logits, tokens, _, _, _ = build("clip_token_mean")
     hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
@@ -161,15 +190,20 @@ def test_frozen_head_and_no_bias():
 
 @pytest.mark.parametrize("chunk", [1, 3, 12, 40])
 def test_one_tile_of_logits_at_a_time(chunk):
-    """Every GEMM makes at most chunk_size rows of logits, and the tiles cover every position once."""
+    """Every GEMM makes at most chunk_size rows of logits, into one buffer of at most chunk_size rows, and the
+    tiles cover every position once."""
     logits, tokens, adv, mask, kw = build("gspo")
     hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
-    rows = []
+    rows, buffers = [], set()
     original = hidden_op.Head.logits
 
-    def spy(self, h):
+    def spy(self, h, buffer):
         rows.append(h.shape[0])
-        return original(self, h)
+        assert buffer.shape[0] <= chunk
+        buffers.add(buffer.data_ptr())
+        z = original(self, h, buffer)
+        assert z.data_ptr() == buffer.data_ptr()
+        return z
 
     hidden_op.Head.logits = spy
     try:
@@ -180,6 +214,7 @@ def test_one_tile_of_logits_at_a_time(chunk):
         hidden_op.Head.logits = original
     B, T = tokens.shape
     assert max(rows) <= chunk and sum(rows) == 2 * B * T  # gspo: two sweeps
+    assert len(buffers) == 1  # one buffer for both sweeps
 
 
 def test_default_chunk_rule():

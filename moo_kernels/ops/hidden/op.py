@@ -129,13 +129,22 @@ class Head:
         bs, ts = tile
         return self.hidden[bs, ts].reshape(-1, self.D)
 
-    def logits(self, h: Tensor) -> Tensor:
-        """z = h @ weight.T + bias, [n, V] in the head's dtype (float32 over a 16-bit weight: by blocks of the
-        weight's rows)."""
+    def buffer(self) -> Tensor:
+        """The storage of every tile's logits in a sweep, [the largest tile's positions, V] in the head's dtype:
+        one allocation per sweep (a fresh one per tile costs its page faults again on the CPU)."""
+        bs, ts = self.tiles()[0]
+        n = (bs.stop - bs.start) * (ts.stop - ts.start)
+        return torch.empty((n, self.V), dtype=self.dtype, device=self.hidden.device)
+
+    def logits(self, h: Tensor, buffer: Tensor) -> Tensor:
+        """z = h @ weight.T + bias, [n, V] in the head's dtype, written into the first n rows of buffer (float32
+        over a 16-bit weight: by blocks of the weight's rows)."""
         w, b = self.weight, self.bias
+        z = buffer[: h.shape[0]]
         if self.dtype == w.dtype:
-            return torch.nn.functional.linear(h, w, b)
-        z = torch.empty((h.shape[0], self.V), dtype=self.dtype, device=h.device)
+            if b is None:
+                return torch.mm(h, w.t(), out=z)
+            return torch.addmm(b, h, w.t(), out=z)
         h32 = h.to(self.dtype)
         for v0, v1 in _blocks(self.V):
             bias = b[v0:v1].to(self.dtype) if b is not None else None
@@ -152,14 +161,25 @@ class Grads:
     """The gradients of hidden, weight and bias (None where not wanted), accumulated tile by tile in a fixed order:
     the weight's and bias's in float32 for 16-bit weights, in their dtype otherwise."""
 
-    def __init__(self, head: Head, want: tuple[bool, bool, bool]):
+    def __init__(self, head: Head, want: tuple[bool, bool, bool], start: tuple | None = None):
+        """start: gradients (None: zero) the sweep adds to, the weight's and bias's taken into the accumulators."""
         self.head = head
         w = head.weight
         acc = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
-        self.hidden = torch.empty_like(head.hidden) if want[0] else None
-        self.weight = torch.empty(w.shape, dtype=acc, device=w.device) if want[1] else None
-        self.bias = torch.zeros(head.V, dtype=acc, device=w.device) if want[2] and head.bias is not None else None
-        self.first = True  # the first tile writes the weight gradient, the others add to it
+        self.adding = start is not None
+        if start is None:
+            self.hidden = torch.empty_like(head.hidden) if want[0] else None
+            self.weight = torch.empty(w.shape, dtype=acc, device=w.device) if want[1] else None
+        else:
+            gh, gw, gb = start
+            self.hidden = (gh if gh is not None else torch.zeros_like(head.hidden)) if want[0] else None
+            self.weight = (gw.to(acc) if gw is not None else torch.zeros(w.shape, dtype=acc, device=w.device)
+                           ) if want[1] else None  # fmt: skip
+        bias = want[2] and head.bias is not None
+        self.bias = torch.zeros(head.V, dtype=acc, device=w.device) if bias else None
+        if bias and start is not None and start[2] is not None:
+            self.bias += start[2]
+        self.first = not self.adding  # the first tile writes the weight gradient, the others add to it
 
     def add(self, tile: Tile, h: Tensor, gz: Tensor) -> None:
         """The tile's share from d loss / d z, gz [n, V] in the head's dtype."""
@@ -173,7 +193,11 @@ class Grads:
                 gh = torch.zeros((gz.shape[0], head.D), dtype=gz.dtype, device=gz.device)
                 for v0, v1 in _blocks(head.V):
                     gh.addmm_(gz[:, v0:v1], w[v0:v1].to(gz.dtype))
-            self.hidden[bs, ts] = gh.view(self.hidden[bs, ts].shape).to(self.hidden.dtype)
+            gh = gh.view(self.hidden[bs, ts].shape).to(self.hidden.dtype)
+            if self.adding:
+                self.hidden[bs, ts] += gh
+            else:
+                self.hidden[bs, ts] = gh
         if self.weight is not None:
             accumulate(self.weight, gz.t(), h, self.first)
         self.first = False
@@ -277,10 +301,11 @@ def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, 
     entropy = torch.empty((head.B, head.T), dtype=torch.float32, device=head.hidden.device) if want_entropy else None
     if counts is not None:
         losses, parts = [], []
+        buffer = head.buffer()
         for tile in head.tiles():
             bs, ts = tile
             h = head.rows(tile)
-            z = head.logits(h)
+            z = head.logits(h, buffer)
             z3 = z.view(-1, ts.stop - ts.start, head.V)
             tile_s = LogitsSpec.make({"tokens": s.tokens[bs, ts], "temperature": s.temperature})
             loss, metrics, ent = run_logits_loss(
@@ -288,7 +313,6 @@ def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, 
             )  # fmt: skip
             if grads is not None:
                 grads.add(tile, h, z)
-            del z, z3  # before the next tile's logits exist: one tile at a time
             if entropy is not None:
                 entropy[bs, ts] = ent
             losses.append(loss)
@@ -297,28 +321,32 @@ def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, 
         return loss, combine_metrics(parts), entropy, grads.done() if grads is not None else (None, None, None)
 
     # two sweeps: the log-probs (entropies) and their statistics, the loss on them, then the logits' gradient
-    logp, ent, saved = logprob_sweep(head, s, want_entropy or es.active())
+    buffer = head.buffer()
+    logp, ent, saved = logprob_sweep(head, s, want_entropy or es.active(), buffer)
     loss, metrics, g_logp, g_ent = loss_on_logprobs(logp, ent, spec, es, grads is not None)
     if grads is not None:
-        logits_grad_sweep(head, s, saved, ent, g_logp, g_ent, grads)
+        logits_grad_sweep(head, s, saved, ent, g_logp, g_ent, grads, buffer)
     if entropy is not None:
         entropy.copy_(ent)
     return loss, metrics, entropy, grads.done() if grads is not None else (None, None, None)
 
 
 class HiddenLoss(torch.autograd.Function):
-    """apply(hidden, weight, bias, run): the forward computes the loss and the gradients of the inputs that need
-    one; the backward scales them by the incoming gradient."""
+    """apply(hidden, weight, bias, head, s, es, spec, want_entropy): the forward computes the loss and the gradients
+    of the inputs that need one; the backward scales them by the incoming gradient, and when the returned entropy
+    gets a gradient adds its share from one more sweep (entropy_backward)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, run):
+    def forward(ctx, hidden, weight, bias, head, s, es, spec, want_entropy):
         want = tuple(ctx.needs_input_grad[:3])
-        loss, metrics, entropy, grads = run(want)
+        loss, metrics, entropy, grads = run_hidden_loss(head, s, es, spec, want, want_entropy)
         ctx.grads = grads  # attributes: handed over once
+        ctx.head, ctx.s, ctx.want = head, s, want
         ctx.mark_non_differentiable(metrics)
         if entropy is None:
             entropy = hidden.new_empty(0, dtype=torch.float32)
-        ctx.mark_non_differentiable(entropy)
+            ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)
         return loss, metrics, entropy
 
     @staticmethod
@@ -327,11 +355,23 @@ class HiddenLoss(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("policy_loss_from_hidden: backward ran twice through the same call (retain_graph); "
                                "its gradients are handed over once, so call the loss again instead")  # fmt: skip
-        if g_loss is None:
-            return None, None, None, None
-        one = float(g_loss) == 1.0 if not g_loss.is_cuda else False
-        out = tuple(None if g is None else (g if one else g.mul_(g_loss.to(g.dtype))) for g in grads)
-        return (*out, None)
+        out = (None, None, None)
+        if g_loss is not None:
+            one = float(g_loss) == 1.0 if not g_loss.is_cuda else False
+            out = tuple(None if g is None else (g if one else g.mul_(g_loss.to(g.dtype))) for g in grads)
+        if g_entropy is not None and g_entropy.numel():
+            out = entropy_backward(ctx.head, ctx.s, g_entropy, out, ctx.want)
+        return (*out, None, None, None, None, None)
+
+
+def entropy_backward(head: Head, s: LogitsSpec, g_entropy: Tensor, start: tuple, want: tuple) -> tuple:
+    """start + the gradients of sum g_entropy H (H the entropy of each position) for hidden, weight and bias: one
+    more sweep for the tiles' softmax statistics and one for the gradient (four GEMMs per tile)."""
+    buffer = head.buffer()
+    _, ent, saved = logprob_sweep(head, s, True, buffer)
+    grads = Grads(head, want, start=start)
+    logits_grad_sweep(head, s, saved, ent, None, g_entropy.to(ent.dtype), grads, buffer)
+    return grads.done()
 
 
 @torch.compiler.disable
@@ -363,8 +403,9 @@ def policy_loss_from_hidden(
             32 MiB on the CPU, at least 256, at most B T).
         head_dtype: None (the weight's dtype) or torch.float32: the head in float32 over a 16-bit weight, block by
             block of the weight (never a float32 copy of the whole weight).
-        return_entropy: also return the entropy [B, T] of every position (float32; it carries no gradient here:
-            an entropy bonus is the option entropy_coef).
+        return_entropy: also return the entropy [B, T] of every position (float32). It carries its gradient: a
+            loss term on it reaches hidden, weight and bias through two more sweeps in the backward (the tiles'
+            statistics, then the gradient: four GEMMs per tile); an entropy bonus is cheaper as entropy_coef.
         {options}
 
     Returns:
@@ -386,14 +427,11 @@ def policy_loss_from_hidden(
     return_entropy = O.check_bool("return_entropy", return_entropy)
     spec = loss_spec((head.B, head.T), hidden.device, "hidden", advantages=advantages, mask=mask, **options)
 
-    def run(want):
-        return run_hidden_loss(head, s, es, spec, want, return_entropy)
-
     inputs = (head.hidden, weight, bias)
     if _differentiable(inputs):
-        loss, metrics, entropy = HiddenLoss.apply(*inputs, run)
+        loss, metrics, entropy = HiddenLoss.apply(*inputs, head, s, es, spec, return_entropy)
     else:
-        loss, metrics, entropy, _ = run((False, False, False))
+        loss, metrics, entropy, _ = run_hidden_loss(head, s, es, spec, (False, False, False), return_entropy)
     metrics = PolicyLossMetrics(*metrics.unbind(0))
     return (loss, metrics, entropy) if return_entropy else (loss, metrics)
 
@@ -414,17 +452,18 @@ def _differentiable(inputs: tuple) -> bool:
 # ---- the log-probs -----------------------------------------------------------------------------------------
 
 
-def logprob_sweep(head: Head, s: LogitsSpec, want_entropy: bool):
-    """(logp [B, T], entropy [B, T] or None, each tile's softmax statistics), one tile of logits at a time."""
+def logprob_sweep(head: Head, s: LogitsSpec, want_entropy: bool, buffer: Tensor | None = None):
+    """(logp [B, T], entropy [B, T] or None, each tile's softmax statistics), one tile of logits at a time (in
+    buffer: head.buffer() when None)."""
     logp = torch.empty((head.B, head.T), dtype=out_dtype(head.dtype), device=head.hidden.device)
     ent = torch.empty_like(logp) if want_entropy else None
     saved = []
+    buffer = head.buffer() if buffer is None else buffer
     for tile in head.tiles():
         bs, ts = tile
-        z = head.logits(head.rows(tile))
+        z = head.logits(head.rows(tile), buffer)
         lp_t, stats_t, ent_t = run_token_logprobs(z.view(-1, ts.stop - ts.start, head.V), s.tokens[bs, ts],
                                                   s.temperature, want_entropy)  # fmt: skip
-        del z  # before the next tile's logits exist
         logp[bs, ts] = lp_t
         if ent is not None:
             ent[bs, ts] = ent_t
@@ -432,13 +471,15 @@ def logprob_sweep(head: Head, s: LogitsSpec, want_entropy: bool):
     return logp, ent, saved
 
 
-def logits_grad_sweep(head: Head, s: LogitsSpec, saved: list, ent, g_logp, g_ent, grads: Grads) -> None:
-    """For each tile: its logits again, d / d z of sum g_logp logp + sum g_ent H written over them (the log-probs'
-    backward kernel), then the gradient GEMMs."""
+def logits_grad_sweep(head: Head, s: LogitsSpec, saved: list, ent, g_logp, g_ent, grads: Grads,
+                      buffer: Tensor | None = None) -> None:  # fmt: skip
+    """For each tile: its logits again (in buffer: head.buffer() when None), d / d z of sum g_logp logp + sum g_ent H
+    written over them (the log-probs' backward kernel), then the gradient GEMMs."""
+    buffer = head.buffer() if buffer is None else buffer
     for tile, stats_t in zip(head.tiles(), saved, strict=True):
         bs, ts = tile
         h = head.rows(tile)
-        z = head.logits(h)
+        z = head.logits(h, buffer)
         z3 = z.view(-1, ts.stop - ts.start, head.V)
 
         ent_t, g_logp_t, g_ent_t = (x[bs, ts].contiguous() if x is not None else None for x in (ent, g_logp, g_ent))
@@ -446,7 +487,6 @@ def logits_grad_sweep(head: Head, s: LogitsSpec, saved: list, ent, g_logp, g_ent
             z3, s.tokens[bs, ts], stats_t, ent_t if g_ent is not None else None, g_logp_t, g_ent_t, s.temperature, z3
         )  # fmt: skip
         grads.add(tile, h, z)
-        del z, z3  # before the next tile's logits exist
 
 
 class HiddenLogprobs(torch.autograd.Function):
