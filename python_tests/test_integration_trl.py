@@ -385,6 +385,25 @@ def test_trl_fused_linear_matches_trl_loss(tmp_path, options):
     assert calls  # the fused path ran
 
 
-def test_trl_fused_linear_refuses_the_moe_aux_loss(tmp_path):
-    with pytest.raises(ValueError, match="moo_fused_linear"):
-        run_trainer(tmp_path, [share_of_a], model_factory=make_moe_model, moo_fused_linear=True, max_steps=1)
+def test_trl_fused_linear_moe_aux_loss_matches_trl_loss(tmp_path):
+    """moo_fused_linear with the router's aux loss (refused before): the loss from the hidden states plus the aux
+    loss the model computes, TRL's loss and gradients on the same batch; the log-probs' sweep with the aux loss:
+    the same log-probs as without it, TRL's aux loss (TRL's log-probs to the bf16 rounding of its autocast head)."""
+    trainer = run_trainer(tmp_path, [share_of_a, length], return_trainer=True, model_factory=make_moe_model,
+                          moo_fused_linear=True, loss_type="dapo", max_steps=1)  # fmt: skip
+    assert trainer.aux_loss_enabled
+    check_same_loss(trainer)
+    inputs = trainer.last_inputs
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    n = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        got = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, n, batch_size=2,
+                                                        compute_aux_loss=True)  # fmt: skip
+        plain = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, n, batch_size=2)
+        want = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, att, n, batch_size=2,
+                                                              compute_aux_loss=True)  # fmt: skip
+    mask = inputs["completion_mask"].bool()
+    assert torch.equal(got[0], plain[0]) and plain[2] is None
+    torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[0][mask], want[0][mask], atol=1e-2, rtol=0)

@@ -270,7 +270,6 @@ class MooGRPOTrainer(GRPOTrainer):
             }
             if a.moo_fused_linear:
                 config = model_config(self.model)
-                unsupported["router_aux_loss_coef (MoE aux loss) with moo_fused_linear"] = self.aux_loss_enabled
                 unsupported["a scaled or soft-capped lm_head with moo_fused_linear"] = any(
                     getattr(config, name, None) not in (None, 1.0)
                     for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -411,7 +410,8 @@ class MooGRPOTrainer(GRPOTrainer):
         apply_coef = self._moo_entropy_coef() if self._entropy_bonus_enabled else 0.0
         aux_loss = None
         if a.moo_fused_linear:
-            hidden, lm_head = self._moo_hidden_states(model, input_ids, attention_mask, completion_ids.size(1))
+            hidden, lm_head, aux_loss = self._moo_hidden_states(model, input_ids, attention_mask,
+                                                                completion_ids.size(1), self.aux_loss_enabled)  # fmt: skip
             weight, head = self._moo_head(lm_head)
             threshold = None
             if self.top_entropy_quantile < 1.0:  # the entropies first (no gradient), TRL's quantile over every rank
@@ -510,15 +510,27 @@ class MooGRPOTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------- the fused head (moo_fused_linear)
 
-    def _moo_hidden_states(self, model, input_ids, attention_mask, logits_to_keep: int):
+    def _moo_hidden_states(self, model, input_ids, attention_mask, logits_to_keep: int, aux_loss: bool = False):
         """(the backbone's last hidden states of the positions that predict the last logits_to_keep tokens
-        [B, logits_to_keep, D], the lm_head), as TRL's fused head reads them."""
+        [B, logits_to_keep, D], the lm_head, the MoE router's aux loss or None), as TRL's fused head reads them.
+        With aux_loss the whole model runs (its aux loss exactly as TRL gets it, output_router_logits=True) with one
+        position of logits, and the hidden states are read from its backbone's output."""
         unwrapped = self.accelerator.unwrap_model(model)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         with self.accelerator.autocast():
-            out = unwrapped.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if aux_loss:
+                seen = []
+                hook = unwrapped.base_model.register_forward_hook(lambda m, i, out: seen.append(out.last_hidden_state))
+                try:
+                    out = unwrapped(**inputs, output_router_logits=True, logits_to_keep=1)
+                finally:
+                    hook.remove()
+                last, aux = seen[-1], out.aux_loss
+            else:
+                last, aux = unwrapped.base_model(**inputs).last_hidden_state, None
         lm_head = unwrapped.get_output_embeddings()
-        hidden = out.last_hidden_state[:, -logits_to_keep - 1 : -1]
-        return hidden.to(lm_head.weight.device, lm_head.weight.dtype), lm_head
+        hidden = last[:, -logits_to_keep - 1 : -1]
+        return hidden.to(lm_head.weight.device, lm_head.weight.dtype), lm_head, aux
 
     def _moo_head(self, lm_head) -> tuple[torch.Tensor, dict[str, Any]]:
         """(the weight, the other head arguments of the hidden-state entries: bias, TRL's temperature, the float32
@@ -529,26 +541,28 @@ class MooGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):  # fmt: skip
         """With moo_fused_linear: token_logprobs_from_hidden on the backbone's hidden states (TRL's old / reference
-        log-probs, in chunks of batch_size sequences as TRL); zero where the attention mask is (TRL's fused head
-        does so). Otherwise, and for multimodal inputs or the MoE aux loss, TRL's own."""
+        log-probs, in chunks of batch_size sequences as TRL, the MoE aux loss their mean as TRL); zero where the
+        attention mask is (TRL's fused head does so). Otherwise, and for multimodal inputs, TRL's own."""
         fused = self.args.moo_policy_loss and self.args.moo_fused_linear
-        if not fused or compute_aux_loss or any(v is not None for v in kwargs.values()):
+        if not fused or any(v is not None for v in kwargs.values()):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs,
             )  # fmt: skip
         batch_size = batch_size or input_ids.size(0)
-        logps, entropies = [], []
+        logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, att = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            hidden, lm_head = self._moo_hidden_states(model, ids, att, logits_to_keep)
+            hidden, lm_head, aux = self._moo_hidden_states(model, ids, att, logits_to_keep, compute_aux_loss)
+            aux_losses.append(aux)
             weight, head = self._moo_head(lm_head)
             lp, ent = mk.token_logprobs_from_hidden(hidden, weight, ids[:, -logits_to_keep:], return_entropy=True,
                                                     **head)  # fmt: skip
             keep = att[:, -logits_to_keep:] != 0
             logps.append(torch.where(keep, lp, torch.zeros_like(lp)))
             entropies.append(torch.where(keep, ent, torch.zeros_like(ent)))
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+        aux_loss = torch.stack(aux_losses).mean() if compute_aux_loss else None
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, aux_loss
 
     def _moo_entropy_coef(self) -> float:
         """The coefficient of this step's entropy bonus: TRL's entropy_coef, with use_adaptive_entropy only while the
