@@ -410,8 +410,10 @@ class MooGRPOTrainer(GRPOTrainer):
         apply_coef = self._moo_entropy_coef() if self._entropy_bonus_enabled else 0.0
         aux_loss = None
         if a.moo_fused_linear:
-            hidden, lm_head, aux_loss = self._moo_hidden_states(model, input_ids, attention_mask,
-                                                                completion_ids.size(1), self.aux_loss_enabled)  # fmt: skip
+            n = completion_ids.size(1)
+            hidden, lm_head, aux_loss = self._moo_hidden_states(
+                model, input_ids, attention_mask, n, self.aux_loss_enabled
+            )
             weight, head = self._moo_head(lm_head)
             threshold = None
             if self.top_entropy_quantile < 1.0:  # the entropies first (no gradient), TRL's quantile over every rank
