@@ -309,6 +309,44 @@ def test_policy_loss_from_logits_inductor_inplace_backward():
     assert x.grad.data_ptr() != x.data_ptr()
 
 
+def _head_inputs(seed, dtype=torch.float32):
+    """hidden [B, T, D], weight [V, D], bias [V] for the logits inputs' tokens."""
+    full, tokens = _logits_inputs(seed=seed)
+    B, T, V = full.shape[0], full.shape[1] - 1, full.shape[2]
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, 16, generator=g).to(dtype)
+    weight = (torch.randn(V, 16, generator=g) * 0.5).to(dtype)
+    bias = (torch.randn(V, generator=g) * 0.2).to(dtype)
+    return hidden, weight, bias, tokens
+
+
+@pytest.mark.parametrize("mode", ["clip", "gspo"])
+def test_policy_loss_from_hidden(mode):
+    """One registered op (no graph break); the entropy's gradient (a cotangent on it) through the traced backward."""
+    hidden, weight, bias, tokens = _head_inputs(seed=7)
+    _, old, ref, mask, adv, _ = _loss_inputs(seed=7)
+
+    def step(h, w, b):
+        loss, metrics, ent = mk.policy_loss_from_hidden(
+            h, w, tokens, adv, mask, bias=b, temperature=0.9, old_logp=old, ref_logp=ref, beta=0.04, mode=mode,
+            chunk_size=5, return_entropy=True,
+        )  # fmt: skip
+        return loss, metrics.clip_frac, ent
+
+    check_compiled(step, hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), grad_rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_token_logprobs_from_hidden(backend):
+    hidden, weight, bias, tokens = _head_inputs(seed=8)
+
+    def step(h, w):
+        return mk.token_logprobs_from_hidden(h, w, tokens, bias=bias, temperature=0.9, chunk_size=4,
+                                             return_entropy=True)  # fmt: skip
+
+    check_compiled(step, hidden.requires_grad_(), weight.requires_grad_(), backend=backend, grad_rtol=1e-5)
+
+
 # ---- a whole GRPO step in one graph -------------------------------------------------------------------------------
 
 

@@ -290,3 +290,31 @@ def test_bad_inputs(change, error, match):
     args = {**dict(hidden=hidden, weight=weight, tokens=tokens, bias=bias), **change}
     with pytest.raises(error, match=match):
         mk.policy_loss_from_hidden(args.pop("hidden"), args.pop("weight"), args.pop("tokens"), adv, mask, **args)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_opcheck(backend):
+    """The registered ops (what torch.compile sees): schemas, fakes and autograd registrations."""
+    from moo_kernels.ops.logits.spec import LogitsSpec, entropy_spec
+    from moo_kernels.ops.loss.spec import loss_spec
+
+    logits, tokens, adv, mask, kw = build("clip_higher_dual_cap_k3")
+    hidden, weight, bias = head_of(logits.shape, dtype=torch.float32)
+    B, T, V = logits.shape
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    s = LogitsSpec.make({"tokens": tokens, "temperature": 0.9})
+    spec = loss_spec((B, T), hidden.device, "hidden", advantages=adv, mask=mask, **kw)
+    head = (5, torch.float32)
+    with mk.use_backend(backend):
+        torch.library.opcheck(hidden_op.token_logprobs_from_hidden_op, (*leaves, *s.flat(), *head, True))
+        _, ent, stats = hidden_op.token_logprobs_from_hidden_op(hidden, weight, bias, *s.flat(), *head, True)
+        g = torch.randn(B, T)
+        torch.library.opcheck(hidden_op.token_logprobs_from_hidden_backward_op,
+                              (hidden, weight, bias, *s.flat(), *head, stats, ent, g, g, True, True, True))  # fmt: skip
+        # opcheck's backward takes sign(loss) as the incoming gradient and compares the outputs after it: the
+        # registered op's backward multiplies out of place, so any sign is fine
+        for es in (entropy_spec(), entropy_spec(entropy_coef=0.01)):
+            args = (*leaves, *s.flat(), True, *es.flat(), *spec.flat(), *head, True, True, True)
+            torch.library.opcheck(hidden_op.policy_loss_from_hidden_op, args)
+        torch.library.opcheck(hidden_op.hidden_entropy_backward_op,
+                              (hidden, weight, bias, *s.flat(), *head, g, True, False, True))  # fmt: skip

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from moo_kernels import _options as O
+from moo_kernels._backend import tracing
 from moo_kernels._codes import METRICS, out_dtype
 from moo_kernels._spec import with_spec
 from moo_kernels.ops.logits.op import (
@@ -322,19 +323,186 @@ def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, 
 
     # two sweeps: the log-probs (entropies) and their statistics, the loss on them, then the logits' gradient
     buffer = head.buffer()
-    logp, ent, saved = logprob_sweep(head, s, want_entropy or es.active(), buffer)
+    logp, ent, stats = logprob_sweep(head, s, want_entropy or es.active(), buffer)
     loss, metrics, g_logp, g_ent = loss_on_logprobs(logp, ent, spec, es, grads is not None)
     if grads is not None:
-        logits_grad_sweep(head, s, saved, ent, g_logp, g_ent, grads, buffer)
+        logits_grad_sweep(head, s, stats, ent, g_logp, g_ent, grads, buffer)
     if entropy is not None:
         entropy.copy_(ent)
     return loss, metrics, entropy, grads.done() if grads is not None else (None, None, None)
 
 
+def entropy_backward(head: Head, s: LogitsSpec, g_entropy: Tensor, start: tuple, want: tuple) -> tuple:
+    """start + the gradients of sum g_entropy H (H the entropy of each position) for hidden, weight and bias: one
+    more sweep for the tiles' softmax statistics and one for the gradient (four GEMMs per tile)."""
+    buffer = head.buffer()
+    _, ent, stats = logprob_sweep(head, s, True, buffer)
+    grads = Grads(head, want, start=start)
+    logits_grad_sweep(head, s, stats, ent, None, g_entropy.to(ent.dtype), grads, buffer)
+    return grads.done()
+
+
+# ---- the log-probs -----------------------------------------------------------------------------------------
+
+
+def logprob_sweep(head: Head, s: LogitsSpec, want_entropy: bool, buffer: Tensor | None = None):
+    """(logp [B, T], entropy [B, T] or None, the softmax statistics [B, T, 2]), one tile of logits at a time (in
+    buffer: head.buffer() when None)."""
+    logp = torch.empty((head.B, head.T), dtype=out_dtype(head.dtype), device=head.hidden.device)
+    ent = torch.empty_like(logp) if want_entropy else None
+    stats = torch.empty((head.B, head.T, 2), dtype=logp.dtype, device=logp.device)
+    buffer = head.buffer() if buffer is None else buffer
+    for tile in head.tiles():
+        bs, ts = tile
+        z = head.logits(head.rows(tile), buffer)
+        lp_t, stats_t, ent_t = run_token_logprobs(z.view(-1, ts.stop - ts.start, head.V), s.tokens[bs, ts],
+                                                  s.temperature, want_entropy)  # fmt: skip
+        logp[bs, ts] = lp_t
+        if ent is not None:
+            ent[bs, ts] = ent_t
+        stats[bs, ts] = stats_t
+    return logp, ent, stats
+
+
+def logits_grad_sweep(head: Head, s: LogitsSpec, stats: Tensor, ent, g_logp, g_ent, grads: Grads,
+                      buffer: Tensor | None = None) -> None:  # fmt: skip
+    """For each tile: its logits again (in buffer: head.buffer() when None), d / d z of sum g_logp logp + sum g_ent H
+    written over them (the log-probs' backward kernel), then the gradient GEMMs."""
+    buffer = head.buffer() if buffer is None else buffer
+    for tile in head.tiles():
+        bs, ts = tile
+        h = head.rows(tile)
+        z = head.logits(h, buffer)
+        z3 = z.view(-1, ts.stop - ts.start, head.V)
+        stats_t, ent_t, g_logp_t, g_ent_t = (x[bs, ts].contiguous() if x is not None else None
+                                             for x in (stats, ent, g_logp, g_ent))  # fmt: skip
+        run_token_logprobs_backward(
+            z3, s.tokens[bs, ts], stats_t, ent_t if g_ent is not None else None, g_logp_t, g_ent_t, s.temperature, z3
+        )  # fmt: skip
+        grads.add(tile, h, z)
+
+
+# ---- the entries ---------------------------------------------------------------------------------------------
+#
+# As for the logits ops (moo_kernels/ops/logits/op.py): one implementation and one backward per op, with three
+# entries to them: under torch.compile (and for meta tensors) the registered op, seen through its fake; in eager
+# mode, when a gradient is wanted, an autograd.Function around the implementation; otherwise the implementation
+# alone. The loss's forward computes the gradients: its eager backward rescales them in place and hands them over
+# once, the registered op's multiplies them (the same values).
+
+
+def _head_of(hidden, weight, bias, s: LogitsSpec, chunk_size: int, head_dtype) -> Head:
+    return Head(hidden, weight, s.tokens, bias, head_dtype, chunk_size)
+
+
+def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
+    return x if x is not None else like.new_empty(0)
+
+
+def _grad_fakes(hidden, weight, bias, want) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty tensors of the gradients' shapes and dtypes (the weight's and bias's: the weight's dtype)."""
+    empty = hidden.new_empty(0)
+    gh = torch.empty_like(hidden) if want[0] else empty
+    gw = torch.empty_like(weight) if want[1] else empty
+    gb = torch.empty_like(bias) if want[2] and bias is not None else empty
+    return gh, gw, gb
+
+
+# policy_loss_from_hidden: (hidden, weight, bias, LogitsSpec, want_entropy, EntropySpec, LossSpec, chunk_size,
+# head_dtype, want_hidden, want_weight, want_bias) -> (loss, metrics, entropy, d hidden, d weight, d bias)
+
+
+def _loss_split(args: tuple):
+    """The registered loss op's flat arguments after hidden, weight and bias."""
+    n = LogitsSpec.count()
+    e = n + 1 + EntropySpec.count()
+    k = e + LossSpec.count()
+    s, es, spec = LogitsSpec.unflat(args[:n]), EntropySpec.unflat(args[n + 1 : e]), LossSpec.unflat(args[e:k])
+    return s, args[n], es, spec, args[k], args[k + 1], tuple(args[k + 2 : k + 5])
+
+
+def _loss_impl(hidden, weight, bias, *args):
+    s, want_entropy, es, spec, chunk_size, head_dtype, want = _loss_split(args)
+    head = _head_of(hidden, weight, bias, s, chunk_size, head_dtype)
+    loss, metrics, ent, grads = run_hidden_loss(head, s, es, spec, want, want_entropy)
+    ent = ent if ent is not None else hidden.new_empty(0, dtype=torch.float32)
+    return loss, metrics, ent, *(_or_empty(g, hidden) for g in grads)
+
+
+_GRAD_ARGS = "bool want_hidden, bool want_weight, bool want_bias"
+_HEAD_ARGS = "int chunk_size, ScalarType head_dtype"
+policy_loss_from_hidden_op = torch.library.custom_op(
+    "moo_kernels::policy_loss_from_hidden", _loss_impl, mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, {LogitsSpec.schema()}, bool want_entropy, "
+    f"{EntropySpec.schema()}, {LossSpec.schema()}, {_HEAD_ARGS}, {_GRAD_ARGS}) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)  # fmt: skip
+
+
+@policy_loss_from_hidden_op.register_fake
+def _(hidden, weight, bias, *args):
+    _, want_entropy, _, _, _, head_dtype, want = _loss_split(args)
+    B, T, _ = hidden.shape
+    dt = out_dtype(head_dtype)
+    ent = hidden.new_empty((B, T) if want_entropy else (0,), dtype=torch.float32)
+    scalars = hidden.new_empty((), dtype=dt), hidden.new_empty((len(METRICS),), dtype=dt)
+    return *scalars, ent, *_grad_fakes(hidden, weight, bias, want)
+
+
+def _loss_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, *args = inputs
+    s, want_entropy, _, _, chunk_size, head_dtype, want = _loss_split(args)
+    _, metrics, ent, *grads = output
+    ctx.save_for_backward(hidden, weight, bias, *grads)
+    ctx.s, ctx.head_args, ctx.want, ctx.want_entropy = s, (chunk_size, head_dtype), want, want_entropy
+    ctx.mark_non_differentiable(metrics, *grads)
+    if not want_entropy:
+        ctx.mark_non_differentiable(ent)
+    ctx.set_materialize_grads(False)
+
+
+def _loss_backward(ctx, g_loss, g_metrics, g_entropy, *g_grads):
+    """The registered op's backward: the forward's gradients times the incoming one (out of place), plus the
+    returned entropy's share when it gets a gradient."""
+    hidden, weight, bias, *grads = ctx.saved_tensors
+    out = tuple(
+        g * g_loss.to(g.dtype) if w and g_loss is not None else None for g, w in zip(grads, ctx.want, strict=True)
+    )
+    if ctx.want_entropy and g_entropy is not None:
+        extra = hidden_entropy_backward_op(hidden, weight, bias, *ctx.s.flat(), *ctx.head_args, g_entropy, *ctx.want)
+        out = tuple(
+            None if not w else (e if o is None else o + e) for o, e, w in zip(out, extra, ctx.want, strict=True)
+        )
+    n_args = LogitsSpec.count() + 1 + EntropySpec.count() + LossSpec.count() + 2 + 3
+    return (*out, *(None,) * n_args)
+
+
+policy_loss_from_hidden_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def _entropy_backward_impl(hidden, weight, bias, *args):
+    n = LogitsSpec.count()
+    s, (chunk_size, head_dtype, g_entropy), want = LogitsSpec.unflat(args[:n]), args[n : n + 3], tuple(args[n + 3 :])
+    head = _head_of(hidden, weight, bias, s, chunk_size, head_dtype)
+    return tuple(_or_empty(g, hidden) for g in entropy_backward(head, s, g_entropy, (None, None, None), want))
+
+
+hidden_entropy_backward_op = torch.library.custom_op(
+    "moo_kernels::hidden_entropy_backward", _entropy_backward_impl, mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, {LogitsSpec.schema()}, {_HEAD_ARGS}, Tensor g_entropy, "
+    f"{_GRAD_ARGS}) -> (Tensor, Tensor, Tensor)",
+)  # fmt: skip
+
+
+@hidden_entropy_backward_op.register_fake
+def _(hidden, weight, bias, *args):
+    return _grad_fakes(hidden, weight, bias, tuple(args[-3:]))
+
+
 class HiddenLoss(torch.autograd.Function):
-    """apply(hidden, weight, bias, head, s, es, spec, want_entropy): the forward computes the loss and the gradients
-    of the inputs that need one; the backward scales them by the incoming gradient, and when the returned entropy
-    gets a gradient adds its share from one more sweep (entropy_backward)."""
+    """The eager entry of policy_loss_from_hidden: apply(hidden, weight, bias, head, s, es, spec, want_entropy); the
+    forward computes the loss and the gradients of the inputs that need one, the backward scales them in place by
+    the incoming gradient and hands them over once, plus the returned entropy's share when it gets a gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head, s, es, spec, want_entropy):
@@ -364,17 +532,101 @@ class HiddenLoss(torch.autograd.Function):
         return (*out, None, None, None, None, None)
 
 
-def entropy_backward(head: Head, s: LogitsSpec, g_entropy: Tensor, start: tuple, want: tuple) -> tuple:
-    """start + the gradients of sum g_entropy H (H the entropy of each position) for hidden, weight and bias: one
-    more sweep for the tiles' softmax statistics and one for the gradient (four GEMMs per tile)."""
-    buffer = head.buffer()
-    _, ent, saved = logprob_sweep(head, s, True, buffer)
-    grads = Grads(head, want, start=start)
-    logits_grad_sweep(head, s, saved, ent, None, g_entropy.to(ent.dtype), grads, buffer)
-    return grads.done()
+# token_logprobs_from_hidden: (hidden, weight, bias, LogitsSpec, chunk_size, head_dtype, want_entropy) ->
+# (logp, entropy, stats [B, T, 2]); its backward op -> (d hidden, d weight, d bias)
 
 
-@torch.compiler.disable
+def _logprobs_impl(hidden, weight, bias, *args):
+    n = LogitsSpec.count()
+    s, (chunk_size, head_dtype, want_entropy) = LogitsSpec.unflat(args[:n]), args[n:]
+    head = _head_of(hidden, weight, bias, s, chunk_size, head_dtype)
+    logp, ent, stats = logprob_sweep(head, s, want_entropy)
+    return logp, _or_empty(ent, logp), stats
+
+
+token_logprobs_from_hidden_op = torch.library.custom_op(
+    "moo_kernels::token_logprobs_from_hidden", _logprobs_impl, mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, {LogitsSpec.schema()}, {_HEAD_ARGS}, bool want_entropy) "
+    "-> (Tensor, Tensor, Tensor)",
+)  # fmt: skip
+
+
+@token_logprobs_from_hidden_op.register_fake
+def _(hidden, weight, bias, *args):
+    B, T, _ = hidden.shape
+    dt = out_dtype(args[-2])
+    ent = hidden.new_empty((B, T) if args[-1] else (0,), dtype=dt)
+    return hidden.new_empty((B, T), dtype=dt), ent, hidden.new_empty((B, T, 2), dtype=dt)
+
+
+def _logprobs_backward_impl(hidden, weight, bias, *args):
+    n = LogitsSpec.count()
+    s = LogitsSpec.unflat(args[:n])
+    chunk_size, head_dtype, stats, ent, g_logp, g_ent = args[n : n + 6]
+    head = _head_of(hidden, weight, bias, s, chunk_size, head_dtype)
+    if g_logp is None:
+        g_logp = torch.zeros_like(stats[..., 0])
+    grads = Grads(head, tuple(args[n + 6 :]))
+    logits_grad_sweep(head, s, stats, ent, g_logp.to(stats.dtype), g_ent.to(stats.dtype) if g_ent is not None else None,
+                      grads)  # fmt: skip
+    return tuple(_or_empty(g, hidden) for g in grads.done())
+
+
+token_logprobs_from_hidden_backward_op = torch.library.custom_op(
+    "moo_kernels::token_logprobs_from_hidden_backward", _logprobs_backward_impl, mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, {LogitsSpec.schema()}, {_HEAD_ARGS}, Tensor stats, "
+    f"Tensor? entropy, Tensor? g_logp, Tensor? g_entropy, {_GRAD_ARGS}) -> (Tensor, Tensor, Tensor)",
+)  # fmt: skip
+
+
+@token_logprobs_from_hidden_backward_op.register_fake
+def _(hidden, weight, bias, *args):
+    return _grad_fakes(hidden, weight, bias, tuple(args[-3:]))
+
+
+def _logprobs_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, *args = inputs
+    _, ent, stats = output
+    want_entropy = args[-1]
+    ctx.save_for_backward(hidden, weight, bias, stats, ent if want_entropy else None)
+    ctx.args, ctx.want_entropy = tuple(args[:-1]), want_entropy
+    ctx.mark_non_differentiable(stats)
+    if not want_entropy:
+        ctx.mark_non_differentiable(ent)
+    ctx.set_materialize_grads(False)
+
+
+def _logprobs_backward(ctx, g_logp, g_ent, g_stats):
+    """The one backward of token_logprobs_from_hidden: each tile's logits again, their gradient written over them,
+    the gradient GEMMs (nothing when no gradient came)."""
+    g_ent = g_ent if ctx.want_entropy else None
+    none = (None,) * (len(ctx.args) + 1)
+    if g_logp is None and g_ent is None:
+        return None, None, None, *none
+    hidden, weight, bias, stats, ent = ctx.saved_tensors
+    want = tuple(ctx.needs_input_grad[:3])
+    args = (hidden, weight, bias, *ctx.args, stats, ent if g_ent is not None else None, g_logp, g_ent, *want)
+    backward = token_logprobs_from_hidden_backward_op if tracing(stats) else _logprobs_backward_impl
+    gh, gw, gb = backward(*args)
+    return (gh if want[0] else None), (gw if want[1] else None), (gb if want[2] else None), *none
+
+
+token_logprobs_from_hidden_op.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
+
+
+class HiddenLogprobs(torch.autograd.Function):
+    """The eager entry of token_logprobs_from_hidden: the implementation without the dispatcher, with the op's
+    backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, *args):
+        out = _logprobs_impl(hidden, weight, bias, *args)
+        _logprobs_setup_context(ctx, (hidden, weight, bias, *args), out)
+        return out
+
+    backward = staticmethod(_logprobs_backward)
+
+
 @with_spec(LogitsSpec, EntropySpec, LossSpec, positional=("tokens", "advantages", "mask"))
 def policy_loss_from_hidden(
     hidden: Tensor,
@@ -412,7 +664,7 @@ def policy_loss_from_hidden(
         (loss, PolicyLossMetrics), plus the entropy with return_entropy: those of policy_loss_from_logits on the
         logits this head gives, to the precision of the GEMMs in their dtype.
 
-    Under torch.compile the call runs eagerly (a graph break).
+    Under torch.compile the call is one registered op (moo_kernels::policy_loss_from_hidden): no graph break.
 
     Example:
         >>> hidden = torch.randn(2, 8, 16, requires_grad=True)
@@ -428,10 +680,14 @@ def policy_loss_from_hidden(
     spec = loss_spec((head.B, head.T), hidden.device, "hidden", advantages=advantages, mask=mask, **options)
 
     inputs = (head.hidden, weight, bias)
-    if _differentiable(inputs):
+    want = _wanted(inputs)
+    if torch.compiler.is_compiling() or hidden.is_meta:  # the registered op (meta tensors: its fake)
+        args = (*s.flat(), return_entropy, *es.flat(), *spec.flat(), head.chunk_size, head.dtype, *want)
+        loss, metrics, entropy, *_ = policy_loss_from_hidden_op(*inputs, *args)
+    elif any(want):
         loss, metrics, entropy = HiddenLoss.apply(*inputs, head, s, es, spec, return_entropy)
     else:
-        loss, metrics, entropy, _ = run_hidden_loss(head, s, es, spec, (False, False, False), return_entropy)
+        loss, metrics, entropy, _ = run_hidden_loss(head, s, es, spec, want, return_entropy)
     metrics = PolicyLossMetrics(*metrics.unbind(0))
     return (loss, metrics, entropy) if return_entropy else (loss, metrics)
 
@@ -444,82 +700,12 @@ def _check_tokens(head: Head, tokens: Tensor, temperature: float) -> LogitsSpec:
     return LogitsSpec.validate(context, tokens=tokens, temperature=temperature)
 
 
-def _differentiable(inputs: tuple) -> bool:
-    """Whether a gradient is wanted: grad mode on and one of the (optional) inputs requires one."""
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+def _wanted(inputs: tuple) -> tuple[bool, ...]:
+    """Which of (hidden, weight, bias) gets a gradient: grad mode on and the (optional) input requires one."""
+    grad = torch.is_grad_enabled()
+    return tuple(grad and x is not None and x.requires_grad for x in inputs)
 
 
-# ---- the log-probs -----------------------------------------------------------------------------------------
-
-
-def logprob_sweep(head: Head, s: LogitsSpec, want_entropy: bool, buffer: Tensor | None = None):
-    """(logp [B, T], entropy [B, T] or None, each tile's softmax statistics), one tile of logits at a time (in
-    buffer: head.buffer() when None)."""
-    logp = torch.empty((head.B, head.T), dtype=out_dtype(head.dtype), device=head.hidden.device)
-    ent = torch.empty_like(logp) if want_entropy else None
-    saved = []
-    buffer = head.buffer() if buffer is None else buffer
-    for tile in head.tiles():
-        bs, ts = tile
-        z = head.logits(head.rows(tile), buffer)
-        lp_t, stats_t, ent_t = run_token_logprobs(z.view(-1, ts.stop - ts.start, head.V), s.tokens[bs, ts],
-                                                  s.temperature, want_entropy)  # fmt: skip
-        logp[bs, ts] = lp_t
-        if ent is not None:
-            ent[bs, ts] = ent_t
-        saved.append(stats_t)
-    return logp, ent, saved
-
-
-def logits_grad_sweep(head: Head, s: LogitsSpec, saved: list, ent, g_logp, g_ent, grads: Grads,
-                      buffer: Tensor | None = None) -> None:  # fmt: skip
-    """For each tile: its logits again (in buffer: head.buffer() when None), d / d z of sum g_logp logp + sum g_ent H
-    written over them (the log-probs' backward kernel), then the gradient GEMMs."""
-    buffer = head.buffer() if buffer is None else buffer
-    for tile, stats_t in zip(head.tiles(), saved, strict=True):
-        bs, ts = tile
-        h = head.rows(tile)
-        z = head.logits(h, buffer)
-        z3 = z.view(-1, ts.stop - ts.start, head.V)
-
-        ent_t, g_logp_t, g_ent_t = (x[bs, ts].contiguous() if x is not None else None for x in (ent, g_logp, g_ent))
-        run_token_logprobs_backward(
-            z3, s.tokens[bs, ts], stats_t, ent_t if g_ent is not None else None, g_logp_t, g_ent_t, s.temperature, z3
-        )  # fmt: skip
-        grads.add(tile, h, z)
-
-
-class HiddenLogprobs(torch.autograd.Function):
-    """apply(hidden, weight, bias, head, s, want_entropy) -> (logp, entropy): the backward recomputes each tile's
-    logits (the sweep's statistics saved) and writes the gradients of the inputs that need one."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, head, s, want_entropy):
-        logp, ent, saved = logprob_sweep(head, s, want_entropy)
-        ctx.save_for_backward(hidden, weight, bias, ent)
-        ctx.head, ctx.s, ctx.saved = head, s, saved
-        ctx.set_materialize_grads(False)
-        if ent is None:
-            ent = logp.new_empty(0)
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, ent = ctx.saved_tensors
-        head = ctx.head
-        if g_logp is None and g_ent is None:
-            return None, None, None, None, None, None
-        if g_logp is None:
-            g_logp = torch.zeros((head.B, head.T), dtype=ent.dtype, device=ent.device)
-        grads = Grads(head, tuple(ctx.needs_input_grad[:3]))
-        logits_grad_sweep(head, ctx.s, ctx.saved, ent, g_logp.to(out_dtype(head.dtype)),
-                          g_ent.to(out_dtype(head.dtype)) if g_ent is not None and ent is not None else None,
-                          grads)  # fmt: skip
-        return (*grads.done(), None, None, None)
-
-
-@torch.compiler.disable
 @with_spec(LogitsSpec, positional=("tokens",))
 def token_logprobs_from_hidden(
     hidden: Tensor,
@@ -541,6 +727,7 @@ def token_logprobs_from_hidden(
         logp [B, T] (float32; float64 for float64 inputs), and the entropy [B, T] with return_entropy. Both are
         differentiable: the backward recomputes each tile's logits (one GEMM), writes their gradient over them and
         runs the gradient GEMMs; under torch.no_grad (old / reference log-probs) only the forward sweep runs.
+        Under torch.compile the call is one registered op (moo_kernels::token_logprobs_from_hidden).
 
     Example:
         >>> with torch.no_grad():
@@ -552,8 +739,11 @@ def token_logprobs_from_hidden(
         raise TypeError(f"unexpected keyword argument {next(iter(options))!r}")
     return_entropy = O.check_bool("return_entropy", return_entropy)
     inputs = (head.hidden, weight, bias)
-    if _differentiable(inputs):
-        logp, ent = HiddenLogprobs.apply(*inputs, head, s, return_entropy)
-    else:
+    args = (*s.flat(), head.chunk_size, head.dtype, return_entropy)
+    if torch.compiler.is_compiling() or hidden.is_meta:  # the registered op (meta tensors: its fake)
+        logp, ent, _ = token_logprobs_from_hidden_op(*inputs, *args)
+    elif any(_wanted(inputs)):
+        logp, ent, _ = HiddenLogprobs.apply(*inputs, *args)
+    else:  # nothing to differentiate: the sweep alone
         logp, ent, _ = logprob_sweep(head, s, return_entropy)
     return (logp, ent) if return_entropy else logp
