@@ -5,7 +5,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 INTEGRATION_PINS := {'trl': '1.16.0', 'transformers': '5.10.4', 'verl': '0.9.1', 'ray': '2.60.0', \
 	'tensordict': '0.10.0', 'omegaconf': '2.4.0', 'codetiming': '1.4.0'}
 
-.PHONY: setup build test test-gpu sanitize bench plots gpu-rehearsal liger-wheel lint clean
+.PHONY: setup build test test-gpu sanitize bench plots gpu-rehearsal peer-wheels lint clean
 
 # Installs only what is missing: an installed torch / triton is used as it is (the GPU image has its own).
 setup:
@@ -71,10 +71,10 @@ plots:
 gpu-rehearsal: build
 	MOO_GPU_CHECK_REHEARSAL=1 bash bench/gpu_check.sh
 
-# The Liger-Kernel wheel the logits benchmark compares against, for a GPU machine without network
-# (bench/gpu_check.sh installs it from bench/wheels/, which is git-ignored).
-liger-wheel:
-	$(PY) -m pip download liger-kernel==0.8.5 --no-deps -d bench/wheels
+# The peers' wheels the benchmarks compare against (Liger-Kernel; Cut Cross-Entropy, CUDA only), for a GPU machine
+# without network (bench/gpu_check.sh installs them from bench/wheels/, which is git-ignored).
+peer-wheels:
+	$(PY) -m pip download liger-kernel==0.8.5 cut-cross-entropy==25.1.1 --no-deps -d bench/wheels
 
 lint:
 	ruff check moo_kernels python_tests bench examples

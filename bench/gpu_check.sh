@@ -6,8 +6,9 @@
 #
 # Steps, each under its own timeout (on the GPU 420 s in all, 475 s with the kill graces), each one's output
 # kept whole in the log: the environment; the C++ extension, built in parallel (the GPU path does not need it:
-# a failed build is reported and the run goes on); Liger-Kernel from a wheel in bench/wheels/ when one is there
-# (`make liger-wheel` where there is network; the folder is git-ignored, so carry it); the tests that touch
+# a failed build is reported and the run goes on); the peers' wheels in bench/wheels/ (Liger-Kernel, Cut
+# Cross-Entropy) when there are any (`make peer-wheels` where there is network; the folder is git-ignored, so
+# carry it); the tests that touch
 # the GPU (`pytest -m gpu`, in parallel with pytest-xdist when it is installed, a timeout per test with
 # pytest-timeout, JUnit XML); the four benchmark suites on cuda, one process each (linear_loss at its small
 # sizes and without torch.compile, to fit the budget); the tuning sweep of the fused logits kernel.
@@ -37,7 +38,7 @@ if [ "$REHEARSAL" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
   mode=rehearsal device=cpu
   # Timeouts in seconds: bounds, far above the ~1 minute the rehearsal takes (the build: a no-op when current).
-  t_env=60 t_build=300 t_liger=60 t_tests=180 t_bench=60 t_logits=60 t_tune=60 t_linear=60
+  t_env=60 t_build=300 t_wheels=60 t_tests=180 t_bench=60 t_logits=60 t_tune=60 t_linear=60
   budget_adv=20 budget_pol=20 budget_logits=20 budget_tune=20 budget_linear=20
   linear_sizes=(--sizes linear_loss=tiny)
   bench_args=(--device cpu --quick --no-compile)
@@ -49,7 +50,7 @@ else
   mode=gpu device=cuda
   # Timeouts in seconds, 420 in all, 475 with every kill grace: under 8 minutes even if nothing stops when told.
   # The benchmark's and the sweep's budgets leave each process time to start and to finish its last size.
-  t_env=15 t_build=60 t_liger=20 t_tests=105 t_bench=35 t_logits=80 t_tune=30 t_linear=40
+  t_env=15 t_build=60 t_wheels=20 t_tests=105 t_bench=35 t_logits=80 t_tune=30 t_linear=40
   budget_adv=20 budget_pol=20 budget_logits=55 budget_tune=20 budget_linear=20
   linear_sizes=(--sizes linear_loss=small)
   bench_args=(--device cuda --keep-going)
@@ -57,13 +58,13 @@ else
   jobs=8 per_test=90
   tune_args=(--device cuda --grid quick)
 fi
-planned=$((t_env + t_build + t_liger + t_tests + 2 * t_bench + t_logits + t_linear + t_tune))
+planned=$((t_env + t_build + t_wheels + t_tests + 2 * t_bench + t_logits + t_linear + t_tune))
 # A step that outlives its timeout is sent SIGTERM (the tests: SIGINT, so that pytest writes its report), then
 # SIGKILL this many seconds later.
 grace_term=5 grace_int=15
 worst=$((planned + 8 * grace_term + grace_int))
 if [ "${MOO_GPU_CHECK_PLAN:-0}" = 1 ]; then  # the plan alone: nothing runs, nothing is written
-  echo "gpu_check plan ($mode): environment $t_env, build_cpp $t_build, liger_kernel $t_liger, tests $t_tests," \
+  echo "gpu_check plan ($mode): environment $t_env, build_cpp $t_build, peer_wheels $t_wheels, tests $t_tests," \
     "bench_advantages $t_bench, bench_policy_loss $t_bench, bench_logits_loss $t_logits," \
     "bench_linear_loss $t_linear, tune_logits $t_tune"
   echo "planned_s $planned worst_case_s $worst"
@@ -185,14 +186,14 @@ step environment "$t_env" bash -c env_check
 
 step build_cpp "$t_build" "$PY" setup.py build_ext --inplace
 
-wheel=$(compgen -G "bench/wheels/liger_kernel-*.whl" | head -1)
-if [ -z "$wheel" ]; then
-  skip_step liger_kernel "no wheel in bench/wheels (make liger-wheel): Liger-Kernel is not timed"
+mapfile -t wheels < <(compgen -G "bench/wheels/*.whl")
+if [ "${#wheels[@]}" = 0 ]; then
+  skip_step peer_wheels "no wheel in bench/wheels (make peer-wheels): Liger-Kernel and Cut Cross-Entropy are not timed"
 elif [ "$REHEARSAL" = 1 ]; then
-  step liger_kernel "$t_liger" "$PY" -m pip install --dry-run -q --no-deps --no-index "$wheel"
+  step peer_wheels "$t_wheels" "$PY" -m pip install --dry-run -q --no-deps --no-index "${wheels[@]}"
 else
   # Into a folder of its own: the image's packages stay as they are.
-  step liger_kernel "$t_liger" "$PY" -m pip install -q --no-deps --no-index --target /tmp/moo_site "$wheel" \
+  step peer_wheels "$t_wheels" "$PY" -m pip install -q --no-deps --no-index --target /tmp/moo_site "${wheels[@]}" \
     && export PYTHONPATH="$PYTHONPATH:/tmp/moo_site"
 fi
 

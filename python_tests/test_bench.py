@@ -174,3 +174,30 @@ def test_readme_renders_gpu_results_copied_into_results(quick_run, tmp_path, mon
     assert "**GPU**, " in section and "NVIDIA H200" in section and "not yet measured" in section  # CPU: none here
     assert "stopped before the sizes 32 x 256" in section
     assert "**GPU**: not yet measured" in text.split("### Policy loss", 1)[0]  # the other suites: no GPU JSON
+
+
+def test_linear_loss_cut_cross_entropy_row(monkeypatch):
+    """The Cut Cross-Entropy row of linear_loss (timed on CUDA only, where CCE's kernels run): its log-probs are
+    -linear_cross_entropy(hidden / temperature, weight, tokens, reduction="none"), the loss on them eager's. A
+    stand-in with CCE's signature and semantics (the per-token cross-entropy of e @ c.T) checks the wiring here."""
+    import types
+
+    from moo_kernels.bench.linear_loss import cce_linear_loss, eager_linear_loss, make_inputs
+
+    def linear_cross_entropy(e, c, targets, reduction="mean"):
+        assert reduction == "none"
+        z = (e @ c.T).float()
+        return torch.nn.functional.cross_entropy(z.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
+
+    monkeypatch.setitem(
+        sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy)
+    )
+    out = []
+    for fn in (cce_linear_loss, eager_linear_loss):
+        inp = make_inputs(2, 8, 16, 64, torch.float32, "cpu")
+        loss = fn(inp["hidden"], inp["weight"], inp)
+        loss.backward()
+        out.append((loss.detach(), inp["hidden"].grad, inp["weight"].grad))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert out[0][1].abs().sum() > 0

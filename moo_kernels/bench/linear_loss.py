@@ -10,7 +10,8 @@ Compared: moo_kernels (its default tiles); the three GEMMs alone, z = h W^T, d h
 the time: every implementation does them); eager PyTorch (the logits materialised, log_softmax in float32 and a
 gather, the loss as TRL writes it, autograd); Liger-Kernel's LigerFusedLinearGRPOLoss (plain PyTorch, chunked, run
 with compiled=False on the CPU and its default torch.compile on CUDA unless the run skips torch.compile; its
-default chunking), when importable.
+default chunking), when importable; on CUDA, Cut Cross-Entropy's linear_cross_entropy for the log-probs (it has
+no policy loss: the loss on them is eager's), when importable.
 
 Peak memory, per implementation, beyond the inputs: on CUDA the rise of max_memory_allocated over one call (the
 framework's figure); on the CPU the rise of the peak resident set of a fresh subprocess that builds the inputs
@@ -40,7 +41,7 @@ from moo_kernels._codes import LOG_RATIO_MAX
 from moo_kernels.ops.loss.reference import policy_loss_reference
 
 from .core import Case, Impl, Suite, moo_label, with_backend
-from .policy_loss import BETA, CLIP_HIGH, CLIP_LOW, LOSS_CONFIG, LOSS_OPTIONS, liger_status, loss_errors
+from .policy_loss import BETA, CLIP_HIGH, CLIP_LOW, LOSS_CONFIG, LOSS_OPTIONS, liger_status, loss_errors, package_status
 
 Tensor = torch.Tensor
 
@@ -83,6 +84,21 @@ def eager_linear_loss(hidden: Tensor, weight: Tensor, inp: dict[str, Any]) -> Te
     """The loss as TRL's GRPOTrainer computes it from materialised logits."""
     z = hidden @ weight.T
     logp = torch.log_softmax(z.float() / TEMPERATURE, dim=-1).gather(-1, inp["tokens"][..., None])[..., 0]
+    return loss_on_logp(logp, inp)
+
+
+def cce_linear_loss(hidden: Tensor, weight: Tensor, inp: dict[str, Any]) -> Tensor:
+    """Cut Cross-Entropy's log-probs (linear_cross_entropy, reduction "none", its default kernel and gradient
+    filter; the temperature as hidden / temperature), then the loss on them as eager_linear_loss."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    e = hidden if TEMPERATURE == 1.0 else hidden / TEMPERATURE
+    logp = -linear_cross_entropy(e, weight, inp["tokens"], reduction="none").float()
+    return loss_on_logp(logp, inp)
+
+
+def loss_on_logp(logp: Tensor, inp: dict[str, Any]) -> Tensor:
+    """The policy loss on [B, T] log-probs as TRL writes it in torch ops (clip, k3 KL, token-mean)."""
     ratio = torch.exp((logp - inp["old_logp"]).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX))
     adv = inp["advantages"].unsqueeze(1)
     surrogate = torch.min(ratio * adv, ratio.clamp(1.0 - CLIP_LOW, 1.0 + CLIP_HIGH) * adv)
@@ -242,6 +258,15 @@ class LinearLossSuite(Suite):
                                                                        " (compiled=False)")  # fmt: skip
         else:
             self.notes.append("liger_kernel is not importable: Liger-Kernel is not timed")
+        # Cut Cross-Entropy gives log-probs only (its kernels are Triton for CUDA): its log-probs, the loss in torch
+        cce = package_status("cut_cross_entropy", "cut-cross-entropy")
+        self.use_cce = cuda and cce["importable"]
+        self.info["cut_cross_entropy"] = dict(cce, timed=self.use_cce, entry_point="cut_cross_entropy."
+                                              "linear_cross_entropy (log-probs), the loss as eager")  # fmt: skip
+        if self.use_cce:
+            self.names["cce"] = "Cut Cross-Entropy log-probs + eager loss"
+        elif cuda:
+            self.notes.append("cut_cross_entropy is not importable: Cut Cross-Entropy is not timed")
         self.speedup_of = {"moo": [k for k in self.names if k != "moo"]}
 
     def make_case(self, size: dict[str, int], seed: int, main: bool) -> Case:
@@ -258,6 +283,8 @@ class LinearLossSuite(Suite):
         if self.use_liger:
             impls.append(Impl("liger", step_of(liger_loss_fn(self.liger_compiled), inp), optional=True,
                               graph=False, release=release))  # fmt: skip
+        if self.use_cce:
+            impls.append(Impl("cce", step_of(cce_linear_loss, inp), optional=True, graph=False, release=release))
 
         def check(impl: Impl, out: tuple[Tensor, tuple]) -> dict[str, Any]:
             loss, (gh, gw) = out

@@ -58,18 +58,23 @@ LIGER_NOTE = (
 )
 
 
-def liger_status() -> dict[str, Any]:
-    """Whether liger_kernel is importable, and its version."""
-    found = importlib.util.find_spec("liger_kernel") is not None
+def package_status(module: str, distribution: str) -> dict[str, Any]:
+    """Whether a peer's module is importable, and its distribution's version."""
+    found = importlib.util.find_spec(module) is not None
     version = None
     if found:
         try:
             from importlib.metadata import version as dist_version
 
-            version = dist_version("liger-kernel")
+            version = dist_version(distribution)
         except Exception:  # noqa: BLE001 - a version we can do without
             version = None
     return {"importable": found, "version": version}
+
+
+def liger_status() -> dict[str, Any]:
+    """Whether liger_kernel is importable, and its version."""
+    return package_status("liger_kernel", "liger-kernel")
 
 
 def sequence_inputs(b: int, t: int, logp: Tensor, gen: torch.Generator, device: str) -> dict[str, Any]:
