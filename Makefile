@@ -72,7 +72,8 @@ gpu-rehearsal: build
 	MOO_GPU_CHECK_REHEARSAL=1 bash bench/gpu_check.sh
 
 # The peers' wheels the benchmarks compare against (Liger-Kernel; Cut Cross-Entropy, CUDA only), for a GPU machine
-# without network (bench/gpu_check.sh installs them from bench/wheels/, which is git-ignored).
+# without network, in bench/wheels/ (git-ignored): bench/gpu_check.sh installs Liger-Kernel's; for `make bench`,
+# `pip install --no-deps bench/wheels/*.whl`.
 peer-wheels:
 	$(PY) -m pip download liger-kernel==0.8.5 cut-cross-entropy==25.1.1 --no-deps -d bench/wheels
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ["environment", "build_cpp", "peer_wheels", "tests", "bench_advantages", "bench_policy_loss",
+STEPS = ["environment", "build_cpp", "liger_kernel", "tests", "bench_advantages", "bench_policy_loss",
          "bench_logits_loss", "bench_linear_loss", "tune_logits"]  # fmt: skip
 SUITES = ("advantages", "policy_loss", "logits_loss", "linear_loss")
 GPU_BUDGET_S = 8 * 60
@@ -61,9 +61,9 @@ def test_rehearsal_summary(rehearsal):
     assert summary["mode"] == "rehearsal" and summary["device"] == "cpu"
     assert summary["complete"] is True and summary["ok"] is True and summary["failed"] == []
     assert [s["name"] for s in summary["steps"]] == STEPS
-    wheel = any((ROOT / "bench" / "wheels").glob("*.whl"))
+    wheel = any((ROOT / "bench" / "wheels").glob("liger_kernel-*.whl"))
     for s in summary["steps"]:
-        skipped = s["name"] == "peer_wheels" and not wheel
+        skipped = s["name"] == "liger_kernel" and not wheel
         assert s["status"] == ("skipped" if skipped else "ok") and s["rc"] == 0, s
         assert 0 <= s["seconds"] <= s["timeout_s"] or skipped, s
     log = (out / "gpu_check.log").read_text()
