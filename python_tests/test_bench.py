@@ -182,7 +182,10 @@ def test_linear_loss_cut_cross_entropy_row(monkeypatch):
     stand-in with CCE's signature and semantics (the per-token cross-entropy of e @ c.T) checks the wiring here."""
     import types
 
+    from moo_kernels.bench import linear_loss
     from moo_kernels.bench.linear_loss import cce_linear_loss, eager_linear_loss, make_inputs
+
+    monkeypatch.setattr(linear_loss, "TEMPERATURE", 0.8)  # the hidden / temperature branch
 
     def linear_cross_entropy(e, c, targets, reduction="mean"):
         assert reduction == "none"
