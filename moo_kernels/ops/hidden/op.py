@@ -50,11 +50,11 @@ from moo_kernels._backend import tracing
 from moo_kernels._codes import METRICS, out_dtype
 from moo_kernels._spec import with_spec
 from moo_kernels.ops.logits.op import (
-    SEQUENCE_MODES,
     loss_on_logprobs,
     run_logits_loss,
     run_token_logprobs,
     run_token_logprobs_backward,
+    token_local,
 )
 from moo_kernels.ops.logits.spec import EntropySpec, LogitsSpec, entropy_spec
 from moo_kernels.ops.loss.spec import LossSpec, PolicyLossMetrics, loss_spec
@@ -285,12 +285,7 @@ def combine_metrics(parts: list[Tensor]) -> Tensor:
 
 
 def one_sweep(spec: LossSpec, es: EntropySpec, head: Head) -> bool:
-    return (
-        spec.mode not in SEQUENCE_MODES
-        and spec.offpolicy_mask_threshold is None
-        and not es.active()
-        and (spec.agg != "seq-mean-token-mean" or head.whole_rows())
-    )
+    return token_local(spec, es) and (spec.agg != "seq-mean-token-mean" or head.whole_rows())
 
 
 def run_hidden_loss(head: Head, s: LogitsSpec, es: EntropySpec, spec: LossSpec, want: tuple[bool, bool, bool],
@@ -487,16 +482,19 @@ def _entropy_backward_impl(hidden, weight, bias, *args):
     return tuple(_or_empty(g, hidden) for g in entropy_backward(head, s, g_entropy, (None, None, None), want))
 
 
-hidden_entropy_backward_op = torch.library.custom_op(
-    "moo_kernels::hidden_entropy_backward", _entropy_backward_impl, mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, {LogitsSpec.schema()}, {_HEAD_ARGS}, Tensor g_entropy, "
-    f"{_GRAD_ARGS}) -> (Tensor, Tensor, Tensor)",
-)  # fmt: skip
+def _gradient_op(name: str, impl, args: str):
+    """A registered op (hidden, weight, bias, the logits' spec, the head's arguments, args, the three want flags) ->
+    (d hidden, d weight, d bias), empty where not wanted."""
+    op = torch.library.custom_op(
+        f"moo_kernels::{name}", impl, mutates_args=(),
+        schema=f"(Tensor hidden, Tensor weight, Tensor? bias, {LogitsSpec.schema()}, {_HEAD_ARGS}, {args}, "
+        f"{_GRAD_ARGS}) -> (Tensor, Tensor, Tensor)",
+    )  # fmt: skip
+    op.register_fake(lambda hidden, weight, bias, *rest: _grad_fakes(hidden, weight, bias, tuple(rest[-3:])))
+    return op
 
 
-@hidden_entropy_backward_op.register_fake
-def _(hidden, weight, bias, *args):
-    return _grad_fakes(hidden, weight, bias, tuple(args[-3:]))
+hidden_entropy_backward_op = _gradient_op("hidden_entropy_backward", _entropy_backward_impl, "Tensor g_entropy")
 
 
 class HiddenLoss(torch.autograd.Function):
@@ -572,16 +570,10 @@ def _logprobs_backward_impl(hidden, weight, bias, *args):
     return tuple(_or_empty(g, hidden) for g in grads.done())
 
 
-token_logprobs_from_hidden_backward_op = torch.library.custom_op(
-    "moo_kernels::token_logprobs_from_hidden_backward", _logprobs_backward_impl, mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, {LogitsSpec.schema()}, {_HEAD_ARGS}, Tensor stats, "
-    f"Tensor? entropy, Tensor? g_logp, Tensor? g_entropy, {_GRAD_ARGS}) -> (Tensor, Tensor, Tensor)",
+token_logprobs_from_hidden_backward_op = _gradient_op(
+    "token_logprobs_from_hidden_backward", _logprobs_backward_impl,
+    "Tensor stats, Tensor? entropy, Tensor? g_logp, Tensor? g_entropy",
 )  # fmt: skip
-
-
-@token_logprobs_from_hidden_backward_op.register_fake
-def _(hidden, weight, bias, *args):
-    return _grad_fakes(hidden, weight, bias, tuple(args[-3:]))
 
 
 def _logprobs_setup_context(ctx, inputs, output) -> None:

@@ -185,6 +185,12 @@ def token_logprobs(
 SEQUENCE_MODES = ("gspo", "gmpo", "vespo")  # their sequence values need every log-prob of the row first
 
 
+def token_local(spec: LossSpec, es: EntropySpec) -> bool:
+    """Whether a token's d loss / d logp follows from its own log-prob (with the batch's normaliser): no sequence
+    ratio, no off-policy mask, no entropy term. Such a loss runs in one pass over the logits (the fused kernel)."""
+    return spec.mode not in SEQUENCE_MODES and spec.offpolicy_mask_threshold is None and not es.active()
+
+
 def run_logits_loss(
     logits: Tensor, s: LogitsSpec, want_entropy: bool, grad: Tensor | None, spec: LossSpec, es: EntropySpec
 ):
@@ -198,8 +204,7 @@ def run_logits_loss(
         dt = out_dtype(logits)
         metrics = torch.stack([metrics[k] for k in METRICS]).to(dt)
         return loss.to(dt), metrics, ent.to(torch.float32) if want_entropy else None
-    fused = spec.mode not in SEQUENCE_MODES and spec.offpolicy_mask_threshold is None and not es.active()
-    if impl == "triton" and fused:
+    if impl == "triton" and token_local(spec, es):
         from moo_kernels.ops.logits.triton_launch import logits_loss_triton
 
         return logits_loss_triton(logits, s.tokens, spec, s.temperature, want_entropy, grad)
